@@ -1,0 +1,63 @@
+"""Types and small array helpers shared by the PIL and DICOM readers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+LUNG_WINDOW: tuple[float, float] = (1500.0, -600.0)
+"""Default CT window as (width, level) in Hounsfield units: air black, soft tissue and bone white."""
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Where an image came from and what it was before conversion to gray float."""
+
+    path: Path
+    format: str  # "PNG", "JPEG", "BMP", "TIFF", "DICOM"
+    mode: str  # PIL mode ("L", "I;16", "P", "RGB", ...) or DICOM PhotometricInterpretation
+    original_size: tuple[int, int]  # (height, width) of the decoded pixels
+    modality: str | None  # DICOM Modality ("CT", "CR", "DX", ...); None for ordinary image files
+    patient_id: str | None  # DICOM PatientID when present
+    series_uid: str | None = None  # DICOM SeriesInstanceUID
+    instance_number: int | None = None
+    slice_position: float | None = None  # position along the slice normal (z for axial slices)
+
+
+# eq=False: comparing or hashing the pixel array field-wise is ambiguous for numpy, so identity it is.
+@dataclass(frozen=True, eq=False)
+class LoadedImage:
+    """A decoded image: float32 (H, W) gray pixels in [0, 1] plus where they came from."""
+
+    pixels: np.ndarray
+    meta: ImageMeta
+
+
+def rgb_to_gray(rgb: np.ndarray, full_scale: float) -> np.ndarray:
+    """(H, W, 3+) integer or float colour -> float32 (H, W) luminance in [0, 1] (ITU-R 601, no rounding)."""
+    # OpenCV's float RGB2GRAY uses exactly 0.299/0.587/0.114 and is faster than a numpy dot here.
+    gray = cv2.cvtColor(np.ascontiguousarray(rgb[..., :3], dtype=np.float32), cv2.COLOR_RGB2GRAY)
+    gray /= np.float32(full_scale)
+    return np.clip(gray, 0.0, 1.0, out=gray)
+
+
+def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map ``low -> 0`` and ``high -> 1`` linearly as float32, clipping outside (``high <= low`` gives 0)."""
+    out = np.asarray(values, dtype=np.float32)
+    if out is values:
+        out = out.copy()  # never scale the caller's array in place
+    if low:
+        out -= np.float32(low)
+    if high > low:
+        out /= np.float32(high - low)
+    else:
+        out[:] = 0.0
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Gray float in [0, 1] -> uint8 0..255 (rounded to nearest, values outside [0, 1] clipped)."""
+    return np.clip(np.rint(np.asarray(pixels, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)

@@ -1,0 +1,169 @@
+"""One entry point for every image a user may hand us: PNG, JPEG, BMP, TIFF (any PIL mode) and DICOM."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from covidscan.errors import ImageReadError
+
+from .base import ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
+from .dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom_path, read_dicom
+
+IMAGE_SUFFIXES: frozenset[str] = (
+    frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
+)
+_PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+_FORMAT_NAMES = {"MPO": "JPEG"}  # PIL's JPEG opener says MPO for phone JPEGs with extra preview frames
+# First bytes of files often mistaken for images, to say what the file really is.
+_SIGNATURES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a ZIP archive", b"GIF8": "a GIF image",
+               b"RIFF": "a RIFF/WebP file", b"<": "an HTML/XML text file"}
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def is_image_path(path: str | Path) -> bool:
+    """True for image suffixes (case-insensitive) and for DICOM files of any name (``DICM`` marker)."""
+    path = Path(path)
+    return path.suffix.lower() in IMAGE_SUFFIXES or (path.is_file() and has_dicom_magic(path))
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise ImageReadError(path, "file does not exist", "check the path and its spelling")
+    if path.is_dir():
+        raise ImageReadError(path, "is a folder, not an image file", "use scan_images() for whole folders")
+    if path.stat().st_size == 0:
+        raise ImageReadError(path, "file is empty (0 bytes)", "the copy or download failed; fetch it again")
+
+
+def _not_an_image(path: Path) -> ImageReadError:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8).lstrip()
+    except OSError:
+        head = b""
+    what = next((name for sig, name in _SIGNATURES.items() if head.startswith(sig)), None)
+    reason = f"it is {what}, not an image" if what else "not a PNG, JPEG, BMP, TIFF or DICOM image"
+    return ImageReadError(path, reason, "convert it to PNG (or export the DICOM) and try again")
+
+
+def _integer_range(im: Image.Image) -> tuple[float, float]:
+    """The value range of a 32-bit integer ("I") image: the file's declared bits, else 16-bit (PNG)."""
+    tags = getattr(im, "tag_v2", {})
+    bits = tags.get(258, (16,))  # TIFF BitsPerSample
+    bits = int(bits[0] if isinstance(bits, tuple) else bits)
+    signed = tags.get(339, (1,)) in (2, (2,))  # TIFF SampleFormat 2 = signed integer
+    low = -(2.0 ** (bits - 1)) if signed else 0.0
+    return low, low + 2.0**bits - 1
+
+
+def _pil_to_gray(im: Image.Image) -> np.ndarray:
+    """Any PIL mode -> float32 (H, W) in [0, 1]; alpha composited onto black, colour to luminance."""
+    mode = im.mode
+    if mode in ("P", "PA") or (mode in ("L", "RGB") and "transparency" in im.info):
+        im = im.convert("RGBA")  # palette lookup, applying a tRNS transparent colour as alpha
+        mode = "RGBA"
+    elif mode not in ("1", "L", "LA", "RGB", "RGBA", "F", "I", *_SIXTEEN_BIT_MODES):
+        im = im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ... via PIL's own conversions
+        mode = "RGB"
+    arr = np.asarray(im)
+    if mode in ("1", "L"):
+        return scale_to_unit(arr, 0.0, 1.0 if mode == "1" else 255.0)
+    if mode in _SIXTEEN_BIT_MODES:
+        return scale_to_unit(arr, 0.0, 65535.0)
+    if mode == "I":
+        return scale_to_unit(arr, *_integer_range(im))
+    if mode == "F":
+        if not np.isfinite(arr).all():
+            raise ValueError("floating-point image contains NaN or infinite values")
+        low, high = float(arr.min()), float(arr.max())
+        # Float images have no fixed range: keep values already in [0, 1], stretch anything else.
+        return scale_to_unit(arr, *((0.0, 1.0) if low >= 0.0 and high <= 1.0 else (low, high)))
+    gray = scale_to_unit(arr[..., 0], 0.0, 255.0) if mode == "LA" else rgb_to_gray(arr, 255.0)
+    if mode in ("LA", "RGBA"):
+        gray *= arr[..., -1] / np.float32(255.0)  # composite onto black: transparent areas become dark
+    return gray
+
+
+def _read_pil(path: Path) -> LoadedImage:
+    try:
+        with Image.open(path, formats=_PIL_FORMATS) as im:
+            fmt, mode = _FORMAT_NAMES.get(im.format or "", im.format or "?"), im.mode
+            # PIL raises on truncated data as long as ImageFile.LOAD_TRUNCATED_IMAGES is False (the default),
+            # which keeps half-decoded grey images out of training and prediction.
+            im.load()
+            ImageOps.exif_transpose(im, in_place=True)  # phone photos of films: show them upright
+            pixels = _pil_to_gray(im)
+    except Image.UnidentifiedImageError:
+        raise _not_an_image(path) from None
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
+        truncated = "truncated" in str(exc)
+        raise ImageReadError(
+            path, f"{'truncated' if truncated else 'corrupt'} image file ({type(exc).__name__}: {exc})",
+            "the file is incomplete; copy or export it again" if truncated
+            else "open it in an image viewer; re-export or convert it to PNG",
+        ) from exc
+    size = (int(pixels.shape[0]), int(pixels.shape[1]))
+    meta = ImageMeta(path=path, format=fmt, mode=mode, original_size=size, modality=None, patient_id=None)
+    return LoadedImage(pixels=pixels, meta=meta)
+
+
+def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -> LoadedImage:
+    """Read PNG/JPEG/BMP/TIFF/DICOM into float32 (H, W) gray in [0, 1] plus metadata.
+
+    ``window`` (width, level) applies to DICOM only: for CT it is in Hounsfield units and defaults to
+    ``LUNG_WINDOW``; for other modalities it replaces the file's own VOI window. Raises ``ImageReadError``
+    (naming the file, the reason and what to do) for anything that cannot be read.
+    """
+    path = Path(path)
+    _check_file(path)
+    if is_dicom_path(path):
+        return read_dicom(path, window=window)
+    return _read_pil(path)
+
+
+def list_images(root: str | Path, *, recursive: bool = True) -> list[Path]:
+    """Sorted image-like files under ``root`` (see ``is_image_path``), skipping hidden files and folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ImageReadError(root, "folder does not exist" if not root.exists() else "not a folder",
+                             "pass the folder that holds the images")
+    found = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")] if recursive else []
+        found += [Path(folder, name) for name in files
+                  if not name.startswith(".") and is_image_path(Path(folder, name))]
+    return sorted(found)
+
+
+def iter_images(
+    paths_or_root: str | Path | Iterable[str | Path], *, window: tuple[float, float] | None = None
+) -> Iterator[LoadedImage | ImageReadError]:
+    """Read a folder (recursively) or a list of files one at a time, yielding each image or its error."""
+    is_folder = isinstance(paths_or_root, (str, Path)) and Path(paths_or_root).is_dir()
+    if is_folder:
+        paths: Iterable[str | Path] = list_images(paths_or_root)  # type: ignore[arg-type]
+    elif isinstance(paths_or_root, (str, Path)):
+        paths = [paths_or_root]
+    else:
+        paths = paths_or_root
+    for path in paths:
+        try:
+            yield read_image(path, window=window)
+        except ImageReadError as err:
+            yield err
+
+
+def scan_images(
+    paths_or_root: str | Path | Iterable[str | Path], *, window: tuple[float, float] | None = None
+) -> tuple[list[LoadedImage], list[ImageReadError]]:
+    """Read everything (a folder, recursively, or a list of files); bad files are collected, not raised."""
+    images: list[LoadedImage] = []
+    errors: list[ImageReadError] = []
+    for item in iter_images(paths_or_root, window=window):
+        (errors if isinstance(item, ImageReadError) else images).append(item)  # type: ignore[arg-type]
+    return images, errors
