@@ -1,0 +1,77 @@
+"""Honest evaluation: metrics with patient-bootstrap confidence intervals, calibration, validation-chosen
+thresholds, patient-level aggregation, metrics.json, figures and report.md.
+
+Labels are 0/1 with 1 = covid; ``p`` is p(covid); ``z = logit_covid - logit_non_covid``.
+"""
+
+from __future__ import annotations
+
+from covidscan.evaluation.calibration import (
+    apply_temperature,
+    brier_score,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_bins,
+)
+from covidscan.evaluation.evaluate import evaluate_from_logits, evaluate_predictions
+from covidscan.evaluation.figures import (
+    make_figures,
+    plot_confusion_matrix,
+    plot_reliability,
+    plot_roc,
+    plot_sample_grid,
+    plot_training_curves,
+)
+from covidscan.evaluation.metrics import (
+    AGGREGATIONS,
+    METRIC_NAMES,
+    THRESHOLD_METHODS,
+    BootstrapCI,
+    PatientPredictions,
+    aggregate_by_patient,
+    bootstrap_ci,
+    choose_threshold,
+    confusion,
+    point_metrics,
+)
+from covidscan.evaluation.report import format_metrics_table, write_report
+from covidscan.evaluation.schema import (
+    MetricsSchemaError,
+    read_metrics,
+    to_jsonable,
+    validate_metrics_schema,
+    write_metrics,
+)
+
+__all__ = [
+    "AGGREGATIONS",
+    "METRIC_NAMES",
+    "THRESHOLD_METHODS",
+    "BootstrapCI",
+    "MetricsSchemaError",
+    "PatientPredictions",
+    "aggregate_by_patient",
+    "apply_temperature",
+    "bootstrap_ci",
+    "brier_score",
+    "choose_threshold",
+    "confusion",
+    "evaluate_from_logits",
+    "evaluate_predictions",
+    "expected_calibration_error",
+    "fit_temperature",
+    "format_metrics_table",
+    "make_figures",
+    "plot_confusion_matrix",
+    "plot_reliability",
+    "plot_roc",
+    "plot_sample_grid",
+    "plot_training_curves",
+    "point_metrics",
+    "read_metrics",
+    "reliability_bins",
+    "to_jsonable",
+    "validate_metrics_schema",
+    "write_metrics",
+    "write_report",
+]

@@ -1,0 +1,308 @@
+"""Binary metrics for covid (1) vs non_covid (0), patient-level aggregation, threshold choice and the
+patient (cluster) bootstrap behind every confidence interval.
+
+Definitions follow scikit-learn; an image is predicted covid when ``p >= threshold``. A metric that is
+undefined on the data (e.g. sensitivity with no covid cases, ROC AUC with one class) is ``None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_curve,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from covidscan.errors import ConfigError, ManifestError
+from covidscan.evaluation._checks import as_floats, as_labels, check_choice, group_codes
+from covidscan.evaluation.calibration import (
+    DEFAULT_BINS,
+    bin_index,
+    brier_score,
+    check_bins,
+    expected_calibration_error,
+)
+
+METRIC_NAMES: tuple[str, ...] = (
+    "accuracy",
+    "precision",
+    "recall",
+    "specificity",
+    "f1",
+    "roc_auc",
+    "pr_auc",
+    "ece",
+    "brier",
+)
+THRESHOLD_METHODS: tuple[str, ...] = ("youden", "f1", "fixed")
+AGGREGATIONS: tuple[str, ...] = ("mean", "max", "noisy_or")
+# Bootstrap work is done in chunks of resamples so that no (resamples x images) array exceeds this size.
+_CHUNK_CELLS = 2_000_000
+
+
+def check_threshold(threshold: float, setting: str = "threshold") -> float:
+    """``threshold`` as a float in [0, 1]; ConfigError otherwise."""
+    try:
+        t = float(threshold)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{setting}={threshold!r} must be a number in [0, 1]") from None
+    if not 0.0 <= t <= 1.0:
+        raise ConfigError(f"{setting}={threshold!r} must be a probability in [0, 1]")
+    return t
+
+
+Labels = Sequence[int] | np.ndarray
+Probs = Sequence[float] | np.ndarray
+
+
+def _inputs(y_true: Labels, p: Probs) -> tuple[np.ndarray, np.ndarray]:
+    y = as_labels(y_true)
+    return y, as_floats(p, y.size, "p", unit_interval=True)
+
+
+def confusion(y_true: Labels, p: Probs, threshold: float) -> np.ndarray:
+    """2x2 confusion matrix ``[[tn, fp], [fn, tp]]`` (sklearn convention, labels [0, 1])."""
+    y, pv = _inputs(y_true, p)
+    pred = (pv >= check_threshold(threshold)).astype(np.int64)
+    return confusion_matrix(y, pred, labels=[0, 1])
+
+
+def point_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    *,
+    threshold: float,
+    n_bins: int = DEFAULT_BINS,
+) -> dict[str, float | None]:
+    """Every metric in METRIC_NAMES on the given images (no confidence interval); None when undefined."""
+    y, pv = _inputs(y_true, p)
+    pred = (pv >= check_threshold(threshold)).astype(np.int64)
+    both_classes = y.min() != y.max()
+    # zero_division=nan marks "undefined" (e.g. no predicted positives) instead of silently reporting 0.
+    values: dict[str, float | None] = {
+        "accuracy": accuracy_score(y, pred),
+        "precision": precision_score(y, pred, labels=[0, 1], zero_division=np.nan),
+        "recall": recall_score(y, pred, labels=[0, 1], zero_division=np.nan),
+        "specificity": recall_score(y, pred, labels=[0, 1], pos_label=0, zero_division=np.nan),
+        "f1": f1_score(y, pred, labels=[0, 1], zero_division=np.nan),
+        "roc_auc": roc_auc_score(y, pv) if both_classes else None,
+        "pr_auc": average_precision_score(y, pv) if both_classes else None,
+        "ece": expected_calibration_error(y, pv, n_bins=n_bins),
+        "brier": brier_score(y, pv),
+    }
+    return {k: (None if v is None or np.isnan(v) else float(v)) for k, v in values.items()}
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Percentile 95% interval of one metric over the bootstrap resamples where it was defined."""
+
+    low: float | None
+    high: float | None
+    n_used: int
+
+
+class _ResampleStats:
+    """Per-patient sums from which every metric of a resample follows by a weighted sum over patients.
+
+    A cluster-bootstrap resample is a vector of patient multiplicities ``w`` (how often each patient was
+    drawn). Threshold metrics, ECE and Brier are sums over images, so they only need ``w @ per_patient``.
+    ROC AUC and average precision are computed from image weights ``w[patient]`` on the images sorted by
+    score once; they equal sklearn's ``roc_auc_score`` / ``average_precision_score`` with
+    ``sample_weight`` (tests check this), i.e. the metrics of the resampled images.
+    """
+
+    def __init__(self, y: np.ndarray, p: np.ndarray, codes: np.ndarray, n_groups: int, threshold: float,
+                 n_bins: int) -> None:
+        cell = 2 * y + (p >= threshold)  # 0 = tn, 1 = fp, 2 = fn, 3 = tp
+        self.cells = np.bincount(codes * 4 + cell, minlength=4 * n_groups).reshape(n_groups, 4).astype(float)
+        self.n_images = np.bincount(codes, minlength=n_groups).astype(float)
+        # ECE of a resample is sum_k |sum_bin_k (y - p)| / N, so per-patient, per-bin sums of y - p suffice.
+        self.bin_gap = np.bincount(
+            codes * n_bins + bin_index(p, n_bins), weights=y - p, minlength=n_groups * n_bins
+        ).reshape(n_groups, n_bins)
+        self.sq_err = np.bincount(codes, weights=(p - y) ** 2, minlength=n_groups)
+        order = np.argsort(-p, kind="stable")
+        self.sorted_codes = codes[order]
+        self.sorted_y = y[order].astype(float)
+        sorted_p = p[order]
+        self.level_starts = np.flatnonzero(np.r_[True, sorted_p[1:] != sorted_p[:-1]])
+
+    def metrics(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        """Metric values (NaN where undefined) for resamples given as patient multiplicities ``w`` (B x G)."""
+        tn, fp, fn, tp = (w @ self.cells).T
+        n = w @ self.n_images
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = {
+                "accuracy": (tp + tn) / n,
+                "precision": tp / (tp + fp),
+                "recall": tp / (tp + fn),
+                "specificity": tn / (tn + fp),
+                "f1": 2 * tp / (2 * tp + fp + fn),
+                "ece": np.abs(w @ self.bin_gap).sum(axis=1) / n,
+                "brier": (w @ self.sq_err) / n,
+            }
+            out.update(self._ranking(w))
+        return out
+
+    def _ranking(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        image_w = w[:, self.sorted_codes]
+        pos_w = image_w * self.sorted_y
+        # Weights per distinct score, highest score first (tied scores form one ROC/PR step, as in sklearn).
+        pos = np.add.reduceat(pos_w, self.level_starts, axis=1)
+        neg = np.add.reduceat(image_w - pos_w, self.level_starts, axis=1)
+        n_pos, n_neg = pos.sum(axis=1), neg.sum(axis=1)
+        neg_at_or_above = np.cumsum(neg, axis=1)
+        tp_at = np.cumsum(pos, axis=1)
+        # AUC = P(score_pos > score_neg) + 0.5 P(tie), the trapezoidal area under the ROC curve.
+        below = n_neg[:, None] - neg_at_or_above
+        auc = (pos * (below + 0.5 * neg)).sum(axis=1) / (n_pos * n_neg)
+        flagged = tp_at + neg_at_or_above
+        precision = np.divide(tp_at, flagged, out=np.zeros_like(tp_at), where=flagged > 0)
+        # Average precision = sum over score levels of (recall step) x (precision at that level).
+        ap = (pos * precision).sum(axis=1) / n_pos
+        undefined = (n_pos == 0) | (n_neg == 0)
+        return {"roc_auc": np.where(undefined, np.nan, auc), "pr_auc": np.where(undefined, np.nan, ap)}
+
+
+def bootstrap_ci(
+    y_true: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    *,
+    threshold: float,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = DEFAULT_BINS,
+) -> dict[str, BootstrapCI]:
+    """95% percentile intervals for every metric, resampling patients (all images of a drawn patient).
+
+    Without ``groups`` the images are the units. Resamples where a metric is undefined (e.g. one class
+    only for ROC AUC) are skipped for that metric; ``n_used`` says how many were left.
+    """
+    y, pv = _inputs(y_true, p)
+    codes, n_groups = group_codes(groups, y.size)
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
+        raise ConfigError(f"n_boot={n_boot!r} must be a non-negative integer (0 switches intervals off)")
+    stats = _ResampleStats(y, pv, codes, n_groups, check_threshold(threshold), check_bins(n_bins))
+    rng = np.random.default_rng(seed)
+    chunk = max(1, _CHUNK_CELLS // max(y.size, n_groups))
+    draws: dict[str, list[np.ndarray]] = {name: [] for name in METRIC_NAMES}
+    for start in range(0, int(n_boot), chunk):
+        size = min(chunk, int(n_boot) - start)
+        # Draw G patients with replacement per resample and count how often each patient was drawn
+        # (one flat bincount; several times faster than rng.multinomial).
+        drawn = rng.integers(0, n_groups, size=(size, n_groups)) + n_groups * np.arange(size)[:, None]
+        w = np.bincount(drawn.ravel(), minlength=size * n_groups).reshape(size, n_groups).astype(float)
+        for name, values in stats.metrics(w).items():
+            draws[name].append(values)
+    result = {}
+    for name in METRIC_NAMES:
+        values = np.concatenate(draws[name]) if draws[name] else np.empty(0)
+        values = values[~np.isnan(values)]
+        if values.size:
+            low, high = np.percentile(values, [2.5, 97.5])
+            result[name] = BootstrapCI(float(low), float(high), int(values.size))
+        else:
+            result[name] = BootstrapCI(None, None, 0)
+    return result
+
+
+@dataclass(frozen=True)
+class PatientPredictions:
+    """One row per patient: the id (None for an image without one), label, aggregated p and image count."""
+
+    patient_ids: list[object]
+    y: np.ndarray
+    p: np.ndarray
+    n_images: np.ndarray
+
+
+def aggregate_by_patient(
+    y_true: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    groups: Sequence[object] | np.ndarray,
+    *,
+    how: str = "mean",
+) -> PatientPredictions:
+    """Combine image probabilities per patient; the patient label is the (shared) label of its images.
+
+    ``how``: ``"mean"`` (default: slices of one scan are strongly correlated, and the mean keeps the
+    probability on the image scale so an image-level threshold stays meaningful), ``"max"`` (flag the
+    patient if any image looks like covid; more sensitive, less specific) or ``"noisy_or"``
+    (``1 - prod(1 - p)``: assumes independent images, so it saturates towards 1 for patients with many
+    images; choose its threshold on patient-level validation predictions). A patient whose images carry
+    both labels raises ManifestError listing them, since "max of the labels" would hide a labelling error.
+    Images without a patient id are patients of their own.
+    """
+    y, pv = _inputs(y_true, p)
+    check_choice(how, AGGREGATIONS, "aggregate")
+    codes, n_groups = group_codes(groups, y.size)
+    counts = np.bincount(codes, minlength=n_groups)
+    n_covid = np.bincount(codes, weights=y, minlength=n_groups).astype(np.int64)
+    ids = np.asarray(groups, dtype=object)[np.unique(codes, return_index=True)[1]]
+    ids = [None if (i is None or (isinstance(i, float) and np.isnan(i))) else i for i in ids]
+    mixed = np.flatnonzero((n_covid > 0) & (n_covid < counts))
+    if mixed.size:
+        listed = "; ".join(
+            f"{ids[g]!r}: {n_covid[g]} covid, {counts[g] - n_covid[g]} non_covid" for g in mixed[:5]
+        )
+        raise ManifestError(
+            f"{mixed.size} patient(s) have images with both labels "
+            f"({listed}{'; ...' if mixed.size > 5 else ''}); "
+            "fix the labels or patient ids in the manifest, or evaluate at image level (groups=None)"
+        )
+    if how == "mean":
+        agg = np.bincount(codes, weights=pv, minlength=n_groups) / counts
+    elif how == "max":
+        agg = np.zeros(n_groups)
+        np.maximum.at(agg, codes, pv)
+    else:
+        with np.errstate(divide="ignore"):
+            agg = 1.0 - np.exp(np.bincount(codes, weights=np.log1p(-pv), minlength=n_groups))
+    return PatientPredictions(ids, (n_covid > 0).astype(np.int64), agg, counts)
+
+
+def choose_threshold(
+    y_val: Sequence[int] | np.ndarray,
+    p_val: Sequence[float] | np.ndarray,
+    method: str = "youden",
+    value: float = 0.5,
+) -> float:
+    """Decision threshold from VALIDATION predictions only (never pass test data here).
+
+    ``"youden"`` maximises sensitivity + specificity - 1 on the validation ROC curve, ``"f1"`` maximises
+    F1, ``"fixed"`` returns ``value``. The result is a validation score, used as ``p >= threshold``; ties
+    keep the highest such threshold (fewest positives).
+    """
+    y = as_labels(y_val, "y_val")
+    pv = as_floats(p_val, y.size, "p_val", unit_interval=True)
+    check_choice(method, THRESHOLD_METHODS, "threshold method")
+    if method == "fixed":
+        return check_threshold(value, "threshold value")
+    if y.min() == y.max():
+        raise ManifestError(
+            f"cannot choose a threshold by {method!r}: the validation labels hold only one class; "
+            "use a validation set with both classes or method='fixed'"
+        )
+    if method == "youden":
+        fpr, tpr, thresholds = roc_curve(y, pv, drop_intermediate=False)
+        # Index 0 is sklearn's "flag nothing" point (threshold inf), never a useful operating point.
+        best = int(np.argmax((tpr - fpr)[1:])) + 1
+    else:
+        precision, recall, thresholds = precision_recall_curve(y, pv)
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)[:-1]
+        # precision_recall_curve lists thresholds ascending; take the last maximum = highest threshold.
+        best = len(f1) - 1 - int(np.argmax(f1[::-1]))
+    return float(thresholds[best])
