@@ -1,0 +1,238 @@
+"""The ``covidscan`` command line. It only parses arguments and calls library functions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from covidscan import __version__
+from covidscan.errors import ConfigError, CovidscanError
+
+app = typer.Typer(
+    help="Detect COVID-19 in chest CT slices and chest X-rays, with honest evaluation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Build, split and audit datasets.", no_args_is_help=True)
+preprocess_app = typer.Typer(help="Inspect preprocessing (CLAHE, lung crop).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(preprocess_app, name="preprocess")
+
+console = Console(stderr=True)
+out_console = Console()
+
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable)."),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"covidscan {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
+) -> None:
+    logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _ratios(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--ratios {text!r}: give comma-separated numbers such as 0.7,0.15,0.15") from None
+
+
+# ---------------------------------------------------------------- data
+@data_app.command("scan")
+def data_scan(
+    root: Annotated[Path, typer.Argument(help="Folder with one subfolder per class (covid/, normal/, ...).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+) -> None:
+    """Build a manifest CSV from class subfolders."""
+    from covidscan.data import scan_dataset, write_manifest
+
+    df = scan_dataset(root)
+    write_manifest(df, out)
+    counts = df["label"].value_counts().to_dict()
+    out_console.print(f"wrote {out} ({len(df)} images: {counts})")
+
+
+@data_app.command("split")
+def data_split(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV or class-folder tree.")],
+    by: Annotated[
+        str, typer.Option(help="patient (default, honest) or image (the papers' protocol).")
+    ] = "patient",
+    ratios: Annotated[str, typer.Option(help="train,val,test (or train,test) fractions.")] = "0.7,0.15,0.15",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
+    resplit: Annotated[bool, typer.Option(help="Ignore an existing split column.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("split.csv"),
+) -> None:
+    """Split a manifest into train/val/test, grouped by patient and stratified by label."""
+    from covidscan.data import read_manifest, split_manifest, write_manifest
+
+    df = read_manifest(manifest, patient_column=patient_column)
+    df = split_manifest(df, by=by, ratios=_ratios(ratios), seed=seed, keep_existing=not resplit)
+    write_manifest(df, out)
+    table = df.groupby("split")["label"].value_counts().unstack(fill_value=0)
+    out_console.print(table.to_string())
+    out_console.print(f"wrote {out}")
+
+
+@data_app.command("audit")
+def data_audit(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV or class-folder tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON report to write.")] = Path("audit.json"),
+    near_threshold: Annotated[
+        int, typer.Option(help="Max Hamming distance (of 256 dHash bits) for a near-duplicate.")
+    ] = 14,
+    patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
+) -> None:
+    """Audit leakage: patients across splits, exact/near duplicates, class balance, shortcut signals."""
+    from covidscan.data import audit_manifest, format_audit, read_manifest
+
+    df = read_manifest(manifest, patient_column=patient_column)
+    report = audit_manifest(df, near_threshold=near_threshold, progress=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    out_console.print(format_audit(report))
+    out_console.print(f"wrote {out}")
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write images, masks and manifest.csv.")],
+    n: Annotated[int, typer.Option(help="Number of images.")] = 200,
+    modality: Annotated[str, typer.Option(help="ct or cxr.")] = "ct",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    slices_per_patient: Annotated[int, typer.Option(help="Images per synthetic patient.")] = 4,
+) -> None:
+    """Generate a synthetic phantom dataset with lung and lesion masks."""
+    from covidscan.data.synthetic import write_phantom_dataset
+
+    path = write_phantom_dataset(
+        out, n=n, modality=modality, seed=seed, slices_per_patient=slices_per_patient
+    )
+    out_console.print(f"wrote {n} {modality} phantoms; manifest: {path}")
+
+
+# ---------------------------------------------------------------- preprocess
+@preprocess_app.command("preview")
+def preprocess_preview(
+    manifest: Annotated[Path, typer.Argument(help="Manifest CSV or class-folder tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG contact sheet to write.")] = Path("sheet.png"),
+    n: Annotated[int, typer.Option(help="Images on the sheet.")] = 32,
+    modality: Annotated[str, typer.Option(help="ct or cxr.")] = "ct",
+    seed: Annotated[int, typer.Option(help="Which images to draw.")] = 0,
+) -> None:
+    """Draw images with their lung-mask outlines and crop boxes, to check the lung crop by eye."""
+    from covidscan.data import read_manifest
+    from covidscan.preprocess import preview_sheet
+
+    stats = preview_sheet(read_manifest(manifest), out, n=n, modality=modality, seed=seed)
+    out_console.print(f"wrote {out}; lungs found in {stats['found']} of {stats['n']} images")
+
+
+# ---------------------------------------------------------------- models
+@app.command("presets")
+def presets() -> None:
+    """List the packaged experiment presets."""
+    from covidscan.config import list_presets, load_config
+
+    for name in list_presets():
+        out_console.print(f"[bold]{name}[/bold]: {load_config(name).description}")
+
+
+@app.command("train")
+def train(
+    config: Annotated[str, typer.Argument(help="Preset name (see `covidscan presets`) or YAML config file.")],
+    data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    overrides: Overrides = None,
+) -> None:
+    """Train and evaluate one experiment; writes a run directory with report.md."""
+    from covidscan.config import load_config
+    from covidscan.evaluation import format_metrics_table
+    from covidscan.training import train_experiment
+
+    cfg = load_config(config, overrides or [])
+    result = train_experiment(cfg, data, out)
+    out_console.print(format_metrics_table(result.metrics))
+    out_console.print(f"report: {result.run_dir / 'report.md'}")
+
+
+@app.command("evaluate")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train`.")],
+    data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree (e.g. an external set).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, figures, report.md.")],
+    split: Annotated[
+        str | None,
+        typer.Option(help="Only rows of this split (default: test if the manifest has splits, else all)."),
+    ] = None,
+) -> None:
+    """Evaluate a trained run on any dataset with the run's own threshold and calibration."""
+    from covidscan.evaluation import format_metrics_table
+    from covidscan.training import evaluate_run
+
+    metrics = evaluate_run(run, data, out, split=split)
+    out_console.print(format_metrics_table(metrics))
+    out_console.print(f"report: {out / 'report.md'}")
+
+
+@app.command("reproduce")
+def reproduce(
+    paper: Annotated[str, typer.Argument(help="paper-a (CT) or paper-b (X-ray).")],
+    data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for one run per row and table.md.")],
+    overrides: Overrides = None,
+) -> None:
+    """Every row of a paper's table, under its random image split and under patient-level splits."""
+    from covidscan.training import reproduce_paper
+
+    table = reproduce_paper(paper, data, out, overrides or [])
+    out_console.print(table.read_text(encoding="utf-8"))
+    out_console.print(f"table: {table}")
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data and run.")] = Path(
+        "runs/demo"
+    ),
+) -> None:
+    """Generate phantoms, audit them, train and evaluate a model end to end (no download)."""
+    from covidscan.demo import run_demo
+
+    report = run_demo(out)
+    out_console.print(f"report: {report}")
+
+
+def main() -> None:
+    """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+    )
+    logging.captureWarnings(True)
+    try:
+        app(prog_name="covidscan")
+    except CovidscanError as exc:
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        sys.exit(2)

@@ -1,0 +1,188 @@
+"""Backbone + head classifier, its config, and the model factory."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from covidscan.errors import ConfigError
+from covidscan.models.backbones import PIXELS, Backbone, TrainMode, build_backbone
+from covidscan.models.heads import linear_head, mlp_head, paper_a_head
+
+HeadName = Literal["paper_a", "paper_b", "linear", "bpnn"]
+DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
+    "paper_a": (256,),
+    "paper_b": (512, 256),
+    "linear": (),
+    "bpnn": (512, 256, 128, 64),
+}
+BPNN_INPUT_SIZE = (150, 250)
+"""Paper A's BPNN input "250x150" read as width 250 x height 150, i.e. (H, W) = (150, 250)."""
+
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class ModelConfig(BaseModel):
+    """Model settings (presets' ``model:`` section)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backbone: str
+    """resnet50, vgg19, mobilenet_v2, timm:NAME, or pixels (only with head bpnn)."""
+    weights: str = "imagenet"
+    """imagenet, none, or a path to a state_dict (.pth/.pt/.safetensors) of the library's full model."""
+    head: HeadName
+    hidden: tuple[PositiveInt, ...] | None = None
+    """Hidden layer sizes; None = the published ones (DEFAULT_HIDDEN)."""
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    """Dropout of the paper_a head."""
+    train_mode: TrainMode = "frozen"
+    unfreeze_last: int = Field(0, ge=0)
+    """Blocks (last first) that train in ``finetune`` mode."""
+    bn_frozen: bool = True
+    """Keep BatchNorm in eval mode while fine-tuning (required by folded-BN weights)."""
+    input_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None
+    """Network input, an int (square) or (H, W); None = 224 for CNNs, (150, 250) for bpnn."""
+
+    @property
+    def input_hw(self) -> tuple[int, int]:
+        """Input size as (H, W) with the head's default filled in."""
+        if self.input_size is None:
+            return BPNN_INPUT_SIZE if self.head == "bpnn" else (224, 224)
+        if isinstance(self.input_size, int):
+            return (self.input_size, self.input_size)
+        return self.input_size
+
+    @property
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """Hidden sizes with the head's published default filled in."""
+        return DEFAULT_HIDDEN[self.head] if self.hidden is None else self.hidden
+
+
+class Classifier(nn.Module):
+    """``backbone`` (feature map) + ``head`` (logits); ``features``/``head_forward`` allow feature caching."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, config: ModelConfig | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(N, 2)`` of a normalised ``(N, 3, H, W)`` batch (softmax: in the loss / at prediction)."""
+        return self.head(self.backbone(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone feature map ``(N, C, h, w)``."""
+        return self.backbone(x)
+
+    def head_forward(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from (possibly cached) backbone features."""
+        return self.head(features)
+
+    @property
+    def _first_trainable(self) -> int:
+        # Heads begin with parameter-free steps (pool, flatten); caching their output instead of the
+        # whole feature map keeps the frozen-base cache small (2048 floats per view for ResNet50).
+        layers = list(self.head.children())
+        return next((i for i, m in enumerate(layers) if any(True for _ in m.parameters())), len(layers))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """What the head's trainable part consumes: backbone features after pooling/flattening, ``(N, D)``."""
+        return self.head[: self._first_trainable](self.backbone(x)).flatten(1)
+
+    @property
+    def head_tail(self) -> nn.Module:
+        """The trainable part of the head, mapping ``embed`` outputs to logits (shares the head's weights)."""
+        return self.head[self._first_trainable :]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) the model was built for."""
+        return self.backbone.input_size
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        """Per-channel input mean the backbone's weights expect."""
+        return self.backbone.mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        """Per-channel input std the backbone's weights expect."""
+        return self.backbone.std
+
+
+class BPNN(Classifier):
+    """Paper A's baseline: an MLP (4 hidden ReLU layers) on CLAHE lung crops resized to 150x250 (H x W).
+
+    Input: a batch ``(N, 1 or 3, H, W)`` of the (CLAHE-enhanced, lung-cropped) slice; channels are averaged to
+    gray, the image is resized to ``input_size`` if needed (feed crops at (150, 250) to avoid resizing twice),
+    standardised per image (zero mean, unit variance), flattened, and passed to the MLP.
+    """
+
+    def __init__(
+        self,
+        hidden: tuple[int, ...] = DEFAULT_HIDDEN["bpnn"],
+        input_size: tuple[int, int] = BPNN_INPUT_SIZE,
+        config: ModelConfig | None = None,
+    ) -> None:
+        backbone = build_backbone(PIXELS, "none", input_size)
+        super().__init__(backbone, mlp_head(input_size[0] * input_size[1], hidden), config)
+
+
+def _check_combination(cfg: ModelConfig) -> None:
+    if (cfg.head == "bpnn") != (cfg.backbone == PIXELS):
+        raise ConfigError(
+            f"head {cfg.head!r} with backbone {cfg.backbone!r}: the bpnn head goes with backbone {PIXELS!r} "
+            "(raw pixels) and only with it"
+        )
+    if cfg.head == "paper_a" and len(cfg.hidden_sizes) != 1:
+        raise ConfigError(f"head paper_a has exactly one hidden layer; got hidden={list(cfg.hidden_sizes)}")
+    if cfg.head == "linear" and cfg.hidden_sizes:
+        raise ConfigError(f"head linear has no hidden layer; got hidden={list(cfg.hidden_sizes)}")
+
+
+def build_model(cfg: ModelConfig | Mapping[str, Any]) -> Classifier:
+    """Build backbone (with weights) + head and apply the train mode. Bad settings raise ConfigError."""
+    if not isinstance(cfg, ModelConfig):
+        try:
+            cfg = ModelConfig.model_validate(cfg)
+        except ValidationError as err:
+            raise ConfigError(f"invalid model settings: {err}") from err
+    _check_combination(cfg)
+    if cfg.head == "bpnn":
+        if cfg.weights != "none":
+            raise ConfigError(
+                f"the bpnn model has no pretrained weights; set `weights: none` (got {cfg.weights!r})"
+            )
+        model: Classifier = BPNN(cfg.hidden_sizes, cfg.input_hw, cfg)
+    else:
+        backbone = build_backbone(cfg.backbone, cfg.weights, cfg.input_hw)
+        channels, h, w = backbone.feature_shape
+        if cfg.head == "paper_a":
+            head = paper_a_head(channels, cfg.hidden_sizes[0], cfg.dropout)
+        elif cfg.head == "paper_b":
+            head = mlp_head(channels * h * w, cfg.hidden_sizes)
+        else:
+            head = linear_head(channels)
+        model = Classifier(backbone, head, cfg)
+    model.backbone.set_train_mode(cfg.train_mode, cfg.unfreeze_last, cfg.bn_frozen)
+    return model
+
+
+def gradcam_target_layer(model: Classifier) -> nn.Module:
+    """Backbone module whose output is the final feature map (ResNet layer4, VGG block5, MobileNetV2 18)."""
+    layer = model.backbone.cam_layer
+    if layer is None:
+        raise ConfigError(f"backbone {model.backbone.name!r} has no convolutional layer for Grad-CAM")
+    return layer
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

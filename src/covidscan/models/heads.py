@@ -1,0 +1,59 @@
+"""Classification heads of the two papers. Every head returns LOGITS for ``covidscan.CLASSES``.
+
+The papers end with a 2-way softmax trained with categorical cross-entropy on one-hot labels. Here the
+softmax is left to the loss: ``nn.CrossEntropyLoss(logits, index)`` == ``-log softmax(logits)[index]`` ==
+categorical cross-entropy of the softmax output against the one-hot label, but numerically stabler. Apply
+``logits.softmax(1)`` at prediction time to get the published probabilities.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from torch import nn
+
+from covidscan import CLASSES
+
+NUM_CLASSES = len(CLASSES)
+
+
+def paper_a_head(in_channels: int, hidden: int = 256, dropout: float = 0.3) -> nn.Sequential:
+    """Paper A (CT, ResNet50): avg pool -> Linear(C, hidden) -> ReLU -> Linear(hidden, 2) -> Dropout."""
+    # This is the published order: dense -> ReLU -> dense -> dropout 0.3 -> softmax. Dropout therefore acts on
+    # the logits (during training only); unusual, but kept as published.
+    return nn.Sequential(
+        OrderedDict(
+            pool=nn.AdaptiveAvgPool2d(1),
+            flatten=nn.Flatten(),
+            fc1=nn.Linear(in_channels, hidden),
+            relu=nn.ReLU(),
+            fc2=nn.Linear(hidden, NUM_CLASSES),
+            dropout=nn.Dropout(dropout),
+        )
+    )
+
+
+def mlp_head(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
+    """Flatten -> (Linear -> ReLU) per hidden size -> Linear(., 2).
+
+    Paper B (X-ray, VGG19 / MobileNet): ``hidden=(512, 256)`` on the flattened feature map (512x7x7 = 25088
+    for VGG19 at 224 px). BPNN baseline (paper A): ``hidden=(512, 256, 128, 64)`` on the flattened pixels.
+    """
+    layers: OrderedDict[str, nn.Module] = OrderedDict(flatten=nn.Flatten())
+    width = in_features
+    for i, size in enumerate(hidden, start=1):
+        layers[f"fc{i}"] = nn.Linear(width, size)
+        layers[f"relu{i}"] = nn.ReLU()
+        width = size
+    layers["out"] = nn.Linear(width, NUM_CLASSES)
+    return nn.Sequential(layers)
+
+
+def linear_head(in_channels: int) -> nn.Sequential:
+    """Cheap baseline: global average pool -> Linear(C, 2)."""
+    return nn.Sequential(
+        OrderedDict(
+            pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(in_channels, NUM_CLASSES)
+        )
+    )

@@ -1,0 +1,152 @@
+"""Finding and loading backbone weights: ImageNet files from the libraries' own caches, or a local state_dict.
+
+Nothing here hangs on a machine without internet: with ``COVIDSCAN_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) no
+download is attempted, and any failed download becomes a :class:`WeightsNotFoundError` that says which file is
+expected where.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import safetensors.torch
+import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import try_to_load_from_cache
+from torch import nn
+from torchvision.models import WeightsEnum
+
+from covidscan.errors import ConfigError, WeightsNotFoundError
+
+_TRUE = {"1", "true", "yes", "on"}
+OFFLINE_REASON = "downloads are off (COVIDSCAN_OFFLINE / HF_HUB_OFFLINE is set)"
+# timm tries these in this order when it downloads from the Hugging Face hub.
+_HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+
+
+def downloads_disabled() -> bool:
+    """True when ``COVIDSCAN_OFFLINE`` or ``HF_HUB_OFFLINE`` is set to 1/true/yes/on."""
+    variables = ("COVIDSCAN_OFFLINE", "HF_HUB_OFFLINE")
+    return any(os.environ.get(var, "").strip().lower() in _TRUE for var in variables)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a plain ``name -> tensor`` state_dict from a .pth/.pt/.bin (torch.load) or .safetensors file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(
+            f"weights file {path} not found; `weights` must be 'imagenet', 'none' or the path of a "
+            ".pth/.pt/.safetensors state_dict"
+        )
+    try:
+        if path.suffix == ".safetensors":
+            state = safetensors.torch.load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load / safetensors raise many types for corrupt or foreign files
+        raise ConfigError(f"cannot read weights file {path}: {err}") from err
+    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(
+            f"weights file {path} is not a plain state_dict (name -> tensor); if it is a training "
+            "checkpoint, save its model state_dict on its own (torch.save(ckpt['state_dict'], 'weights.pth'))"
+        )
+    return dict(state)
+
+
+def _first(keys: list[str], n: int = 5) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def load_strict(
+    model: nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    source: str,
+    arch: str,
+    drop_prefixes: tuple[str, ...],
+) -> None:
+    """Load ``state_dict`` into ``model`` (its classifier already removed), dropping classifier keys.
+
+    Keys under ``drop_prefixes`` (the classifier of the library's full model) may be present or absent;
+    every other key must match exactly, or a :class:`ConfigError` names the file and the first offending keys.
+    """
+    kept = {k: v for k, v in state_dict.items() if not k.startswith(drop_prefixes)}
+    expected = list(model.state_dict())
+    missing = [k for k in expected if k not in kept]
+    unexpected = [k for k in kept if k not in set(expected)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_first(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_first(unexpected)}")
+        raise ConfigError(
+            f"weights file {source} does not fit {arch} ({'; '.join(parts)}); it must be a state_dict of the "
+            f"library's {arch} model (classifier keys may be left out)"
+        )
+    try:
+        model.load_state_dict(kept, strict=True)
+    except RuntimeError as err:  # shape mismatches
+        detail = "; ".join(line.strip() for line in str(err).splitlines()[1:4])
+        raise ConfigError(f"weights file {source} does not fit {arch}: {detail}") from err
+
+
+def torchvision_checkpoint_path(weights: WeightsEnum) -> Path:
+    """Where torch.hub caches a torchvision weights enum's file: ``$TORCH_HOME/hub/checkpoints/<name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
+
+
+def torchvision_imagenet_state(arch: str, weights: WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
+    """State dict of a torchvision weights enum from the torch.hub cache, downloading it when allowed."""
+    path = torchvision_checkpoint_path(weights)
+    if path.is_file():
+        return read_state_dict(path), str(path)
+
+    def missing(reason: str) -> str:
+        return (
+            f"ImageNet weights for {arch} ({weights}) are not available: {reason}. Expected the file "
+            f"{path} (torch.hub cache: $TORCH_HOME/hub/checkpoints, here {path.parent}). Download "
+            f"{weights.url} on a machine with internet and put it there, or set `weights: path/to/file.pth` "
+            f"to a local state_dict of torchvision's {arch}"
+        )
+
+    if downloads_disabled():
+        raise WeightsNotFoundError(missing(OFFLINE_REASON))
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True)
+    except Exception as err:  # urllib/socket/ssl/hash errors all mean the same thing to the user
+        raise WeightsNotFoundError(missing(f"download failed ({type(err).__name__}: {err})")) from err
+    return state, weights.url
+
+
+def timm_cached_file(pretrained_cfg: Mapping) -> tuple[Path | None, str]:
+    """Find timm's pretrained file in the Hugging Face (or torch.hub) cache: (path or None, where it goes)."""
+    hub_id = pretrained_cfg.get("hf_hub_id")
+    if hub_id:
+        override = pretrained_cfg.get("hf_hub_filename")
+        names = (override,) if override else _HF_FILENAMES
+        cache = Path(hf_constants.HF_HUB_CACHE)
+        for name in names:
+            found = try_to_load_from_cache(hub_id, name, cache_dir=cache)
+            if isinstance(found, str):
+                return Path(found), ""
+        where = (
+            f"Hugging Face repo {hub_id}, file {names[0]}, in the Hugging Face cache {cache} (set HF_HOME "
+            f"or HF_HUB_CACHE to move it): run `hf download {hub_id}` on a machine with internet and copy "
+            f"the cache folder, or download https://huggingface.co/{hub_id}/resolve/main/{names[0]} and set "
+            f"`weights: path/to/{names[0]}`"
+        )
+        return None, where
+    url = pretrained_cfg.get("url")
+    if url:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+        where = (
+            f"the file {path} (torch.hub cache: $TORCH_HOME/hub/checkpoints): download {url} and put it "
+            "there, or set `weights: path/to/file.pth`"
+        )
+        return (path if path.is_file() else None), where
+    return None, ""

@@ -1,0 +1,128 @@
+"""Model-input transforms (torchvision.transforms.v2): gray float image -> normalised 3 x S x S tensor.
+
+Augmentation presets reproduce the published Keras ``ImageDataGenerator`` settings of the two papers as
+closely as torchvision allows; the differences are spelled out next to each parameter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from covidscan.errors import ConfigError
+
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class AugmentParams(BaseModel):
+    """Random affine + flip settings for training; a preset name maps to one of these."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    degrees: float = Field(0.0, ge=0, le=180)
+    # Keras ``shear_range`` is a shear *angle in degrees*, and torchvision's ``shear`` is too, so the value is
+    # carried over unchanged (paper A's 0.1 means 0.1 degrees: a tiny shear, but the published setting).
+    shear: float = Field(0.0, ge=0, lt=90)
+    # Both Keras ``width/height_shift_range`` and torchvision ``translate`` are fractions of the image size.
+    translate: tuple[float, float] = (0.0, 0.0)
+    # Keras ``zoom_range=z`` draws x and y zoom independently from [1 - z, 1 + z] (anisotropic); torchvision
+    # draws one isotropic scale from this range, so aspect ratio is kept. Same range, one factor.
+    scale: tuple[float, float] = (1.0, 1.0)
+    hflip: bool = False
+    # Keras fills with "nearest" (edge pixels smeared outwards). We fill with 0 (black) instead: the image
+    # border of a chest CT or X-ray is air/background, black is what a real shift would reveal, and smeared
+    # streaks are texture a CNN could latch onto.
+    fill: float = Field(0.0, ge=0, le=1)
+
+
+AUGMENT_PRESETS: dict[str, AugmentParams] = {
+    # Paper A (Keras): rotation_range=30, shear_range=0.1, width/height_shift_range=0.2, zoom_range=0.3,
+    # horizontal_flip=True.
+    "paper_a": AugmentParams(degrees=30, shear=0.1, translate=(0.2, 0.2), scale=(0.7, 1.3), hflip=True),
+    # Paper B (Keras): rotation_range=10, width/height_shift_range=0.2, zoom_range=0.2.
+    "paper_b": AugmentParams(degrees=10, translate=(0.2, 0.2), scale=(0.8, 1.2)),
+}
+
+
+def augment_params(augment: str | AugmentParams) -> AugmentParams:
+    """Resolve a preset name (or pass through explicit params); unknown names raise ConfigError."""
+    if isinstance(augment, AugmentParams):
+        return augment
+    if augment not in AUGMENT_PRESETS:
+        valid = ", ".join(["none", *AUGMENT_PRESETS])
+        raise ConfigError(f"unknown augment {augment!r}; valid names: {valid}")
+    return AUGMENT_PRESETS[augment]
+
+
+def _as_image(x: Any) -> torch.Tensor:
+    """Gray float (H, W) numpy array, or (H, W) / (1, H, W) tensor -> float32 tv_tensors.Image (1, H, W)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(x)) if isinstance(x, np.ndarray) else x
+    if not isinstance(tensor, torch.Tensor) or not (
+        tensor.ndim == 2 or (tensor.ndim == 3 and tensor.shape[0] == 1)
+    ):
+        shape = getattr(x, "shape", None)
+        raise ConfigError(
+            f"transform input must be a gray image, (H, W) array or (1, H, W) tensor; got {type(x).__name__} "
+            f"with shape {shape}"
+        )
+    return tv_tensors.Image(tensor.reshape(1, *tensor.shape[-2:]).to(torch.float32))
+
+
+def _check(size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
+        raise ConfigError(f"transform size must be a whole number of pixels >= 8, got {size!r}")
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ConfigError(f"normalisation mean and std need 3 values each (std > 0), got {mean!r} / {std!r}")
+
+
+def _build(
+    size: int, mean: Sequence[float], std: Sequence[float], params: AugmentParams | None
+) -> v2.Compose:
+    _check(size, mean, std)
+    steps: list[Callable[[Any], Any]] = [v2.Lambda(_as_image), v2.Resize((size, size), antialias=True)]
+    if params is not None:
+        steps.append(
+            v2.RandomAffine(
+                degrees=params.degrees,
+                translate=params.translate,
+                scale=params.scale,
+                shear=params.shear or None,
+                interpolation=v2.InterpolationMode.BILINEAR,  # Keras interpolates with order=1 too
+                fill=params.fill,
+            )
+        )
+        if params.hflip:
+            steps.append(v2.RandomHorizontalFlip())
+    steps += [v2.RGB(), v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
+    return v2.Compose(steps)
+
+
+def eval_transform(
+    size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+) -> v2.Compose:
+    """Gray float image -> resize to size x size (antialiased) -> 3 channels -> normalised float tensor."""
+    return _build(size, mean, std, None)
+
+
+def train_transform(
+    augment: str | AugmentParams | None,
+    size: int = 224,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+) -> v2.Compose:
+    """:func:`eval_transform` plus the random affine/flip of a preset (None or "none": no augmentation)."""
+    return _build(size, mean, std, None if augment in (None, "none") else augment_params(augment))
+
+
+def seeded(transform: Callable[[Any], Any], x: Any, seed: int) -> Any:
+    """Apply a random transform reproducibly: same seed, same output; the global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return transform(x)

@@ -1,0 +1,57 @@
+"""Write one evaluation's metrics.json, predictions.csv, figures and report.md into a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidscan import CLASSES
+from covidscan.config import ExperimentConfig
+from covidscan.evaluation import make_figures, write_metrics, write_report
+from covidscan.training.prepare import PreparedSet
+
+N_SAMPLES = 16
+
+
+def write_evaluation(
+    out: Path,
+    metrics: dict[str, Any],
+    prepared: PreparedSet,
+    p: np.ndarray,
+    *,
+    title: str,
+    config: ExperimentConfig,
+    history: list[dict[str, float]] | None = None,
+    notes: list[str] | None = None,
+) -> Path:
+    """Everything a reader needs to check one evaluation; returns the report's path."""
+    write_metrics(metrics, out / "metrics.json")
+    pd.DataFrame(
+        {
+            "path": prepared.paths,
+            "label": [CLASSES[i] for i in prepared.labels],
+            "patient_id": prepared.patient_ids,
+            "p_covid": p,
+            "lungs_found": prepared.lungs_found,
+        }
+    ).to_csv(out / "predictions.csv", index=False)
+    # A fixed, class-balanced sample of test images with their probabilities (paper A's Fig. 7).
+    rng = np.random.default_rng(0)
+    picks = np.concatenate(
+        [rng.permutation(np.flatnonzero(prepared.labels == c))[: N_SAMPLES // 2] for c in (0, 1)]
+    )
+    samples = [(prepared.images[i] / 255.0, CLASSES[prepared.labels[i]], float(p[i])) for i in picks]
+    figures = make_figures(
+        out / "figures", prepared.labels, p, threshold=metrics["threshold"], history=history, samples=samples
+    )
+    return write_report(
+        out,
+        title=title,
+        metrics=metrics,
+        figures=figures,
+        config=config.model_dump(mode="json"),
+        notes=notes or [],
+    )

@@ -1,0 +1,89 @@
+"""The command line: real subprocesses, so the user-facing error handling is what is tested."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from covidscan import __version__
+
+
+def covidscan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "covidscan", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+def _tree(root: Path, per_class: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for label in ("COVID", "normal"):
+        folder = root / label
+        folder.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / f"{label}{i}.png")
+    return root
+
+
+def test_version_and_help():
+    result = covidscan("--version")
+    assert result.returncode == 0 and __version__ in result.stdout
+    result = covidscan("--help")
+    assert result.returncode == 0
+    for command in ("data", "preprocess", "train", "evaluate", "reproduce", "demo"):
+        assert command in result.stdout
+
+
+def test_data_scan_split_audit(tmp_path: Path):
+    root = _tree(tmp_path / "images")
+    manifest = tmp_path / "m.csv"
+    assert covidscan("data", "scan", str(root), "--out", str(manifest)).returncode == 0
+    df = pd.read_csv(manifest)
+    assert sorted(df["label"].unique()) == ["covid", "non_covid"] and len(df) == 12
+
+    split = tmp_path / "split.csv"
+    result = covidscan(
+        "data", "split", str(manifest), "--by", "image", "--ratios", "0.5,0.5", "--out", str(split)
+    )
+    assert result.returncode == 0, result.stderr
+    assert set(pd.read_csv(split)["split"]) == {"train", "test"}
+
+    audit = tmp_path / "audit.json"
+    result = covidscan("data", "audit", str(split), "--out", str(audit))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(audit.read_text())["n_images"] == 12
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data", "audit", "no/such/manifest.csv"], "no/such/manifest.csv"),
+        (["data", "split", "{tree}", "--ratios", "0.7,x"], "--ratios"),
+        (["train", "paper-z", "--data", "{tree}", "--out", "run"], "paper-a-resnet50"),
+        (["evaluate", "{tree}", "--data", "{tree}", "--out", "out"], "not a covidscan run directory"),
+        (["reproduce", "paper-c", "--data", "{tree}", "--out", "out"], "paper-a"),
+    ],
+)
+def test_errors_are_one_clear_line(tmp_path: Path, args: list[str], expected: str):
+    tree = str(_tree(tmp_path / "images"))
+    result = covidscan(*(a.replace("{tree}", tree) for a in args), cwd=tmp_path)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_label_typo_is_named(tmp_path: Path):
+    root = _tree(tmp_path / "images")
+    manifest = tmp_path / "m.csv"
+    paths = sorted(str(p) for p in root.rglob("*.png"))
+    pd.DataFrame({"path": paths, "label": ["covd"] + ["covid"] * (len(paths) - 1)}).to_csv(
+        manifest, index=False
+    )
+    result = covidscan("data", "audit", str(manifest))
+    assert result.returncode == 2 and "covd" in result.stderr and "Traceback" not in result.stderr

@@ -1,0 +1,83 @@
+from pathlib import Path
+
+import pytest
+
+from covidscan.config import list_presets, load_config
+from covidscan.errors import ConfigError
+
+
+def test_every_preset_validates():
+    names = list_presets()
+    assert {"paper-a-resnet50", "paper-a-bpnn", "paper-b-vgg19", "paper-b-mobilenet-aug"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+        assert cfg.preprocess.modality == cfg.modality
+
+
+def test_paper_a_preset_is_as_published():
+    cfg = load_config("paper-a-resnet50")
+    assert (cfg.model.backbone, cfg.model.head, cfg.model.train_mode) == ("resnet50", "paper_a", "frozen")
+    assert cfg.preprocess.clahe and cfg.preprocess.lung_crop
+    assert (cfg.train.epochs, cfg.train.augment) == (20, "paper_a")
+    assert cfg.published["accuracy"] == pytest.approx(0.991)
+
+
+def test_paper_b_preset_is_as_published():
+    cfg = load_config("paper-b-vgg19-aug")
+    assert (cfg.model.backbone, cfg.model.head) == ("vgg19", "paper_b")
+    assert (cfg.train.lr, cfg.train.batch_size, cfg.train.epochs, cfg.train.augment) == (
+        1e-3,
+        32,
+        50,
+        "paper_b",
+    )
+    assert load_config("paper-b-mobilenet").model.backbone == "timm:mobilenetv1_100"
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config("paper-a-resnet50", ["train.epochs=3", "data.ratios=[0.8, 0.2]", "train.augment=null"])
+    assert cfg.train.epochs == 3
+    assert cfg.data.ratios == (0.8, 0.2)
+    assert cfg.train.augment is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epochs=0", "train.epochs"),
+        ("train.epocs=3", "epocs"),
+        ("train.augment=paper_c", "train.augment"),
+        ("no-equals-sign", "key.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_setting(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("paper-a-resnet50", [override])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="paper-a-resnet50"):
+        load_config("paper-z")
+
+
+def test_config_file_round_trip(tmp_path: Path):
+    from covidscan.config import dump_config
+
+    cfg = load_config("paper-b-mobilenet", ["train.epochs=7"])
+    path = dump_config(cfg, tmp_path / "config.yaml")
+    assert load_config(path) == cfg
+
+
+def test_broken_yaml_file(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_modality_mismatch_is_rejected():
+    with pytest.raises(ConfigError, match="modality"):
+        load_config("paper-a-resnet50", ["preprocess.modality=cxr"])
