@@ -17,3 +17,35 @@ def shared_dir() -> Path:
     if not (SHARED / "data").is_dir():
         pytest.skip(f"real data folder not found at {SHARED} (set COVIDSCAN_SHARED to use another place)")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small CT phantom dataset (64 images, 2 slices per patient) with lung and lesion masks."""
+    from covidscan.data.synthetic import write_phantom_dataset
+
+    return write_phantom_dataset(
+        tmp_path_factory.mktemp("phantoms"), n=64, modality="ct", seed=1, slices_per_patient=2
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(phantom_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A trained run directory of a tiny frozen-base model (seconds to train); for prediction tests."""
+    from covidscan.config import load_config
+    from covidscan.training import train_experiment
+
+    cfg = load_config(
+        "paper-a-resnet50",
+        [
+            "model.backbone=timm:resnet18",
+            "model.weights=none",
+            "model.input_size=64",
+            "train.epochs=2",
+            "train.views=1",
+            "evaluation.n_bootstrap=50",
+        ],
+    )
+    out = tmp_path_factory.mktemp("tiny_run")
+    train_experiment(cfg, phantom_manifest, out, progress=False)
+    return out

@@ -75,18 +75,23 @@ def _as_image(x: Any) -> torch.Tensor:
     return tv_tensors.Image(tensor.reshape(1, *tensor.shape[-2:]).to(torch.float32))
 
 
-def _check(size: int, mean: Sequence[float], std: Sequence[float]) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-        raise ConfigError(f"transform size must be a whole number of pixels >= 8, got {size!r}")
+Size = int | tuple[int, int]
+
+
+def _check(size: Size, mean: Sequence[float], std: Sequence[float]) -> tuple[int, int]:
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in hw):
+        raise ConfigError(f"transform size must be pixels >= 8, as an int or (height, width); got {size!r}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ConfigError(f"normalisation mean and std need 3 values each (std > 0), got {mean!r} / {std!r}")
+    return hw
 
 
 def _build(
-    size: int, mean: Sequence[float], std: Sequence[float], params: AugmentParams | None
+    size: Size, mean: Sequence[float], std: Sequence[float], params: AugmentParams | None
 ) -> v2.Compose:
-    _check(size, mean, std)
-    steps: list[Callable[[Any], Any]] = [v2.Lambda(_as_image), v2.Resize((size, size), antialias=True)]
+    hw = _check(size, mean, std)
+    steps: list[Callable[[Any], Any]] = [v2.Lambda(_as_image), v2.Resize(hw, antialias=True)]
     if params is not None:
         steps.append(
             v2.RandomAffine(
@@ -105,15 +110,15 @@ def _build(
 
 
 def eval_transform(
-    size: int = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
+    size: Size = 224, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> v2.Compose:
-    """Gray float image -> resize to size x size (antialiased) -> 3 channels -> normalised float tensor."""
+    """Gray float image -> resize (int: square, or (H, W)) -> 3 channels -> normalised float tensor."""
     return _build(size, mean, std, None)
 
 
 def train_transform(
     augment: str | AugmentParams | None,
-    size: int = 224,
+    size: Size = 224,
     mean: Sequence[float] = IMAGENET_MEAN,
     std: Sequence[float] = IMAGENET_STD,
 ) -> v2.Compose:

@@ -96,7 +96,7 @@ def _run_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-        total_loss += float(loss) * len(y)
+        total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         count += len(y)
     return total_loss / max(count, 1), correct / max(count, 1)

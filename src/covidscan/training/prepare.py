@@ -23,10 +23,16 @@ from covidscan.preprocess import PreprocessConfig, preprocess
 
 @dataclass(frozen=True)
 class PreparedImage:
-    """One preprocessed image: ``pixels`` is uint8 (H, W) at the model's input size."""
+    """One preprocessed image: ``pixels`` is uint8 (H, W) at the model's input size.
+
+    ``bbox`` (y0, x0, y1, x1) is the region of the original image that ``pixels`` shows (the lung crop,
+    or the whole image), so maps computed on ``pixels`` can be drawn back onto the original.
+    """
 
     pixels: np.ndarray
     lungs_found: bool | None
+    bbox: tuple[int, int, int, int]
+    original: np.ndarray | None = None  # the decoded image, kept only when asked for (keep_original=True)
 
 
 @dataclass
@@ -55,15 +61,32 @@ class PreparedSet:
 
 
 def prepare_one(
-    path: str, cfg: PreprocessConfig, size: tuple[int, int], window: tuple[float, float] | None = None
+    path: str,
+    cfg: PreprocessConfig,
+    size: tuple[int, int],
+    window: tuple[float, float] | None = None,
+    *,
+    keep_original: bool = False,
 ) -> PreparedImage:
     """Read one file, apply the preset's preprocessing and resize to ``size`` = (height, width)."""
-    image = read_image(path, window=window).pixels
+    return prepare_array(read_image(path, window=window).pixels, cfg, size, keep_original=keep_original)
+
+
+def prepare_array(
+    image: np.ndarray, cfg: PreprocessConfig, size: tuple[int, int], *, keep_original: bool = False
+) -> PreparedImage:
+    """Preprocess an already decoded gray float image and resize it to ``size`` = (height, width)."""
     pixels, crop = preprocess(image, cfg)
     # INTER_AREA when shrinking keeps fine texture (ground glass) instead of aliasing it away.
     interp = cv2.INTER_AREA if pixels.shape[0] > size[0] else cv2.INTER_LINEAR
     resized = cv2.resize(pixels, (size[1], size[0]), interpolation=interp)
-    return PreparedImage(to_uint8(resized), None if crop is None else crop.found)
+    bbox = crop.bbox if crop is not None else (0, 0, *image.shape[:2])
+    return PreparedImage(
+        to_uint8(resized),
+        None if crop is None else crop.found,
+        tuple(int(v) for v in bbox),
+        image if keep_original else None,
+    )
 
 
 def prepare_paths(

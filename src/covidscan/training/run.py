@@ -107,7 +107,8 @@ def train_experiment(
         feats = embed(
             model, train_set.images, train_t, views=views, seed=seed, batch_size=bs, progress=progress
         )
-        val_feats = embed(model, val_set.images, eval_t, batch_size=bs, progress=progress)[:, 0]
+        if has_val:
+            val_feats = embed(model, val_set.images, eval_t, batch_size=bs, progress=progress)[:, 0]
         module: torch.nn.Module = model.head_tail
 
         def train_batches(epoch: int):

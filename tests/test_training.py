@@ -1,0 +1,134 @@
+"""Training end to end on phantoms: run directory contents, reload, evaluate, determinism."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from covidscan.config import load_config
+from covidscan.errors import ManifestError
+from covidscan.evaluation import validate_metrics_schema
+from covidscan.runs import load_run
+from covidscan.training import evaluate_run, train_experiment
+
+TINY = [
+    "model.backbone=timm:resnet18",
+    "model.weights=none",
+    "model.input_size=64",
+    "evaluation.n_bootstrap=50",
+]
+
+
+def test_run_directory_holds_everything(tiny_run: Path):
+    for name in (
+        "config.yaml",
+        "model.safetensors",
+        "checkpoint.json",
+        "splits.csv",
+        "history.json",
+        "metrics.json",
+        "predictions.csv",
+        "report.md",
+    ):
+        assert (tiny_run / name).is_file(), name
+    for fig in ("training_curves", "confusion_matrix", "roc", "reliability", "samples"):
+        assert (tiny_run / "figures" / f"{fig}.png").stat().st_size > 1000
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    validate_metrics_schema(metrics)
+    assert metrics["patient_level"] is not None  # phantoms have patient ids
+    history = json.loads((tiny_run / "history.json").read_text())
+    assert [row["epoch"] for row in history] == [1, 2] and "val_loss" in history[0]
+    splits = pd.read_csv(tiny_run / "splits.csv")
+    # Patient-level split: no patient in two splits.
+    assert splits.groupby("patient_id")["split"].nunique().max() == 1
+
+
+def test_reloaded_run_reproduces_its_predictions(tiny_run: Path, phantom_manifest: Path, tmp_path: Path):
+    run = load_run(tiny_run)
+    assert run.model.training is False and 0 < run.threshold < 1 and run.temperature > 0
+    metrics = evaluate_run(tiny_run, tiny_run / "splits.csv", tmp_path, progress=False)
+    saved = pd.read_csv(tiny_run / "predictions.csv")
+    again = pd.read_csv(tmp_path / "predictions.csv")
+    np.testing.assert_allclose(again["p_covid"], saved["p_covid"], atol=1e-5)
+    assert metrics["threshold"] == pytest.approx(run.threshold)
+
+
+def test_training_is_repeatable_given_a_seed(phantom_manifest: Path, tmp_path: Path):
+    cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=2", "train.views=2"])
+    a = train_experiment(cfg, phantom_manifest, tmp_path / "a", progress=False)
+    b = train_experiment(cfg, phantom_manifest, tmp_path / "b", progress=False)
+    assert a.fit.history == b.fit.history
+    pa = pd.read_csv(tmp_path / "a" / "predictions.csv")["p_covid"]
+    pb = pd.read_csv(tmp_path / "b" / "predictions.csv")["p_covid"]
+    np.testing.assert_allclose(pa, pb)
+
+
+def test_cached_features_train_only_the_head(phantom_manifest: Path, tmp_path: Path):
+    from covidscan.models import build_model
+
+    cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=1", "train.views=1"])
+    result = train_experiment(cfg, phantom_manifest, tmp_path / "run", progress=False)
+    trained = load_run(result.run_dir).model
+    torch.manual_seed(cfg.train.seed)  # train_experiment seeds before building, so this is the initial model
+    initial = build_model(cfg.model)
+    for name, value in initial.backbone.state_dict().items():
+        assert torch.equal(value, trained.backbone.state_dict()[name]), name
+    assert not torch.equal(initial.head.fc1.weight, trained.head.fc1.weight)
+
+
+def test_finetune_and_bpnn_paths_run(phantom_manifest: Path, tmp_path: Path):
+    finetune = load_config(
+        "paper-a-resnet50", [*TINY, "train.epochs=1", "model.train_mode=finetune", "model.unfreeze_last=1"]
+    )
+    result = train_experiment(finetune, phantom_manifest, tmp_path / "ft", progress=False)
+    assert len(result.fit.history) == 1
+    bpnn = load_config("paper-a-bpnn", ["train.epochs=2", "evaluation.n_bootstrap=50"])
+    result = train_experiment(bpnn, phantom_manifest, tmp_path / "bpnn", progress=False)
+    assert load_run(result.run_dir).model.input_size == (150, 250)
+
+
+def test_early_stopping_restores_best_epoch(phantom_manifest: Path, tmp_path: Path):
+    cfg = load_config(
+        "paper-a-resnet50",
+        [*TINY, "train.epochs=8", "train.views=1", "train.early_stopping=1", "train.lr=0.05"],
+    )
+    result = train_experiment(cfg, phantom_manifest, tmp_path / "run", progress=False)
+    losses = [row["val_loss"] for row in result.fit.history]
+    assert result.fit.best_epoch == int(np.argmin(losses)) + 1
+    assert result.fit.stopped_early or len(losses) == 8
+
+
+def test_paper_protocol_resplits_by_image(phantom_manifest: Path, tmp_path: Path):
+    cfg = load_config(
+        "paper-a-resnet50",
+        [
+            *TINY,
+            "train.epochs=1",
+            "data.split_by=image",
+            "data.ratios=[0.8, 0.2]",
+            "data.resplit=true",
+            "evaluation.threshold=fixed",
+        ],
+    )
+    with pytest.warns(UserWarning, match="patient"):
+        result = train_experiment(cfg, phantom_manifest, tmp_path / "run", progress=False)
+    assert result.threshold == 0.5 and result.temperature == 1.0
+    assert "not by patient" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_unreadable_training_image_is_named(phantom_manifest: Path, tmp_path: Path):
+    df = pd.read_csv(phantom_manifest)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    df.loc[0, "path"] = str(bad)
+    df["path"] = [p if Path(p).is_absolute() else str(phantom_manifest.parent / p) for p in df["path"]]
+    manifest = tmp_path / "m.csv"
+    df.to_csv(manifest, index=False)
+    cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=1"])
+    with pytest.raises(ManifestError, match=r"broken\.png"):
+        train_experiment(cfg, manifest, tmp_path / "run", progress=False)
