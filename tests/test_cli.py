@@ -36,7 +36,7 @@ def test_version_and_help():
     assert result.returncode == 0 and __version__ in result.stdout
     result = covidscan("--help")
     assert result.returncode == 0
-    for command in ("data", "preprocess", "train", "evaluate", "reproduce", "demo"):
+    for command in ("data", "preprocess", "train", "evaluate", "reproduce", "demo", "predict", "export"):
         assert command in result.stdout
 
 
@@ -68,6 +68,8 @@ def test_data_scan_split_audit(tmp_path: Path):
         (["train", "paper-z", "--data", "{tree}", "--out", "run"], "paper-a-resnet50"),
         (["evaluate", "{tree}", "--data", "{tree}", "--out", "out"], "not a covidscan run directory"),
         (["reproduce", "paper-c", "--data", "{tree}", "--out", "out"], "paper-a"),
+        (["predict", "{tree}", "{tree}"], "not a covidscan run directory"),
+        (["export", "{tree}", "--onnx", "m.onnx"], "not a covidscan run directory"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path: Path, args: list[str], expected: str):
@@ -87,3 +89,37 @@ def test_label_typo_is_named(tmp_path: Path):
     )
     result = covidscan("data", "audit", str(manifest))
     assert result.returncode == 2 and "covd" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_predict_and_export(tiny_run: Path, phantom_manifest: Path, tmp_path: Path):
+    images = sorted(phantom_manifest.parent.glob("images/*/*.png"))[:3]
+    assert images, "phantom images expected"
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    preds = tmp_path / "preds.json"
+    result = covidscan(
+        "predict", str(tiny_run), *map(str, images), str(broken),
+        "--out", str(preds), "--cam", str(tmp_path / "cam"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "1 unreadable" in result.stdout and "broken.png" in result.stderr
+    doc = json.loads(preds.read_text())
+    rows = doc["images"]
+    assert [Path(r["path"]).name for r in rows] == [p.name for p in images] + ["broken.png"]
+    assert all(0.0 <= r["p_covid"] <= 1.0 and r["label"] in ("covid", "non_covid") for r in rows[:3])
+    assert rows[3]["p_covid"] is None and "broken.png" in rows[3]["error"]
+    assert all(Path(r["cam_png"]).is_file() for r in rows[:3])
+
+    onnx = tmp_path / "model.onnx"
+    result = covidscan("export", str(tiny_run), "--onnx", str(onnx))
+    assert result.returncode == 0, result.stderr
+    assert onnx.stat().st_size > 1000
+    csv = tmp_path / "preds.csv"
+    result = covidscan(
+        "predict", str(tiny_run), *map(str, images),
+        "--engine", "onnx", "--onnx", str(onnx), "--out", str(csv),
+    )
+    assert result.returncode == 0, result.stderr
+    by_onnx = pd.read_csv(csv)["p_covid"].to_numpy()
+    # The torch engine may run in bf16 (when the run passed its bf16 check); fp32 parity is in test_export.
+    assert np.allclose(by_onnx, [r["p_covid"] for r in rows[:3]], atol=0.02)

@@ -128,3 +128,17 @@ def test_real_ucsd_official_split_is_kept(shared_dir: Path) -> None:
         warnings.simplefilter("error")  # nothing to assign, nothing to warn about
         out = split_manifest(df, seed=0)
     assert out["split"].tolist() == df["split"].tolist()
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_small_patient_split_gives_every_part_both_classes(seed: int) -> None:
+    # 12 patients, 6 per class, 4 slices each: the demo's smallest useful size. Calibration on validation
+    # and metrics on test need both classes in every part.
+    rows = [
+        {"path": f"/x/p{p}_{i}.png", "label": "covid" if p % 2 else "non_covid", "patient_id": f"p{p}"}
+        for p in range(12)
+        for i in range(4)
+    ]
+    out = split_manifest(pd.DataFrame(rows), seed=seed)
+    assert out.groupby("patient_id")["split"].nunique().max() == 1
+    assert (out.groupby("split")["label"].nunique() == 2).all(), out.groupby("split")["label"].value_counts()

@@ -51,6 +51,11 @@ def _root(
     logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def _progress() -> bool:
+    """Progress bars unless --quiet was given."""
+    return logging.getLogger().level <= logging.INFO
+
+
 def _ratios(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -109,7 +114,7 @@ def data_audit(
     from covidscan.data import audit_manifest, format_audit, read_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
-    report = audit_manifest(df, near_threshold=near_threshold, progress=True)
+    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     out_console.print(format_audit(report))
@@ -173,7 +178,7 @@ def train(
     from covidscan.training import train_experiment
 
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out)
+    result = train_experiment(cfg, data, out, progress=_progress())
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -192,7 +197,7 @@ def evaluate(
     from covidscan.evaluation import format_metrics_table
     from covidscan.training import evaluate_run
 
-    metrics = evaluate_run(run, data, out, split=split)
+    metrics = evaluate_run(run, data, out, split=split, progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
 
@@ -207,9 +212,62 @@ def reproduce(
     """Every row of a paper's table, under its random image split and under patient-level splits."""
     from covidscan.training import reproduce_paper
 
-    table = reproduce_paper(paper, data, out, overrides or [])
+    table = reproduce_paper(paper, data, out, overrides or [], progress=_progress())
     out_console.print(table.read_text(encoding="utf-8"))
     out_console.print(f"table: {table}")
+
+
+@app.command("predict")
+def predict(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train`.")],
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image/DICOM files, folders (searched recursively) or manifest CSVs.")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="preds.csv or preds.json to write.")] = Path(
+        "preds.csv"
+    ),
+    cam: Annotated[
+        Path | None, typer.Option("--cam", help="Folder for one Grad-CAM overlay PNG per image.")
+    ] = None,
+    engine: Annotated[
+        str, typer.Option(help="torch, or onnx (onnxruntime; exports model.onnx if needed).")
+    ] = "torch",
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for --engine onnx.")] = None,
+    band: Annotated[
+        float, typer.Option(help="Width of the 'uncertain' zone of probabilities around the threshold.")
+    ] = 0.1,
+    workers: Annotated[int, typer.Option(help="Threads decoding and preprocessing images.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+) -> None:
+    """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
+    from covidscan.inference import predict as run_predict
+    from covidscan.inference import write_predictions
+
+    df = run_predict(
+        run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
+        batch_size=batch_size, progress=_progress(),
+    )
+    write_predictions(df, out)
+    ok = df["error"] == ""
+    counts = df.loc[ok, "label"].value_counts().to_dict()
+    out_console.print(
+        f"{len(df)} images: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
+        f"{int((~ok).sum())} unreadable"
+    )
+    for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
+        console.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
+    out_console.print(f"wrote {out}")
+
+
+@app.command("export")
+def export(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train`.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write.")] = Path("model.onnx"),
+) -> None:
+    """Export a run's model to ONNX, with its preprocessing, threshold and calibration in the metadata."""
+    from covidscan.export import export_onnx
+
+    out_console.print(f"wrote {export_onnx(run, onnx)}")
 
 
 @app.command("demo")
@@ -221,7 +279,7 @@ def demo(
     """Generate phantoms, audit them, train and evaluate a model end to end (no download)."""
     from covidscan.demo import run_demo
 
-    report = run_demo(out)
+    report = run_demo(out, progress=_progress())
     out_console.print(f"report: {report}")
 
 

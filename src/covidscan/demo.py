@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 DEMO_PRESET = "demo-ct-phantom"
 
 
-def run_demo(out: str | Path, *, n: int = 240, seed: int = 0, progress: bool = True) -> Path:
+def run_demo(out: str | Path, *, n: int = 400, seed: int = 0, progress: bool = True) -> Path:
     """Generate ``n`` CT phantoms, audit them, train the demo preset and return the report's path."""
     out = Path(out)
     manifest = write_phantom_dataset(out / "data", n=n, modality="ct", seed=seed)

@@ -50,8 +50,11 @@ def _assign(
     """Split names for these rows: stratified folds (grouped when ``groups`` is given) unioned per part."""
     n_units = len(labels) if groups is None else groups.nunique()
     what = "images" if groups is None else "patients"
-    # a fold needs at least one unit, and sklearn needs some class with at least k members
+    # A fold needs at least one unit, and sklearn needs some class with at least k members. No more folds
+    # than the rarer class has units, so that every part of a small set gets both classes where it can.
+    per_class = labels.groupby(labels).size() if groups is None else groups.groupby(labels).nunique()
     k = min(sum(_fold_plan(ratios, MAX_FOLDS)), n_units, int(labels.value_counts().max()))
+    k = min(k, max(len(names), int(per_class.min())))
     if k < len(names):
         raise ManifestError(
             f"only {n_units} {what} to split into {'/'.join(names)}: add data or use fewer parts"

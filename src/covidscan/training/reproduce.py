@@ -27,6 +27,9 @@ PROTOCOLS: dict[str, tuple[str, ...]] = {
     "patient": ("data.split_by=patient",),
 }
 
+# The BPNN row works on raw pixels: backbone settings given for the CNN rows do not apply to it.
+BACKBONE_KEYS = ("model.backbone=", "model.weights=", "model.train_mode=", "model.unfreeze_last=")
+
 TABLE_METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc")
 
 
@@ -51,7 +54,12 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def reproduce_paper(
-    paper: str, data: str | Path, out: str | Path, overrides: list[str] | tuple[str, ...] = ()
+    paper: str,
+    data: str | Path,
+    out: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    *,
+    progress: bool = True,
 ) -> Path:
     """Train every row of ``paper`` under both protocols into ``out/<row>/<protocol>``; write table.md."""
     if paper not in PAPER_ROWS:
@@ -60,8 +68,11 @@ def reproduce_paper(
     rows = []
     for preset in PAPER_ROWS[paper]:
         for protocol, protocol_overrides in PROTOCOLS.items():
-            cfg = load_config(preset, [*protocol_overrides, *overrides])
-            result = train_experiment(cfg, data, out / preset / protocol)
+            row_overrides = list(overrides)
+            if load_config(preset).model.head == "bpnn":
+                row_overrides = [o for o in overrides if not o.startswith(BACKBONE_KEYS)]
+            cfg = load_config(preset, [*protocol_overrides, *row_overrides])
+            result = train_experiment(cfg, data, out / preset / protocol, progress=progress)
             rows.append(
                 {
                     "preset": preset,

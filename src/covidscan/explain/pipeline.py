@@ -1,0 +1,103 @@
+"""Explain a trained run's decision on files: Grad-CAM on the model input, drawn on the original image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from covidscan.errors import CovidscanError
+from covidscan.explain.cam import cam_metrics, cam_region, cam_to_original, gradcam, region_bbox
+from covidscan.explain.render import save_overlay
+from covidscan.preprocess import eval_transform, find_lungs
+from covidscan.runs import LoadedRun
+from covidscan.training.engine import image_tensor
+from covidscan.training.prepare import PreparedImage, prepare_one
+
+
+def _per_image(values: Sequence[Any] | None, n: int, name: str) -> Sequence[Any]:
+    if values is None:
+        return [None] * n
+    if len(values) != n:
+        raise CovidscanError(f"{name} has {len(values)} entries for {n} images; give one per image")
+    return values
+
+
+def explain_prepared(
+    run: LoadedRun,
+    prepared: Sequence[PreparedImage],
+    batch: torch.Tensor,
+    out_pngs: Sequence[str | Path | None] | None = None,
+    *,
+    lung_masks: Sequence[np.ndarray | None] | None = None,
+    lesion_masks: Sequence[np.ndarray | None] | None = None,
+    titles: Sequence[str | None] | None = None,
+    target: int = 1,
+    threshold: float = 0.5,
+    tolerance: int = 0,
+    method: str = "gradcam",
+) -> list[dict[str, Any]]:
+    """Grad-CAM for images prepared with ``keep_original=True`` and their model batch; one dict per image.
+
+    Each CAM is mapped to the original image, its region (``threshold``) outlined in an overlay PNG (where
+    ``out_pngs`` gives a path) and scored with :func:`cam_metrics`. Lung masks default to
+    :func:`covidscan.preprocess.find_lungs` on the original (None where no lungs are found). Keys:
+    ``cam_png``, ``cam_region_bbox`` ((y0, x0, y1, x1) in the original, or None), ``cam_energy_in_lungs``,
+    ``cam_pointing_game_hit``, ``cam_iou``.
+    """
+    n = len(prepared)
+    if len(batch) != n:
+        raise CovidscanError(f"batch has {len(batch)} images but {n} prepared images were given")
+    if any(p.original is None for p in prepared):
+        raise CovidscanError("explaining needs the original images: prepare them with keep_original=True")
+    out_pngs, lung_masks, lesion_masks, titles = (
+        _per_image(values, n, name)
+        for values, name in ((out_pngs, "out_pngs"), (lung_masks, "lung_masks"),
+                             (lesion_masks, "lesion_masks"), (titles, "titles"))
+    )
+    cams = gradcam(run.model, batch, target=target, method=method)
+    modality = run.config.preprocess.modality
+    rows = []
+    per_image = zip(prepared, cams, out_pngs, lung_masks, lesion_masks, titles, strict=True)
+    for prep, cam, png, lungs, lesion, title in per_image:
+        original = prep.original
+        full = cam_to_original(cam, prep.bbox, original.shape)
+        region = cam_region(full, threshold=threshold)
+        if lungs is None:
+            found = find_lungs(original, modality=modality)
+            lungs = found.mask if found.found else None
+        metrics = cam_metrics(full, lungs, lesion, threshold=threshold, tolerance=tolerance)
+        if png is not None:
+            png = str(save_overlay(png, original, full, region=region, title=title))
+        rows.append({"cam_png": png, "cam_region_bbox": region_bbox(region),
+                     **{f"cam_{k}": v for k, v in metrics.items()}})
+    return rows
+
+
+def explain_image(
+    run: LoadedRun,
+    path: str | Path,
+    out_png: str | Path | None,
+    *,
+    window: tuple[float, float] | None = None,
+    target: int = 1,
+    threshold: float = 0.5,
+    method: str = "gradcam",
+    title: str | None = None,
+) -> dict[str, Any]:
+    """Read, preprocess as the run was trained, Grad-CAM, and save the overlay on the original image.
+
+    Returns :func:`explain_prepared`'s dict (``cam_png``, ``cam_region_bbox``, ``cam_energy_in_lungs``, ...).
+    The overlay's title defaults to the file name.
+    """
+    model = run.model
+    prepared = prepare_one(str(path), run.config.preprocess, model.input_size, window, keep_original=True)
+    transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
+    batch = transform(image_tensor(prepared.pixels)).unsqueeze(0)
+    titles = [title or Path(path).name]
+    return explain_prepared(
+        run, [prepared], batch, [out_png], titles=titles, target=target, threshold=threshold, method=method
+    )[0]

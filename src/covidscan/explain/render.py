@@ -1,0 +1,70 @@
+"""Heatmap overlays of CAMs on gray images, saved as PNG with the CAM region outlined."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pytorch_grad_cam.utils.image import show_cam_on_image
+
+from covidscan.errors import CovidscanError
+
+REGION_COLOR = (255, 255, 255)  # RGB; white stays visible on every part of the JET colormap
+
+
+def _gray01(image: np.ndarray) -> np.ndarray:
+    """A gray (H, W) image, uint8 or float in [0, 1], as float32 in [0, 1]."""
+    array = np.asarray(image)
+    if array.ndim != 2 or array.size == 0:
+        raise CovidscanError(f"overlays take a gray (H, W) image, got shape {array.shape}")
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    return np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8 (H, W, 3): the JET-coloured CAM blended over the gray image with weight ``alpha``."""
+    gray = _gray01(image)
+    if cam.shape != gray.shape:
+        raise CovidscanError(f"CAM shape {cam.shape} differs from image shape {gray.shape}; map it first")
+    if not 0.0 <= alpha <= 1.0:
+        raise CovidscanError(f"overlay alpha {alpha!r} must be in [0, 1]")
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    return show_cam_on_image(rgb, np.clip(cam, 0.0, 1.0), use_rgb=True, image_weight=1.0 - alpha)
+
+
+def save_overlay(
+    path: str | Path,
+    image: np.ndarray,
+    cam: np.ndarray,
+    *,
+    region: np.ndarray | None = None,
+    title: str | None = None,
+    alpha: float = 0.4,
+) -> Path:
+    """Write the :func:`overlay` as a PNG, with ``region`` (a boolean mask) outlined and ``title`` on top."""
+    path = Path(path)
+    picture = np.ascontiguousarray(overlay(image, cam, alpha=alpha))
+    side = min(picture.shape[:2])
+    thickness = max(1, round(side / 256))
+    if region is not None and np.any(region):
+        mask = np.asarray(region, np.uint8)
+        contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(picture, contours, -1, REGION_COLOR, thickness)
+    if title:
+        scale = side / 512
+        origin = (thickness * 4, thickness * 4 + round(22 * scale))
+        # A dark outline under the text keeps it legible on bright and dark parts alike.
+        for color, extra in (((0, 0, 0), 2), (REGION_COLOR, 0)):
+            cv2.putText(picture, title, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness + extra,
+                        cv2.LINE_AA)
+    reason = ""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        written = cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    except (OSError, cv2.error) as err:
+        written, reason = False, f" ({err})"
+    if not written:
+        raise CovidscanError(f"cannot write overlay {path}{reason}: use a writable folder and a .png name")
+    return path

@@ -1,0 +1,94 @@
+"""Export a trained run directory to a single, self-describing ONNX file."""
+
+from __future__ import annotations
+
+import json
+from contextlib import suppress
+from pathlib import Path
+
+import onnx
+import torch
+
+from covidscan import __version__
+from covidscan.errors import CovidscanError
+from covidscan.export.runtime import METADATA_KEY
+from covidscan.runs import LoadedRun, load_run
+
+MIN_OPSET = 18
+"""torch's torch.export-based exporter implements opset 18 and newer only."""
+# Protobuf cannot serialise a message of 2 GiB or more, so bigger weights would need external-data files.
+_MAX_WEIGHT_BYTES = 2**31 - 2**24
+
+
+def export_onnx(
+    run_dir: str | Path, out_path: str | Path, *, opset: int = MIN_OPSET, dynamic_batch: bool = True
+) -> Path:
+    """Export a run's model to ``out_path`` (.onnx): input ``image`` (N, 3, H, W), output ``logits`` (N, 2).
+
+    The run's checkpoint description (classes, modality, preprocess settings, input size, mean, std,
+    threshold, temperature, patient threshold) plus ``covidscan_version`` and ``source_run`` is stored as
+    JSON in the model's ``metadata_props`` under ``covidscan``. Returns the written path.
+    """
+    out = Path(out_path)
+    if out.suffix.lower() != ".onnx":
+        raise CovidscanError(f"output {out} must end in .onnx (e.g. {out.with_suffix('.onnx').name})")
+    if opset < MIN_OPSET:
+        raise CovidscanError(
+            f"opset {opset} is not supported: the ONNX exporter writes opset {MIN_OPSET} or newer"
+        )
+    run = load_run(run_dir)
+    weight_bytes = sum(t.nbytes for t in run.model.state_dict().values())
+    if weight_bytes > _MAX_WEIGHT_BYTES:
+        raise CovidscanError(
+            f"{run.path}: the model has {weight_bytes / 2**30:.1f} GiB of weights, more than a single "
+            "ONNX file can hold (2 GiB protobuf limit)"
+        )
+    tmp = out.with_name(out.name + ".part")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        # Opened before the (slow) export so that an unwritable path fails at once; written to a side file
+        # and renamed so that a failure never leaves a truncated .onnx behind.
+        with tmp.open("wb") as handle:
+            handle.write(_to_onnx(run, opset, dynamic_batch).SerializeToString())
+        tmp.replace(out)
+    except OSError as exc:
+        raise CovidscanError(f"cannot write {out}: {exc.strerror or exc}; choose a writable path") from None
+    finally:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+    return out
+
+
+def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
+    """The run's model as a checked ModelProto carrying the covidscan metadata."""
+    # Batch 2 when dynamic: torch.export specialises size-1 dimensions, which would pin the batch axis.
+    example = torch.zeros(2 if dynamic_batch else 1, 3, *run.model.input_size)
+    try:
+        # dynamo=True: the maintained torch.export-based exporter (the TorchScript one is deprecated and
+        # scheduled for removal).
+        program = torch.onnx.export(
+            run.model,
+            (example,),
+            None,
+            input_names=["image"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+            dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None,
+            verbose=False,
+        )
+    except torch.onnx.OnnxExporterError as exc:
+        raise CovidscanError(f"cannot export the model of {run.path} to ONNX: {exc}") from exc
+    proto = program.model_proto
+    # The exporter falls back to opset 18 (logging the failure) when it cannot convert to the one asked for.
+    written = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise CovidscanError(
+            f"torch could not export opset {opset} (it wrote {written}); use opset {written}"
+        )
+    meta = {**run.meta, "covidscan_version": __version__, "source_run": str(run.path.resolve())}
+    onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
+    proto.doc_string = f"covidscan {__version__} model exported from {run.path.resolve()}"
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
