@@ -22,6 +22,7 @@ from covidscan.explain import (
     region_bbox,
     save_overlay,
 )
+from covidscan.explain.render import MIN_SIDE
 from covidscan.models import build_model, gradcam_target_layer
 from covidscan.runs import load_run
 
@@ -229,8 +230,11 @@ def test_save_overlay_writes_a_png_with_the_region_outlined(tmp_path):
     outlined = save_overlay(tmp_path / "sub" / "cam.png", image, cam, region=cam_region(cam), title="x")
     assert outlined == tmp_path / "sub" / "cam.png"
     a, b = cv2.imread(str(plain)), cv2.imread(str(outlined))
-    assert a.shape == b.shape == (64, 64, 3)
-    assert (b[20, 20:40] == 255).all() and not (a[20, 20:40] == 255).all()  # white contour on the edge
+    assert a.shape == b.shape == (512, 512, 3)  # small images are drawn 8x larger, to stay legible
+    # white contour on the region's (scaled) top edge, rows 20 -> 160, columns 20..39 -> 160..319
+    assert (b[160, 170:310] == 255).all() and not (a[160, 170:310] == 255).all()
+    large = save_overlay(tmp_path / "large.png", np.full((600, 700), 0.5), np.zeros((600, 700)))
+    assert cv2.imread(str(large)).shape == (600, 700, 3)
     with pytest.raises(CovidscanError, match="cannot write overlay"):
         save_overlay(tmp_path / "cam.notanimage", image, cam)
 
@@ -249,7 +253,8 @@ def test_explain_image_on_a_trained_run(tiny_run: Path, phantom_manifest: Path, 
     for result in results:
         assert set(result) == {"cam_png", "cam_region_bbox", "cam_energy_in_lungs",
                                "cam_pointing_game_hit", "cam_iou"}
-        assert cv2.imread(result["cam_png"]).shape == (*original.shape, 3)
+        scale = max(1.0, MIN_SIDE / min(original.shape))  # drawn enlarged, at the original's aspect ratio
+        assert cv2.imread(result["cam_png"]).shape == (*(round(n * scale) for n in original.shape), 3)
     result = next(r for r in results if r["cam_region_bbox"] is not None)
     y0, x0, y1, x1 = result["cam_region_bbox"]
     assert 0 <= y0 < y1 <= original.shape[0] and 0 <= x0 < x1 <= original.shape[1]

@@ -11,8 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.inference import (
@@ -27,6 +25,7 @@ from covidscan.io import LUNG_WINDOW
 from covidscan.preprocess import eval_transform
 from covidscan.runs import load_run
 from covidscan.training.engine import transform_batch
+from dicom_files import write_dicom
 
 COLUMNS = ["path", "p_covid", "label", "uncertain", "lungs_found", "warnings", "error", "group_id", "group_n",
            "group_p_covid", "group_label"]
@@ -57,23 +56,8 @@ def write_ct_dicom(
     """A CT slice in HU whose lung-window rendering is ``image_u8`` (what a scanner export looks like)."""
     width, level = LUNG_WINDOW
     hu = (image_u8.astype(np.float64) / 255.0 * width + level - width / 2).round().astype(np.int16)
-    file_meta = FileMetaDataset()
-    file_meta.MediaStorageSOPClassUID = CTImageStorage
-    file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = file_meta
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, file_meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.SeriesInstanceUID = modality, "P-7", series
-    ds.PhotometricInterpretation, ds.SamplesPerPixel = "MONOCHROME2", 1
-    ds.Rows, ds.Columns = hu.shape
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit, ds.PixelRepresentation = 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
-    ds.ImagePositionPatient = [0, 0, z]
-    ds.PixelData = hu.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return write_dicom(path, hu, modality=modality, PatientID="P-7", SeriesInstanceUID=series,
+                       RescaleSlope=1, RescaleIntercept=0, ImagePositionPatient=[0, 0, z])
 
 
 def test_rows_values_labels_and_band(tiny_run, loaded, meta, phantoms):

@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from covidscan.errors import ConfigError, ImageReadError
 from covidscan.io import (
@@ -23,6 +22,7 @@ from covidscan.io import (
     scan_images,
     to_uint8,
 )
+from dicom_files import write_dicom
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -133,33 +133,6 @@ def test_jpeg_gray_and_exif_rotation(tmp_path):
 
 
 # ---------------------------------------------------------------- DICOM
-
-
-def write_dicom(path: Path, stored: np.ndarray, *, modality: str = "CT", photometric: str = "MONOCHROME2",
-                pixel_data: bool = True, **attrs) -> Path:
-    """A minimal single-frame DICOM file (explicit VR little endian) with the given stored values."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID, ds.PhotometricInterpretation = modality, "P-001", photometric
-    ds.SeriesInstanceUID = attrs.pop("SeriesInstanceUID", "1.2.3.4")
-    ds.Rows, ds.Columns = stored.shape[:2]
-    ds.SamplesPerPixel = 3 if stored.ndim == 3 else 1
-    if stored.ndim == 3:
-        ds.PlanarConfiguration = 0
-    ds.BitsAllocated = ds.BitsStored = stored.dtype.itemsize * 8
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = int(stored.dtype.kind == "i")
-    for key, value in attrs.items():
-        setattr(ds, key, value)
-    if pixel_data:
-        ds.PixelData = stored.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def test_ct_rescale_to_hu_then_lung_window_exact(tmp_path):

@@ -11,6 +11,8 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from covidscan.errors import CovidscanError
 
 REGION_COLOR = (255, 255, 255)  # RGB; white stays visible on every part of the JET colormap
+MIN_SIDE = 512
+"""Smaller images are enlarged to this shorter side before drawing, so the title and outline stay legible."""
 
 
 def _gray01(image: np.ndarray) -> np.ndarray:
@@ -43,9 +45,20 @@ def save_overlay(
     title: str | None = None,
     alpha: float = 0.4,
 ) -> Path:
-    """Write the :func:`overlay` as a PNG, with ``region`` (a boolean mask) outlined and ``title`` on top."""
+    """Write the :func:`overlay` as a PNG, with ``region`` (a boolean mask) outlined and ``title`` on top.
+
+    Images whose shorter side is under :data:`MIN_SIDE` pixels are drawn enlarged to it.
+    """
     path = Path(path)
-    picture = np.ascontiguousarray(overlay(image, cam, alpha=alpha))
+    gray = _gray01(image)
+    factor = MIN_SIDE / min(gray.shape)
+    if factor > 1 and cam.shape == gray.shape:
+        size = (round(gray.shape[1] * factor), round(gray.shape[0] * factor))
+        gray = cv2.resize(gray, size, interpolation=cv2.INTER_LINEAR)
+        cam = cv2.resize(np.asarray(cam, np.float32), size, interpolation=cv2.INTER_LINEAR)
+        if region is not None:
+            region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
+    picture = np.ascontiguousarray(overlay(gray, cam, alpha=alpha))
     side = min(picture.shape[:2])
     thickness = max(1, round(side / 256))
     if region is not None and np.any(region):
