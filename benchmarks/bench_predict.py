@@ -3,9 +3,9 @@
     (a) decode + CLAHE + lung crop (prepare_paths, threads)              images/s
     (b) backbone forward, batch 1 and N: eager fp32 (no_grad, NCHW) vs BatchNorm folded + channels_last +
         inference_mode, in fp32 and (where the CPU has native bf16) bf16
-    (c) end to end: covidscan.inference.predict on a folder (torch engine, and onnxruntime when
-        covidscan.export is there) vs a sequential eager fp32 loop (read -> preprocess -> eval_transform ->
-        one image at a time through the model)
+    (c) end to end: covidscan.inference.predict on a folder (torch engine and onnxruntime) vs a
+        sequential eager fp32 loop (read -> preprocess -> eval_transform -> one image at a time through
+        the model)
 
 Usage::
 
@@ -20,7 +20,6 @@ noisy: check ``uptime`` first.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import tempfile
 import time
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from covidscan.config import load_config
+from covidscan.export import export_onnx
 from covidscan.inference import FastClassifier, bf16_supported, predict
 from covidscan.io import list_images, read_image
 from covidscan.models import build_model
@@ -40,7 +40,7 @@ from covidscan.runs import LoadedRun, load_run, save_run
 from covidscan.training.engine import image_tensor
 from covidscan.training.prepare import prepare_array, prepare_paths
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucsd-ct" / "covid"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucsd-ct" / "images" / "covid"
 
 
 Job = Callable[[], object]
@@ -157,13 +157,10 @@ def main() -> None:
 
         fast = rate(lambda: fast_predict(e2e), len(e2e), 1, lambda: fast_predict(e2e[:4]))
         table.append(("c", f"{arch}: predict ({settings['precision']})", fast, fast / base))
-        if importlib.util.find_spec("covidscan.export") is not None:
-            from covidscan.export import export_onnx
-
-            onnx = export_onnx(run.path, tmp / "model.onnx")
-            job = partial(predict, run, engine="onnx", onnx_path=onnx, workers=args.workers, progress=False)
-            r = rate(partial(job, e2e), len(e2e), 1, partial(job, e2e[:4]))
-            table.append(("c", f"{arch}: predict, onnxruntime (fp32)", r, r / base))
+        onnx = export_onnx(run.path, tmp / "model.onnx")
+        job = partial(predict, run, engine="onnx", onnx_path=onnx, workers=args.workers, progress=False)
+        r = rate(partial(job, e2e), len(e2e), 1, partial(job, e2e[:4]))
+        table.append(("c", f"{arch}: predict, onnxruntime (fp32)", r, r / base))
 
     print(f"{'':2} {'what':48} {'images/s':>10} {'vs baseline':>12}")
     for part, name, r, ratio in table:
