@@ -40,7 +40,7 @@ from covidscan.runs import LoadedRun, load_run, save_run
 from covidscan.training.engine import image_tensor
 from covidscan.training.prepare import prepare_array, prepare_paths
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucsd-ct" / "images" / "covid"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucsd-ct" / "covid"
 
 
 Job = Callable[[], object]
@@ -67,13 +67,15 @@ def images_folder(args: argparse.Namespace, tmp: Path) -> Path:
     return write_phantom_dataset(tmp / "phantoms", n=max(args.e2e_images, 64), slices_per_patient=2).parent
 
 
-def bench_prepare(paths: list[str], workers: int, iters: int) -> list[tuple[str, float]]:
+def bench_prepare(paths: list[str], workers: int, iters: int) -> list[tuple[str, float, float]]:
+    """One thread (the baseline) and ``workers`` threads."""
     cfg = PreprocessConfig(modality="ct")
     rows = []
     for w in sorted({1, workers}):
         job = partial(prepare_paths, paths, cfg, (224, 224), workers=w, progress=False)
         label = f"decode+CLAHE+lung crop, {w} thread{'s' if w > 1 else ''}"
-        rows.append((label, rate(job, len(paths), iters)))
+        r = rate(job, len(paths), iters)
+        rows.append((label, r, r / rows[0][1] if rows else 1.0))
     return rows
 
 
@@ -137,9 +139,9 @@ def main() -> None:
         folder = images_folder(args, tmp)
         paths = [str(p) for p in list_images(folder)]
         print(f"images: {folder} ({len(paths)} files)\n")
-        table: list[tuple[str, str, float, float | None]] = []
+        table: list[tuple[str, str, float, float]] = []
         decode = [str(p) for p in np.resize(paths, args.decode_images)]
-        table += [("a", name, r, None) for name, r in bench_prepare(decode, args.workers, args.iters)]
+        table += [("a", *row) for row in bench_prepare(decode, args.workers, args.iters)]
         for name in args.backbones:
             for batch in (1, args.batch):
                 iters = args.iters if batch > 1 else 5 * args.iters
@@ -164,7 +166,7 @@ def main() -> None:
 
     print(f"{'':2} {'what':48} {'images/s':>10} {'vs baseline':>12}")
     for part, name, r, ratio in table:
-        print(f"{part:2} {name:48} {r:10.1f} {'' if ratio is None else f'{ratio:11.2f}x':>12}")
+        print(f"{part:2} {name:48} {r:10.1f} {ratio:11.2f}x")
     print(f"\ntotal {time.perf_counter() - begin:.0f} s, load average {os.getloadavg()[0]:.2f}")
 
 

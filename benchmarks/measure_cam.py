@@ -10,7 +10,7 @@ Each figure comes with what a CAM without information would score ("chance"): a 
 the model saw, or a random point in it.
 
     python benchmarks/measure_cam.py --weights ../shared/weights/mobilenet_v2_imagenet_coral_dequant.pth \\
-        --run /tmp/runs/ucsd-a-mnv2
+        --run runs/real/paper-a/paper-a-resnet50/patient
 """
 
 from __future__ import annotations
@@ -140,14 +140,13 @@ def mean_median(values: pd.Series) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, required=True, help="MobileNetV2 state_dict for the phantoms")
-    parser.add_argument("--run", type=Path, default=Path("/tmp/runs/ucsd-a-mnv2"), help="trained real run")
+    parser.add_argument("--run", type=Path, help="trained run on real CT (else phantoms only)")
     parser.add_argument("--phantoms", type=int, default=200, help="CT phantoms to train and test on")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="phantom dataset seed")
     parser.add_argument("--threshold", type=float, default=0.5, help="CAM region: >= threshold * max")
     parser.add_argument("--tolerance", type=int, default=15, help="pointing-game tolerance in pixels")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--skip-real", action="store_true", help="phantoms only")
     args = parser.parse_args()
 
     table: list[tuple[str, str, str]] = []
@@ -155,7 +154,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         table += phantom_part(args, Path(work))
     phantom_s = time.perf_counter() - start
-    if not args.skip_real:
+    if args.run is not None:
         table += real_part(args)
     widths = [max(len(row[i]) for row in table) for i in range(3)]
     for row in table:
