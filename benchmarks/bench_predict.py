@@ -37,6 +37,7 @@ from covidscan.io import list_images, read_image
 from covidscan.models import build_model
 from covidscan.preprocess import PreprocessConfig, eval_transform
 from covidscan.runs import LoadedRun, load_run, save_run
+from covidscan.system import keep_freed_memory
 from covidscan.training.engine import image_tensor
 from covidscan.training.prepare import prepare_array, prepare_paths
 
@@ -124,7 +125,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2, help="timed repetitions (best is kept)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="keep glibc's default allocator settings (the covidscan CLI changes them)")
     args = parser.parse_args()
+    kept = False if args.default_malloc else keep_freed_memory()
     if args.threads:
         # On a busy machine a second OpenMP thread waits for a free core at every layer, which can make
         # small eager batches 100x slower than with one thread; --threads 1 shows that.
@@ -133,7 +137,7 @@ def main() -> None:
     begin = time.perf_counter()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16: {bf16_supported()}, "
-          f"load average {os.getloadavg()[0]:.2f}")
+          f"load average {os.getloadavg()[0]:.2f}, freed memory kept (covidscan.system): {kept}")
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         folder = images_folder(args, tmp)

@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 
 from covidscan import __version__
 from covidscan.errors import ConfigError, CovidscanError
+from covidscan.system import keep_freed_memory
 
 app = typer.Typer(
     help="Detect COVID-19 in chest CT slices and chest X-rays, with honest evaluation.",
@@ -289,6 +290,7 @@ def main() -> None:
         level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
     )
     logging.captureWarnings(True)
+    keep_freed_memory()
     try:
         app(prog_name="covidscan")
     except CovidscanError as exc:
