@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from covidscan.errors import ConfigError, ManifestError
+from covidscan.explain.render import MIN_SIDE
 from covidscan.inference import (
     FastClassifier,
     bf16_supported,
@@ -193,7 +194,6 @@ def test_bad_arguments(loaded, phantoms, kwargs, match):
 
 
 def test_onnx_engine_matches_torch(tiny_run, phantoms, tmp_path):
-    pytest.importorskip("covidscan.export")
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     torch_df = predict(run, phantoms[:8], fast=False, progress=False)
@@ -229,11 +229,11 @@ def test_bf16_changes_at_most_half_a_percent_of_labels(tiny_run, phantoms, tmp_p
 
 
 def test_cam_dir_gets_one_overlay_per_image(loaded, phantoms, tmp_path):
-    pytest.importorskip("covidscan.explain")
     inputs = [*phantoms[:3], tmp_path / "missing.png"]
     df = predict(loaded, inputs, cam_dir=tmp_path / "cams", progress=False)
     written = sorted((tmp_path / "cams").glob("*.png"))
     assert len(written) == 3 and df["cam_png"].iloc[:3].map(lambda p: Path(p).is_file()).all()
     assert pd.isna(df["cam_png"].iloc[3])
     overlay = cv2.imread(str(written[0]))
-    assert overlay.shape[:2] == gray(phantoms[0]).shape  # drawn on the original image
+    # drawn on the original image (256 px phantoms, enlarged to stay legible)
+    assert overlay.shape[:2] == tuple(n * MIN_SIDE // 256 for n in gray(phantoms[0]).shape)
