@@ -28,7 +28,8 @@ def keep_freed_memory(enable: bool = True) -> bool:
 
     By default glibc maps every allocation over 32 MiB (a ResNet50 activation at batch 32 is 100 MiB) with
     a fresh ``mmap`` and unmaps it when freed, so each layer of each batch page-faults its output in again.
-    On a 2-core VM that kernel time slowed a ResNet50 batch-32 forward pass from 19 to 11 images/s.
+    On a 2-core VM that kernel time slowed a ResNet50 batch-32 forward pass from 19.9 to 11.2 images/s
+    (``benchmarks/bench_predict.py`` with and without ``--default-malloc``).
     ``enable=False`` restores glibc's defaults. The price is a process that keeps its peak memory.
     """
     libc = _libc()
