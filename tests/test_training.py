@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from covidscan.config import load_config
+from covidscan.data.synthetic import make_phantom
 from covidscan.errors import ManifestError
 from covidscan.evaluation import validate_metrics_schema
+from covidscan.preprocess import PreprocessConfig
 from covidscan.runs import load_run
 from covidscan.training import evaluate_run, train_experiment
+from covidscan.training.prepare import prepare_array
 
 TINY = [
     "model.backbone=timm:resnet18",
@@ -132,3 +135,19 @@ def test_unreadable_training_image_is_named(phantom_manifest: Path, tmp_path: Pa
     cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=1"])
     with pytest.raises(ManifestError, match=r"broken\.png"):
         train_experiment(cfg, manifest, tmp_path / "run", progress=False)
+
+
+def test_prepared_image_keeps_the_original_and_its_lung_mask():
+    phantom = make_phantom(0, modality="ct", covid=True)
+    cfg = PreprocessConfig(modality="ct")
+    plain = prepare_array(phantom.image, cfg, (64, 64))
+    assert plain.original is None and plain.lung_mask is None  # nothing extra held unless asked for
+    kept = prepare_array(phantom.image, cfg, (64, 64), keep_original=True)
+    assert kept.original.shape == kept.lung_mask.shape == phantom.image.shape
+    # The mask is the crop's own: the box around it (with margin) is the crop.
+    ys, xs = np.nonzero(kept.lung_mask)
+    y0, x0, y1, x1 = kept.bbox
+    assert y0 <= ys.min() and ys.max() < y1 and x0 <= xs.min() and xs.max() < x1
+    no_crop = prepare_array(phantom.image, PreprocessConfig(modality="ct", lung_crop=False), (64, 64),
+                            keep_original=True)
+    assert no_crop.lung_mask is None

@@ -43,8 +43,8 @@ def explain_prepared(
     """Grad-CAM for images prepared with ``keep_original=True`` and their model batch; one dict per image.
 
     Each CAM is mapped to the original image, its region (``threshold``) outlined in an overlay PNG (where
-    ``out_pngs`` gives a path) and scored with :func:`cam_metrics`. Lung masks default to
-    :func:`covidscan.preprocess.find_lungs` on the original (None where no lungs are found). Keys:
+    ``out_pngs`` gives a path) and scored with :func:`cam_metrics`. Lung masks default to the lung crop's
+    own mask, else :func:`covidscan.preprocess.find_lungs` on the original (None where none is found). Keys:
     ``cam_png``, ``cam_region_bbox`` ((y0, x0, y1, x1) in the original, or None), ``cam_energy_in_lungs``,
     ``cam_pointing_game_hit``, ``cam_iou``.
     """
@@ -66,7 +66,9 @@ def explain_prepared(
         original = prep.original
         full = cam_to_original(cam, prep.bbox, original.shape)
         region = cam_region(full, threshold=threshold)
-        if lungs is None:
+        if lungs is None and prep.lung_mask is not None:
+            lungs = prep.lung_mask  # the mask the lung crop already found: no second search
+        elif lungs is None:
             found = find_lungs(original, modality=modality)
             lungs = found.mask if found.found else None
         metrics = cam_metrics(full, lungs, lesion, threshold=threshold, tolerance=tolerance)

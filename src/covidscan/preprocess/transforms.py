@@ -79,7 +79,10 @@ Size = int | tuple[int, int]
 
 
 def _check(size: Size, mean: Sequence[float], std: Sequence[float]) -> tuple[int, int]:
-    hw = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+    if isinstance(size, int):
+        hw: tuple = (size, size)
+    else:
+        hw = tuple(size) if isinstance(size, (tuple, list)) else ()
     if len(hw) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 8 for s in hw):
         raise ConfigError(f"transform size must be pixels >= 8, as an int or (height, width); got {size!r}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:

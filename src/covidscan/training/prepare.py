@@ -33,6 +33,7 @@ class PreparedImage:
     lungs_found: bool | None
     bbox: tuple[int, int, int, int]
     original: np.ndarray | None = None  # the decoded image, kept only when asked for (keep_original=True)
+    lung_mask: np.ndarray | None = None  # the lung crop's mask on the original, kept with it when found
 
 
 @dataclass
@@ -86,6 +87,7 @@ def prepare_array(
         None if crop is None else crop.found,
         tuple(int(v) for v in bbox),
         image if keep_original else None,
+        crop.mask if keep_original and crop is not None and crop.found else None,
     )
 
 
