@@ -184,3 +184,22 @@ def test_failed_start_leaves_no_run_folder(phantom_manifest: Path, tmp_path: Pat
     with pytest.raises(WeightsNotFoundError):
         train_experiment(cfg, phantom_manifest, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluate_refuses_data_the_run_has_seen(tiny_run: Path, tmp_path: Path):
+    splits = pd.read_csv(tiny_run / "splits.csv")
+    seen = splits[splits["split"] == "train"].head(3)
+    unseen = splits[splits["split"] == "test"].head(5)
+    # One training image by its own path, one copied under a new name (same pixels, other file).
+    copy = tmp_path / "renamed.png"
+    copy.write_bytes(Path(seen["path"].iloc[1]).read_bytes())
+    mixed = pd.concat([unseen, seen.head(1), seen.iloc[[1]].assign(path=str(copy))])
+    mixed.drop(columns="split").to_csv(tmp_path / "external.csv", index=False)
+    with pytest.raises(ManifestError, match=r"shares 2 of 7 images.*--allow-overlap") as info:
+        evaluate_run(tiny_run, tmp_path / "external.csv", tmp_path / "out", progress=False)
+    assert "same path" in str(info.value) and "same pixels" in str(info.value)
+    assert not (tmp_path / "out").exists()
+    metrics = evaluate_run(tiny_run, tmp_path / "external.csv", tmp_path / "out", allow_overlap=True,
+                           progress=False)
+    assert len(metrics["overlap_with_training"]) == 2
+    assert "inflated" in (tmp_path / "out" / "report.md").read_text()

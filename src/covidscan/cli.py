@@ -18,13 +18,24 @@ from covidscan import __version__
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.system import keep_freed_memory
 
+_QUIET = ("-q", "--quiet")
 # soft_wrap: an error or warning stays one line in a log file or a pipe (no hard wrap at 80 columns).
 console = Console(stderr=True, soft_wrap=True)
 out_console = Console(soft_wrap=True)
 
 
 class _Commands(TyperGroup):
-    """The root command group: a library error anywhere below becomes one ``error:`` line and exit code 2."""
+    """The root command group: a library error anywhere below becomes one ``error:`` line and exit code 2.
+
+    ``-q``/``--quiet`` is accepted anywhere on the line (``covidscan predict ... -q`` as well as
+    ``covidscan -q predict ...``): it is moved in front of the subcommand before parsing.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        quiet = [a for a in args[:end] if a in _QUIET]
+        rest = [a for a in args[:end] if a not in _QUIET] + args[end:]
+        return super().parse_args(ctx, quiet[:1] + rest)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -210,12 +221,15 @@ def evaluate(
         str | None,
         typer.Option(help="Only rows of this split (default: test if the manifest has splits, else all)."),
     ] = None,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="Evaluate even on images the run was trained or validated on (inflated!).")
+    ] = False,
 ) -> None:
     """Evaluate a trained run on any dataset with the run's own threshold and calibration."""
     from covidscan.evaluation import format_metrics_table
     from covidscan.inference import evaluate_run
 
-    metrics = evaluate_run(run, data, out, split=split, progress=_progress())
+    metrics = evaluate_run(run, data, out, split=split, allow_overlap=allow_overlap, progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
 

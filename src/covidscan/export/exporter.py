@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import onnx
@@ -18,6 +20,7 @@ from covidscan.runs import LoadedRun, load_run
 
 MIN_OPSET = 18
 """torch's torch.export-based exporter implements opset 18 and newer only."""
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 # Protobuf cannot serialise a message of 2 GiB or more, so bigger weights would need external-data files.
 _MAX_WEIGHT_BYTES = 2**31 - 2**24
 
@@ -65,25 +68,40 @@ def export_onnx(
     return out
 
 
+@contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """The ONNX tool chain logs every optimisation pass at INFO; a user needs only its warnings."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
 def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """The run's model as a checked ModelProto carrying the covidscan metadata."""
     # Batch 2 when dynamic: torch.export specialises size-1 dimensions, which would pin the batch axis.
     example = torch.zeros(2 if dynamic_batch else 1, 3, *run.model.input_size)
     try:
-        # dynamo=True: the maintained torch.export-based exporter (the TorchScript one is deprecated and
-        # scheduled for removal).
-        program = torch.onnx.export(
-            run.model,
-            (example,),
-            None,
-            input_names=["image"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None,
-            verbose=False,
-        )
+        with _quiet_exporter_logs():
+            # dynamo=True: the maintained torch.export-based exporter (the TorchScript one is deprecated and
+            # scheduled for removal).
+            program = torch.onnx.export(
+                run.model,
+                (example,),
+                None,
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None,
+                verbose=False,
+            )
     except torch.onnx.OnnxExporterError as exc:
         raise CovidscanError(f"cannot export the model of {run.path} to ONNX: {exc}") from exc
     proto = program.model_proto

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import LUNG_WINDOW, ImageMeta, LoadedImage, to_uint8
+from .base import LUNG_WINDOW, ImageMeta, LoadedImage, pixel_hash, to_uint8
 from .dicom import apply_window, is_dicom_path, read_dicom, read_dicom_series
 from .images import IMAGE_SUFFIXES, is_image_path, iter_images, list_images, read_image, scan_images
 
@@ -16,6 +16,7 @@ __all__ = [
     "is_image_path",
     "iter_images",
     "list_images",
+    "pixel_hash",
     "read_dicom",
     "read_dicom_series",
     "read_image",

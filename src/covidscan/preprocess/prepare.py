@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from covidscan import CLASSES
 from covidscan.errors import InputError, ManifestError
-from covidscan.io import ImageMeta, LoadedImage, read_image
+from covidscan.io import ImageMeta, LoadedImage, pixel_hash, read_image
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
 
 
@@ -40,6 +40,7 @@ class PreparedImage:
     original: np.ndarray | None = None
     lung_mask: np.ndarray | None = None
     warnings: tuple[str, ...] = ()
+    pixel_hash: str | None = None  # of the decoded image (io.pixel_hash), when asked for
 
 
 @dataclass
@@ -51,6 +52,7 @@ class PreparedSet:
     patient_ids: list[str | None]
     paths: list[str]
     lungs_found: list[bool | None]
+    pixel_hashes: list[str | None] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,6 +71,7 @@ class PreparedSet:
             patient_ids=[self.patient_ids[i] for i in idx],
             paths=[self.paths[i] for i in idx],
             lungs_found=[self.lungs_found[i] for i in idx],
+            pixel_hashes=None if self.pixel_hashes is None else [self.pixel_hashes[i] for i in idx],
         )
 
 
@@ -78,8 +81,12 @@ def prepare_image(
     size: tuple[int, int],
     *,
     keep_original: bool = False,
+    fingerprint: bool = False,
 ) -> PreparedImage:
-    """Preprocess a decoded image (CLAHE, lung crop as configured) and resize it to ``size`` = (H, W)."""
+    """Preprocess a decoded image (CLAHE, lung crop as configured) and resize it to ``size`` = (H, W).
+
+    ``fingerprint`` also records the decoded image's :func:`~covidscan.io.pixel_hash`.
+    """
     pixels, meta = (image.pixels, image.meta) if isinstance(image, LoadedImage) else (image, None)
     result = preprocess(pixels, cfg)
     region = result.image
@@ -95,6 +102,7 @@ def prepare_image(
         meta=meta,
         original=pixels if keep_original else None,
         lung_mask=crop.mask if keep_original and crop is not None and crop.found else None,
+        pixel_hash=pixel_hash(pixels) if fingerprint else None,
     )
 
 
@@ -118,6 +126,7 @@ def prepare_paths(
     workers: int = 2,
     progress: bool = True,
     desc: str = "preprocess",
+    fingerprint: bool = False,
 ) -> tuple[list[PreparedImage | None], list[InputError]]:
     """Read and prepare many files in threads (OpenCV and the decoders release the GIL).
 
@@ -126,7 +135,7 @@ def prepare_paths(
 
     def work(path: str) -> PreparedImage | InputError:
         try:
-            return prepare_image(read_image(path), cfg, size)
+            return prepare_image(read_image(path), cfg, size, fingerprint=fingerprint)
         except InputError as exc:
             return exc
 
@@ -140,15 +149,25 @@ def prepare_paths(
 
 
 def prepare_manifest(
-    df: pd.DataFrame, cfg: PreprocessConfig, size: tuple[int, int], *, workers: int = 2, progress: bool = True
+    df: pd.DataFrame,
+    cfg: PreprocessConfig,
+    size: tuple[int, int],
+    *,
+    workers: int = 2,
+    progress: bool = True,
+    fingerprint: bool = False,
 ) -> PreparedSet:
-    """Prepare every row of a manifest; any unreadable file stops with an error listing them all."""
+    """Prepare every row of a manifest; any unreadable file stops with an error listing them all.
+
+    ``fingerprint`` keeps each decoded image's pixel hash (to compare data sets without decoding again).
+    """
     paths = df["path"].astype(str).tolist()
     labels = df["label"].map({name: i for i, name in enumerate(CLASSES)})
     if labels.isna().any():
         bad = sorted(set(df.loc[labels.isna(), "label"].astype(str)))
         raise ManifestError(f"labels {bad} are not among {list(CLASSES)}")
-    prepared, errors = prepare_paths(paths, cfg, size, workers=workers, progress=progress)
+    prepared, errors = prepare_paths(paths, cfg, size, workers=workers, progress=progress,
+                                     fingerprint=fingerprint)
     if errors:
         listing = "\n  ".join(str(e) for e in errors[:10])
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -164,4 +183,5 @@ def prepare_manifest(
         patient_ids=[None if pd.isna(p) or p == "" else str(p) for p in pids],
         paths=paths,
         lungs_found=[p.lungs_found for p in images],
+        pixel_hashes=[p.pixel_hash for p in images] if fingerprint else None,
     )

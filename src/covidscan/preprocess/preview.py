@@ -13,7 +13,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from covidscan.errors import ConfigError, CovidscanError, ManifestError
+from covidscan.errors import ConfigError, CovidscanError, ManifestError, StorageError
 from covidscan.io import read_image
 from covidscan.preprocess.lungs import MODALITIES
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
@@ -61,6 +61,8 @@ def preview_sheet(
         raise ConfigError(f"preview modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if manifest_df.empty:
         raise ManifestError("manifest has no rows to preview")
+    if Path(out_png).suffix.lower() not in ("", ".png"):
+        raise ConfigError(f"the preview sheet is a PNG image: name it .png, not {Path(out_png).name}")
     cfg = (cfg or PreprocessConfig()).model_copy(update={"modality": modality, "lung_crop": True})
     rows = _sample(manifest_df, n, seed)
     cols = min(SHEET_COLUMNS, len(rows))
@@ -94,7 +96,10 @@ def preview_sheet(
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.97, wspace=0.04, hspace=0.15)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=TILE_DPI)
+    try:
+        fig.savefig(out, dpi=TILE_DPI, format="png")  # format given: matplotlib never renames the file
+    except OSError as exc:
+        raise StorageError(f"cannot write the preview sheet {out}: {exc.strerror or exc}") from None
     return {
         "n": len(rows),
         "found": found,
