@@ -154,3 +154,28 @@ def test_predict_and_export(tiny_run: Path, phantom_manifest: Path, tmp_path: Pa
     by_onnx = pd.read_csv(csv)["p_covid"].to_numpy()
     # The torch engine may run in bf16 (when the run passed its bf16 check); fp32 parity is in test_export.
     assert np.allclose(by_onnx, [r["p_covid"] for r in rows[:3]], atol=0.02)
+
+
+def test_quiet_flag_after_the_subcommand_and_exact_output_names(phantom_manifest: Path, tmp_path: Path):
+    sheet = tmp_path / "sheet"  # no suffix: written exactly there, as a PNG
+    result = covidscan("preprocess", "preview", str(phantom_manifest), "--out", str(sheet), "--n", "4", "-q")
+    assert result.returncode == 0, result.stderr
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "sheet.png").exists()
+    result = covidscan("preprocess", "preview", str(phantom_manifest), "--out", str(tmp_path / "s.jpg"))
+    assert result.returncode == 2 and "PNG" in result.stderr
+
+
+def test_unwritable_output_is_one_error_line(tiny_run: Path, phantom_manifest: Path, tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file, not a folder")
+    images = sorted(phantom_manifest.parent.glob("images/*/*.png"))[:1]
+    result = covidscan("predict", str(tiny_run), str(images[0]), "--out", str(blocker / "p.csv"))
+    assert result.returncode == 2 and "error: cannot write predictions" in result.stderr
+    assert "a_file" in result.stderr
+
+
+def test_export_prints_no_tool_chain_logs(tiny_run: Path, tmp_path: Path, caplog):
+    with caplog.at_level("INFO"):
+        result = covidscan("export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir", "torch.onnx"))]

@@ -43,6 +43,11 @@ class _Commands(TyperGroup):
         except CovidscanError as exc:
             console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
             ctx.exit(2)
+        except OSError as exc:  # a folder that cannot be written, a full disk: the file and why, no traceback
+            where = f" {exc.filename}" if exc.filename else ""
+            console.print(f"[bold red]error:[/bold red] cannot write or read{where}: {exc.strerror or exc}; "
+                          "check the path and its permissions", highlight=False)
+            ctx.exit(2)
 
 
 app = typer.Typer(
@@ -84,6 +89,11 @@ def _progress() -> bool:
     return logging.getLogger().level <= logging.INFO
 
 
+def _n(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _ratios(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -103,7 +113,7 @@ def data_scan(
     df = scan_dataset(root)
     write_manifest(df, out)
     counts = df["label"].value_counts().to_dict()
-    out_console.print(f"wrote {out} ({len(df)} images: {counts})")
+    out_console.print(f"wrote {out} ({_n(len(df), 'image')}: {counts})")
 
 
 @data_app.command("split")
@@ -286,7 +296,7 @@ def predict(
     counts = df.loc[ok, "label"].value_counts().to_dict()
     warned = int((ok & (df["warnings"] != "")).sum())
     out_console.print(
-        f"{len(df)} images: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
+        f"{_n(len(df), 'image')}: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
         f"{warned} with warnings, {int((~ok).sum())} not predicted"
     )
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
@@ -310,11 +320,13 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data and run.")] = Path(
         "runs/demo"
     ),
+    seed: Annotated[int, typer.Option(help="Seed of the phantoms, the split and the training.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = True,
 ) -> None:
     """Generate phantoms, audit them, train and evaluate a model end to end (no download)."""
     from covidscan.demo import run_demo
 
-    report = run_demo(out, progress=_progress())
+    report = run_demo(out, seed=seed, overwrite=overwrite, progress=_progress())
     out_console.print(f"report: {report}")
 
 
