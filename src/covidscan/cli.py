@@ -225,8 +225,13 @@ def train(
 @app.command("evaluate")
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train`.")],
-    data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree (e.g. an external set).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for metrics.json, figures, report.md.")],
+    data: Annotated[
+        list[Path],
+        typer.Option(help="Manifest CSV or class-folder tree (e.g. an external set); repeat for several."),
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", "-o", help="Folder for metrics.json, figures, report.md (per set).")
+    ],
     split: Annotated[
         str | None,
         typer.Option(help="Only rows of this split (default: test if the manifest has splits, else all)."),
@@ -235,13 +240,47 @@ def evaluate(
         bool, typer.Option(help="Evaluate even on images the run was trained or validated on (inflated!).")
     ] = False,
 ) -> None:
-    """Evaluate a trained run on any dataset with the run's own threshold and calibration."""
-    from covidscan.evaluation import format_metrics_table
-    from covidscan.inference import evaluate_run
+    """Evaluate a trained run on any dataset with the run's own threshold and calibration.
 
-    metrics = evaluate_run(run, data, out, split=split, allow_overlap=allow_overlap, progress=_progress())
+    With several --data sets: one sub-folder per set under --out, and table.md/table.json comparing them.
+    """
+    from covidscan.evaluation import format_metrics_table
+    from covidscan.inference import evaluate_many, evaluate_run
+
+    if len(data) > 1:
+        table = evaluate_many(run, data, out, split=split, allow_overlap=allow_overlap, progress=_progress())
+        out_console.print(table.read_text(encoding="utf-8"))
+        out_console.print(f"table: {table}")
+        return
+    metrics = evaluate_run(run, data[0], out, split=split, allow_overlap=allow_overlap, progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
+
+
+@app.command("adapt")
+def adapt(
+    run: Annotated[Path, typer.Argument(help="Run directory to adapt (written by `covidscan train`).")],
+    data: Annotated[
+        Path, typer.Option(help="The site's labelled cases: manifest CSV (path,label,patient_id).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write the adapted run to.")],
+    mode: Annotated[
+        str, typer.Option(help="auto (cross-validation chooses), recalibrate (threshold and temperature) "
+                               "or head (retrain the head on the frozen features).")
+    ] = "auto",
+    mix_original: Annotated[
+        bool, typer.Option(help="Train the head on the local and the parent's own training images.")
+    ] = False,
+    folds: Annotated[int, typer.Option(help="Patient-grouped cross-validation folds (at most).")] = 5,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+) -> None:
+    """Adapt a run to a new site from its labelled cases; reports what each mode gains, out of fold."""
+    from covidscan.training.adapt import adapt_run, format_comparison
+
+    result = adapt_run(run, data, out, mode=mode, mix_original=mix_original, folds=folds,
+                       overwrite=overwrite, progress=_progress())
+    out_console.print(format_comparison(result.compared, result.mode))
+    out_console.print(f"run: {result.run_dir}; report: {result.run_dir / 'report.md'}")
 
 
 @app.command("reproduce")

@@ -37,6 +37,26 @@ from covidscan.preprocess import PreprocessConfig
 CHECKPOINT_FORMAT = 2
 """Format 1 (covidscan 0.1) kept threshold and temperature as loose keys; it is still read."""
 REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
+SHA256 = r"^[0-9a-f]{64}$"
+
+
+class ParentRun(BaseModel):
+    """Lineage of an adapted run (``covidscan adapt``): the run it came from and the local data it used.
+
+    ``cross_validation`` holds the patient-grouped out-of-fold figures of every mode that was compared
+    (mode -> metric -> value), so the choice can be checked from the checkpoint alone.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    weights_sha256: str = Field(pattern=SHA256)
+    data: str
+    data_sha256: str = Field(pattern=SHA256)
+    n_images: int = Field(gt=0)
+    n_patients: int | None = Field(None, gt=0)
+    mode: str
+    cross_validation: dict[str, dict[str, float | None]] = Field(default_factory=dict)
 
 
 class Checkpoint(BaseModel):
@@ -56,9 +76,11 @@ class Checkpoint(BaseModel):
     input_size: tuple[int, int]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(pattern=SHA256)
     calibration: Calibration
     bf16: Bf16Verdict | None = None
+    parent: ParentRun | None = None
+    """Set on runs written by ``covidscan adapt``; absent (None) on trained runs."""
 
     @property
     def modality(self) -> str:
@@ -115,8 +137,12 @@ def save_run(
     calibration: Calibration,
     *,
     bf16: Bf16Verdict | None = None,
+    parent: ParentRun | None = None,
 ) -> Checkpoint:
-    """Write config.yaml, model.safetensors and checkpoint.json into ``out``; returns the checkpoint."""
+    """Write config.yaml, model.safetensors and checkpoint.json into ``out``; returns the checkpoint.
+
+    ``parent`` records where an adapted run came from (see :class:`ParentRun`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     weights = out / "model.safetensors"
@@ -133,6 +159,7 @@ def save_run(
         weights_sha256=file_sha256(weights),
         calibration=calibration,
         bf16=bf16,
+        parent=parent,
     )
     write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
     return checkpoint
@@ -232,6 +259,7 @@ __all__ = [
     "Bf16Verdict",
     "Checkpoint",
     "LoadedRun",
+    "ParentRun",
     "check_run_dir",
     "file_sha256",
     "load_checkpoint",

@@ -35,7 +35,7 @@ from covidscan.evaluation.metrics import (
     confusion,
     point_metrics,
 )
-from covidscan.evaluation.report import format_metrics_table, write_report
+from covidscan.evaluation.report import format_metrics_table, format_value_ci, write_report
 from covidscan.evaluation.reporting import write_evaluation
 from covidscan.evaluation.schema import (
     MetricsSchemaError,
@@ -66,6 +66,7 @@ __all__ = [
     "expected_calibration_error",
     "fit_temperature",
     "format_metrics_table",
+    "format_value_ci",
     "make_figures",
     "plot_confusion_matrix",
     "plot_reliability",

@@ -34,6 +34,14 @@ def _ci(ci: Sequence[float | None]) -> str:
     return "n/a" if ci[0] is None or ci[1] is None else f"{ci[0]:.3f} – {ci[1]:.3f}"
 
 
+def format_value_ci(entry: Mapping[str, Any]) -> str:
+    """One metrics.json entry as ``0.912 (0.850 – 0.960)``; ``n/a`` when undefined."""
+    if entry["value"] is None:
+        return "n/a"
+    low, high = entry["ci95"]
+    return _num(entry["value"]) + ("" if low is None or high is None else f" ({_ci(entry['ci95'])})")
+
+
 def _metric_table(block: Mapping[str, Any]) -> str:
     rows = ["| metric | value | 95% CI |", "|---|---|---|"]
     for name in METRIC_NAMES:

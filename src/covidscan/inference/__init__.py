@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from covidscan.inference.checks import input_warnings
-from covidscan.inference.evaluate import evaluate_run
+from covidscan.inference.evaluate import evaluate_many, evaluate_run
 from covidscan.inference.predict import (
     check_output,
     collect_inputs,
@@ -21,6 +21,7 @@ __all__ = [
     "Source",
     "check_output",
     "collect_inputs",
+    "evaluate_many",
     "evaluate_run",
     "input_warnings",
     "predict",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ import pandas as pd
 from covidscan.config import load_config
 from covidscan.data import read_manifest
 from covidscan.errors import ConfigError, InputError, ManifestError
-from covidscan.evaluation import evaluate_calibrated, write_evaluation
+from covidscan.evaluation import evaluate_calibrated, format_value_ci, to_jsonable, write_evaluation
 from covidscan.inference.predictor import Predictor
 from covidscan.io import pixel_hash, read_image
 from covidscan.preprocess import prepare_manifest
@@ -110,3 +112,68 @@ def evaluate_run(
     write_evaluation(out, metrics, prepared, predictor.calibration.proba(z), title=title,
                      config=cfg.model_dump(mode="json"), notes=notes)
     return metrics
+
+
+TABLE_METRICS = (("accuracy", "accuracy"), ("sensitivity", "recall"), ("specificity", "specificity"),
+                 ("roc_auc", "roc_auc"))
+"""(column, metrics.json name) of the multi-set table."""
+
+
+def _set_names(datasets: Sequence[Path]) -> list[str]:
+    """One folder-safe name per data set: the file's stem, with its folder's name where stems repeat."""
+    stems = [d.stem for d in datasets]
+    names = [f"{d.parent.name}-{d.stem}" if stems.count(d.stem) > 1 else d.stem for d in datasets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ConfigError(f"--data names the set(s) {repeated} more than once; give each external set once")
+    return names
+
+
+def _table_row(name: str, data: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    row: dict[str, Any] = {"set": name, "data": str(data), "n_images": metrics["n_images"],
+                           "n_patients": metrics["n_patients"]}
+    for column, key in TABLE_METRICS:
+        row[column] = metrics["metrics"][key]
+    row["ood_share"] = metrics.get("ood_share")  # filled once runs carry an OOD score
+    return row
+
+
+def evaluate_many(
+    run_dir: str | Path,
+    datasets: Sequence[str | Path],
+    out: str | Path,
+    *,
+    split: str | None = None,
+    allow_overlap: bool = False,
+    progress: bool = True,
+) -> Path:
+    """:func:`evaluate_run` on several external sets: ``out/NAME/`` per set plus ``table.md``/``table.json``.
+
+    The table has one row per set: images, patients, accuracy, sensitivity, specificity and ROC AUC with
+    95% CIs, and an OOD-share column that stays empty until runs carry an out-of-distribution score.
+    Returns the path of ``table.md``.
+    """
+    paths = [Path(d) for d in datasets]
+    if not paths:
+        raise ConfigError("give at least one --data set to evaluate on")
+    out = Path(out)
+    rows = [
+        _table_row(name, data, evaluate_run(run_dir, data, out / name, split=split,
+                                            allow_overlap=allow_overlap, progress=progress))
+        for name, data in zip(_set_names(paths), paths, strict=True)
+    ]
+    text = json.dumps(to_jsonable({"run": str(run_dir), "sets": rows}), indent=2,
+                                    allow_nan=False)
+    (out / "table.json").write_text(text + "\n", encoding="utf-8")
+    header = ["set", "images", "patients", *(c.replace("_", " ") for c, _ in TABLE_METRICS), "OOD share"]
+    lines = [f"# {Path(run_dir).name} on {len(rows)} sets (95% CIs)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        patients = "" if row["n_patients"] is None else str(row["n_patients"])
+        ood = "" if row["ood_share"] is None else f"{row['ood_share']:.1%}"
+        scores = [format_value_ci(row[column]) for column, _ in TABLE_METRICS]
+        cells = [row["set"], str(row["n_images"]), patients, *scores, ood]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = out / "table.md"
+    table.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return table

@@ -1,0 +1,401 @@
+"""Adapt a trained run to a new site from that site's labelled cases (``covidscan adapt``).
+
+The backbone stays frozen; what changes is either the calibration (``recalibrate``: temperature and
+thresholds refitted on the local cases) or the head (``head``: a fresh head trained on the local images'
+cached features, optionally mixed with the parent's own training features). ``auto`` compares, by
+patient-grouped cross-validation on the local data, the parent as it is, ``recalibrate``, ``head`` and
+``head+original`` and keeps the best, so the site sees out of fold what each would have given it.
+
+The local data are a manifest (``path,label,patient_id``), the format the review service exports its
+signed verdicts in: predict -> doctors sign -> adapt -> serve the adapted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy.special import expit, logit
+from sklearn.model_selection import StratifiedGroupKFold
+from torch import nn
+
+from covidscan import CLASSES
+from covidscan.config import ExperimentConfig
+from covidscan.data import read_manifest
+from covidscan.errors import ConfigError, ManifestError
+from covidscan.evaluation import Calibration, evaluate_predictions, format_value_ci, write_evaluation
+from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
+from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_run, save_run
+from covidscan.training.engine import CachedFeatures, embed, fit
+from covidscan.training.run import _bf16_verdict, _prepare_out
+
+Mode = Literal["auto", "recalibrate", "head"]
+CANDIDATES = ("parent", "recalibrate", "head", "head+original")
+"""Every mode ``auto`` can compare, simplest first (ties go to the simpler)."""
+MIN_PATIENTS_PER_CLASS = 2
+"""Cross-validation needs a patient of each class on both sides of every split."""
+AUC_TIE = 0.01
+"""Out-of-fold ROC AUCs this close count as equal; balanced accuracy, then simplicity, decide."""
+MIN_HEAD_STEPS = 100
+"""Adam steps a fresh head gets at least: the parent's epoch count assumes hundreds of images, and on a
+local set of 50 it would stop the head after a couple of dozen steps, far from converged."""
+
+
+@dataclass
+class AdaptResult:
+    """The adapted run, the mode kept, and the out-of-fold metrics.json dict of every mode compared."""
+
+    run_dir: Path
+    mode: str
+    compared: dict[str, dict[str, Any]]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """Out-of-fold metrics of the mode kept."""
+        return self.compared[self.mode]
+
+
+@dataclass
+class _Local:
+    """The local cases as the frozen backbone sees them."""
+
+    prepared: PreparedSet
+    features: torch.Tensor  # (N, D): the head's input, eval transform
+    labels: np.ndarray
+    groups: np.ndarray  # patient ids, or one group per image when the manifest has none
+    has_patients: bool
+
+
+# A fitted mode: the binary logits of every local image and the calibration to serve them with.
+Fitted = tuple[np.ndarray, Calibration, nn.Module | None]
+Fitter = Callable[[np.ndarray], Fitted]
+
+
+def _patient_counts(y: np.ndarray, groups: np.ndarray) -> dict[str, int]:
+    return {name: len(set(groups[y == i])) for i, name in enumerate(CLASSES)}
+
+
+def _folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Patient-grouped stratified folds, as many as the rarer class's patients allow; [] when under 2."""
+    k = min(folds, *_patient_counts(y, groups).values())
+    if k < 2:
+        return []
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(y)), y, groups))
+
+
+def _read_local(data: str | Path, parent: LoadedRun) -> pd.DataFrame:
+    """The local manifest, refused when it has too few patients of a class to cross-validate."""
+    df = read_manifest(data, patient_column=parent.config.data.patient_column)  # refuses unknown labels
+    y = df["label"].map(CLASSES.index).to_numpy(dtype=np.int64)
+    groups, has_patients = _groups(df)
+    counts = _patient_counts(y, groups)
+    if min(counts.values()) < MIN_PATIENTS_PER_CLASS:
+        unit = "patients" if has_patients else "images (no patient ids)"
+        raise ManifestError(
+            f"{data} has {counts} {unit}: adapting needs at least {MIN_PATIENTS_PER_CLASS} patients of each "
+            "class to cross-validate, and a few dozen to gain anything; collect more signed cases first"
+        )
+    return df
+
+
+def _groups(df: pd.DataFrame) -> tuple[np.ndarray, bool]:
+    """Patient ids when every row has one, else one group per image; and whether they are patients."""
+    if "patient_id" in df and df["patient_id"].notna().all():
+        return df["patient_id"].astype(str).to_numpy(), True
+    return df["path"].to_numpy(), False
+
+
+def _prepare_local(df: pd.DataFrame, parent: LoadedRun, progress: bool) -> _Local:
+    """Prepare the local cases as the parent was trained, and embed them with its frozen backbone."""
+    checkpoint = parent.checkpoint
+    prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress)
+    groups, has_patients = _groups(df)
+    return _Local(prepared, _embed(parent, prepared, progress, "local features"), prepared.labels, groups,
+                  has_patients)
+
+
+def _embed(parent: LoadedRun, prepared: PreparedSet, progress: bool, desc: str) -> torch.Tensor:
+    model = parent.model
+    transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
+    return embed(model, prepared.images, transform, batch_size=parent.config.train.batch_size,
+                 progress=progress, desc=desc)[:, 0]
+
+
+def _original_features(parent: LoadedRun, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """Features and labels of the parent's own training images (its splits.csv), eval transform."""
+    splits = parent.path / "splits.csv"
+    if not splits.is_file():
+        raise ManifestError(f"{splits} is missing: the parent's training images are unknown")
+    df = read_manifest(splits)
+    df = df[df["split"] == "train"]
+    prepared = prepare_manifest(df, parent.checkpoint.preprocess, parent.checkpoint.input_size,
+                                progress=progress)
+    return _embed(parent, prepared, progress, "original features"), prepared.labels
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Run torch on one thread: a head of a few thousand weights trained on a few dozen images spends more
+    on thread hand-offs than on arithmetic (one fit: 26 s on 2 threads, 1.9 s on 1, on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def _head_logits(head: nn.Module, features: torch.Tensor) -> np.ndarray:
+    head.eval()
+    logits = head(features)
+    return (logits[:, 1] - logits[:, 0]).numpy().astype(np.float64)
+
+
+class _Adapter:
+    """Fits each mode on a subset of the local cases (given by index), the same way in CV and at the end."""
+
+    def __init__(self, parent: LoadedRun, local: _Local, original: tuple[torch.Tensor, np.ndarray] | None,
+                 folds: int, seed: int) -> None:
+        self.parent, self.local, self.original = parent, local, original
+        self.folds, self.seed = folds, seed
+        self.z_parent = _head_logits(parent.model.head_tail, local.features)
+
+    def fitter(self, mode: str) -> Fitter:
+        """The function fitting ``mode`` on the local cases at the given indices."""
+        return {
+            "parent": lambda idx: (self.z_parent, self.parent.calibration, None),
+            "recalibrate": lambda idx: (self.z_parent, self.calibrate(self.z_parent[idx], idx), None),
+            "head": lambda idx: self.fit_head(idx, mix=False),
+            "head+original": lambda idx: self.fit_head(idx, mix=True),
+        }[mode]
+
+    def calibrate(self, z: np.ndarray, idx: np.ndarray) -> Calibration:
+        """A calibration fitted on logits ``z`` of the local cases ``idx``, with the parent's settings."""
+        ev = self.parent.config.evaluation
+        return Calibration.fit(
+            z, self.local.labels[idx], groups=self.local.groups[idx] if self.local.has_patients else None,
+            calibrate=ev.calibrate, method=ev.threshold, fixed_threshold=ev.fixed_threshold,
+            aggregate=ev.aggregate, band=ev.band,
+        )
+
+    def train_head(self, idx: np.ndarray, mix: bool) -> nn.Module:
+        """A fresh head (the parent's architecture) trained on the local cases ``idx``."""
+        head = copy.deepcopy(self.parent.model.head_tail)
+        torch.manual_seed(self.seed)
+        for layer in head.modules():
+            if hasattr(layer, "reset_parameters"):
+                layer.reset_parameters()
+        x, y = self.local.features[idx], self.local.labels[idx]
+        if mix and self.original is not None:
+            # Repeat the local cases until they weigh as much as the original set: otherwise a few dozen
+            # local images next to hundreds of original ones would barely move the head.
+            repeat = max(1, round(len(self.original[1]) / len(idx)))
+            x = torch.cat([self.original[0], x.repeat(repeat, 1)])
+            y = np.concatenate([self.original[1], np.tile(y, repeat)])
+        train = self.parent.config.train
+        epochs = max(train.epochs, math.ceil(MIN_HEAD_STEPS / math.ceil(len(y) / train.batch_size)))
+        schedule = train.model_copy(update={"epochs": epochs, "early_stopping": None})
+        fit(head, CachedFeatures(x[:, None], y, self.seed), None, schedule, progress=False)
+        return head
+
+    def fit_head(self, idx: np.ndarray, mix: bool) -> Fitted:
+        """A new head on ``idx``, calibrated on out-of-fold logits of heads trained within ``idx``.
+
+        Its own training logits would give an overconfident temperature and a threshold tuned to images
+        it memorised; inner cross-validation gives logits of unseen cases instead.
+        """
+        head = self.train_head(idx, mix)
+        z = _head_logits(head, self.local.features)
+        inner = _folds(self.local.labels[idx], self.local.groups[idx], self.folds, self.seed)
+        if not inner:
+            return z, Calibration(notes=("too few patients to calibrate the new head: threshold 0.5",)), head
+        z_inner = np.empty(len(idx))
+        for fit_part, held_out in inner:
+            z_inner[held_out] = _head_logits(self.train_head(idx[fit_part], mix),
+                                             self.local.features[idx[held_out]])
+        return z, self.calibrate(z_inner, idx), head
+
+    def out_of_fold(self, mode: str, splits: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Every local image's probability from ``mode`` fitted without its patient.
+
+        Each fold's calibrated probability is re-centred on that fold's own image threshold (a shift of
+        the logit), so that one cut at 0.5 reproduces every fold's labels and the pooled metrics are those
+        of the labels the site would have seen.
+        """
+        fitter = self.fitter(mode)
+        p = np.empty(len(self.local.labels))
+        for train, test in splits:
+            z, calibration, _ = fitter(train)
+            cut = np.clip(calibration.threshold, 1e-6, 1 - 1e-6)
+            p[test] = expit(logit(calibration.proba(z[test])) - logit(cut))
+        return p
+
+
+def _choose(compared: dict[str, dict[str, Any]]) -> str:
+    """Best out-of-fold ROC AUC; within ``AUC_TIE`` the best balanced accuracy, then the simpler mode."""
+    def value(mode: str, name: str) -> float:
+        found = compared[mode]["metrics"][name]["value"]
+        return -math.inf if found is None else found
+
+    best = max(value(mode, "roc_auc") for mode in compared)
+    tied = [mode for mode in compared if value(mode, "roc_auc") >= best - AUC_TIE]
+    balanced = {mode: (value(mode, "recall") + value(mode, "specificity")) / 2 for mode in tied}
+    top = max(balanced.values())
+    return next(mode for mode in tied if balanced[mode] >= top - 1e-9)  # `compared` is simplest first
+
+
+def _summary(metrics: dict[str, Any]) -> dict[str, float | None]:
+    """The figures of one mode kept in the checkpoint's lineage."""
+    m = metrics["metrics"]
+    row: dict[str, float | None] = {}
+    for name in ("roc_auc", "accuracy", "recall", "specificity", "brier"):
+        row[name] = m[name]["value"]
+        row[f"{name}_low"], row[f"{name}_high"] = m[name]["ci95"]
+    return row
+
+
+def _modes(mode: str, mix_original: bool, original_ok: bool) -> list[str]:
+    if mode == "recalibrate":
+        return ["recalibrate"]
+    if mode == "head":
+        return ["head+original" if mix_original else "head"]
+    return [m for m in CANDIDATES if m != "head+original" or original_ok]
+
+
+def format_comparison(compared: dict[str, dict[str, Any]], chosen: str) -> str:
+    """Markdown table of every mode's out-of-fold metrics (95% CIs), the kept one marked."""
+    names = ("roc_auc", "accuracy", "recall", "specificity")
+    lines = ["| mode | ROC AUC | accuracy | sensitivity | specificity |", "|---|---|---|---|---|"]
+    for mode, metrics in compared.items():
+        mark = f"**{mode}** (kept)" if mode == chosen else mode
+        cells = [format_value_ci(metrics["metrics"][name]) for name in names]
+        lines.append(f"| {mark} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def adapt_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    mode: Mode = "auto",
+    mix_original: bool = False,
+    folds: int = 5,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AdaptResult:
+    """Adapt the run in ``run_dir`` to the labelled cases in ``data``; write the adapted run to ``out``.
+
+    ``mode``: ``recalibrate`` (new temperature and thresholds), ``head`` (a new head on the frozen
+    backbone's features; with ``mix_original`` trained on the local and the parent's training images) or
+    ``auto`` (patient-grouped ``folds``-fold cross-validation picks among the parent as is, recalibrate,
+    head and, when the parent's training images are readable, head+original). Every mode compared is
+    reported out of fold with patient-bootstrap CIs (metrics.json, report.md); the chosen one is then
+    fitted on all local cases. The new run records its parent and the local data (``checkpoint.parent``).
+    """
+    if mode not in ("auto", "recalibrate", "head"):
+        raise ConfigError(f"mode must be auto, recalibrate or head, got {mode!r}")
+    if folds < 2:
+        raise ConfigError(f"folds must be at least 2, got {folds}")
+    if mix_original and mode == "recalibrate":
+        raise ConfigError("--mix-original trains a head; it does not go with mode recalibrate")
+    out = Path(out)
+    parent = load_run(run_dir)
+    if out.resolve() == parent.path.resolve():
+        raise ConfigError(f"--out {out} is the parent run itself; write the adapted run to a new folder")
+    df = _read_local(data, parent)
+    _prepare_out(out, overwrite)
+    local = _prepare_local(df, parent, progress)
+
+    notes: list[str] = []
+    original = None
+    if mix_original or mode == "auto":
+        try:
+            original = _original_features(parent, progress)
+        except ManifestError as exc:
+            if mix_original:
+                raise ManifestError(f"--mix-original needs the parent's training images: {exc}") from None
+            notes.append(f"head+original not compared: the parent's training images are not readable ({exc})")
+    adapter = _Adapter(parent, local, original, folds, seed)
+    splits = _folds(local.labels, local.groups, folds, seed)
+    ev = parent.config.evaluation
+    groups = local.groups if local.has_patients else None
+    compared = {}
+    p_oof = {}
+    with _one_thread():
+        for candidate in _modes(mode, mix_original, original is not None):
+            p_oof[candidate] = adapter.out_of_fold(candidate, splits)
+            compared[candidate] = evaluate_predictions(
+                local.labels, p_oof[candidate], threshold=0.5, groups=groups, n_boot=ev.n_bootstrap,
+                seed=seed, aggregate=ev.aggregate,
+            )
+        chosen = _choose(compared) if mode == "auto" else next(iter(compared))
+        _, calibration, head = adapter.fitter(chosen)(np.arange(len(local.labels)))
+
+    model = parent.model
+    if head is not None:
+        model = copy.deepcopy(model)
+        model.head_tail.load_state_dict(head.state_dict())
+    cfg: ExperimentConfig = parent.config.model_copy(update={"name": f"{parent.config.name}-adapted"})
+    lineage = ParentRun(
+        path=str(parent.path.resolve()), weights_sha256=parent.checkpoint.weights_sha256,
+        data=str(Path(data).resolve()), data_sha256=file_sha256(Path(data)), n_images=len(local.labels),
+        n_patients=len(set(local.groups)) if local.has_patients else None, mode=chosen,
+        cross_validation={m: _summary(metrics) for m, metrics in compared.items()},
+    )
+    verdict = _bf16_verdict(model, local.prepared, calibration, cfg.train.batch_size)
+    save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage)
+    _write_splits(parent, local, out)
+    notes += _notes(local, len(splits), chosen, mode, compared, calibration)
+    report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared}}
+    report = write_evaluation(out, report_metrics, local.prepared, p_oof[chosen],
+                              title=f"{cfg.name}: {chosen}, out of fold on {data}",
+                              config=cfg.model_dump(mode="json"), notes=notes)
+    comparison = f"\n## Modes compared (out of fold, 95% CIs)\n\n{format_comparison(compared, chosen)}\n"
+    report.write_text(report.read_text(encoding="utf-8") + comparison, encoding="utf-8")
+    return AdaptResult(out, chosen, compared)
+
+
+def _write_splits(parent: LoadedRun, local: _Local, out: Path) -> None:
+    """The parent's splits plus the local cases as training rows: `evaluate` then refuses both as seen."""
+    rows = pd.DataFrame({"path": local.prepared.paths, "label": [CLASSES[i] for i in local.labels],
+                         "patient_id": local.prepared.patient_ids, "split": "train"})
+    previous = parent.path / "splits.csv"
+    if previous.is_file():
+        rows = pd.concat([pd.read_csv(previous, dtype=str, keep_default_na=False), rows], ignore_index=True)
+    rows.to_csv(out / "splits.csv", index=False)
+
+
+def _notes(local: _Local, n_folds: int, chosen: str, mode: str, compared: dict[str, dict[str, Any]],
+           calibration: Calibration) -> list[str]:
+    counts = {name: int((local.labels == i).sum()) for i, name in enumerate(CLASSES)}
+    unit = "patient" if local.has_patients else "image"
+    notes = [
+        f"Local cases: {len(local.labels)} images {counts}; {n_folds}-fold cross-validation grouped by "
+        f"{unit}. "
+        "Every figure above is out of fold: each image was scored by a model (and calibration) fitted "
+        "without its patient, its probability re-centred on that fold's threshold (ECE and Brier are of "
+        "these re-centred values). The modes compared are tabled at the end of this report.",
+        f"Kept: {chosen}" + (" (best out-of-fold ROC AUC; within "
+                             f"{AUC_TIE} the better balanced accuracy, then the simpler mode)."
+                             if mode == "auto" else " (asked for)."),
+    ]
+    if not local.has_patients:
+        notes.append("WARNING: the local manifest has no patient ids, so folds split images: slices of one "
+                     "patient can sit on both sides, which makes these figures optimistic.")
+    notes += [f"Calibration: {note}." for note in calibration.notes]
+    return notes
+
+
+__all__ = ["CANDIDATES", "AdaptResult", "adapt_run", "format_comparison"]
