@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -153,3 +154,12 @@ def test_evaluate_on_several_sets_writes_one_table(tiny_run: Path, site: Path, t
     header = "| set | images | patients | accuracy | sensitivity | specificity | roc auc | OOD share |"
     assert header in markdown
     assert markdown.count("| other-manifest | 16 | 8 |") == 1 and "table:" in result.stdout
+
+
+def test_trained_runs_without_lineage_still_load(tiny_run: Path, tmp_path: Path):
+    run = tmp_path / "older"
+    shutil.copytree(tiny_run, run)
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta.pop("parent") is None  # a trained run has no parent
+    (run / "checkpoint.json").write_text(json.dumps(meta))  # as a format-2 run written before lineage existed
+    assert load_checkpoint(run).parent is None

@@ -196,7 +196,8 @@ class _Adapter:
             if hasattr(layer, "reset_parameters"):
                 layer.reset_parameters()
         x, y = self.local.features[idx], self.local.labels[idx]
-        if mix and self.original is not None:
+        if mix:
+            assert self.original is not None, "head+original is only fitted when the original features exist"
             # Repeat the local cases until they weigh as much as the original set: otherwise a few dozen
             # local images next to hundreds of original ones would barely move the head.
             repeat = max(1, round(len(self.original[1]) / len(idx)))
@@ -218,7 +219,10 @@ class _Adapter:
         z = _head_logits(head, self.local.features)
         inner = _folds(self.local.labels[idx], self.local.groups[idx], self.folds, self.seed)
         if not inner:
-            return z, Calibration(notes=("too few patients to calibrate the new head: threshold 0.5",)), head
+            ev = self.parent.config.evaluation
+            fixed = Calibration(threshold=ev.fixed_threshold, band=ev.band, aggregate=ev.aggregate, notes=(
+                f"too few patients to calibrate the new head: threshold fixed at {ev.fixed_threshold}",))
+            return z, fixed, head
         z_inner = np.empty(len(idx))
         for fit_part, held_out in inner:
             z_inner[held_out] = _head_logits(self.train_head(idx[fit_part], mix),
@@ -237,7 +241,8 @@ class _Adapter:
         for train, test in splits:
             z, calibration, _ = fitter(train)
             cut = np.clip(calibration.threshold, 1e-6, 1 - 1e-6)
-            p[test] = expit(logit(calibration.proba(z[test])) - logit(cut))
+            # logit(calibration.proba(z)) is z / temperature, written out so that p near 0 or 1 stays finite
+            p[test] = expit(z[test] / calibration.temperature - logit(cut))
         return p
 
 
@@ -310,7 +315,10 @@ def adapt_run(
         raise ConfigError(f"folds must be at least 2, got {folds}")
     if mix_original and mode == "recalibrate":
         raise ConfigError("--mix-original trains a head; it does not go with mode recalibrate")
-    out = Path(out)
+    out, data = Path(out), Path(data)
+    if data.is_dir():
+        raise ConfigError(f"--data {data} is a folder; give the manifest CSV (path,label,patient_id), whose "
+                          "checksum the adapted run records (`covidscan data scan` writes one)")
     parent = load_run(run_dir)
     if out.resolve() == parent.path.resolve():
         raise ConfigError(f"--out {out} is the parent run itself; write the adapted run to a new folder")
@@ -350,7 +358,7 @@ def adapt_run(
     cfg: ExperimentConfig = parent.config.model_copy(update={"name": f"{parent.config.name}-adapted"})
     lineage = ParentRun(
         path=str(parent.path.resolve()), weights_sha256=parent.checkpoint.weights_sha256,
-        data=str(Path(data).resolve()), data_sha256=file_sha256(Path(data)), n_images=len(local.labels),
+        data=str(data.resolve()), data_sha256=file_sha256(data), n_images=len(local.labels),
         n_patients=len(set(local.groups)) if local.has_patients else None, mode=chosen,
         cross_validation={m: _summary(metrics) for m, metrics in compared.items()},
     )
