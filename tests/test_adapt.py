@@ -16,7 +16,7 @@ from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.inference import Predictor, evaluate_many
 from covidscan.runs import file_sha256, load_checkpoint, load_run
-from covidscan.training.adapt import CANDIDATES, adapt_run
+from covidscan.training.adapt import AUC_TIE, CANDIDATES, adapt_run, choose_mode
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _weights(run: Path) -> dict:
 def test_auto_compares_every_mode_out_of_fold_and_records_the_parent(auto_run, tiny_run: Path, site: Path):
     # the tiny run's own training images are readable, so head+original is compared too
     assert list(auto_run.compared) == list(CANDIDATES)
-    assert auto_run.mode in CANDIDATES
+    assert auto_run.mode == choose_mode(auto_run.compared)
     for metrics in auto_run.compared.values():
         assert metrics["n_images"] == 32 and metrics["n_patients"] == 16
         low, high = metrics["metrics"]["roc_auc"]["ci95"]
@@ -151,7 +151,7 @@ def test_evaluate_on_several_sets_writes_one_table(tiny_run: Path, site: Path, t
     assert [row["n_images"] for row in table["sets"]] == [32, 16]
     assert all(row["ood_share"] is None and row["roc_auc"]["ci95"][0] is not None for row in table["sets"])
     markdown = (tmp_path / "eval" / "table.md").read_text()
-    header = "| set | images | patients | accuracy | sensitivity | specificity | roc auc | OOD share |"
+    header = "| set | images | patients | accuracy | sensitivity | specificity | ROC AUC | OOD share |"
     assert header in markdown
     assert markdown.count("| other-manifest | 16 | 8 |") == 1 and "table:" in result.stdout
 
@@ -163,3 +163,18 @@ def test_trained_runs_without_lineage_still_load(tiny_run: Path, tmp_path: Path)
     assert meta.pop("parent") is None  # a trained run has no parent
     (run / "checkpoint.json").write_text(json.dumps(meta))  # as a format-2 run written before lineage existed
     assert load_checkpoint(run).parent is None
+
+
+def _scores(auc: float, sensitivity: float, specificity: float) -> dict:
+    values = {"roc_auc": auc, "recall": sensitivity, "specificity": specificity}
+    return {"metrics": {name: {"value": v, "ci95": [v, v]} for name, v in values.items()}}
+
+
+def test_choice_best_auc_then_balanced_accuracy_then_the_simpler_mode():
+    assert choose_mode({"parent": _scores(0.70, 0.8, 0.8), "recalibrate": _scores(0.70, 0.8, 0.8),
+                        "head": _scores(0.90, 0.6, 0.6)}) == "head"
+    # within AUC_TIE of the best, the better operating point wins even when simpler
+    assert choose_mode({"parent": _scores(0.80, 0.9, 0.3), "recalibrate": _scores(0.80, 0.7, 0.7),
+                        "head": _scores(0.80 + AUC_TIE / 2, 0.6, 0.7)}) == "recalibrate"
+    same = _scores(0.80, 0.7, 0.7)
+    assert choose_mode({"parent": same, "recalibrate": same}) == "parent"

@@ -114,9 +114,9 @@ def evaluate_run(
     return metrics
 
 
-TABLE_METRICS = (("accuracy", "accuracy"), ("sensitivity", "recall"), ("specificity", "specificity"),
-                 ("roc_auc", "roc_auc"))
-"""(column, metrics.json name) of the multi-set table."""
+TABLE_METRICS = (("accuracy", "accuracy", "accuracy"), ("sensitivity", "recall", "sensitivity"),
+                 ("specificity", "specificity", "specificity"), ("roc_auc", "roc_auc", "ROC AUC"))
+"""(table.json key, metrics.json name, table.md heading) of the multi-set table's metric columns."""
 
 
 def _set_names(datasets: Sequence[Path]) -> list[str]:
@@ -132,7 +132,7 @@ def _set_names(datasets: Sequence[Path]) -> list[str]:
 def _table_row(name: str, data: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = {"set": name, "data": str(data), "n_images": metrics["n_images"],
                            "n_patients": metrics["n_patients"]}
-    for column, key in TABLE_METRICS:
+    for column, key, _ in TABLE_METRICS:
         row[column] = metrics["metrics"][key]
     row["ood_share"] = metrics.get("ood_share")  # filled once runs carry an OOD score
     return row
@@ -162,16 +162,15 @@ def evaluate_many(
                                             allow_overlap=allow_overlap, progress=progress))
         for name, data in zip(_set_names(paths), paths, strict=True)
     ]
-    text = json.dumps(to_jsonable({"run": str(run_dir), "sets": rows}), indent=2,
-                                    allow_nan=False)
+    text = json.dumps(to_jsonable({"run": str(run_dir), "sets": rows}), indent=2, allow_nan=False)
     (out / "table.json").write_text(text + "\n", encoding="utf-8")
-    header = ["set", "images", "patients", *(c.replace("_", " ") for c, _ in TABLE_METRICS), "OOD share"]
+    header = ["set", "images", "patients", *(heading for *_, heading in TABLE_METRICS), "OOD share"]
     lines = [f"# {Path(run_dir).name} on {len(rows)} sets (95% CIs)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         patients = "" if row["n_patients"] is None else str(row["n_patients"])
         ood = "" if row["ood_share"] is None else f"{row['ood_share']:.1%}"
-        scores = [format_value_ci(row[column]) for column, _ in TABLE_METRICS]
+        scores = [format_value_ci(row[column]) for column, *_ in TABLE_METRICS]
         cells = [row["set"], str(row["n_images"]), patients, *scores, ood]
         lines.append("| " + " | ".join(cells) + " |")
     table = out / "table.md"

@@ -246,7 +246,7 @@ class _Adapter:
         return p
 
 
-def _choose(compared: dict[str, dict[str, Any]]) -> str:
+def choose_mode(compared: dict[str, dict[str, Any]]) -> str:
     """Best out-of-fold ROC AUC; within ``AUC_TIE`` the best balanced accuracy, then the simpler mode."""
     def value(mode: str, name: str) -> float:
         found = compared[mode]["metrics"][name]["value"]
@@ -348,7 +348,7 @@ def adapt_run(
                 local.labels, p_oof[candidate], threshold=0.5, groups=groups, n_boot=ev.n_bootstrap,
                 seed=seed, aggregate=ev.aggregate,
             )
-        chosen = _choose(compared) if mode == "auto" else next(iter(compared))
+        chosen = choose_mode(compared) if mode == "auto" else next(iter(compared))
         _, calibration, head = adapter.fitter(chosen)(np.arange(len(local.labels)))
 
     model = parent.model
@@ -406,4 +406,4 @@ def _notes(local: _Local, n_folds: int, chosen: str, mode: str, compared: dict[s
     return notes
 
 
-__all__ = ["CANDIDATES", "AdaptResult", "adapt_run", "format_comparison"]
+__all__ = ["AUC_TIE", "CANDIDATES", "AdaptResult", "adapt_run", "choose_mode", "format_comparison"]
