@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     args = parser.parse_args()
     margin = QualityLimits().inverted_margin
-    print("| set | images | old rule, as given | new rule, as given | old, inverted copies | new, inverted copies |")
+    print("| set | images | old rule, as given | new rule, as given | old, inverted | new, inverted |")
     print("|---|---|---|---|---|---|")
     for name in ("ucsd-ct", "ct-ext-luna16"):
         counts = np.zeros(4, dtype=int)
@@ -48,7 +48,8 @@ def main() -> None:
         for path in files:
             pixels = read_image(path).pixels
             flipped = 1 - pixels
-            counts += [old_rule(pixels), new_rule(pixels, margin), old_rule(flipped), new_rule(flipped, margin)]
+            counts += [old_rule(pixels), new_rule(pixels, margin),
+                       old_rule(flipped), new_rule(flipped, margin)]
         cells = " | ".join(f"{c} ({c / len(files):.1%})" for c in counts)
         print(f"| {name} | {len(files)} | {cells} |")
 
