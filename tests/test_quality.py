@@ -186,7 +186,8 @@ def test_doubtful_modality_warned_and_png_has_none():
 @pytest.mark.parametrize(("part", "refused", "warned"), [
     ("CHEST", False, False), ("Chest PA", False, False), ("CHESTABDOMEN", False, False),
     ("THORAX", False, False), (None, False, False), ("HEAD", True, False), ("KNEE", True, False),
-    ("HEADNECK", True, False), ("ABDOMEN", False, True), ("WHOLEBODY", False, True),
+    ("HEADNECK", True, False), ("L-SPINE", True, False), ("ABDOMEN", False, True), ("WHOLEBODY", False, True),
+    ("HEART", False, True),
 ])
 def test_body_part(part, refused, warned):
     report = assess(dicom("CT", part), "ct")
@@ -220,6 +221,8 @@ def test_report_ok_codes_and_raise_if_refused():
 def test_bad_limits_and_modality_are_config_errors():
     with pytest.raises(ConfigError):
         QualityLimits(min_side=200, small_side=100)
+    with pytest.raises(ConfigError):
+        QualityLimits(min_side=4)
     with pytest.raises(ConfigError):
         QualityLimits(warn_aspect=6, max_aspect=5)
     with pytest.raises(ConfigError, match="modality='mri'"):

@@ -44,8 +44,8 @@ _MODALITY_NAMES = {
 _CHEST_PART = re.compile(r"CHEST|THORA|LUNG|TORAX|PULMO")
 """BodyPartExamined values that name the chest (defined terms CHEST, CHESTABDOMEN, ... and free text)."""
 _OTHER_PART = re.compile(
-    r"HEAD|BRAIN|SKULL|FACE|ORBIT|SINUS|JAW|TMJ|EAR|PELVIS|HIP|KNEE|LEG|ANKLE|FOOT|TOE|ARM|ELBOW|WRIST|"
-    r"HAND|FINGER|EXTREMITY|CSPINE|LSPINE|SSPINE|COCCYX|BREAST"
+    r"HEAD|BRAIN|SKULL|FACE|ORBIT|SINUS|JAW|TMJ|PELVIS|HIP|KNEE|LEG|ANKLE|FOOT|TOE|ARM|ELBOW|WRIST|"
+    r"HAND|FINGER|EXTREMITY|CSPINE|LSPINE|SSPINE|COCCYX"
 )
 """Body parts that show no lung at all: refused. Any other unrecognised value is only warned about."""
 
@@ -67,7 +67,8 @@ class QualityLimits:
     max_pixels: int = field(default_factory=_env_max_pixels)
     """Largest height x width x frames decoded at all (checked from the header)."""
     min_side: int = 32
-    """Shorter sides below this are refused: too few pixels to show lungs (every real set here has >= 61)."""
+    """Shorter sides below this are refused: too few pixels to show lungs (every real set here has >= 61).
+    At least 8, so that the inverted check's zones are never empty."""
     small_side: int = 128
     """Shorter sides below this are warned about: the model sees mostly interpolation."""
     max_aspect: float = 5.0
@@ -80,8 +81,8 @@ class QualityLimits:
     """How much brighter (mean, in [0, 1]) the lung zones of a CT slice must be than its middle to warn."""
 
     def __post_init__(self) -> None:
-        if self.max_pixels < 1 or self.min_side < 1 or self.small_side < self.min_side:
-            raise ConfigError(f"{self}: need max_pixels >= 1 and 1 <= min_side <= small_side")
+        if self.max_pixels < 1 or self.min_side < 8 or self.small_side < self.min_side:
+            raise ConfigError(f"{self}: need max_pixels >= 1 and 8 <= min_side <= small_side")
         if not 1.0 <= self.warn_aspect <= self.max_aspect or not 0 <= self.blank_std < 1:
             raise ConfigError(f"{self}: need 1 <= warn_aspect <= max_aspect and 0 <= blank_std < 1")
 
