@@ -29,6 +29,7 @@ from covidscan.io import (
     QualityLimits,
     assess,
     check_header,
+    read_checked,
     read_image,
 )
 from dicom_files import write_dicom
@@ -284,3 +285,36 @@ def test_bad_uploads_name_the_upload(tmp_path):
         read_image(42)  # type: ignore[arg-type]
     with pytest.raises(ImageRefusedError, match="too_large"):
         read_image(bomb_png(), name="bomb.png")
+
+
+def test_read_checked_refuses_what_the_corpus_refuses(bad_inputs):
+    for case in bad_inputs.values():
+        if case.outcome == "unreadable":
+            continue
+        if case.outcome == "refused":
+            with pytest.raises(ImageRefusedError) as info:
+                read_checked(case.path, case.modality)
+            assert case.code in info.value.codes, case.id
+        else:
+            _, report = read_checked(case.path, case.modality)
+            assert (case.code in report.codes) if case.outcome == "warned" else not report.codes, case.id
+
+
+# ---------------------------------------------------------------- real CT slices from ../shared
+
+# ucsd-ct figures on which the old corner rule fired: cropped to the chest, tissue or page in the corners.
+UCSD_CROPPED = ["covid/2020.02.22.20024927-p20-70%0.png", "covid/2020.03.04.20030395-p27-108%3.png",
+                "covid/2020.03.07.20031393-p7-50%2.png", "covid/2020.03.16.20035105-p6-64-1.png",
+                "covid/kjr-21-e25-p1-6.png", "non_covid/14%1.png", "non_covid/15%0.png"]
+
+
+@pytest.mark.shared
+def test_real_cropped_and_uncropped_ct_not_inverted_but_their_inverted_copies_are(shared_dir):
+    data = shared_dir / "data"
+    files = [data / "ucsd-ct" / name for name in UCSD_CROPPED]
+    files += sorted((data / "ct-ext-luna16" / "non_covid").glob("*.png"))[::20]  # uncropped slices
+    for path in files:
+        loaded = read_image(path)
+        assert "inverted" not in assess(loaded, "ct").codes, path
+        flipped = LoadedImage(pixels=1 - loaded.pixels, meta=loaded.meta)
+        assert "inverted" in assess(flipped, "ct").codes, path

@@ -19,7 +19,7 @@ from covidscan.data.labels import (
     normalize_splits,
 )
 from covidscan.errors import ConfigError, ImageRefusedError, InputError, ManifestError
-from covidscan.io import LoadedImage, QualityLimits, assess, is_image_path, list_images, read_image
+from covidscan.io import LoadedImage, QualityLimits, is_image_path, list_images, read_checked
 
 PATH_ALIASES = ("path", "relpath", "filename", "file")
 LABEL_COLUMNS = ("label", "class")
@@ -191,14 +191,11 @@ def _gate(path: Path, modality: str | None, limits: QualityLimits | None) -> tup
     """Read and judge one file: (the image unless unreadable or refused, its quality entry)."""
     entry = {"path": str(path), "status": "ok", "reasons": ""}
     try:
-        image = read_image(path, limits=limits)
+        image, report = read_checked(path, modality, limits=limits)
     except ImageRefusedError as exc:
         return None, {**entry, "status": "refused", "reasons": exc.reason}
     except InputError as exc:
         return None, {**entry, "status": "unreadable", "reasons": exc.reason}
-    report = assess(image, modality, limits)
-    if not report.ok:
-        return None, {**entry, "status": "refused", "reasons": "; ".join(report.refusals)}
     if report.warnings:
         entry.update(status="doubtful", reasons="; ".join(report.warnings))
     return image, entry

@@ -1,5 +1,4 @@
-"""Reading chest images (PNG, JPEG, BMP, TIFF, DICOM) into float32 gray (H, W) arrays in [0, 1], and the
-quality gate that decides whether an image is fit for a run."""
+"""Reading chest images (PNG, JPEG, BMP, TIFF, DICOM) into float32 gray [0, 1] arrays; the quality gate."""
 
 from __future__ import annotations
 
@@ -12,6 +11,7 @@ from .images import (
     is_image_path,
     iter_images,
     list_images,
+    read_checked,
     read_image,
     scan_images,
 )
@@ -35,6 +35,7 @@ __all__ = [
     "is_image_path",
     "iter_images",
     "list_images",
+    "read_checked",
     "read_dicom",
     "read_dicom_series",
     "read_image",

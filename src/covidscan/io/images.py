@@ -16,7 +16,7 @@ from covidscan.errors import ImageReadError, ImageRefusedError, InputError
 
 from .base import ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
 from .dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom_path, read_dicom, read_dicom_header
-from .quality import QualityLimits, check_pixel_count
+from .quality import QualityLimits, QualityReport, assess, check_pixel_count
 
 IMAGE_SUFFIXES: frozenset[str] = (
     frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
@@ -194,6 +194,26 @@ def read_image(
     if _is_dicom(label, opened):
         return read_dicom(opened, name=label, window=window, limits=limits)
     return _read_pil(label, opened, limits)
+
+
+def read_checked(
+    source: ImageSource,
+    modality: str | None = None,
+    *,
+    name: str | os.PathLike[str] | None = None,
+    window: tuple[float, float] | None = None,
+    limits: QualityLimits | None = None,
+) -> tuple[LoadedImage, QualityReport]:
+    """``read_image`` then the quality gate (``assess`` for ``modality``): the image and its warnings.
+
+    Raises ``ImageReadError`` when the file cannot be read and ``ImageRefusedError`` (``.codes``, and every
+    reason in the message) when the gate refuses it, from its header or its pixels: such an image must get
+    no label and no probability.
+    """
+    loaded = read_image(source, name=name, window=window, limits=limits)
+    report = assess(loaded, modality, limits)
+    report.raise_if_refused()
+    return loaded, report
 
 
 def check_header(
