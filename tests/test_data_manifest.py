@@ -264,6 +264,7 @@ def test_scan_gate_leaves_refused_out_and_lists_everything(tmp_path: Path) -> No
     listed = pd.read_csv(write_quality(df.attrs["quality"], tmp_path / "m.quality.csv"))
     assert listed.columns.tolist() == ["path", "label", "status", "reasons"]
     assert listed["status"].tolist() == ["unreadable", "refused", "doubtful"]  # worst first
+    assert listed["path"].tolist() == ["normal/broken.png", "normal/black.png", "covid/small.png"]
 
 
 def test_write_manifest_round_trip(tmp_path: Path) -> None:

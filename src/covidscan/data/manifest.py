@@ -189,7 +189,7 @@ def patient_rule(patient_from: str) -> tuple[PatientRule, str]:
 
 def _gate(path: Path, modality: str | None, limits: QualityLimits | None) -> tuple[LoadedImage | None, dict]:
     """Read and judge one file: (the image unless unreadable or refused, its quality entry)."""
-    entry = {"path": str(path), "status": "ok", "reasons": ""}
+    entry = {"path": os.path.normpath(path.absolute()), "status": "ok", "reasons": ""}
     try:
         image, report = read_checked(path, modality, limits=limits)
     except ImageRefusedError as exc:
@@ -287,17 +287,27 @@ QUALITY_COLUMNS = ("path", "label", "status", "reasons")
 
 
 def write_quality(entries: list[dict], path: str | os.PathLike[str]) -> Path:
-    """Write the quality gate's list (``scan_dataset``'s ``attrs["quality"]``) as a CSV, worst first."""
+    """Write the quality gate's list (``scan_dataset``'s ``attrs["quality"]``) as a CSV, worst first.
+
+    Paths are stored like ``write_manifest`` stores them: relative to the CSV's folder when under it.
+    """
     order = {"unreadable": 0, "refused": 1, "doubtful": 2}
-    table = pd.DataFrame(entries, columns=list(QUALITY_COLUMNS))
-    table = table.sort_values(["status", "path"], key=lambda c: c.map(order) if c.name == "status" else c)
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(entries, columns=list(QUALITY_COLUMNS))
+    table["path"] = [_portable(p, out.resolve().parent) for p in table["path"]]
+    table = table.sort_values(["status", "path"], key=lambda c: c.map(order) if c.name == "status" else c)
     try:
         table.to_csv(out, index=False)
     except OSError as exc:
         raise ManifestError(f"cannot write quality list {out}: {exc.strerror}") from exc
     return out
+
+
+def _portable(path: str, base: Path) -> str:
+    """``path`` relative to ``base`` when it lies under it (so the folder can move), else absolute."""
+    absolute = Path(os.path.normpath(Path(path).absolute()))
+    return absolute.relative_to(base).as_posix() if absolute.is_relative_to(base) else str(absolute)
 
 
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -308,12 +318,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     base = out.resolve().parent
-
-    def portable(p: str) -> str:
-        absolute = Path(os.path.normpath(Path(p).absolute()))
-        return absolute.relative_to(base).as_posix() if absolute.is_relative_to(base) else str(absolute)
-
-    table = _ordered(df.copy()).assign(path=[portable(p) for p in df["path"]])
+    table = _ordered(df.copy()).assign(path=[_portable(p, base) for p in df["path"]])
     try:
         table.to_csv(out, index=False)
     except OSError as exc:
