@@ -173,8 +173,7 @@ def read_dicom(
             + (f"; SOP class: {sop_class})" if sop_class else ")"),
             "export the image instances of the study, not its reports",
         )
-    frames = _optional_int(ds.get("NumberOfFrames", 1))
-    if frames not in (None, 0, 1):
+    if _optional_int(ds.get("NumberOfFrames", 1)) not in (None, 0, 1):
         raise ImageReadError(
             path, f"multi-frame DICOM ({ds.NumberOfFrames} frames): export single slices",
             "export the series as one DICOM file per slice",
