@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from PIL import Image
 
 from test_cli import covidscan
@@ -24,7 +25,8 @@ def test_scan_with_patient_folders_lists_refused_files(tmp_path: Path) -> None:
                 _noise(root / label / f"{label}{p}" / f"{i}.png", seed=10 * c + 2 * p + i)
     Image.fromarray(np.zeros((128, 128), np.uint8)).save(root / "covid" / "covid0" / "black.png")
     manifest = tmp_path / "m.csv"
-    result = covidscan("data", "scan", str(root), "--patient-from", "folder", "--out", str(manifest))
+    with pytest.warns(UserWarning, match="1 refused images left out"):
+        result = covidscan("data", "scan", str(root), "--patient-from", "folder", "--out", str(manifest))
     assert result.returncode == 0, result.stderr
     assert "8 patients" in result.stdout and "1 refused (left out)" in result.stdout
     df = pd.read_csv(manifest)

@@ -14,8 +14,8 @@ import pytest
 
 from covidscan.config import load_config
 from covidscan.data import read_manifest
-from covidscan.inference import predict
-from covidscan.training import evaluate_run, train_experiment
+from covidscan.inference import evaluate_run, predict
+from covidscan.training import train_experiment
 
 PER_CLASS = {"train": 24, "val": 10, "test": 10}
 

@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from typer.core import TyperGroup
 
 from covidscan import __version__
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.system import keep_freed_memory
 
+# soft_wrap: an error or warning stays one line in a log file or a pipe (no hard wrap at 80 columns).
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
+
+
+class _Commands(TyperGroup):
+    """The root command group: a library error anywhere below becomes one ``error:`` line and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CovidscanError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            ctx.exit(2)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Detect COVID-19 in chest CT slices and chest X-rays, with honest evaluation.",
     no_args_is_help=True,
     add_completion=False,
@@ -26,9 +45,6 @@ data_app = typer.Typer(help="Build, split and audit datasets.", no_args_is_help=
 preprocess_app = typer.Typer(help="Inspect preprocessing (CLAHE, lung crop).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(preprocess_app, name="preprocess")
-
-console = Console(stderr=True)
-out_console = Console()
 
 Overrides = Annotated[
     list[str] | None,
@@ -196,6 +212,7 @@ def train(
     data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
 ) -> None:
     """Train and evaluate one experiment; writes a run directory with report.md."""
     from covidscan.config import load_config
@@ -203,7 +220,7 @@ def train(
     from covidscan.training import train_experiment
 
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out, progress=_progress())
+    result = train_experiment(cfg, data, out, overwrite=overwrite, progress=_progress())
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -220,7 +237,7 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run on any dataset with the run's own threshold and calibration."""
     from covidscan.evaluation import format_metrics_table
-    from covidscan.training import evaluate_run
+    from covidscan.inference import evaluate_run
 
     metrics = evaluate_run(run, data, out, split=split, progress=_progress())
     out_console.print(format_metrics_table(metrics))
@@ -255,19 +272,21 @@ def predict(
         Path | None, typer.Option("--cam", help="Folder for one Grad-CAM overlay PNG per image.")
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="torch, or onnx (onnxruntime; exports model.onnx if needed).")
-    ] = "torch",
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for --engine onnx.")] = None,
+        str, typer.Option(help="auto (onnx if an ONNX file is given or in the run, else torch), torch, onnx.")
+    ] = "auto",
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for the onnx engine.")] = None,
     band: Annotated[
-        float, typer.Option(help="Width of the 'uncertain' zone of probabilities around the threshold.")
-    ] = 0.1,
+        float | None,
+        typer.Option(help="Width of the 'uncertain' zone around the threshold (default: the run's)."),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Threads decoding and preprocessing images.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
 ) -> None:
     """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
+    from covidscan.inference import check_output, write_predictions
     from covidscan.inference import predict as run_predict
-    from covidscan.inference import write_predictions
 
+    check_output(out)
     df = run_predict(
         run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
         batch_size=batch_size, progress=_progress(),
@@ -275,9 +294,10 @@ def predict(
     write_predictions(df, out)
     ok = df["error"] == ""
     counts = df.loc[ok, "label"].value_counts().to_dict()
+    warned = int((ok & (df["warnings"] != "")).sum())
     out_console.print(
         f"{len(df)} images: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
-        f"{int((~ok).sum())} unreadable"
+        f"{warned} with warnings, {int((~ok).sum())} not predicted"
     )
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
         console.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
@@ -308,15 +328,17 @@ def demo(
     out_console.print(f"report: {report}")
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
 def main() -> None:
     """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(
-        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+        level=logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
-    logging.captureWarnings(True)
+    warnings.showwarning = _show_warning
     keep_freed_memory()
-    try:
-        app(prog_name="covidscan")
-    except CovidscanError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        sys.exit(2)
+    app(prog_name="covidscan")

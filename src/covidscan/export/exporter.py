@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from contextlib import suppress
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import onnx
 import torch
 
 from covidscan import __version__
-from covidscan.errors import CovidscanError
+from covidscan.errors import ConfigError, CovidscanError, StorageError
 from covidscan.export.runtime import METADATA_KEY
 from covidscan.runs import LoadedRun, load_run
 
@@ -25,15 +27,16 @@ def export_onnx(
 ) -> Path:
     """Export a run's model to ``out_path`` (.onnx): input ``image`` (N, 3, H, W), output ``logits`` (N, 2).
 
-    The run's checkpoint description (classes, modality, preprocess settings, input size, mean, std,
-    threshold, temperature, patient threshold) plus ``covidscan_version`` and ``source_run`` is stored as
-    JSON in the model's ``metadata_props`` under ``covidscan``. Returns the written path.
+    The run's checkpoint (classes, preprocessing with modality, model identity and weights hash, input
+    size, mean, std, calibration) plus ``covidscan_version`` and ``source_run`` is stored as JSON in the
+    model's ``metadata_props`` under ``covidscan``. The file is written through a unique side file and
+    renamed, so concurrent exports to one path never leave a broken file. Returns the written path.
     """
     out = Path(out_path)
     if out.suffix.lower() != ".onnx":
-        raise CovidscanError(f"output {out} must end in .onnx (e.g. {out.with_suffix('.onnx').name})")
+        raise ConfigError(f"output {out} must end in .onnx (e.g. {out.with_suffix('.onnx').name})")
     if opset < MIN_OPSET:
-        raise CovidscanError(
+        raise ConfigError(
             f"opset {opset} is not supported: the ONNX exporter writes opset {MIN_OPSET} or newer"
         )
     run = load_run(run_dir)
@@ -43,19 +46,22 @@ def export_onnx(
             f"{run.path}: the model has {weight_bytes / 2**30:.1f} GiB of weights, more than a single "
             "ONNX file can hold (2 GiB protobuf limit)"
         )
-    tmp = out.with_name(out.name + ".part")
+    tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # Opened before the (slow) export so that an unwritable path fails at once; written to a side file
-        # and renamed so that a failure never leaves a truncated .onnx behind.
-        with tmp.open("wb") as handle:
+        # Opened before the (slow) export so that an unwritable path fails at once; a unique side file,
+        # renamed at the end, so that neither a failure nor a second exporter leaves a truncated .onnx.
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as handle:
             handle.write(_to_onnx(run, opset, dynamic_batch).SerializeToString())
-        tmp.replace(out)
+        os.replace(tmp, out)
     except OSError as exc:
-        raise CovidscanError(f"cannot write {out}: {exc.strerror or exc}; choose a writable path") from None
+        raise StorageError(f"cannot write {out}: {exc.strerror or exc}; choose a writable path") from None
     finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return out
 
 
@@ -87,7 +93,8 @@ def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto
         raise CovidscanError(
             f"torch could not export opset {opset} (it wrote {written}); use opset {written}"
         )
-    meta = {**run.meta, "covidscan_version": __version__, "source_run": str(run.path.resolve())}
+    meta = {**run.checkpoint.model_dump(mode="json"), "covidscan_version": __version__,
+            "source_run": str(run.path.resolve())}
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
     proto.doc_string = f"covidscan {__version__} model exported from {run.path.resolve()}"
     onnx.checker.check_model(proto, full_check=True)
