@@ -102,18 +102,38 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 
 # ---------------------------------------------------------------- data
+Modality = Annotated[
+    str | None,
+    typer.Option(help="ct or cxr: the quality gate judges images for that kind of model (default: either)."),
+]
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Folder with one subfolder per class (covid/, normal/, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+    patient_from: Annotated[
+        str | None,
+        typer.Option(help="Fill patient_id from: dicom (DICOM PatientID), folder (class/patient/file), or "
+                     "regex:PATTERN with a (?P<patient>...) group matched in the file name."),
+    ] = None,
+    modality: Modality = None,
 ) -> None:
-    """Build a manifest CSV from class subfolders."""
-    from covidscan.data import scan_dataset, write_manifest
+    """Build a manifest CSV from class subfolders; files the quality gate refuses are listed, not kept."""
+    from covidscan.data import scan_dataset, write_manifest, write_quality
 
-    df = scan_dataset(root)
+    df = scan_dataset(root, patient_from=patient_from, modality=modality)
     write_manifest(df, out)
     counts = df["label"].value_counts().to_dict()
-    out_console.print(f"wrote {out} ({_n(len(df), 'image')}: {counts})")
+    patients = df["patient_id"].nunique()
+    out_console.print(f"wrote {out} ({_n(len(df), 'image')}: {counts}; "
+                      + (f"{patients} patients)" if patients else "no patient ids: see --patient-from)"))
+    quality = df.attrs["quality"]
+    if quality:
+        listed = write_quality(quality, out.with_name(out.stem + ".quality.csv"))
+        statuses = {s: sum(q["status"] == s for q in quality) for s in ("unreadable", "refused", "doubtful")}
+        out_console.print(f"quality: {statuses['unreadable']} unreadable and {statuses['refused']} refused "
+                          f"(left out), {statuses['doubtful']} doubtful (kept); every one listed in {listed}")
 
 
 @data_app.command("split")
@@ -128,7 +148,10 @@ def data_split(
     resplit: Annotated[bool, typer.Option(help="Ignore an existing split column.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("split.csv"),
 ) -> None:
-    """Split a manifest into train/val/test, grouped by patient and stratified by label."""
+    """Split a manifest into train/val/test, grouped by patient and stratified by label.
+
+    A one-class dataset or patients carrying both labels are reported (train refuses them).
+    """
     from covidscan.data import read_manifest, split_manifest, write_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
@@ -147,12 +170,13 @@ def data_audit(
         int, typer.Option(help="Max Hamming distance (of 256 dHash bits) for a near-duplicate.")
     ] = 14,
     patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
+    modality: Modality = None,
 ) -> None:
-    """Audit leakage: patients across splits, exact/near duplicates, class balance, shortcut signals."""
+    """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
-    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress())
+    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress(), modality=modality)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     out_console.print(format_audit(report))
