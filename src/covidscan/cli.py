@@ -62,6 +62,9 @@ preprocess_app = typer.Typer(help="Inspect preprocessing (CLAHE, lung crop).", n
 app.add_typer(data_app, name="data")
 app.add_typer(preprocess_app, name="preprocess")
 
+Strict = Annotated[
+    bool, typer.Option(help="Stop when any image is unreadable or refused, instead of leaving it out.")
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable)."),
@@ -234,6 +237,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    strict: Strict = False,
 ) -> None:
     """Train and evaluate one experiment; writes a run directory with report.md."""
     from covidscan.config import load_config
@@ -241,7 +245,7 @@ def train(
     from covidscan.training import train_experiment
 
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out, overwrite=overwrite, progress=_progress())
+    result = train_experiment(cfg, data, out, overwrite=overwrite, strict=strict, progress=_progress())
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -258,12 +262,14 @@ def evaluate(
     allow_overlap: Annotated[
         bool, typer.Option(help="Evaluate even on images the run was trained or validated on (inflated!).")
     ] = False,
+    strict: Strict = False,
 ) -> None:
     """Evaluate a trained run on any dataset with the run's own threshold and calibration."""
     from covidscan.evaluation import format_metrics_table
     from covidscan.inference import evaluate_run
 
-    metrics = evaluate_run(run, data, out, split=split, allow_overlap=allow_overlap, progress=_progress())
+    metrics = evaluate_run(run, data, out, split=split, allow_overlap=allow_overlap, strict=strict,
+                           progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
 

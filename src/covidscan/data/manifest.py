@@ -59,8 +59,12 @@ def read_manifest(
     patient_column: str | None = None,
     split_column: str | None = None,
     include_excluded: bool = False,
+    for_prediction: bool = False,
 ) -> pd.DataFrame:
     """Read a manifest CSV (or scan a folder of class subfolders) into a validated manifest DataFrame.
+
+    ``for_prediction``: a list of images to predict, where the label column is optional (``label`` is then
+    empty) and a listed file that does not exist is kept (prediction reports it in that file's row).
 
     Paths become absolute (relative ones resolve against the CSV's folder), labels become
     ``covid``/``non_covid``, the patient column (``patient_group`` preferred) becomes ``patient_id`` and
@@ -92,7 +96,7 @@ def read_manifest(
     raw.columns = columns
     path_col = _find_column(columns, PATH_ALIASES)
     label_col = _find_column(columns, LABEL_COLUMNS)
-    if path_col is None or label_col is None:
+    if path_col is None or (label_col is None and not for_prediction):
         missing = "a path column (path/relpath/filename/file)" if path_col is None else "a `label` column"
         raise ManifestError(f"{where} has no {missing}; columns are: {', '.join(columns)}")
     if raw.empty:
@@ -104,7 +108,7 @@ def read_manifest(
     # the folder the user sees the CSV in (no symlink resolution); a relpath column stays for provenance
     base = source.absolute().parent
     paths = [os.path.normpath(base / Path(p).expanduser()) for p in raw[path_col]]
-    df = raw.drop(columns=[label_col]).assign(path=paths)
+    df = (raw.drop(columns=[label_col]) if label_col else raw).assign(path=paths)
 
     pcol = (
         _explicit_column(columns, patient_column, "patient", where)
@@ -123,14 +127,17 @@ def read_manifest(
     if scol is not None:
         df["split"] = normalize_splits(raw[scol], where=where).to_numpy()
 
-    df = _drop_excluded(df, normalize_labels(raw[label_col], where=where), include_excluded)
-    _check_rows(df, where)
+    if label_col is not None:
+        df = _drop_excluded(df, normalize_labels(raw[label_col], where=where), include_excluded)
+    else:
+        df = df.assign(label=None)
+    _check_rows(df, where, files_must_exist=not for_prediction)
     df.attrs.update(manifest=str(source), patient_column=pcol, split_column=scol)
     return _ordered(df)
 
 
-def _check_rows(df: pd.DataFrame, where: str) -> None:
-    """Refuse empty manifests, repeated paths and files that are not there."""
+def _check_rows(df: pd.DataFrame, where: str, *, files_must_exist: bool = True) -> None:
+    """Refuse empty manifests, repeated paths and (unless told otherwise) files that are not there."""
     if df.empty:
         raise ManifestError(f"{where}: no images left after leaving out {df.attrs.get('excluded', 0)} rows")
     dup = df["path"][df["path"].duplicated(keep=False)].unique().tolist()
@@ -139,7 +146,7 @@ def _check_rows(df: pd.DataFrame, where: str) -> None:
             f"{where}: {len(dup)} paths are listed more than once (e.g. {', '.join(dup[:_SHOW])}); "
             "keep one row per image"
         )
-    missing = [p for p in df["path"] if not os.path.isfile(p)]
+    missing = [p for p in df["path"] if not os.path.isfile(p)] if files_must_exist else []
     if missing:
         raise ManifestError(
             f"{where}: {len(missing)} of {len(df)} listed files do not exist "
