@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -106,7 +107,10 @@ def _corrupt(label: Path, exc: Exception) -> ImageReadError:
 def _open_pil(label: Path, opened: Path | io.BytesIO, limits: QualityLimits | None) -> Iterator[Image.Image]:
     """PIL's lazy open (header only), refusing over-limit sizes before anything is decoded."""
     try:
-        im = Image.open(opened, formats=_PIL_FORMATS)
+        with warnings.catch_warnings():
+            # PIL warns from its own (higher) bomb limit; the pixel limit below decides, and says why.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(opened, formats=_PIL_FORMATS)
     except Image.UnidentifiedImageError:
         raise _not_an_image(label, opened) from None
     except Image.DecompressionBombError as exc:  # PIL's own, far higher limit: refuse the same way
