@@ -22,6 +22,10 @@ from .quality import QualityLimits, QualityReport, assess, check_pixel_count
 IMAGE_SUFFIXES: frozenset[str] = (
     frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
 )
+# PIL warns from its own bomb limit before the header check below has run; covidscan's pixel limit
+# (check_pixel_count) decides and says why, so PIL's warning would only be noise. A process-wide filter,
+# because catch_warnings is not thread-safe and images are decoded in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 _FORMAT_NAMES = {"MPO": "JPEG"}  # PIL's JPEG opener says MPO for phone JPEGs with extra preview frames
 # First bytes of files often mistaken for images, to say what the file really is.
@@ -107,10 +111,7 @@ def _corrupt(label: Path, exc: Exception) -> ImageReadError:
 def _open_pil(label: Path, opened: Path | io.BytesIO, limits: QualityLimits | None) -> Iterator[Image.Image]:
     """PIL's lazy open (header only), refusing over-limit sizes before anything is decoded."""
     try:
-        with warnings.catch_warnings():
-            # PIL warns from its own (higher) bomb limit; the pixel limit below decides, and says why.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(opened, formats=_PIL_FORMATS)
+        im = Image.open(opened, formats=_PIL_FORMATS)
     except Image.UnidentifiedImageError:
         raise _not_an_image(label, opened) from None
     except Image.DecompressionBombError as exc:  # PIL's own, far higher limit: refuse the same way
