@@ -26,9 +26,25 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
                                  slices_per_patient=2)
 
 
+def _absolute(manifest: Path) -> pd.DataFrame:
+    df = pd.read_csv(manifest)
+    return df.assign(path=[str(manifest.parent / p) for p in df["path"]])
+
+
 @pytest.fixture(scope="module")
-def auto_run(tiny_run: Path, site: Path, tmp_path_factory: pytest.TempPathFactory):
-    return adapt_run(tiny_run, site, tmp_path_factory.mktemp("adapted") / "run", folds=2, progress=False)
+def signed(site: Path) -> Path:
+    """The site's signed cases plus one file that is no image: the quality gate leaves it out."""
+    broken = site.parent / "broken.png"
+    broken.write_bytes(b"not an image")
+    rows = pd.concat([_absolute(site), pd.DataFrame([{"path": str(broken), "label": "covid",
+                                                        "patient_id": "x"}])])
+    rows.to_csv(site.parent / "signed.csv", index=False)
+    return site.parent / "signed.csv"
+
+
+@pytest.fixture(scope="module")
+def auto_run(tiny_run: Path, signed: Path, tmp_path_factory: pytest.TempPathFactory):
+    return adapt_run(tiny_run, signed, tmp_path_factory.mktemp("adapted") / "run", folds=2, progress=False)
 
 
 def covidscan(*args: str):
@@ -43,7 +59,7 @@ def _weights(run: Path) -> dict:
     return load_file(str(run / "model.safetensors"))
 
 
-def test_auto_compares_every_mode_out_of_fold_and_records_the_parent(auto_run, tiny_run: Path, site: Path):
+def test_auto_compares_every_mode_out_of_fold_and_records_the_parent(auto_run, tiny_run: Path, signed: Path):
     # the tiny run's own training images are readable, so head+original is compared too
     assert list(auto_run.compared) == list(CANDIDATES)
     assert auto_run.mode == choose_mode(auto_run.compared)
@@ -56,7 +72,7 @@ def test_auto_compares_every_mode_out_of_fold_and_records_the_parent(auto_run, t
     assert lineage is not None and lineage.mode == auto_run.mode
     assert Path(lineage.path) == tiny_run.resolve()
     assert lineage.weights_sha256 == load_checkpoint(tiny_run).weights_sha256
-    assert lineage.data_sha256 == file_sha256(site) and (lineage.n_images, lineage.n_patients) == (32, 16)
+    assert lineage.data_sha256 == file_sha256(signed) and (lineage.n_images, lineage.n_patients) == (32, 16)
     assert set(lineage.cross_validation) == set(CANDIDATES)
     head_auc = auto_run.compared["head"]["metrics"]["roc_auc"]["value"]
     assert lineage.cross_validation["head"]["roc_auc"] == head_auc
@@ -65,14 +81,20 @@ def test_auto_compares_every_mode_out_of_fold_and_records_the_parent(auto_run, t
     assert set(saved["adaptation"]["compared"]) == set(CANDIDATES)
     report = (auto_run.run_dir / "report.md").read_text()
     assert "## Modes compared" in report and f"**{auto_run.mode}** (kept)" in report
+    # parent and recalibrate share the parent's logits, so they rank the local cases identically
+    aucs = [auto_run.compared[mode]["metrics"]["roc_auc"] for mode in ("parent", "recalibrate")]
+    assert aucs[0] == aucs[1]
+    # the file that is no image was left out and listed
+    excluded = pd.read_csv(auto_run.run_dir / "excluded.csv")
+    assert excluded["path"].str.endswith("broken.png").tolist() == [True] and saved["excluded"] == 1
     # the local cases count as seen by the adapted run: evaluate refuses them like training data
     splits = pd.read_csv(auto_run.run_dir / "splits.csv")
-    assert splits["path"].isin(pd.read_csv(site)["path"].map(lambda p: str(site.parent / p))).sum() == 32
+    assert splits["path"].isin(_absolute(signed)["path"]).sum() == 32
 
 
 def test_adapted_run_predicts_and_refuses_the_local_cases_in_evaluate(auto_run, site: Path, tmp_path: Path):
     predictor = Predictor.from_run(auto_run.run_dir)
-    paths = pd.read_csv(site)["path"].map(lambda p: str(site.parent / p)).tolist()[:4]
+    paths = _absolute(site)["path"].tolist()[:4]
     predictions = predictor.predict(paths)
     assert all(p.error is None and 0 <= p.p_covid <= 1 for p in predictions)
     assert predictor.calibration == load_checkpoint(auto_run.run_dir).calibration
@@ -107,32 +129,32 @@ def test_head_changes_only_the_head_weights(tiny_run: Path, site: Path, tmp_path
 
 
 def test_too_few_patients_names_how_many_are_needed(tiny_run: Path, site: Path, tmp_path: Path):
-    df = pd.read_csv(site)
-    df["path"] = df["path"].map(lambda p: str(site.parent / p))
+    df = _absolute(site)
     few = pd.concat([df[df["label"] == "covid"].head(2), df[df["label"] == "non_covid"]])  # one covid patient
     few.to_csv(tmp_path / "few.csv", index=False)
     with pytest.raises(ManifestError, match="at least 2 patients of each class"):
         adapt_run(tiny_run, tmp_path / "few.csv", tmp_path / "out", progress=False)
     df[df["label"] == "covid"].to_csv(tmp_path / "one_class.csv", index=False)
-    with pytest.raises(ManifestError, match="'non_covid': 0"):
+    with pytest.raises(ManifestError, match="one-class dataset"):
         adapt_run(tiny_run, tmp_path / "one_class.csv", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_local_data_and_outputs_are_refused(tiny_run: Path, site: Path, tmp_path: Path):
-    df = pd.read_csv(site)
-    df["path"] = df["path"].map(lambda p: str(site.parent / p))
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    bad = pd.concat([df, pd.DataFrame([{"path": str(broken), "label": "covid", "patient_id": "x"}])])
-    bad.to_csv(tmp_path / "bad.csv", index=False)
+def test_bad_local_data_and_outputs_are_refused(tiny_run: Path, site: Path, signed: Path, tmp_path: Path):
     with pytest.raises(ManifestError, match=r"broken\.png"):
-        adapt_run(tiny_run, tmp_path / "bad.csv", tmp_path / "out", progress=False)
-    df.assign(label="maybe").to_csv(tmp_path / "labels.csv", index=False)
+        adapt_run(tiny_run, signed, tmp_path / "out", strict=True, progress=False)
+    _absolute(site).assign(label="maybe").to_csv(tmp_path / "labels.csv", index=False)
     with pytest.raises(ManifestError, match="unknown label"):
         adapt_run(tiny_run, tmp_path / "labels.csv", tmp_path / "out", progress=False)
+    mixed = _absolute(site)
+    mixed.loc[0, "label"] = "non_covid" if mixed.loc[0, "label"] == "covid" else "covid"
+    mixed.to_csv(tmp_path / "mixed.csv", index=False)
+    with pytest.raises(ManifestError, match="carry both labels"):
+        adapt_run(tiny_run, tmp_path / "mixed.csv", tmp_path / "out", progress=False)
     with pytest.raises(ConfigError, match="the parent run itself"):
         adapt_run(tiny_run, site, tiny_run, overwrite=True, progress=False)
+    with pytest.raises(ConfigError, match="is a folder"):
+        adapt_run(tiny_run, site.parent, tmp_path / "out", progress=False)
     with pytest.raises(ConfigError, match="mode must be"):
         adapt_run(tiny_run, site, tmp_path / "out", mode="finetune", progress=False)  # type: ignore[arg-type]
 

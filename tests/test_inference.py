@@ -119,32 +119,41 @@ def test_manifest_gives_true_labels_and_patient_groups(loaded, cal, phantom_mani
     assert (df["group_label"] == np.where(df["group_p_covid"] >= cut, "covid", "non_covid")).all()
 
 
-def test_manifest_without_labels_is_a_clear_error(loaded, phantoms, tmp_path):
+def test_a_manifest_to_predict_needs_no_labels_and_a_missing_file_is_a_row(loaded, phantoms, tmp_path):
     csv = tmp_path / "list.csv"
-    pd.DataFrame({"path": [str(phantoms[0])]}).to_csv(csv, index=False)
-    with pytest.raises(ManifestError, match="label"):
-        predict(loaded, [csv], progress=False)
+    rows = {"path": [str(phantoms[0]), "gone.png"], "patient_id": ["p1", "p1"]}
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    df = predict(loaded, [csv], progress=False)
+    assert "true_label" not in df and 0 <= df["p_covid"].iloc[0] <= 1
+    assert "does not exist" in df["error"].iloc[1] and str(tmp_path / "gone.png") == df["path"].iloc[1]
+    assert df["group_n"].iloc[0] == 1  # the group counts the readable image only
+    no_path = tmp_path / "bad.csv"
+    pd.DataFrame({"file_name": ["x.png"]}).to_csv(no_path, index=False)
+    with pytest.raises(ManifestError, match="path column"):
+        predict(loaded, [no_path], progress=False)
 
 
-def test_dicom_series_gets_one_group_and_other_modality_is_flagged(loaded, phantoms, tmp_path):
+def test_dicom_series_gets_one_group_and_other_modality_is_refused(loaded, phantoms, tmp_path):
     series = tmp_path / "series"
     series.mkdir()
     for k, p in enumerate(phantoms[:3]):
         write_ct_dicom(series / f"slice{k}.dcm", gray(p), series="1.2.826.7", z=float(k))
     cr = write_ct_dicom(tmp_path / "chest.dcm", gray(phantoms[3]), series="1.2.826.8", modality="CR")
     df = predict(loaded, [series, cr], progress=False)
-    assert (df["error"] == "").all() and len(df) == 4
+    assert (df["error"].iloc[:3] == "").all() and len(df) == 4
     slices = df.iloc[:3]
     assert (slices["group_id"] == "1.2.826.7").all() and (slices["group_n"] == 3).all()
     assert slices["group_p_covid"].iloc[0] == pytest.approx(slices["p_covid"].mean())
     assert (slices["warnings"] == "").all()
-    assert df["warnings"].iloc[3].startswith("other_modality: DICOM Modality CR")
+    # A radiograph given to a CT model gets no probability and no label, only the reason.
+    assert "wrong_modality: DICOM Modality CR" in df["error"].iloc[3]
+    assert pd.isna(df["p_covid"].iloc[3]) and pd.isna(df["label"].iloc[3])
     # The DICOM slice predicts like the PNG it was made from (8-bit -> HU -> window round trip).
     png = predict(loaded, phantoms[:3], progress=False)
     np.testing.assert_allclose(slices["p_covid"], png["p_covid"], atol=2e-3)
 
 
-def test_warnings_for_tiny_blank_and_inverted_inputs(loaded, phantoms, tmp_path):
+def test_small_and_inverted_inputs_are_warned_blank_ones_refused(loaded, phantoms, tmp_path):
     image = gray(phantoms[0])
     cv2.imwrite(str(tmp_path / "tiny.png"), cv2.resize(image, (100, 90), interpolation=cv2.INTER_AREA))
     cv2.imwrite(str(tmp_path / "blank.png"), np.full((256, 256), 128, np.uint8))
@@ -154,8 +163,11 @@ def test_warnings_for_tiny_blank_and_inverted_inputs(loaded, phantoms, tmp_path)
     df.index = [Path(p).stem for p in df["path"]]
     codes = df["warnings"].map(lambda w: [part.split(":")[0] for part in w.split("; ") if part])
     assert codes["tiny"][0] == "tiny" and "90x100" in df.loc["tiny", "warnings"]
-    assert codes["blank"] == ["blank"] and codes["inverted"] == ["inverted"] and codes["normal"] == []
-    assert df["p_covid"].notna().all()  # warnings never stop a prediction
+    assert codes["inverted"] == ["inverted"] and codes["normal"] == []
+    # warnings never stop a prediction; a refusal always does: no probability, no label, the reason
+    assert df.loc[["tiny", "inverted", "normal"], "p_covid"].notna().all()
+    assert pd.isna(df.loc["blank", "p_covid"]) and pd.isna(df.loc["blank", "label"])
+    assert "constant" in df.loc["blank", "error"]
 
 
 def test_csv_and_json_round_trip(loaded, phantom_manifest, tmp_path):

@@ -140,7 +140,7 @@ def test_paper_protocol_resplits_by_image(phantom_manifest: Path, tmp_path: Path
     assert "not by patient" in (tmp_path / "run" / "report.md").read_text()
 
 
-def test_unreadable_training_image_is_named(phantom_manifest: Path, tmp_path: Path):
+def test_unreadable_training_image_is_left_out_and_listed(phantom_manifest: Path, tmp_path: Path):
     df = pd.read_csv(phantom_manifest)
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
@@ -149,8 +149,15 @@ def test_unreadable_training_image_is_named(phantom_manifest: Path, tmp_path: Pa
     manifest = tmp_path / "m.csv"
     df.to_csv(manifest, index=False)
     cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=1"])
-    with pytest.raises(ManifestError, match=r"broken\.png"):
-        train_experiment(cfg, manifest, tmp_path / "run", progress=False)
+    with pytest.raises(ManifestError, match=r"--strict.*broken\.png"):
+        train_experiment(cfg, manifest, tmp_path / "strict", strict=True, progress=False)
+    assert not (tmp_path / "strict").exists()
+    # Without --strict the file is left out, and said so in the run directory and the report.
+    train_experiment(cfg, manifest, tmp_path / "run", progress=False)
+    excluded = pd.read_csv(tmp_path / "run" / "excluded.csv")
+    assert excluded["path"].tolist() == [str(bad)] and excluded["status"].tolist() == ["unreadable"]
+    assert str(bad) not in set(pd.read_csv(tmp_path / "run" / "splits.csv")["path"])
+    assert "1 image was left out" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_prepared_image_keeps_the_original_and_its_lung_mask():

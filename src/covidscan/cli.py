@@ -62,6 +62,9 @@ preprocess_app = typer.Typer(help="Inspect preprocessing (CLAHE, lung crop).", n
 app.add_typer(data_app, name="data")
 app.add_typer(preprocess_app, name="preprocess")
 
+Strict = Annotated[
+    bool, typer.Option(help="Stop when any image is unreadable or refused, instead of leaving it out.")
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable)."),
@@ -74,6 +77,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -82,6 +90,7 @@ def _root(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
 ) -> None:
     logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
+    warnings.showwarning = _show_warning
 
 
 def _progress() -> bool:
@@ -102,18 +111,38 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 
 # ---------------------------------------------------------------- data
+Modality = Annotated[
+    str | None,
+    typer.Option(help="ct or cxr: the quality gate judges images for that kind of model (default: either)."),
+]
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Folder with one subfolder per class (covid/, normal/, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+    patient_from: Annotated[
+        str | None,
+        typer.Option(help="Fill patient_id from: dicom (DICOM PatientID), folder (class/patient/file), or "
+                     "regex:PATTERN with a (?P<patient>...) group matched in the file name."),
+    ] = None,
+    modality: Modality = None,
 ) -> None:
-    """Build a manifest CSV from class subfolders."""
-    from covidscan.data import scan_dataset, write_manifest
+    """Build a manifest CSV from class subfolders; files the quality gate refuses are listed, not kept."""
+    from covidscan.data import scan_dataset, write_manifest, write_quality
 
-    df = scan_dataset(root)
+    df = scan_dataset(root, patient_from=patient_from, modality=modality)
     write_manifest(df, out)
     counts = df["label"].value_counts().to_dict()
-    out_console.print(f"wrote {out} ({_n(len(df), 'image')}: {counts})")
+    patients = df["patient_id"].nunique()
+    out_console.print(f"wrote {out} ({_n(len(df), 'image')}: {counts}; "
+                      + (f"{patients} patients)" if patients else "no patient ids: see --patient-from)"))
+    quality = df.attrs["quality"]
+    if quality:
+        listed = write_quality(quality, out.with_name(out.stem + ".quality.csv"))
+        statuses = {s: sum(q["status"] == s for q in quality) for s in ("unreadable", "refused", "doubtful")}
+        out_console.print(f"quality: {statuses['unreadable']} unreadable and {statuses['refused']} refused "
+                          f"(left out), {statuses['doubtful']} doubtful (kept); every one listed in {listed}")
 
 
 @data_app.command("split")
@@ -128,7 +157,10 @@ def data_split(
     resplit: Annotated[bool, typer.Option(help="Ignore an existing split column.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("split.csv"),
 ) -> None:
-    """Split a manifest into train/val/test, grouped by patient and stratified by label."""
+    """Split a manifest into train/val/test, grouped by patient and stratified by label.
+
+    A one-class dataset or patients carrying both labels are reported (train refuses them).
+    """
     from covidscan.data import read_manifest, split_manifest, write_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
@@ -147,12 +179,13 @@ def data_audit(
         int, typer.Option(help="Max Hamming distance (of 256 dHash bits) for a near-duplicate.")
     ] = 14,
     patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
+    modality: Modality = None,
 ) -> None:
-    """Audit leakage: patients across splits, exact/near duplicates, class balance, shortcut signals."""
+    """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
-    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress())
+    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress(), modality=modality)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     out_console.print(format_audit(report))
@@ -210,6 +243,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    strict: Strict = False,
 ) -> None:
     """Train and evaluate one experiment; writes a run directory with report.md."""
     from covidscan.config import load_config
@@ -217,7 +251,7 @@ def train(
     from covidscan.training import train_experiment
 
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out, overwrite=overwrite, progress=_progress())
+    result = train_experiment(cfg, data, out, overwrite=overwrite, strict=strict, progress=_progress())
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -239,6 +273,7 @@ def evaluate(
     allow_overlap: Annotated[
         bool, typer.Option(help="Evaluate even on images the run was trained or validated on (inflated!).")
     ] = False,
+    strict: Strict = False,
 ) -> None:
     """Evaluate a trained run on any dataset with the run's own threshold and calibration.
 
@@ -248,11 +283,13 @@ def evaluate(
     from covidscan.inference import evaluate_many, evaluate_run
 
     if len(data) > 1:
-        table = evaluate_many(run, data, out, split=split, allow_overlap=allow_overlap, progress=_progress())
+        table = evaluate_many(run, data, out, split=split, allow_overlap=allow_overlap, strict=strict,
+                              progress=_progress())
         out_console.print(table.read_text(encoding="utf-8"))
         out_console.print(f"table: {table}")
         return
-    metrics = evaluate_run(run, data[0], out, split=split, allow_overlap=allow_overlap, progress=_progress())
+    metrics = evaluate_run(run, data[0], out, split=split, allow_overlap=allow_overlap, strict=strict,
+                           progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
 
@@ -273,12 +310,13 @@ def adapt(
     ] = False,
     folds: Annotated[int, typer.Option(help="Patient-grouped cross-validation folds (at most).")] = 5,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    strict: Strict = False,
 ) -> None:
     """Adapt a run to a new site from its labelled cases; reports what each mode gains, out of fold."""
     from covidscan.training.adapt import adapt_run, format_comparison
 
     result = adapt_run(run, data, out, mode=mode, mix_original=mix_original, folds=folds,
-                       overwrite=overwrite, progress=_progress())
+                       overwrite=overwrite, strict=strict, progress=_progress())
     out_console.print(format_comparison(result.compared, result.mode))
     out_console.print(f"run: {result.run_dir}; report: {result.run_dir / 'report.md'}")
 
@@ -334,9 +372,10 @@ def predict(
     ok = df["error"] == ""
     counts = df.loc[ok, "label"].value_counts().to_dict()
     warned = int((ok & (df["warnings"] != "")).sum())
+    refused = int(df["error"].str.startswith("refused image").sum())
     out_console.print(
         f"{_n(len(df), 'image')}: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
-        f"{warned} with warnings, {int((~ok).sum())} not predicted"
+        f"{warned} with warnings; not predicted: {refused} refused, {int((~ok).sum()) - refused} unreadable"
     )
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
         console.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
@@ -369,17 +408,11 @@ def demo(
     out_console.print(f"report: {report}")
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
-
-
 def main() -> None:
     """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(
         level=logging.INFO, format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
-    warnings.showwarning = _show_warning
     keep_freed_memory()
     app(prog_name="covidscan")

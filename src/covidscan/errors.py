@@ -14,6 +14,7 @@ answers with (the command line prints ``error: <message>`` and exits 2 for all o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -27,28 +28,33 @@ class InputError(CovidscanError):
     """An input image is unusable: unreadable, or refused by the quality gate."""
 
     http_status = 422
-
-
-class ImageReadError(InputError):
-    """An image or DICOM file could not be read (missing, empty, corrupt, truncated, unsupported)."""
+    _verb = "unusable image"  # how the message starts; each subclass says what went wrong
 
     def __init__(self, path: str | Path, reason: str, hint: str | None = None) -> None:
         self.path = Path(path)
         self.reason = reason
         self.hint = hint
-        message = f"cannot read image {self.path}: {reason}"
+        message = f"{self._verb} {self.path}: {reason}"
         if hint:
             message += f" ({hint})"
         super().__init__(message)
 
 
-class ImageRefusedError(InputError):
-    """An image was read but is unfit for the model (blank, wrong modality, too large, ...)."""
+class ImageReadError(InputError):
+    """An image or DICOM file could not be read (missing, empty, corrupt, truncated, unsupported)."""
 
-    def __init__(self, path: str | Path, reasons: list[str]) -> None:
-        self.path = Path(path)
-        self.reasons = list(reasons)
-        super().__init__(f"refused {self.path}: {'; '.join(self.reasons)}")
+    _verb = "cannot read image"
+
+
+class ImageRefusedError(InputError):
+    """An image (or its header) was read but is unfit for the model: ``reasons`` are ``"code: details"``."""
+
+    _verb = "refused image"
+
+    def __init__(self, path: str | Path, reasons: Sequence[str], hint: str | None = None) -> None:
+        self.reasons = tuple(reasons)
+        self.codes = tuple(r.split(":", 1)[0] for r in self.reasons)
+        super().__init__(path, "; ".join(self.reasons), hint)
 
 
 class ConfigError(CovidscanError):

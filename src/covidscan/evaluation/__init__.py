@@ -36,7 +36,7 @@ from covidscan.evaluation.metrics import (
     point_metrics,
 )
 from covidscan.evaluation.report import format_metrics_table, format_value_ci, write_report
-from covidscan.evaluation.reporting import write_evaluation
+from covidscan.evaluation.reporting import excluded_notes, write_evaluation
 from covidscan.evaluation.schema import (
     MetricsSchemaError,
     read_metrics,
@@ -63,6 +63,7 @@ __all__ = [
     "evaluate_calibrated",
     "evaluate_from_logits",
     "evaluate_predictions",
+    "excluded_notes",
     "expected_calibration_error",
     "fit_temperature",
     "format_metrics_table",

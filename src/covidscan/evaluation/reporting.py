@@ -61,3 +61,15 @@ def write_evaluation(
         config=config,
         notes=notes or [],
     )
+
+
+def excluded_notes(excluded: list[dict[str, str]], *, listed_in: str = "excluded.csv") -> list[str]:
+    """Report lines for images the quality gate left out (none when nothing was)."""
+    if not excluded:
+        return []
+    refused = sum(e["status"] == "refused" for e in excluded)
+    shown = "; ".join(e["reason"] for e in excluded[:5]) + ("; ..." if len(excluded) > 5 else "")
+    n = len(excluded)
+    images = "1 image was" if n == 1 else f"{n} images were"
+    return [f"WARNING: {images} left out ({refused} refused by the quality gate, {n - refused} unreadable), "
+            f"every one listed in {listed_in}: {shown}"]

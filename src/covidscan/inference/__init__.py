@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from covidscan.inference.checks import input_warnings
 from covidscan.inference.evaluate import evaluate_many, evaluate_run
 from covidscan.inference.predict import (
     check_output,
@@ -23,7 +22,6 @@ __all__ = [
     "collect_inputs",
     "evaluate_many",
     "evaluate_run",
-    "input_warnings",
     "predict",
     "prediction_table",
     "write_predictions",

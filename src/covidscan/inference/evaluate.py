@@ -13,7 +13,13 @@ import pandas as pd
 from covidscan.config import load_config
 from covidscan.data import read_manifest
 from covidscan.errors import ConfigError, InputError, ManifestError
-from covidscan.evaluation import evaluate_calibrated, format_value_ci, to_jsonable, write_evaluation
+from covidscan.evaluation import (
+    evaluate_calibrated,
+    excluded_notes,
+    format_value_ci,
+    to_jsonable,
+    write_evaluation,
+)
 from covidscan.inference.predictor import Predictor
 from covidscan.io import pixel_hash, read_image
 from covidscan.preprocess import prepare_manifest
@@ -69,6 +75,7 @@ def evaluate_run(
     *,
     split: str | None = None,
     allow_overlap: bool = False,
+    strict: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a trained run on a manifest or folder (e.g. an external test set) with its own threshold.
@@ -76,7 +83,8 @@ def evaluate_run(
     Images are prepared and scored exactly as ``covidscan predict`` does (one :class:`Predictor`).
     ``split`` picks rows of a manifest that has a split column (default: ``test`` when there is one,
     otherwise every row). Data that share images (same path or same decoded pixels) with the run's
-    training or validation split are refused, unless ``allow_overlap`` (then the report says so).
+    training or validation split are refused, unless ``allow_overlap`` (then the report says so). Images
+    the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error instead).
     Writes metrics.json, predictions.csv, figures and report.md into ``out``.
     """
     predictor = Predictor.from_run(run_dir, engine="torch")
@@ -92,7 +100,7 @@ def evaluate_run(
             raise ManifestError(f"{data} has no rows in split {split!r}")
     checkpoint = predictor.checkpoint
     prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress,
-                                fingerprint=True)
+                                fingerprint=True, strict=strict)
     overlap = training_overlap(predictor.run_dir, prepared.paths, prepared.pixel_hashes or [])
     if overlap and not allow_overlap:
         raise _overlap_error(data, overlap, len(prepared))
@@ -101,13 +109,16 @@ def evaluate_run(
         predictor.calibration, prepared.labels, z, groups_test=prepared.groups,
         n_boot=cfg.evaluation.n_bootstrap, seed=cfg.train.seed,
     )
-    notes = []
+    notes = excluded_notes(prepared.excluded)
+    metrics["excluded"] = len(prepared.excluded)
     if overlap:
         metrics["overlap_with_training"] = overlap
         notes.append(f"WARNING: {len(overlap)} of {len(prepared)} images were in the run's own training or "
                      "validation data (evaluated anyway, --allow-overlap): the figures below are inflated.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if prepared.excluded:
+        pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
     title = f"{cfg.name} on {data}" + (f" ({split})" if split else "")
     write_evaluation(out, metrics, prepared, predictor.calibration.proba(z), title=title,
                      config=cfg.model_dump(mode="json"), notes=notes)
@@ -145,13 +156,14 @@ def evaluate_many(
     *,
     split: str | None = None,
     allow_overlap: bool = False,
+    strict: bool = False,
     progress: bool = True,
 ) -> Path:
     """:func:`evaluate_run` on several external sets: ``out/NAME/`` per set plus ``table.md``/``table.json``.
 
-    The table has one row per set: images, patients, accuracy, sensitivity, specificity and ROC AUC with
-    95% CIs, and an OOD-share column that stays empty until runs carry an out-of-distribution score.
-    Returns the path of ``table.md``.
+    The table has one row per set: images (those the quality gate kept), patients, accuracy, sensitivity,
+    specificity and ROC AUC with 95% CIs, and an OOD-share column that stays empty until runs carry an
+    out-of-distribution score. Returns the path of ``table.md``.
     """
     paths = [Path(d) for d in datasets]
     if not paths:
@@ -159,7 +171,7 @@ def evaluate_many(
     out = Path(out)
     rows = [
         _table_row(name, data, evaluate_run(run_dir, data, out / name, split=split,
-                                            allow_overlap=allow_overlap, progress=progress))
+                                            allow_overlap=allow_overlap, strict=strict, progress=progress))
         for name, data in zip(_set_names(paths), paths, strict=True)
     ]
     text = json.dumps(to_jsonable({"run": str(run_dir), "sets": rows}), indent=2, allow_nan=False)

@@ -43,10 +43,10 @@ def collect_inputs(inputs: str | Path | Sequence[str | Path]) -> list[InputItem]
             items += [InputItem(str(p)) for p in found] or [InputItem(str(path), error=(
                 f"no images found in folder {path} (PNG, JPEG, BMP, TIFF or DICOM files)"))]
         elif path.suffix.lower() == ".csv" and path.is_file():
-            df = read_manifest(path)
+            df = read_manifest(path, for_prediction=True)
             groups = df["patient_id"] if "patient_id" in df else [None] * len(df)
             items += [
-                InputItem(p, None if pd.isna(g) else str(g), label)
+                InputItem(p, None if pd.isna(g) else str(g), None if pd.isna(label) else label)
                 for p, g, label in zip(df["path"], groups, df["label"], strict=True)
             ]
         else:

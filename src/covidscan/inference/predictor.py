@@ -8,7 +8,6 @@ rename. A loaded Predictor is safe to share between threads.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import threading
@@ -24,8 +23,8 @@ import torch
 
 from covidscan.errors import ConfigError, InputError
 from covidscan.evaluation import Calibration
-from covidscan.inference.checks import input_warnings
-from covidscan.io import LoadedImage, read_image
+from covidscan.io import LoadedImage, QualityLimits, assess, read_image
+from covidscan.io.quality import MODEL_MODALITIES
 from covidscan.models import Classifier, FastClassifier, bf16_supported, binary_logits
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
 from covidscan.runs import Checkpoint, load_run
@@ -119,6 +118,7 @@ class Predictor:
         device: torch.device,
         batch_size: int = 32,
         workers: int = 2,
+        limits: QualityLimits | None = None,
     ) -> None:
         if batch_size < 1 or workers < 1:
             raise ConfigError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
@@ -130,6 +130,7 @@ class Predictor:
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
+        self.limits = limits or QualityLimits()
         self._forward = forward
         self._cam_lock = threading.Lock()  # Grad-CAM hooks the shared fp32 model: one explanation at a time
 
@@ -203,20 +204,26 @@ class Predictor:
     # ------------------------------------------------------------------ stages
     def load(self, source: Source) -> LoadedImage:
         """Decode a path, bytes, ``(name, bytes)`` or a binary file object (InputError when unreadable)."""
-        if isinstance(source, (str, Path)):
-            return read_image(source)
         if isinstance(source, tuple):
             name, data = source
-            return read_image(io.BytesIO(data), name=name)
-        if isinstance(source, bytes):
-            return read_image(io.BytesIO(source), name="<bytes>")
-        return read_image(source, name=_source_name(source))
+            return read_image(data, name=name, limits=self.limits)
+        return read_image(source, limits=self.limits)
 
     def prepare(self, image: LoadedImage, *, keep_original: bool = False) -> PreparedImage:
-        """Preprocess a decoded image as the run was trained, with the input checks' warnings attached."""
+        """Preprocess a decoded image as the run was trained, with the quality gate's warnings attached.
+
+        Raises ImageRefusedError when the gate (:func:`covidscan.io.assess`) refuses the image for this
+        run's modality: such an image gets no probability and no label.
+        """
+        report = assess(image, self.modality, self.limits)
+        report.raise_if_refused()
         prepared = prepare_image(image, self.checkpoint.preprocess, self.checkpoint.input_size,
                                  keep_original=keep_original)
-        found = input_warnings(image.pixels, image.meta, prepared.lungs_found, self.modality)
+        found = list(report.warnings)
+        if prepared.lungs_found is False:
+            kind = MODEL_MODALITIES[self.modality]
+            found.append(f"no_lungs: the lung finder found no lungs (not like the {kind} the model was "
+                         "trained on?), the whole image was used")
         return replace(prepared, warnings=tuple(found))
 
     def batch(self, prepared: Sequence[PreparedImage] | np.ndarray) -> torch.Tensor:

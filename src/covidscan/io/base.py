@@ -26,6 +26,20 @@ class ImageMeta:
     series_uid: str | None = None  # DICOM SeriesInstanceUID
     instance_number: int | None = None
     slice_position: float | None = None  # position along the slice normal (z for axial slices)
+    body_part: str | None = None  # DICOM BodyPartExamined ("CHEST", "HEAD", ...)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, read without decoding its pixels (see ``check_header``)."""
+
+    path: Path
+    format: str
+    height: int
+    width: int
+    frames: int = 1
+    modality: str | None = None
+    body_part: str | None = None
 
 
 # eq=False: comparing or hashing the pixel array field-wise is ambiguous for numpy, so identity it is.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from covidscan import CLASSES
-from covidscan.errors import InputError, ManifestError
-from covidscan.io import ImageMeta, LoadedImage, pixel_hash, read_image
+from covidscan.errors import ImageRefusedError, InputError, ManifestError
+from covidscan.io import ImageMeta, LoadedImage, assess, pixel_hash, read_image
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
 
 
@@ -53,6 +53,8 @@ class PreparedSet:
     paths: list[str]
     lungs_found: list[bool | None]
     pixel_hashes: list[str | None] | None = None
+    rows: np.ndarray | None = None  # positions of these images in the manifest they came from
+    excluded: list[dict[str, str]] = field(default_factory=list)  # manifest rows left out, and why
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -72,6 +74,7 @@ class PreparedSet:
             paths=[self.paths[i] for i in idx],
             lungs_found=[self.lungs_found[i] for i in idx],
             pixel_hashes=None if self.pixel_hashes is None else [self.pixel_hashes[i] for i in idx],
+            rows=None if self.rows is None else self.rows[idx],
         )
 
 
@@ -128,14 +131,17 @@ def prepare_paths(
     desc: str = "preprocess",
     fingerprint: bool = False,
 ) -> tuple[list[PreparedImage | None], list[InputError]]:
-    """Read and prepare many files in threads (OpenCV and the decoders release the GIL).
+    """Read, check and prepare many files in threads (OpenCV and the decoders release the GIL).
 
-    Returns one entry per path (None where it failed) and the errors of the files that failed.
+    Every image passes the quality gate (:func:`covidscan.io.assess` for ``cfg.modality``) first. Returns
+    one entry per path (None where it failed) and the errors of the files that were unreadable or refused.
     """
 
     def work(path: str) -> PreparedImage | InputError:
         try:
-            return prepare_image(read_image(path), cfg, size, fingerprint=fingerprint)
+            loaded = read_image(path)
+            assess(loaded, cfg.modality).raise_if_refused()
+            return prepare_image(loaded, cfg, size, fingerprint=fingerprint)
         except InputError as exc:
             return exc
 
@@ -156,8 +162,11 @@ def prepare_manifest(
     workers: int = 2,
     progress: bool = True,
     fingerprint: bool = False,
+    strict: bool = False,
 ) -> PreparedSet:
-    """Prepare every row of a manifest; any unreadable file stops with an error listing them all.
+    """Prepare every row of a manifest. Unreadable or refused images are left out and listed in
+    ``excluded`` (``path``, ``status``: unreadable or refused, ``reason``); ``strict`` makes any of them an
+    error listing them all. ``rows`` are the kept rows' positions in ``df``.
 
     ``fingerprint`` keeps each decoded image's pixel hash (to compare data sets without decoding again).
     """
@@ -168,20 +177,30 @@ def prepare_manifest(
         raise ManifestError(f"labels {bad} are not among {list(CLASSES)}")
     prepared, errors = prepare_paths(paths, cfg, size, workers=workers, progress=progress,
                                      fingerprint=fingerprint)
-    if errors:
-        listing = "\n  ".join(str(e) for e in errors[:10])
-        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+    excluded = [
+        {"path": str(e.path), "status": "refused" if isinstance(e, ImageRefusedError) else "unreadable",
+         "reason": str(e)}
+        for e in errors
+    ]
+    if excluded and (strict or len(excluded) == len(paths)):
+        listing = "\n  ".join(e["reason"] for e in excluded[:10])
+        more = f"\n  ... and {len(excluded) - 10} more" if len(excluded) > 10 else ""
+        why = "--strict makes any of them an error" if strict else "none is left"
         raise ManifestError(
-            f"{len(errors)} of {len(paths)} images could not be read; fix or remove them from the "
-            f"manifest and run again:\n  {listing}{more}"
+            f"{len(excluded)} of {len(paths)} images could not be read or were refused ({why}); fix or "
+            f"remove them from the manifest and run again:\n  {listing}{more}"
         )
+    rows = np.array([i for i, p in enumerate(prepared) if p is not None], dtype=np.int64)
+    images = [prepared[i] for i in rows]
     pids = df["patient_id"] if "patient_id" in df else pd.Series([None] * len(df), index=df.index)
-    images = [p for p in prepared if p is not None]
+    pid_list = [None if pd.isna(p) or p == "" else str(p) for p in pids]
     return PreparedSet(
-        images=np.stack([p.pixels for p in images]) if images else np.zeros((0, *size), np.float32),
-        labels=labels.to_numpy(dtype=np.int64),
-        patient_ids=[None if pd.isna(p) or p == "" else str(p) for p in pids],
-        paths=paths,
+        images=np.stack([p.pixels for p in images]),
+        labels=labels.to_numpy(dtype=np.int64)[rows],
+        patient_ids=[pid_list[i] for i in rows],
+        paths=[paths[i] for i in rows],
         lungs_found=[p.lungs_found for p in images],
         pixel_hashes=[p.pixel_hash for p in images] if fingerprint else None,
+        rows=rows,
+        excluded=excluded,
     )

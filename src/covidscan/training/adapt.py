@@ -29,9 +29,15 @@ from torch import nn
 
 from covidscan import CLASSES
 from covidscan.config import ExperimentConfig
-from covidscan.data import read_manifest
+from covidscan.data import check_trainable, read_manifest
 from covidscan.errors import ConfigError, ManifestError
-from covidscan.evaluation import Calibration, evaluate_predictions, format_value_ci, write_evaluation
+from covidscan.evaluation import (
+    Calibration,
+    evaluate_predictions,
+    excluded_notes,
+    format_value_ci,
+    write_evaluation,
+)
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
 from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_run, save_run
 from covidscan.training.engine import CachedFeatures, embed, fit
@@ -92,9 +98,8 @@ def _folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tup
     return list(splitter.split(np.zeros(len(y)), y, groups))
 
 
-def _read_local(data: str | Path, parent: LoadedRun) -> pd.DataFrame:
-    """The local manifest, refused when it has too few patients of a class to cross-validate."""
-    df = read_manifest(data, patient_column=parent.config.data.patient_column)  # refuses unknown labels
+def _check_patients(df: pd.DataFrame, data: Path) -> None:
+    """Refuse local cases with too few patients of a class to cross-validate."""
     y = df["label"].map(CLASSES.index).to_numpy(dtype=np.int64)
     groups, has_patients = _groups(df)
     counts = _patient_counts(y, groups)
@@ -104,6 +109,13 @@ def _read_local(data: str | Path, parent: LoadedRun) -> pd.DataFrame:
             f"{data} has {counts} {unit}: adapting needs at least {MIN_PATIENTS_PER_CLASS} patients of each "
             "class to cross-validate, and a few dozen to gain anything; collect more signed cases first"
         )
+
+
+def _read_local(data: Path, parent: LoadedRun) -> pd.DataFrame:
+    """The local manifest: known labels, one label per patient, enough patients of each class."""
+    df = read_manifest(data, patient_column=parent.config.data.patient_column)  # refuses unknown labels
+    check_trainable(df.drop(columns="split", errors="ignore"))  # any split column is not used here
+    _check_patients(df, data)
     return df
 
 
@@ -114,11 +126,16 @@ def _groups(df: pd.DataFrame) -> tuple[np.ndarray, bool]:
     return df["path"].to_numpy(), False
 
 
-def _prepare_local(df: pd.DataFrame, parent: LoadedRun, progress: bool) -> _Local:
-    """Prepare the local cases as the parent was trained, and embed them with its frozen backbone."""
+def _prepare_local(df: pd.DataFrame, data: Path, parent: LoadedRun, strict: bool, progress: bool) -> _Local:
+    """Prepare the local cases as the parent was trained (the quality gate may leave some out), and embed
+    them with its frozen backbone."""
     checkpoint = parent.checkpoint
-    prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress)
-    groups, has_patients = _groups(df)
+    prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress,
+                                strict=strict)
+    kept = df.iloc[prepared.rows].reset_index(drop=True)
+    if prepared.excluded:
+        _check_patients(kept, data)
+    groups, has_patients = _groups(kept)
     return _Local(prepared, _embed(parent, prepared, progress, "local features"), prepared.labels, groups,
                   has_patients)
 
@@ -159,6 +176,43 @@ def _head_logits(head: nn.Module, features: torch.Tensor) -> np.ndarray:
     head.eval()
     logits = head(features)
     return (logits[:, 1] - logits[:, 0]).numpy().astype(np.float64)
+
+
+@dataclass
+class OutOfFold:
+    """Out-of-fold binary logits with the temperature and image threshold of the fold that scored each."""
+
+    z: np.ndarray
+    temperature: np.ndarray
+    threshold: np.ndarray
+
+    @property
+    def p_labels(self) -> np.ndarray:
+        """Calibrated probabilities re-centred on their fold's threshold: one cut at 0.5 gives every fold's
+        labels (a shift of the logit, written out so that p near 0 or 1 stays finite)."""
+        return expit(self.z / self.temperature - logit(self.threshold))
+
+    def metrics(self, y: np.ndarray, groups: np.ndarray | None, n_boot: int, seed: int,
+                aggregate: str) -> dict[str, Any]:
+        """metrics.json of the pooled folds, each figure from the scores it is about.
+
+        Labels (accuracy, sensitivity, ...) are each fold's own, at its threshold; ROC and PR AUC rank the
+        logits, so that modes sharing the parent's logits (parent, recalibrate) rank identically instead of
+        differing by how each fold happened to shift them; ECE and Brier are of the calibrated
+        probabilities each fold would have served.
+        """
+        def run(p: np.ndarray) -> dict[str, Any]:
+            return evaluate_predictions(y, p, threshold=0.5, groups=groups, n_boot=n_boot, seed=seed,
+                                        aggregate=aggregate)
+
+        result = run(self.p_labels)
+        swaps = {("roc_auc", "pr_auc"): run(expit(self.z)),
+                 ("ece", "brier"): run(expit(self.z / self.temperature))}
+        for names, other in swaps.items():
+            for block, source in ((result, other), (result["patient_level"], other["patient_level"])):
+                if block is not None:
+                    block["metrics"] |= {name: source["metrics"][name] for name in names}
+        return result
 
 
 class _Adapter:
@@ -229,21 +283,16 @@ class _Adapter:
                                              self.local.features[idx[held_out]])
         return z, self.calibrate(z_inner, idx), head
 
-    def out_of_fold(self, mode: str, splits: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-        """Every local image's probability from ``mode`` fitted without its patient.
-
-        Each fold's calibrated probability is re-centred on that fold's own image threshold (a shift of
-        the logit), so that one cut at 0.5 reproduces every fold's labels and the pooled metrics are those
-        of the labels the site would have seen.
-        """
+    def out_of_fold(self, mode: str, splits: list[tuple[np.ndarray, np.ndarray]]) -> OutOfFold:
+        """Every local image scored by ``mode`` fitted (and calibrated) without its patient."""
         fitter = self.fitter(mode)
-        p = np.empty(len(self.local.labels))
+        n = len(self.local.labels)
+        z, temperature, cut = np.empty(n), np.empty(n), np.empty(n)
         for train, test in splits:
-            z, calibration, _ = fitter(train)
-            cut = np.clip(calibration.threshold, 1e-6, 1 - 1e-6)
-            # logit(calibration.proba(z)) is z / temperature, written out so that p near 0 or 1 stays finite
-            p[test] = expit(z[test] / calibration.temperature - logit(cut))
-        return p
+            z_all, calibration, _ = fitter(train)
+            z[test], temperature[test] = z_all[test], calibration.temperature
+            cut[test] = np.clip(calibration.threshold, 1e-6, 1 - 1e-6)
+        return OutOfFold(z, temperature, cut)
 
 
 def choose_mode(compared: dict[str, dict[str, Any]]) -> str:
@@ -298,6 +347,7 @@ def adapt_run(
     folds: int = 5,
     seed: int = 0,
     overwrite: bool = False,
+    strict: bool = False,
     progress: bool = True,
 ) -> AdaptResult:
     """Adapt the run in ``run_dir`` to the labelled cases in ``data``; write the adapted run to ``out``.
@@ -308,6 +358,7 @@ def adapt_run(
     head and, when the parent's training images are readable, head+original). Every mode compared is
     reported out of fold with patient-bootstrap CIs (metrics.json, report.md); the chosen one is then
     fitted on all local cases. The new run records its parent and the local data (``checkpoint.parent``).
+    Images the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error).
     """
     if mode not in ("auto", "recalibrate", "head"):
         raise ConfigError(f"mode must be auto, recalibrate or head, got {mode!r}")
@@ -324,9 +375,9 @@ def adapt_run(
         raise ConfigError(f"--out {out} is the parent run itself; write the adapted run to a new folder")
     df = _read_local(data, parent)
     _prepare_out(out, overwrite)
-    local = _prepare_local(df, parent, progress)
+    local = _prepare_local(df, data, parent, strict, progress)
 
-    notes: list[str] = []
+    notes = excluded_notes(local.prepared.excluded)
     original = None
     if mix_original or mode == "auto":
         try:
@@ -343,11 +394,9 @@ def adapt_run(
     p_oof = {}
     with _one_thread():
         for candidate in _modes(mode, mix_original, original is not None):
-            p_oof[candidate] = adapter.out_of_fold(candidate, splits)
-            compared[candidate] = evaluate_predictions(
-                local.labels, p_oof[candidate], threshold=0.5, groups=groups, n_boot=ev.n_bootstrap,
-                seed=seed, aggregate=ev.aggregate,
-            )
+            scored = adapter.out_of_fold(candidate, splits)
+            p_oof[candidate] = scored.p_labels
+            compared[candidate] = scored.metrics(local.labels, groups, ev.n_bootstrap, seed, ev.aggregate)
         chosen = choose_mode(compared) if mode == "auto" else next(iter(compared))
         _, calibration, head = adapter.fitter(chosen)(np.arange(len(local.labels)))
 
@@ -365,8 +414,11 @@ def adapt_run(
     verdict = _bf16_verdict(model, local.prepared, calibration, cfg.train.batch_size)
     save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage)
     _write_splits(parent, local, out)
+    if local.prepared.excluded:
+        pd.DataFrame(local.prepared.excluded).to_csv(out / "excluded.csv", index=False)
     notes += _notes(local, len(splits), chosen, mode, compared, calibration)
-    report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared}}
+    report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared},
+                                         "excluded": len(local.prepared.excluded)}
     report = write_evaluation(out, report_metrics, local.prepared, p_oof[chosen],
                               title=f"{cfg.name}: {chosen}, out of fold on {data}",
                               config=cfg.model_dump(mode="json"), notes=notes)
@@ -393,8 +445,9 @@ def _notes(local: _Local, n_folds: int, chosen: str, mode: str, compared: dict[s
         f"Local cases: {len(local.labels)} images {counts}; {n_folds}-fold cross-validation grouped by "
         f"{unit}. "
         "Every figure above is out of fold: each image was scored by a model (and calibration) fitted "
-        "without its patient, its probability re-centred on that fold's threshold (ECE and Brier are of "
-        "these re-centred values). The modes compared are tabled at the end of this report.",
+        "without its patient. Labels are each fold's own, at its threshold (so the threshold shown is 0.5 "
+        "on probabilities re-centred on it, as in the figures); ROC and PR AUC rank the logits; ECE and "
+        "Brier are of each fold's calibrated probabilities. The modes compared are tabled at the end.",
         f"Kept: {chosen}" + (" (best out-of-fold ROC AUC; within "
                              f"{AUC_TIE} the better balanced accuracy, then the simpler mode)."
                              if mode == "auto" else " (asked for)."),

@@ -14,9 +14,9 @@ import torch
 from torch.utils.data import Dataset
 
 from covidscan.config import ExperimentConfig
-from covidscan.data import read_manifest, split_manifest
+from covidscan.data import check_trainable, read_manifest, split_manifest
 from covidscan.errors import ConfigError, ManifestError
-from covidscan.evaluation import Calibration, evaluate_calibrated, write_evaluation
+from covidscan.evaluation import Calibration, evaluate_calibrated, excluded_notes, write_evaluation
 from covidscan.models import Bf16Verdict, Classifier, bf16_supported, bf16_verdict, build_model
 from covidscan.preprocess import (
     PreparedSet,
@@ -81,29 +81,35 @@ def train_experiment(
     out: str | Path,
     *,
     overwrite: bool = False,
+    strict: bool = False,
     progress: bool = True,
 ) -> TrainResult:
     """Split, preprocess, train, calibrate on validation, evaluate on test; write the run directory.
 
     Everything that can fail early (the data, the split, the weights) is checked before ``out`` is created,
-    so a failed start leaves no half-written run folder behind.
+    so a failed start leaves no half-written run folder behind. Images the quality gate refuses (or that
+    cannot be read) are left out and listed in ``excluded.csv`` and the report; ``strict`` makes any of
+    them an error instead.
     """
     out = Path(out)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     df = load_dataset(data, cfg)
-    splits = df["split"].to_numpy()
-    if not (splits == "train").any() or not (splits == "test").any():
-        raise ManifestError(
-            f"{data}: need train and test rows, found splits {sorted(set(splits))}; "
-            "check the split column or the ratios"
-        )
+    _check_splits(df, data)
     model = build_model(cfg.model)
     _prepare_out(out, overwrite)
     train_t, eval_t = _transforms(cfg, model)
-    prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress)
+    prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict)
+    if prepared.excluded:
+        log.warning("%d of %d images left out by the quality gate (listed in %s)", len(prepared.excluded),
+                    len(df), out / "excluded.csv")
+        df = df.iloc[prepared.rows].reset_index(drop=True)
+        _check_splits(df, data)
+    splits = df["split"].to_numpy()
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "splits.csv", index=False)
+    if prepared.excluded:
+        pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
     train_set, val_set, test_set = (prepared.subset(splits == s) for s in ("train", "val", "test"))
     has_val = len(val_set) > 0
     bs, seed = cfg.train.batch_size, cfg.train.seed
@@ -164,9 +170,20 @@ def train_experiment(
         title=f"{cfg.name}: test split",
         config=cfg.model_dump(mode="json"),
         history=result.history,
-        notes=_protocol_notes(cfg, df, has_val, result, calibration),
+        notes=_protocol_notes(cfg, df, has_val, result, calibration) + excluded_notes(prepared.excluded),
     )
     return TrainResult(out, metrics, result, calibration)
+
+
+def _check_splits(df: pd.DataFrame, data: str | Path) -> None:
+    """Both classes overall and in every split, no patient with both labels, train and test present."""
+    check_trainable(df)
+    splits = set(df["split"])
+    if not {"train", "test"} <= splits:
+        raise ManifestError(
+            f"{data}: need train and test rows, found splits {sorted(splits)}; check the split column or "
+            "the ratios (--set data.ratios=[0.7,0.15,0.15])"
+        )
 
 
 def _bf16_verdict(
