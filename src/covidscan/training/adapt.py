@@ -75,9 +75,13 @@ class _Local:
 
     prepared: PreparedSet
     features: torch.Tensor  # (N, D): the head's input, eval transform
-    labels: np.ndarray
     groups: np.ndarray  # patient ids, or one group per image when the manifest has none
     has_patients: bool
+
+    @property
+    def labels(self) -> np.ndarray:
+        """0/1 labels (1 = covid)."""
+        return self.prepared.labels
 
 
 # A fitted mode: the binary logits of every local image and the calibration to serve them with.
@@ -136,8 +140,7 @@ def _prepare_local(df: pd.DataFrame, data: Path, parent: LoadedRun, strict: bool
     if prepared.excluded:
         _check_patients(kept, data)
     groups, has_patients = _groups(kept)
-    return _Local(prepared, _embed(parent, prepared, progress, "local features"), prepared.labels, groups,
-                  has_patients)
+    return _Local(prepared, _embed(parent, prepared, progress, "local features"), groups, has_patients)
 
 
 def _embed(parent: LoadedRun, prepared: PreparedSet, progress: bool, desc: str) -> torch.Tensor:
