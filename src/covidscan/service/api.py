@@ -63,7 +63,7 @@ def healthz(request: Request) -> dict[str, Any]:
     db = request.app.state.db
     with db.session() as s:
         queued = s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running"))))
-    return {"status": "ok", "run": active_run(db), "queued": queued}
+        return {"status": "ok", "run": active_run(s), "queued": queued}
 
 
 @router.post("/api/v1/cases", status_code=201, response_model=CaseCreated, tags=["cases"])

@@ -58,7 +58,9 @@ def open_service(config: ServiceConfig) -> tuple[Database, BlobStore]:
         raise ConfigError(f"cannot create data folder {data_dir}: {exc.strerror}") from None
     db = Database(config.url)
     migrate(db.engine)
-    if config.run_dir is not None and active_run(db) != str(Path(config.run_dir).resolve()):
+    with db.session() as s:
+        current = active_run(s)
+    if config.run_dir is not None and current != str(Path(config.run_dir).resolve()):
         set_active_run(db, config.run_dir, actor="covidscan serve")
     return db, BlobStore(data_dir / "blobs")
 
@@ -70,7 +72,9 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db, store = open_service(config)
-        if active_run(db) is None:
+        with db.session() as s:
+            current = active_run(s)
+        if current is None:
             raise ConfigError(f"no run is active in {config.data_dir}; start with --run RUN")
         app.state.db, app.state.store = db, store
         worker = Worker(db, store, poll_seconds=config.poll_seconds) if config.worker else None

@@ -309,7 +309,7 @@ def _admin_page(
         events=events,
         chain=verify_chain(s),
         agreement=agreement_by_month(s),
-        run=active_run(request.app.state.db),
+        run=active_run(s),
         message=message,
         error=error,
     )

@@ -17,9 +17,9 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import selectinload
+from sqlalchemy.orm import Session, selectinload
 
-from covidscan.errors import CovidscanError
+from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import priority
 from covidscan.service.db import Database
@@ -44,17 +44,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def active_run(db: Database) -> str | None:
+def active_run(s: Session) -> str | None:
     """The run directory that predicts new cases (the ``active_run`` setting)."""
-    with db.session() as s:
-        row = s.get(Setting, "active_run")
-        return row.value if row else None
+    row = s.get(Setting, "active_run")
+    return row.value if row else None
 
 
 def set_active_run(db: Database, run_dir: str | Path, *, actor: str | None) -> str:
     """Switch the run in use (checked by loading it first); recorded in the audit log."""
     path = str(Path(run_dir).resolve())
-    Scorer(path)  # refuse a run that cannot be loaded before any worker tries it
+    try:
+        Scorer(path)  # refuse a run that cannot be loaded before any worker tries it
+    except CovidscanError as exc:
+        raise ConfigError(f"cannot switch to run {path}: {exc}") from None
     with db.session() as s:
         row = s.get(Setting, "active_run")
         old = row.value if row else None
@@ -80,7 +82,8 @@ class Worker:
 
     def scorer(self) -> Scorer:
         """The loaded model of the active run (loaded on first use and after a switch)."""
-        run = active_run(self.db)
+        with self.db.session() as s:
+            run = active_run(s)
         if run is None:
             raise CovidscanError("no run is active; start `covidscan serve --run RUN` or switch the model")
         if self._scorer is None or str(self._scorer.run_dir) != run:
