@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from service_helpers import png_bytes
@@ -169,3 +170,58 @@ def test_worklist_puts_uncertain_and_high_probability_pending_cases_first(servic
     assert all(r["status"] != "signed" for r in pending)
     reviewed = service.client.get("/api/v1/worklist?filter=reviewed", headers=service.auth("doctor")).json()
     assert reviewed and all(r["status"] == "signed" for r in reviewed)
+
+
+def test_export_lists_signed_covid_and_non_covid_originals_for_adapt(service, ct_slices) -> None:
+    from covidscan.data import read_manifest
+
+    signed = {
+        "p-exp-1": ("covid", ct_slices[0:2]),
+        "p-exp-2": ("non_covid", ct_slices[4:6]),
+        "p-exp-3": ("indeterminate", ct_slices[3:4]),
+        # slice 2 was signed covid (after an amendment) above: a non_covid reading now conflicts
+        "p-exp-4": ("non_covid", ct_slices[2:3]),
+    }
+    for patient, (finding, files) in signed.items():
+        case_id = service.upload("lab", files, patient_id=patient).json()["id"]
+        service.wait(case_id)
+        r = service.client.post(
+            f"/api/v1/cases/{case_id}/review",
+            headers=service.auth("doctor"),
+            json={"agree": finding == "covid", "finding": finding, "sign": True},
+        )
+        assert r.status_code == 200
+    export = service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("admin"))
+    assert export.headers["content-type"].startswith("text/csv")
+    lines = export.text.splitlines()
+    assert lines[0] == "path,label,patient_id"
+    rows = [line.split(",") for line in lines[1:]]
+    assert [r for r in rows if r[2] == "p-exp-1"] and all(r[1] == "covid" for r in rows if r[2] == "p-exp-1")
+    assert len([r for r in rows if r[2] == "p-exp-2"]) == 2
+    assert not [r for r in rows if r[2] == "p-exp-3"]  # indeterminate verdicts are not training labels
+    assert not [r for r in rows if r[2] == "p-exp-4"]
+    conflicting = hashlib.sha256(ct_slices[2][1]).hexdigest()
+    assert not [r for r in rows if conflicting in r[0]]
+    assert all(Path(r[0]).is_file() for r in rows)
+    manifest = service.data_dir / "verdicts.csv"
+    manifest.write_text(export.text, encoding="utf-8")
+    df = read_manifest(manifest)
+    assert set(df["label"]) <= {"covid", "non_covid"} and len(df) == len(rows)
+
+
+def test_every_action_is_in_the_audit_log(service) -> None:
+    from sqlalchemy import select
+
+    from covidscan.service.app import ServiceConfig, open_service
+    from covidscan.service.audit import verify_chain
+    from covidscan.service.cases import agreement_by_month
+    from covidscan.service.models import AuditEvent
+
+    db, _ = open_service(ServiceConfig(data_dir=service.data_dir, database_url=service.database_url))
+    with db.session() as s:
+        actions = set(s.scalars(select(AuditEvent.action)))
+        assert verify_chain(s).ok
+        months = agreement_by_month(s)
+    db.dispose()
+    assert {"upload", "view", "verdict", "signature", "amendment", "export", "prediction"} <= actions
+    assert months and all(0.0 <= m["agreement"] <= 1.0 and m["signed"] >= m["agreed"] for m in months)

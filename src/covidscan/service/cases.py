@@ -261,18 +261,26 @@ def export_verdicts(db: Session, store: BlobStore) -> str:
     """A manifest CSV ``path,label,patient_id`` of signed verdicts, one row per stored original.
 
     ``label`` is the doctor's finding (``covid``/``non_covid``); indeterminate verdicts are left out.
-    ``patient_id`` is the case's, else ``case-N``, so a later patient split keeps a case together.
+    ``patient_id`` is the case's, else ``case-N``, so a later patient split keeps a case together. The
+    store keeps identical bytes once, so an image sent in two cases is one row; when its signed findings
+    disagree it is left out rather than given either label.
     """
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", "patient_id"])
+    rows: dict[str, tuple[str, str]] = {}
+    conflicting: set[str] = set()
     for case, review in _signed_latest(db):
         if review.finding == "indeterminate":
             continue
         for im in case.images:
-            writer.writerow(
-                [str(store.path(im.sha256)), review.finding, case.patient_id or f"case-{case.id}"]
-            )
+            path = str(store.path(im.sha256))
+            if path in rows and rows[path][0] != review.finding:
+                conflicting.add(path)
+            rows.setdefault(path, (review.finding, case.patient_id or f"case-{case.id}"))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["path", "label", "patient_id"])
+    writer.writerows(
+        [path, label, patient] for path, (label, patient) in rows.items() if path not in conflicting
+    )
     return buf.getvalue()
 
 
