@@ -98,8 +98,8 @@ ACCOUNTS = {
 
 def add_accounts(data_dir: Path, database_url: str) -> dict[str, str]:
     """The test accounts (password ``PASSWORD``) and one API token each."""
-    from covidscan.service.app import ServiceConfig, open_service
     from covidscan.service.auth import add_user, new_token
+    from covidscan.service.settings import ServiceConfig, open_service
 
     db, _ = open_service(ServiceConfig(data_dir=data_dir, database_url=database_url))
     with db.session() as s:
@@ -113,7 +113,8 @@ def service(database_url: str, tiny_run: Path, tmp_path_factory: pytest.TempPath
     """One service per module and database, with a worker thread, over ``tiny_run``."""
     from fastapi.testclient import TestClient
 
-    from covidscan.service.app import ServiceConfig, create_app
+    from covidscan.service.app import create_app
+    from covidscan.service.settings import ServiceConfig
 
     data_dir = tmp_path_factory.mktemp("service")
     tokens = add_accounts(data_dir, database_url)

@@ -140,8 +140,8 @@ def test_hostile_file_name_is_stored_by_content_and_escaped(service, ct_slices) 
 
 
 def test_revoked_token_stops_working(service) -> None:
-    from covidscan.service.app import ServiceConfig, open_service
     from covidscan.service.auth import add_user, new_token, revoke_tokens
+    from covidscan.service.settings import ServiceConfig, open_service
 
     db, _ = open_service(ServiceConfig(data_dir=service.data_dir, database_url=service.database_url))
     with db.session() as s:
@@ -212,10 +212,10 @@ def test_export_lists_signed_covid_and_non_covid_originals_for_adapt(service, ct
 def test_every_action_is_in_the_audit_log(service) -> None:
     from sqlalchemy import select
 
-    from covidscan.service.app import ServiceConfig, open_service
     from covidscan.service.audit import verify_chain
     from covidscan.service.cases import agreement_by_month
     from covidscan.service.models import AuditEvent
+    from covidscan.service.settings import ServiceConfig, open_service
 
     db, _ = open_service(ServiceConfig(data_dir=service.data_dir, database_url=service.database_url))
     with db.session() as s:

@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from conftest import PG_ENV, PG_MISSING, fresh_postgres_database
 from covidscan.cli import app
-from covidscan.service.app import ServiceConfig, open_service
 from covidscan.service.audit import record, verify_chain
+from covidscan.service.settings import ServiceConfig, open_service
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

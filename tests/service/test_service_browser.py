@@ -30,7 +30,7 @@ ARGS = [
 @pytest.fixture(scope="module")
 def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, ct_slices):
     """A real server on SQLite with one predicted two-slice case; yields (url, case id)."""
-    from covidscan.service.app import ServiceConfig
+    from covidscan.service.settings import ServiceConfig
 
     data_dir = tmp_path_factory.mktemp("browser-service")
     url_db = f"sqlite:///{data_dir / 'service.sqlite3'}"

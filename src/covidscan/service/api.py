@@ -23,7 +23,7 @@ from covidscan.service.cases import (
 from covidscan.service.deps import api_principal
 from covidscan.service.models import Job
 from covidscan.service.scoring import UploadRejected
-from covidscan.service.worker import active_run
+from covidscan.service.settings import active_run
 
 router = APIRouter()
 

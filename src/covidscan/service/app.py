@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -16,10 +15,9 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
 from covidscan.errors import ConfigError, CovidscanError
-from covidscan.service.db import Database, default_database_url, migrate
 from covidscan.service.deps import LoginRequired, http_status
-from covidscan.service.storage import BlobStore
-from covidscan.service.worker import Worker, active_run, set_active_run
+from covidscan.service.settings import ServiceConfig, active_run, open_service
+from covidscan.service.worker import Worker
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -29,40 +27,6 @@ CSP = (
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
 DOCS_CSP = "default-src 'self'; img-src 'self' data:; script-src 'self' 'unsafe-inline'; style-src 'self'"
-
-
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Where the service keeps its data and what it accepts."""
-
-    data_dir: Path
-    database_url: str | None = None  # default: SQLite in data_dir
-    run_dir: Path | None = None  # made the active run at start (else the one already active)
-    max_upload_bytes: int = 200 * 1024 * 1024  # per request
-    max_pixels: int = 60_000_000  # per image, checked from the header before decoding
-    worker: bool = True  # run a worker thread in the server process
-    poll_seconds: float = 0.5
-
-    @property
-    def url(self) -> str:
-        """The database URL in use."""
-        return self.database_url or default_database_url(self.data_dir)
-
-
-def open_service(config: ServiceConfig) -> tuple[Database, BlobStore]:
-    """Create the data folder, migrate the database and set the active run; what every command needs."""
-    data_dir = Path(config.data_dir)
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"cannot create data folder {data_dir}: {exc.strerror}") from None
-    db = Database(config.url)
-    migrate(db.engine)
-    with db.session() as s:
-        current = active_run(s)
-    if config.run_dir is not None and current != str(Path(config.run_dir).resolve()):
-        set_active_run(db, config.run_dir, actor="covidscan serve")
-    return db, BlobStore(data_dir / "blobs")
 
 
 def create_app(config: ServiceConfig) -> FastAPI:

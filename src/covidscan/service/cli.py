@@ -31,7 +31,7 @@ DatabaseUrl = Annotated[
 
 
 def _open(data_dir: Path, database_url: str | None) -> tuple[Database, BlobStore]:
-    from covidscan.service.app import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceConfig, open_service
 
     return open_service(ServiceConfig(data_dir=data_dir, database_url=database_url))
 
@@ -56,7 +56,8 @@ def serve(
     """Run the review service: doctors read, correct and sign the model's results."""
     import uvicorn
 
-    from covidscan.service.app import ServiceConfig, create_app
+    from covidscan.service.app import create_app
+    from covidscan.service.settings import ServiceConfig
 
     if demo:
         data_dir, run = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
@@ -70,8 +71,8 @@ def serve(
 def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tuple[Path, Path]:
     """Train the demo run if needed (about 2 minutes), seed accounts and phantom cases, print the logins."""
     from covidscan.data.synthetic import write_phantom_dataset
-    from covidscan.service.app import ServiceConfig, open_service
     from covidscan.service.demo import seed_demo
+    from covidscan.service.settings import ServiceConfig, open_service
 
     if data_dir.exists() and any(data_dir.iterdir()):
         raise ConfigError(

@@ -40,7 +40,8 @@ from covidscan.service.deps import (
     page_principal,
 )
 from covidscan.service.models import AuditEvent, Case, User
-from covidscan.service.worker import active_run, set_active_run
+from covidscan.service.settings import active_run
+from covidscan.service.worker import set_active_run
 
 router = APIRouter(include_in_schema=False)
 MEDIA = {

@@ -17,7 +17,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, or_, select, update
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import selectinload
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
@@ -25,6 +25,7 @@ from covidscan.service.cases import priority
 from covidscan.service.db import Database
 from covidscan.service.models import Case, Job, Setting, utcnow
 from covidscan.service.scoring import Scorer
+from covidscan.service.settings import active_run
 from covidscan.service.storage import BlobStore
 
 log = logging.getLogger(__name__)
@@ -42,12 +43,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def active_run(s: Session) -> str | None:
-    """The run directory that predicts new cases (the ``active_run`` setting)."""
-    row = s.get(Setting, "active_run")
-    return row.value if row else None
 
 
 def set_active_run(db: Database, run_dir: str | Path, *, actor: str | None) -> str:
