@@ -13,7 +13,7 @@ from service_helpers import png_bytes
 from sqlalchemy import select, update
 
 from covidscan.service.auth import add_user
-from covidscan.service.cases import Upload, create_case
+from covidscan.service.cases import Upload, check_uploads, create_case
 from covidscan.service.models import AuditEvent, Case, Job
 from covidscan.service.settings import ServiceConfig, open_service
 from covidscan.service.worker import HOST, Worker
@@ -35,7 +35,13 @@ def _cases(queue, n: int) -> list[int]:
     with db.session() as s:
         s.add(user)
         return [
-            create_case(s, store, user, [Upload(f"{i}.png", png_bytes(value=i))], None, max_pixels=10**6).id
+            create_case(
+                s,
+                store,
+                user,
+                check_uploads([Upload(f"{i}.png", png_bytes(value=i))], max_pixels=10**6),
+                None,
+            ).id
             for i in range(n)
         ]
 

@@ -13,6 +13,7 @@ from covidscan.service.audit import record
 from covidscan.service.cases import (
     Upload,
     case_view,
+    check_uploads,
     create_case,
     export_verdicts,
     get_case,
@@ -75,9 +76,11 @@ def post_case(
     """Create a case from uploaded images (422 naming a non-image; 413 when too large); predicted later."""
     config, app_state = request.app.state.config, request.app.state
     with app_state.db.session() as s:
-        who = api_principal(request, s, "submitter", "admin")
-        uploads = read_uploads(files, config.max_upload_bytes)
-        case = create_case(s, app_state.store, who.user, uploads, patient_id, max_pixels=config.max_pixels)
+        user = api_principal(request, s, "submitter", "admin").user
+    # Decoding happens between two short transactions: SQLite would otherwise hold its write lock meanwhile.
+    checked = check_uploads(read_uploads(files, config.max_upload_bytes), max_pixels=config.max_pixels)
+    with app_state.db.session() as s:
+        case = create_case(s, app_state.store, user, checked, patient_id)
         created = CaseCreated(id=case.id, status=case.status)
     if app_state.worker is not None:
         app_state.worker.wake()

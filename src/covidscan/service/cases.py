@@ -38,30 +38,33 @@ class Upload:
     data: bytes
 
 
-def create_case(
-    db: Session,
-    store: BlobStore,
-    user: User,
-    uploads: list[Upload],
-    patient_id: str | None,
-    *,
-    max_pixels: int,
-) -> Case:
-    """Check every upload (decoded in full), then store them and queue one prediction job.
+@dataclass(frozen=True)
+class CheckedUpload:
+    """An upload that decoded as an image, with what the check found."""
 
-    Nothing is stored unless every file is a readable image, so a rejected request leaves no trace.
-    """
+    upload: Upload
+    info: UploadInfo
+
+
+def check_uploads(uploads: list[Upload], *, max_pixels: int) -> list[CheckedUpload]:
+    """Decode every upload in full (no database transaction is open meanwhile); the first bad file raises
+    :class:`UploadRejected` naming it, so a rejected request leaves no trace."""
     if not uploads:
         raise UploadRejected("files", "no files were sent; attach at least one image")
+    return [CheckedUpload(up, inspect_upload(up.data, up.name, max_pixels=max_pixels)) for up in uploads]
+
+
+def create_case(
+    db: Session, store: BlobStore, user: User, checked: list[CheckedUpload], patient_id: str | None
+) -> Case:
+    """Store checked uploads (content-addressed) as a new case and queue its prediction job."""
     if user.role not in ("submitter", "admin"):
         raise NotAllowed(f"user {user.name} ({user.role}) cannot submit cases")
-    checked: list[tuple[Upload, UploadInfo]] = [
-        (up, inspect_upload(up.data, up.name, max_pixels=max_pixels)) for up in uploads
-    ]
     case = Case(patient_id=(patient_id or None) and patient_id[:128], submitted_by=user.id, status="queued")
     db.add(case)
     db.flush()
-    for position, (up, info) in enumerate(checked):
+    for position, item in enumerate(checked):
+        up, info = item.upload, item.info
         db.add(
             CaseImage(
                 case_id=case.id,
@@ -81,7 +84,7 @@ def create_case(
         "upload",
         actor=user.name,
         target=f"case:{case.id}",
-        n_files=len(uploads),
+        n_files=len(checked),
         patient_id=case.patient_id,
     )
     return case

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from covidscan.errors import ConfigError
 from covidscan.service.auth import add_user, new_token
-from covidscan.service.cases import Upload, create_case
+from covidscan.service.cases import Upload, check_uploads, create_case
 from covidscan.service.db import Database
 from covidscan.service.models import User
 from covidscan.service.storage import BlobStore
@@ -39,5 +39,7 @@ def seed_demo(
         token = new_token(s, users["submitter"])
         for patient_id, images in cases:
             uploads = [Upload(p.name, p.read_bytes()) for p in images]
-            create_case(s, store, users["submitter"], uploads, patient_id, max_pixels=max_pixels)
+            create_case(
+                s, store, users["submitter"], check_uploads(uploads, max_pixels=max_pixels), patient_id
+            )
     return DemoAccounts(passwords, token)

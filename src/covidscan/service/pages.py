@@ -25,6 +25,7 @@ from covidscan.service.auth import (
 )
 from covidscan.service.cases import (
     agreement_by_month,
+    check_uploads,
     create_case,
     current_review,
     get_case,
@@ -275,15 +276,16 @@ def upload_form(
     with state.db.session() as s:
         who = page_principal(request, s, "submitter", "admin")
         check_form_csrf(who, csrf)
-        try:
-            with s.begin_nested():
-                uploads = read_uploads(files, state.config.max_upload_bytes)
-                case = create_case(
-                    s, state.store, who.user, uploads, patient_id, max_pixels=state.config.max_pixels
-                )
-        except CovidscanError as exc:
+    try:
+        checked = check_uploads(
+            read_uploads(files, state.config.max_upload_bytes), max_pixels=state.config.max_pixels
+        )
+        with state.db.session() as s:
+            case_id = create_case(s, state.store, who.user, checked, patient_id).id
+    except CovidscanError as exc:
+        with state.db.session() as s:
+            who = page_principal(request, s, "submitter", "admin")
             return _render(request, "upload.html", who, status_code=http_status(exc), error=str(exc))
-        case_id = case.id
     if state.worker is not None:
         state.worker.wake()
     return RedirectResponse(f"/cases/{case_id}", status_code=303)
