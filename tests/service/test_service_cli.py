@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from service_helpers import uvicorn_server
+from sqlalchemy import text
 
 from conftest import add_accounts
 from dicom_files import write_dicom
@@ -45,8 +46,10 @@ def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
     db, _ = open_service(ServiceConfig(data_dir=tmp_path))
     with db.session() as s:
         assert user_for_token(s, secret).name == "dr-who"
-        stored = s.execute(__import__("sqlalchemy").text("SELECT token_hash FROM api_tokens")).scalars().all()
+        stored = s.execute(text("SELECT token_hash FROM api_tokens")).scalars().all()
+        password_hash = s.execute(text("SELECT password_hash FROM users")).scalar_one()
     assert secret not in stored  # only the hash is kept
+    assert password_hash.startswith("$argon2id$")
     revoked = covidscan("users", "revoke", "dr-who", *d)
     assert revoked.returncode == 0 and "revoked 1 token" in revoked.stdout
     with db.session() as s:

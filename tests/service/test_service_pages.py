@@ -6,6 +6,7 @@ import re
 
 import pytest
 from fastapi.testclient import TestClient
+from service_helpers import png_bytes as service_png
 
 from conftest import PASSWORD
 
@@ -149,7 +150,11 @@ def test_roles_on_pages(service, browser) -> None:
     assert admin.status_code == 200 and "chain intact" in admin.text and "Agreement" in admin.text
 
 
-def test_admin_adds_accounts_and_switches_the_model_with_an_audit_record(service, browser, tiny_run) -> None:
+def test_admin_adds_accounts_and_switches_the_model_with_an_audit_record(
+    service, browser, tiny_run, tmp_path
+) -> None:
+    import shutil
+
     login(browser, "admin")
     page = browser.get("/admin")
     added = browser.post(
@@ -159,9 +164,15 @@ def test_admin_adds_accounts_and_switches_the_model_with_an_audit_record(service
     assert added.status_code == 200 and "added doctor newdoc" in added.text
     bad = browser.post("/admin/model", data={"run": "/no/such/run", "csrf": _csrf(page.text)})
     assert bad.status_code == 400 and "not a covidscan run directory" in bad.text
-    switched = browser.post("/admin/model", data={"run": str(tiny_run), "csrf": _csrf(page.text)})
-    assert switched.status_code == 200 and "new cases are now predicted by" in switched.text
-    assert "user_add" in switched.text
+    adapted = shutil.copytree(tiny_run, tmp_path / "adapted-run")  # stands in for `covidscan adapt`'s run
+    switched = browser.post("/admin/model", data={"run": str(adapted), "csrf": _csrf(page.text)})
+    assert switched.status_code == 200 and f"new cases are now predicted by {adapted}" in switched.text
+    assert "<td>model_switch</td>" in switched.text and "<td>user_add</td>" in switched.text
+    assert "<td>login</td>" in switched.text
+    case_id = service.upload("lab", [("after-switch.png", service_png())]).json()["id"]
+    assert service.wait(case_id)["model"]["run"] == "adapted-run"
+    back = browser.post("/admin/model", data={"run": str(tiny_run), "csrf": _csrf(page.text)})
+    assert back.status_code == 200
 
 
 def test_upload_form_shows_a_refused_file_by_name(service, browser) -> None:
