@@ -57,13 +57,19 @@ def serve(
     import uvicorn
 
     from covidscan.service.app import create_app
-    from covidscan.service.settings import ServiceConfig
+    from covidscan.service.settings import ServiceConfig, active_run, open_service
 
     if demo:
         data_dir, run = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
     if data_dir is None:
         raise ConfigError("give --data-dir DIR (where the service keeps its database and files), or --demo")
     config = ServiceConfig(data_dir=data_dir, database_url=database_url, run_dir=run, worker=worker)
+    db, _ = open_service(config)  # bad URLs, runs or folders end here with one clear line, not in uvicorn
+    with db.session() as s:
+        in_use = active_run(s)
+    db.dispose()
+    if in_use is None:
+        raise ConfigError(f"no run is active in {data_dir}; pass --run RUN (a `covidscan train` folder)")
     out.print(f"covidscan review service on http://{host}:{port}/  (data: {data_dir})")
     uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
 
