@@ -70,6 +70,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
             swagger_js_url="/static/swagger/swagger-ui-bundle.js",
             swagger_css_url="/static/swagger/swagger-ui.css",
             swagger_favicon_url="",
+            swagger_ui_parameters={"validatorUrl": None},  # no calls to an outside validator
         )
 
     @app.middleware("http")

@@ -121,11 +121,9 @@ def worklist(db: Session, user: User, which: str = "pending", limit: int = 200) 
     return list(db.scalars(query.limit(limit)))
 
 
-def priority(images: list[dict[str, Any]], group: dict[str, Any] | None) -> float:
-    """Worklist rank: an uncertain image lifts a case above all certain ones; then higher p first."""
-    uncertain = any(im.get("uncertain") for im in images)
-    p = group["p_covid"] if group else 0.0
-    return (1.0 if uncertain else 0.0) + p
+def priority(uncertain: bool, group: dict[str, Any] | None) -> float:
+    """Worklist rank: a case with an uncertain image lies above all certain ones; then higher p first."""
+    return (1.0 if uncertain else 0.0) + (group["p_covid"] if group else 0.0)
 
 
 def current_review(case: Case) -> Review | None:

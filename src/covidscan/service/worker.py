@@ -151,7 +151,7 @@ class Worker:
                 im.group_id = scored.group_id
                 im.cam_sha256 = self.store.put(scored.cam_png) if scored.cam_png else None
             case.model, case.group, case.run = scorer.identity, result.group, str(scorer.run_dir)
-            case.priority = priority([{"uncertain": im.uncertain} for im in case.images], result.group)
+            case.priority = priority(any(im.uncertain for im in case.images), result.group)
             case.status, case.error, job.state = "ready", None, "done"
             record(
                 s,
@@ -169,13 +169,6 @@ class Worker:
             return False
         self.process(case_id)
         return True
-
-    def drain(self) -> int:
-        """Process jobs until the queue is empty; returns how many were processed."""
-        n = 0
-        while self.run_once():
-            n += 1
-        return n
 
     def wake(self) -> None:
         """Tell a sleeping worker thread that a job was queued."""
