@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from covidscan.errors import StorageError
 from covidscan.service.models import AuditEvent, AuditHead, utcnow
 
-GENESIS = "0" * 64
+GENESIS = "0" * 64  # prev_hash of the first event; the initial migration seeds the head row with it
 
 
 def _digest(
@@ -52,13 +53,12 @@ def record(
     concurrent appends queue up and the chain stays a single line.
     """
     head_updated = db.execute(update(AuditHead).where(AuditHead.id == 1).values(seq=AuditHead.seq + 1))
-    if head_updated.rowcount == 0:
-        db.add(AuditHead(id=1, seq=1, hash=GENESIS))
-        db.flush()
+    if head_updated.rowcount != 1:  # the migration creates it, so appends never race to insert it
+        raise StorageError("the audit log's head row is missing: the database was not set up by covidscan")
     head = db.execute(
         select(AuditHead).where(AuditHead.id == 1).execution_options(populate_existing=True)
     ).scalar_one()
-    prev = db.scalar(select(AuditEvent.hash).where(AuditEvent.seq == head.seq - 1)) or GENESIS
+    prev = head.hash  # the newest event's hash (GENESIS before the first)
     event = AuditEvent(
         seq=head.seq,
         at=utcnow(),
