@@ -163,7 +163,7 @@ def test_admin_adds_accounts_and_switches_the_model_with_an_audit_record(
     )
     assert added.status_code == 200 and "added doctor newdoc" in added.text
     bad = browser.post("/admin/model", data={"run": "/no/such/run", "csrf": _csrf(page.text)})
-    assert bad.status_code == 400 and "not a covidscan run directory" in bad.text
+    assert bad.status_code == 400 and "cannot switch to run /no/such/run" in bad.text
     adapted = shutil.copytree(tiny_run, tmp_path / "adapted-run")  # stands in for `covidscan adapt`'s run
     switched = browser.post("/admin/model", data={"run": str(adapted), "csrf": _csrf(page.text)})
     assert switched.status_code == 200 and f"new cases are now predicted by {adapted}" in switched.text

@@ -6,6 +6,7 @@ They only parse arguments and call the service's library functions; ``register``
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -205,6 +206,7 @@ def send(
     """Send images to a review service: one case per DICOM series, one for the other images."""
     from covidscan.service.client import send_cases
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per HTTP request is noise here
     for case in send_cases(inputs, to, token, patient_id=patient_id, wait=wait):
         group = case.get("group")
         extra = f", p(covid) {group['p_covid']:.3f} -> {group['label']}" if group else ""
