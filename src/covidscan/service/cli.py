@@ -76,7 +76,7 @@ def serve(
 
 
 def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tuple[Path, Path]:
-    """Train the demo run if needed (about 2 minutes), seed accounts and phantom cases, print the logins."""
+    """Train the demo run unless --run is given, seed accounts and phantom cases, print the logins."""
     from covidscan.data.synthetic import write_phantom_dataset
     from covidscan.service.demo import seed_demo
     from covidscan.service.settings import ServiceConfig, open_service
@@ -89,7 +89,7 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
     if run is None:
         from covidscan.demo import run_demo
 
-        out.print("training the demo model on phantoms (about 2 minutes on 2 cores) ...")
+        out.print("training the demo model on phantoms, as `covidscan demo` does (or pass --run RUN) ...")
         run_demo(data_dir / "demo", progress=False)
         run = data_dir / "demo" / "run"
     manifest = write_phantom_dataset(
