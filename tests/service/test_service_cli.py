@@ -120,3 +120,11 @@ def test_demo_seeds_accounts_and_phantom_cases_on_a_fresh_folder(tiny_run: Path,
     db.dispose()
     with pytest.raises(ConfigError, match="fresh data folder"):
         _prepare_demo(tmp_path / "demo", tiny_run, "127.0.0.1", 8123)
+
+
+def test_serve_refuses_to_start_without_a_run_in_one_line(tmp_path: Path) -> None:
+    result = covidscan("serve", "--data-dir", str(tmp_path / "empty"), "--port", "1")
+    assert result.returncode == 2 and "error: no run is active" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = covidscan("serve", "--run", str(tmp_path / "no-run"), "--data-dir", str(tmp_path / "d"))
+    assert missing.returncode == 2 and "cannot switch to run" in missing.stderr
