@@ -153,7 +153,7 @@ def test_unreadable_training_image_is_left_out_and_listed(phantom_manifest: Path
     manifest = tmp_path / "m.csv"
     df.to_csv(manifest, index=False)
     cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=1"])
-    with pytest.raises(ManifestError, match=r"--strict.*broken\.png"):
+    with pytest.raises(ManifestError, match=r"(?s)--strict.*broken\.png"):
         train_experiment(cfg, manifest, tmp_path / "strict", strict=True, progress=False)
     assert not (tmp_path / "strict").exists()
     # Without --strict the file is left out, and said so in the run directory and the report.
