@@ -33,7 +33,7 @@ from covidscan.io import read_image
 from covidscan.models import build_backbone
 from covidscan.models.ood import HIST_BINS, FeatureDensity, ImageStatsEnvelope, OODDetector, image_stats
 from covidscan.preprocess import PreprocessConfig, eval_transform
-from covidscan.training.prepare import prepare_array
+from covidscan.training.prepare import prepare_array  # moves to covidscan.preprocess with the Predictor
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = "weights/mobilenet_v2_imagenet_coral_dequant.pth"
@@ -80,7 +80,9 @@ def load_one(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
 def extract(extractor: Extractor, paths: list[str], pipeline: str, cache: Path) -> dict[str, np.ndarray]:
     """Features and image statistics of ``paths`` under a pipeline, cached in ``cache`` (npz)."""
     if cache.is_file():
-        return dict(np.load(cache))
+        cached = dict(np.load(cache))
+        if len(cached["stats"]) == len(paths):  # else the set changed (e.g. --phantoms): extract again
+            return cached
     cfg = PIPELINES[pipeline]
     with ThreadPoolExecutor(2) as pool:
         loaded = list(pool.map(lambda p: load_one(p, cfg), paths))
@@ -95,7 +97,6 @@ def extract(extractor: Extractor, paths: list[str], pipeline: str, cache: Path) 
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, **out)
     return out
-
 
 
 # ------------------------------------------------------------------------------------------ scores
