@@ -6,6 +6,8 @@
     (c) end to end: covidscan.inference.predict on a folder (torch engine and onnxruntime) vs a
         sequential eager fp32 loop (read -> preprocess -> eval_transform -> one image at a time through
         the model)
+    (d) a loaded Predictor: Predictor.from_run (load, fold, engine choice), its first call, and the
+        per-image time of later calls (one image, and a batch)
 
 Usage::
 
@@ -31,15 +33,14 @@ import numpy as np
 import torch
 
 from covidscan.config import load_config
+from covidscan.evaluation import Calibration
 from covidscan.export import export_onnx
-from covidscan.inference import FastClassifier, bf16_supported, predict
+from covidscan.inference import Predictor, predict
 from covidscan.io import list_images, read_image
-from covidscan.models import build_model
-from covidscan.preprocess import PreprocessConfig, eval_transform
+from covidscan.models import FastClassifier, bf16_supported, build_model
+from covidscan.preprocess import PreprocessConfig, eval_transform, prepare_image, prepare_paths
 from covidscan.runs import LoadedRun, load_run, save_run
 from covidscan.system import keep_freed_memory
-from covidscan.training.engine import image_tensor
-from covidscan.training.prepare import prepare_array, prepare_paths
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucsd-ct" / "covid"
 
@@ -102,15 +103,35 @@ def sequential_eager(run: LoadedRun, paths: list[str]) -> None:
     transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
     with torch.no_grad():
         for path in paths:
-            prepared = prepare_array(read_image(path).pixels, run.config.preprocess, model.input_size)
+            prepared = prepare_image(read_image(path), run.config.preprocess, model.input_size)
             # contiguous(): v2.RGB expands the gray channel (stride 0), which sends oneDNN down a slow path
-            model(transform(image_tensor(prepared.pixels)).unsqueeze(0).contiguous())
+            model(transform(prepared.pixels).unsqueeze(0).contiguous())
 
 
 def on_the_fly_run(tmp: Path) -> Path:
     cfg = load_config("paper-b-mobilenet", ["model.weights=none", "model.input_size=224"])
     model = build_model(cfg.model).eval()
-    return save_run(tmp / "run", cfg, model, threshold=0.5, temperature=1.0)
+    save_run(tmp / "run", cfg, model, Calibration())
+    return tmp / "run"
+
+
+def bench_predictor(run_dir: Path, paths: list[str], batch: int) -> list[tuple[str, float]]:
+    """Seconds: loading a Predictor, its first call, then per image on later calls (1 image, a batch)."""
+    start = time.perf_counter()
+    predictor = Predictor.from_run(run_dir)
+    loaded = time.perf_counter()
+    predictor.predict(paths[:1])
+    first = time.perf_counter()
+    single = min(timed(lambda: predictor.predict(paths[:1])) for _ in range(5))
+    many = min(timed(lambda: predictor.predict(paths[:batch])) for _ in range(2)) / batch
+    return [("Predictor.from_run", loaded - start), ("first predict call, 1 image", first - loaded),
+            ("later call, 1 image", single), (f"later call, per image in a call of {batch}", many)]
+
+
+def timed(fn: Job) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -151,26 +172,34 @@ def main() -> None:
                 iters = args.iters if batch > 1 else 5 * args.iters
                 table += [("b", *row) for row in bench_backbone(name, args.size, batch, iters)]
 
-        run = load_run(args.run or on_the_fly_run(tmp))
+        run_dir = args.run or on_the_fly_run(tmp)
+        latencies = bench_predictor(run_dir, paths, args.batch)
+        run = load_run(run_dir)
         e2e = [str(p) for p in np.resize(paths, args.e2e_images)]
         arch = run.config.model.backbone
         base = rate(lambda: sequential_eager(run, e2e), len(e2e), 1, lambda: sequential_eager(run, e2e[:4]))
         table.append(("c", f"{arch}: sequential eager fp32", base, 1.0))
         settings: dict = {}
 
+        torch_engine = Predictor.from_run(run.path, engine="torch", workers=args.workers)
+
         def fast_predict(files: list[str]) -> None:
-            settings.update(predict(run, files, workers=args.workers, progress=False).attrs["predict"])
+            settings.update(predict(torch_engine, files, progress=False).attrs["predict"])
 
         fast = rate(lambda: fast_predict(e2e), len(e2e), 1, lambda: fast_predict(e2e[:4]))
         table.append(("c", f"{arch}: predict ({settings['precision']})", fast, fast / base))
         onnx = export_onnx(run.path, tmp / "model.onnx")
-        job = partial(predict, run, engine="onnx", onnx_path=onnx, workers=args.workers, progress=False)
+        onnx_engine = Predictor.from_run(run.path, engine="onnx", onnx_path=onnx, workers=args.workers)
+        job = partial(predict, onnx_engine, progress=False)
         r = rate(partial(job, e2e), len(e2e), 1, partial(job, e2e[:4]))
         table.append(("c", f"{arch}: predict, onnxruntime (fp32)", r, r / base))
 
     print(f"{'':2} {'what':48} {'images/s':>10} {'vs baseline':>12}")
     for part, name, r, ratio in table:
         print(f"{part:2} {name:48} {r:10.1f} {ratio:11.2f}x")
+    print(f"\n{'':2} {'a loaded Predictor':48} {'ms':>10}")
+    for name, seconds in latencies:
+        print(f"{'d':2} {name:48} {1000 * seconds:10.1f}")
     print(f"\ntotal {time.perf_counter() - begin:.0f} s, load average {os.getloadavg()[0]:.2f}")
 
 

@@ -22,33 +22,26 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from covidscan.config import load_config
 from covidscan.data.synthetic import write_phantom_dataset
-from covidscan.explain import cam_metrics, cam_to_original, explain_prepared, gradcam
+from covidscan.explain import cam_metrics, cam_to_original, gradcam
+from covidscan.inference import Predictor
 from covidscan.io import read_image
-from covidscan.preprocess import eval_transform, find_lungs
-from covidscan.runs import LoadedRun, load_run
+from covidscan.preprocess import PreparedImage, find_lungs
 from covidscan.training import train_experiment
-from covidscan.training.engine import image_tensor
-from covidscan.training.prepare import PreparedImage, prepare_one
 
 
-def prepare(run: LoadedRun, paths: list[str]) -> list[PreparedImage]:
+def prepare(predictor: Predictor, paths: list[str]) -> list[PreparedImage]:
     """The images as the run sees them, with their originals kept."""
-    size = run.model.input_size
-    return [prepare_one(p, run.config.preprocess, size, keep_original=True) for p in paths]
+    return [predictor.prepare(read_image(p), keep_original=True) for p in paths]
 
 
-def batches(run: LoadedRun, prepared: list[PreparedImage], batch_size: int):
+def batches(predictor: Predictor, prepared: list[PreparedImage], batch_size: int):
     """(slice, normalised batch) pairs over ``prepared``."""
-    model = run.model
-    transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start : start + batch_size]
-        batch = torch.stack([transform(image_tensor(p.pixels)) for p in chunk])
-        yield slice(start, start + len(chunk)), batch
+        yield slice(start, start + len(chunk)), predictor.batch(chunk).contiguous()
 
 
 def crop_share(mask: np.ndarray, bbox: tuple[int, int, int, int]) -> float:
@@ -72,8 +65,8 @@ def phantom_part(args: argparse.Namespace, work: Path) -> list[tuple[str, str, s
         "train.views=2", "data.ratios=[0.6,0.1,0.3]", "evaluation.n_bootstrap=100",
     ])
     trained = train_experiment(cfg, manifest, work / "run", progress=False)
-    run = load_run(trained.run_dir)
-    splits = pd.read_csv(run.path / "splits.csv")
+    run = Predictor.from_run(trained.run_dir)
+    splits = pd.read_csv(run.run_dir / "splits.csv")
     rows = splits[(splits["split"] == "test") & (splits["label"] == "covid")]
     lungs = [mask(manifest.parent / p) for p in rows["lung_mask"]]
     lesions = [mask(manifest.parent / p) for p in rows["lesion_mask"]]
@@ -104,20 +97,20 @@ def phantom_part(args: argparse.Namespace, work: Path) -> list[tuple[str, str, s
 
 def real_part(args: argparse.Namespace) -> list[tuple[str, str, str]]:
     """Share of CAM energy inside find_lungs' lung mask on the run's test split, overall and by class."""
-    run = load_run(args.run)
-    test = pd.read_csv(run.path / "splits.csv").query("split == 'test'").reset_index(drop=True)
+    run = Predictor.from_run(args.run)
+    test = pd.read_csv(run.run_dir / "splits.csv").query("split == 'test'").reset_index(drop=True)
     prepared = prepare(run, test["path"].tolist())
-    found = [find_lungs(p.original, modality=run.config.preprocess.modality) for p in prepared]
+    found = [find_lungs(p.original, modality=run.modality) for p in prepared]
     lungs = [f.mask if f.found else None for f in found]
     results: list[dict] = []
-    for part, batch in batches(run, prepared, args.batch_size):
-        results += explain_prepared(run, prepared[part], batch, lung_masks=lungs[part],
-                                    threshold=args.threshold)
+    for start in range(0, len(prepared), args.batch_size):
+        part = slice(start, start + args.batch_size)
+        results += run.explain(prepared[part], lung_masks=lungs[part], threshold=args.threshold)
     energy = pd.Series([r["cam_energy_in_lungs"] for r in results], dtype=float)
     uniform = pd.Series(
         [np.nan if m is None else crop_share(m, p.bbox) for m, p in zip(lungs, prepared, strict=True)]
     )
-    table = [("real run", str(run.path), f"{len(test)} test images")]
+    table = [("real run", str(run.run_dir), f"{len(test)} test images")]
     for name, keep in [("all", slice(None)), *((c, test["label"] == c) for c in ("covid", "non_covid"))]:
         values = energy[keep]
         note = f"uniform-CAM {uniform[keep].mean():.3f}; n={values.notna().sum()}"

@@ -20,6 +20,14 @@ def shared_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The bad-input corpus of tests/badinputs.py, written once: ``{case id: BadInput}``."""
+    from badinputs import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("badinputs"))
+
+
+@pytest.fixture(scope="session")
 def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small CT phantom dataset (64 images, 2 slices per patient) with lung and lesion masks."""
     from covidscan.data.synthetic import write_phantom_dataset

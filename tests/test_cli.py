@@ -1,24 +1,55 @@
-"""The command line: real subprocesses, so the user-facing error handling is what is tested."""
+"""The command line, in-process with Typer's CliRunner; one real subprocess checks the console entry point."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from covidscan import __version__
+from covidscan.cli import app
 
 
-def covidscan(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "covidscan", *args], capture_output=True, text=True, cwd=cwd, timeout=300
-    )
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def covidscan(*args: str, cwd: Path | None = None) -> Outcome:
+    """Run the command line in this process (as `covidscan ARGS` in ``cwd``)."""
+    old = Path.cwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(app, list(args), prog_name="covidscan")
+    finally:
+        os.chdir(old)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback the user would have seen: fail loudly
+    return Outcome(result.exit_code, result.stdout, result.stderr)
+
+
+def test_console_entry_point_in_a_real_process(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "covidscan", "--version"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and __version__ in result.stdout
+    result = subprocess.run([sys.executable, "-m", "covidscan", "evaluate", str(tmp_path), "--data",
+                             str(tmp_path), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "40"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    # One line even on a narrow, non-terminal stderr.
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
 
 
 def _tree(root: Path, per_class: int = 6) -> Path:
@@ -32,8 +63,6 @@ def _tree(root: Path, per_class: int = 6) -> Path:
 
 
 def test_version_and_help():
-    result = covidscan("--version")
-    assert result.returncode == 0 and __version__ in result.stdout
     result = covidscan("--help")
     assert result.returncode == 0
     for command in ("data", "preprocess", "train", "evaluate", "reproduce", "demo", "predict", "export"):
@@ -70,6 +99,8 @@ def test_data_scan_split_audit(tmp_path: Path):
         (["reproduce", "paper-c", "--data", "{tree}", "--out", "out"], "paper-a"),
         (["predict", "{tree}", "{tree}"], "not a covidscan run directory"),
         (["export", "{tree}", "--onnx", "m.onnx"], "not a covidscan run directory"),
+        (["predict", "{tree}", "{tree}", "--out", "p.txt"], ".csv or .json"),
+        (["predict", "missing-run", "{tree}"], "does not exist"),
     ],
 )
 def test_errors_are_one_clear_line(tmp_path: Path, args: list[str], expected: str):
@@ -102,7 +133,7 @@ def test_predict_and_export(tiny_run: Path, phantom_manifest: Path, tmp_path: Pa
         "--out", str(preds), "--cam", str(tmp_path / "cam"),
     )
     assert result.returncode == 0, result.stderr
-    assert "1 unreadable" in result.stdout and "broken.png" in result.stderr
+    assert "1 not predicted" in result.stdout and "broken.png" in result.stderr
     doc = json.loads(preds.read_text())
     rows = doc["images"]
     assert [Path(r["path"]).name for r in rows] == [p.name for p in images] + ["broken.png"]
@@ -123,3 +154,28 @@ def test_predict_and_export(tiny_run: Path, phantom_manifest: Path, tmp_path: Pa
     by_onnx = pd.read_csv(csv)["p_covid"].to_numpy()
     # The torch engine may run in bf16 (when the run passed its bf16 check); fp32 parity is in test_export.
     assert np.allclose(by_onnx, [r["p_covid"] for r in rows[:3]], atol=0.02)
+
+
+def test_quiet_flag_after_the_subcommand_and_exact_output_names(phantom_manifest: Path, tmp_path: Path):
+    sheet = tmp_path / "sheet"  # no suffix: written exactly there, as a PNG
+    result = covidscan("preprocess", "preview", str(phantom_manifest), "--out", str(sheet), "--n", "4", "-q")
+    assert result.returncode == 0, result.stderr
+    assert sheet.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not (tmp_path / "sheet.png").exists()
+    result = covidscan("preprocess", "preview", str(phantom_manifest), "--out", str(tmp_path / "s.jpg"))
+    assert result.returncode == 2 and "PNG" in result.stderr
+
+
+def test_unwritable_output_is_one_error_line(tiny_run: Path, phantom_manifest: Path, tmp_path: Path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("a file, not a folder")
+    images = sorted(phantom_manifest.parent.glob("images/*/*.png"))[:1]
+    result = covidscan("predict", str(tiny_run), str(images[0]), "--out", str(blocker / "p.csv"))
+    assert result.returncode == 2 and "error: cannot write predictions" in result.stderr
+    assert "a_file" in result.stderr
+
+
+def test_export_prints_no_tool_chain_logs(tiny_run: Path, tmp_path: Path, caplog):
+    with caplog.at_level("INFO"):
+        result = covidscan("export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx"))
+    assert result.returncode == 0, result.stderr
+    assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir", "torch.onnx"))]

@@ -154,3 +154,37 @@ def test_real_ucsd_ct_label_conflict_is_found(ucsd_report: dict) -> None:
     assert (pair["split_a"], pair["split_b"]) == ("test", "train")  # the official split is used
     assert ucsd_report["patients"]["n_across_splits"] == 0  # the official split is patient-disjoint
     assert "original_format" in ucsd_report["shortcuts"]["flagged"]  # non_covid were half JPEG originally
+
+
+def test_audit_quality_section_and_label_problems(tmp_path: Path) -> None:
+    from badinputs import bomb_png
+
+    good = [_save(_smooth(i, size=160), tmp_path / f"g{i}.png") for i in (1, 2, 3)]  # 0 looks inverted
+    black = _save(np.zeros((160, 160), np.uint8), tmp_path / "black.png")
+    small = _save(_smooth(7), tmp_path / "small.png")  # 64 px: doubtful, kept
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(bomb_png())
+    df = pd.DataFrame({
+        "path": [*good, black, small, str(bomb)],
+        "label": ["covid", "non_covid", "covid", "covid", "non_covid", "covid"],
+        "patient_id": ["p1", "p1", "p2", "p3", "p4", "p5"],  # p1 carries both labels
+    })
+    with pytest.warns(Image.DecompressionBombWarning):
+        report = audit_manifest(df, modality="ct")
+    quality = report["quality"]
+    assert (quality["modality"], quality["n_refused"], quality["n_doubtful"]) == ("ct", 2, 1)
+    refused = {Path(q["path"]).name: q["reasons"][0].split(":")[0] for q in quality["refused"]}
+    assert refused == {"black.png": "constant", "bomb.png": "too_large"}
+    assert [Path(q["path"]).name for q in quality["doubtful"]] == ["small.png"]
+    assert report["n_decoded"] == 5 and report["unreadable"] == []  # the bomb is refused, never decoded
+    assert report["labels"]["mixed_label_patients"] == [
+        {"patient_id": "p1", "labels": {"covid": 1, "non_covid": 1}}]
+    assert report["warnings"][0].startswith("1 patients carry both labels: p1 (covid 1, non_covid 1)")
+    assert any(w.startswith("2 images are refused by the quality gate") for w in report["warnings"])
+    text = format_audit(report)
+    assert "Quality gate (modality ct): 2 refused, 1 doubtful" in text
+    assert "refused  black.png: constant: every pixel is 0.00 (all black)" in text
+    json.dumps(report)  # stays JSON-able
+    one_class = audit_manifest(df.iloc[[0, 2]].assign(patient_id=["a", "b"]))
+    assert one_class["labels"]["problems"][0].startswith("one-class dataset (covid 2 images)")
+    assert one_class["warnings"][0] == one_class["labels"]["problems"][0]

@@ -9,13 +9,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from covidscan.data import normalize_label, read_manifest, scan_dataset, write_manifest
-from covidscan.errors import ManifestError
+from covidscan.data import normalize_label, read_manifest, scan_dataset, write_manifest, write_quality
+from covidscan.errors import ConfigError, ManifestError
+from dicom_files import write_dicom
 
 
-def _png(path: Path, value: int = 128) -> Path:
+def _png(path: Path, seed: int = 0) -> Path:
+    """A 128x128 noise image: passes the quality gate without a warning."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(path)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (128, 128), dtype=np.uint8)).save(path)
     return path
 
 
@@ -191,6 +193,78 @@ def test_scan_empty_or_flat_folder(tmp_path: Path) -> None:
         scan_dataset(tmp_path)
     with pytest.raises(ManifestError, match="does not exist"):
         scan_dataset(tmp_path / "nope")
+
+
+def test_scan_patient_from_folder_layout(tmp_path: Path) -> None:
+    for label in ("covid", "normal"):
+        for patient in ("A1", "B2"):
+            for i in range(2):
+                _png(tmp_path / label / f"{label}-{patient}" / "series1" / f"{i}.png", seed=i)
+    df = scan_dataset(tmp_path, patient_from="folder")
+    assert df.groupby("patient_id")["path"].count().to_dict() == {
+        "covid-A1": 2, "covid-B2": 2, "normal-A1": 2, "normal-B2": 2}
+    assert df.attrs["patient_from"] == "folder"
+    _png(tmp_path / "covid" / "loose.png")
+    with pytest.raises(ManifestError, match=r"no patient id for 1 of 9 images.*directly in its class folder"):
+        scan_dataset(tmp_path, patient_from="folder")
+
+
+def test_scan_patient_from_regex(tmp_path: Path) -> None:
+    for name in ("P001_s1.png", "P001_s2.png", "P002_s1.png"):
+        _png(tmp_path / "covid" / name)
+    _png(tmp_path / "non_covid" / "P003_s1.png")
+    df = scan_dataset(tmp_path, patient_from=r"regex:^(?P<patient>P\d+)_")
+    assert dict(zip([Path(p).name for p in df["path"]], df["patient_id"], strict=True)) == {
+        "P001_s1.png": "P001", "P001_s2.png": "P001", "P002_s1.png": "P002", "P003_s1.png": "P003"}
+    with pytest.raises(ManifestError, match=r"no patient id for 4 of 4 images.*does not match"):
+        scan_dataset(tmp_path, patient_from=r"regex:^(?P<patient>X\d+)_")
+    with pytest.raises(ConfigError, match=r"named group \(\?P<patient>"):
+        scan_dataset(tmp_path, patient_from=r"regex:^(P\d+)_")
+    with pytest.raises(ConfigError, match="not a valid regular expression"):
+        scan_dataset(tmp_path, patient_from="regex:(?P<patient>")
+    with pytest.raises(ConfigError, match=r"use dicom .* folder .* regex:PATTERN"):
+        scan_dataset(tmp_path, patient_from="filename")
+
+
+def test_scan_patient_from_dicom(tmp_path: Path) -> None:
+    stored = (np.random.default_rng(0).integers(0, 1500, (128, 128)) - 1350).astype(np.int16)
+    for i, patient in enumerate(["anon-7", "anon-7", "anon-9"]):
+        (tmp_path / "covid").mkdir(exist_ok=True)
+        write_dicom(tmp_path / "covid" / f"IM{i}", stored, PatientID=patient, BodyPartExamined="CHEST")
+    _png(tmp_path / "normal" / "n.png")
+    no_id = r"no patient id for 1 of 4 images, each no DICOM PatientID.*n\.png"
+    with pytest.raises(ManifestError, match=no_id):
+        scan_dataset(tmp_path, patient_from="dicom")
+    (tmp_path / "normal" / "n.png").unlink()
+    write_dicom(tmp_path / "normal" / "n.dcm", stored, PatientID="anon-1")
+    df = scan_dataset(tmp_path, patient_from="dicom", modality="ct")
+    assert sorted(df["patient_id"]) == ["anon-1", "anon-7", "anon-7", "anon-9"]
+
+
+def test_scan_gate_leaves_refused_out_and_lists_everything(tmp_path: Path) -> None:
+    good = _png(tmp_path / "covid" / "good.png")
+    small = tmp_path / "covid" / "small.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)).save(small)
+    black = tmp_path / "normal" / "black.png"
+    black.parent.mkdir()
+    Image.fromarray(np.zeros((128, 128), np.uint8)).save(black)
+    kept = _png(tmp_path / "normal" / "kept.png")
+    broken = tmp_path / "normal" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.warns(UserWarning) as caught:
+        df = scan_dataset(tmp_path)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "1 refused images left out (first: " in messages and "constant: every pixel is 0.00" in messages
+    assert "1 unreadable images left out" in messages
+    assert sorted(df["path"]) == sorted(str(p) for p in (good, small, kept))  # doubtful stays in
+    quality = {Path(q["path"]).name: (q["status"], q["label"], q["reasons"][:5]) for q in df.attrs["quality"]}
+    assert quality == {"small.png": ("doubtful", "covid", "tiny:"),
+                       "black.png": ("refused", "non_covid", "const"),
+                       "broken.png": ("unreadable", "non_covid", "corru")}
+    listed = pd.read_csv(write_quality(df.attrs["quality"], tmp_path / "m.quality.csv"))
+    assert listed.columns.tolist() == ["path", "label", "status", "reasons"]
+    assert listed["status"].tolist() == ["unreadable", "refused", "doubtful"]  # worst first
+    assert listed["path"].tolist() == ["normal/broken.png", "normal/black.png", "covid/small.png"]
 
 
 def test_write_manifest_round_trip(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidscan.data import read_manifest, split_manifest
+from covidscan.data import check_trainable, label_problems, read_manifest, split_manifest
 from covidscan.errors import ConfigError, ManifestError
 
 
@@ -78,7 +78,9 @@ def test_image_split_warns_when_patients_exist() -> None:
     df = _manifest()
     with pytest.warns(UserWarning, match="images of one patient can land in both train and test"):
         out = split_manifest(df, by="image", seed=0)
-    assert "by='patient'" in out.attrs["leakage_warning"]
+    # the hint names an option of each command that prints it
+    assert "`data split --by patient`" in out.attrs["leakage_warning"]
+    assert "`--set data.split_by=patient`" in out.attrs["leakage_warning"]
     assert abs(_fractions(out["split"])["train"] - 0.7) < 0.03
     no_ids = df.drop(columns="patient_id")
     with warnings.catch_warnings():
@@ -100,12 +102,16 @@ def test_bad_inputs() -> None:
     df = _manifest()
     with pytest.raises(ConfigError, match="split by 'series'"):
         split_manifest(df, by="series")
-    with pytest.raises(ManifestError, match=r"no patient ids.*--by image"):
-        split_manifest(df.drop(columns="patient_id"))
     partial = df.assign(patient_id=df["patient_id"].where(df.index % 5 != 0, None))
-    with pytest.raises(ManifestError, match=r"rows have no patient_id"):
-        split_manifest(partial)
-    with pytest.raises(ManifestError, match="only 2 patients"):
+    for manifest, what in ((df.drop(columns="patient_id"), "no patient ids"),
+                           (partial, "rows have no patient_id")):
+        with pytest.raises(ManifestError, match=what) as err:
+            split_manifest(manifest)
+        for option in ("data scan --patient-from dicom", "--patient-from folder", "--patient-from 'regex:",
+                       "`data split --by image`", "`--set data.split_by=image`"):
+            assert option in str(err.value), option
+    fewer = r"only 2 patients.*--ratios 0\.8,0\.2.*data\.ratios=\[0\.8,0\.2\]"
+    with pytest.raises(ManifestError, match=fewer):
         split_manifest(df[df["patient_id"].isin(["p0", "p1"])])
     with pytest.raises(ManifestError, match="no `label` column"):
         split_manifest(df.drop(columns="label"))
@@ -142,3 +148,39 @@ def test_small_patient_split_gives_every_part_both_classes(seed: int) -> None:
     out = split_manifest(pd.DataFrame(rows), seed=seed)
     assert out.groupby("patient_id")["split"].nunique().max() == 1
     assert (out.groupby("split")["label"].nunique() == 2).all(), out.groupby("split")["label"].value_counts()
+
+
+def test_one_class_dataset_reported_by_split_and_refused_by_check_trainable() -> None:
+    df = _manifest()
+    covid_only = df[df["label"] == "covid"].reset_index(drop=True)
+    with pytest.warns(UserWarning, match=r"one-class dataset \(covid \d+ images\): no non_covid images"):
+        out = split_manifest(covid_only, seed=0)
+    assert len(out.attrs["label_problems"]) == 1 and out["split"].notna().all()
+    with pytest.raises(ManifestError, match="cannot train on this dataset: one-class dataset"):
+        check_trainable(out)
+
+
+def test_patients_with_both_labels_reported_and_refused() -> None:
+    df = _manifest()
+    flip = {"covid": "non_covid", "non_covid": "covid"}
+    extra = df.groupby("patient_id").head(1).set_index("patient_id").loc[["p0", "p1"]].reset_index()
+    extra = extra.assign(label=extra["label"].map(flip), path=extra["path"] + ".other.png")
+    mixed = pd.concat([df, extra], ignore_index=True)
+    problems = label_problems(mixed)
+    assert len(problems) == 1 and problems[0].startswith("2 patients carry both labels: p0 (covid ")
+    assert "--patient-from folder" in problems[0]
+    with pytest.warns(UserWarning, match="2 patients carry both labels"):
+        out = split_manifest(mixed, seed=0)
+    with pytest.raises(ManifestError, match="2 patients carry both labels"):
+        check_trainable(out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clean = split_manifest(df, seed=0)
+    assert clean.attrs["label_problems"] == [] and check_trainable(clean) is None
+
+
+def test_check_trainable_refuses_a_split_without_both_classes() -> None:
+    df = split_manifest(_manifest(), seed=0)
+    df.loc[(df["split"] == "val") & (df["label"] == "covid"), "split"] = "train"
+    with pytest.raises(ManifestError, match=r"split val has no covid images.*data split --resplit"):
+        check_trainable(df)

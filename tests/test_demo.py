@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from covidscan.demo import run_demo
+from covidscan.inference import Predictor
 
 
 def test_demo_writes_audit_run_and_report(tmp_path: Path):
@@ -19,5 +21,12 @@ def test_demo_writes_audit_run_and_report(tmp_path: Path):
     # The demo's own evaluation is honest: no patient sits in two splits.
     assert splits.groupby("patient_id")["split"].nunique().max() == 1
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["n_images"] == (splits["split"] == "test").sum()
-    assert 0.0 <= metrics["metrics"]["roc_auc"]["value"] <= 1.0
+    test = splits[splits["split"] == "test"]
+    assert metrics["n_images"] == len(test) and sum(metrics["class_counts"].values()) == len(test)
+    # What the report states is what a user predicting the same files gets from the saved run.
+    saved = pd.read_csv(tmp_path / "run" / "predictions.csv")
+    again = Predictor.from_run(tmp_path / "run").predict(test["path"].tolist())
+    np.testing.assert_allclose([p.p_covid for p in again], saved["p_covid"], atol=1e-5)
+    accuracy = metrics["metrics"]["accuracy"]["value"]
+    cut = metrics["threshold"]
+    assert accuracy == np.mean((saved["p_covid"] >= cut) == (saved["label"] == "covid"))

@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from covidscan.errors import ConfigError, CovidscanError, ManifestError
@@ -340,3 +341,44 @@ def test_patient_level_on_real_ucsd_ct_patient_ids(shared_dir):
     n_patients = test["patient_id"].nunique()
     assert res["n_patients"] == res["patient_level"]["n_patients"] == n_patients < y.size
     assert np.sum(res["patient_level"]["confusion_matrix"]) == n_patients
+
+
+# --------------------------------------------------------------------------------------------- Calibration
+def test_calibration_fits_proba_label_uncertain_and_round_trips():
+    from covidscan.evaluation import Calibration
+
+    rng = np.random.default_rng(0)
+    true_logit = rng.normal(0, 2.0, 2000)
+    y = (rng.random(2000) < 1 / (1 + np.exp(-true_logit))).astype(int)
+    z = 3.0 * true_logit  # informative but three times over-confident
+    cal = Calibration.fit(z, y, band=0.2)
+    assert cal.temperature == pytest.approx(3.0, rel=0.15) and not cal.notes
+    p = cal.proba(z)
+    np.testing.assert_allclose(p, 1 / (1 + np.exp(-z / cal.temperature)))
+    np.testing.assert_allclose(cal.proba(torch.tensor(z)), p, atol=1e-6)  # torch and numpy: one path
+    assert (cal.label(p) == np.where(p >= cal.threshold, "covid", "non_covid")).all()
+    assert (cal.uncertain(p) == (np.abs(p - cal.threshold) < 0.1)).all()
+    assert Calibration.model_validate_json(cal.model_dump_json()) == cal
+
+
+@pytest.mark.parametrize(
+    ("z", "y", "note"),
+    [
+        (np.linspace(-1, 1, 10), np.array([0, 1] * 5), "10 images"),  # too few to fit a temperature
+        (np.random.default_rng(1).normal(0, 3, 200), np.random.default_rng(2).integers(0, 2, 200), "bound"),
+        (np.r_[-np.ones(50) * 30, np.ones(50) * 30], np.r_[np.zeros(50), np.ones(50)].astype(int), "bound"),
+    ],
+)
+def test_calibration_falls_back_to_no_scaling_and_says_so(z, y, note):
+    from covidscan.evaluation import Calibration
+
+    cal = Calibration.fit(z, y)
+    assert cal.temperature == 1.0 and any(note in n for n in cal.notes)
+
+
+def test_calibration_on_one_class_validation_fixes_the_threshold():
+    from covidscan.evaluation import Calibration
+
+    cal = Calibration.fit(np.linspace(-2, 2, 40), np.zeros(40, int), fixed_threshold=0.5)
+    assert cal.threshold == 0.5 and cal.method == "fixed" and cal.temperature == 1.0
+    assert any("one class" in n for n in cal.notes)

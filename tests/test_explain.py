@@ -23,8 +23,8 @@ from covidscan.explain import (
     save_overlay,
 )
 from covidscan.explain.render import MIN_SIDE
+from covidscan.inference import Predictor
 from covidscan.models import build_model, gradcam_target_layer
-from covidscan.runs import load_run
 
 SMALL = 64
 
@@ -246,7 +246,7 @@ def test_explain_image_on_a_trained_run(tiny_run: Path, phantom_manifest: Path, 
     df = pd.read_csv(phantom_manifest)
     row = df[df["label"] == "covid"].iloc[0]
     image_path = phantom_manifest.parent / row["path"]
-    run = load_run(tiny_run)
+    run = Predictor.from_run(tiny_run)
     original = cv2.imread(str(image_path), cv2.IMREAD_GRAYSCALE)
     # A barely trained model may see no evidence for one class (all-zero CAM, no region); never for both.
     results = [explain_image(run, image_path, tmp_path / "cams" / f"{t}.png", target=t) for t in (0, 1)]
@@ -267,5 +267,5 @@ def test_explain_image_reports_unreadable_files(tiny_run: Path, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")
     with pytest.raises(ImageReadError, match=r"broken\.png"):
-        explain_image(load_run(tiny_run), bad, tmp_path / "out.png")
+        explain_image(Predictor.from_run(tiny_run), bad, tmp_path / "out.png")
     assert not (tmp_path / "out.png").exists()

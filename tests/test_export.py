@@ -15,12 +15,11 @@ from covidscan import CLASSES, __version__
 from covidscan.config import load_config
 from covidscan.data import read_manifest
 from covidscan.errors import CovidscanError
+from covidscan.evaluation import Calibration
 from covidscan.export import METADATA_KEY, MIN_OPSET, OnnxModel, export_onnx, read_onnx_metadata
 from covidscan.models import Classifier, build_model
-from covidscan.preprocess import PreprocessConfig, eval_transform
+from covidscan.preprocess import PreprocessConfig, prepare_paths, to_model_batch
 from covidscan.runs import load_run, save_run
-from covidscan.training.engine import transform_batch
-from covidscan.training.prepare import prepare_paths
 
 N_IMAGES = 8
 
@@ -31,8 +30,7 @@ def _phantom_batch(manifest: Path, preprocess: PreprocessConfig, model: Classifi
     prepared, errors = prepare_paths(paths, preprocess, model.input_size, progress=False)
     assert not errors
     images = np.stack([p.pixels for p in prepared])
-    transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
-    return transform_batch(images, np.arange(len(images)), transform, 0, 0)
+    return to_model_batch(images, model.mean, model.std).contiguous()
 
 
 def _untrained_run(out: Path, manifest: Path, backbone: str, size: int) -> Path:
@@ -51,7 +49,8 @@ def _untrained_run(out: Path, manifest: Path, backbone: str, size: int) -> Path:
     with torch.no_grad():
         model(_phantom_batch(manifest, cfg.preprocess, model))
     model.eval()
-    return save_run(out, cfg, model, threshold=0.4, temperature=1.5, patient_threshold=0.6)
+    save_run(out, cfg, model, Calibration(threshold=0.4, temperature=1.5, patient_threshold=0.6))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -141,9 +140,8 @@ def test_metadata_round_trip(tiny_run: Path, tiny_onnx: Path) -> None:
     assert model.metadata == meta
     assert model.input_size == run.model.input_size == (64, 64)
     assert model.mean == pytest.approx(run.model.mean) and model.std == pytest.approx(run.model.std)
-    assert model.threshold == pytest.approx(run.threshold)
-    assert model.temperature == pytest.approx(run.temperature)
-    assert model.preprocess == run.config.preprocess
+    assert model.calibration == run.calibration
+    assert model.preprocess == run.config.preprocess == run.checkpoint.preprocess
 
     proto = onnx.load(str(tiny_onnx))
     onnx.checker.check_model(proto, full_check=True)
@@ -197,7 +195,7 @@ def test_loading_bad_files(tmp_path: Path) -> None:
     model = onnx.load(str(plain))
     onnx.helper.set_model_props(model, {METADATA_KEY: json.dumps({"classes": list(CLASSES)})})
     onnx.save(model, str(plain))
-    with pytest.raises(CovidscanError, match="lacks modality"):
+    with pytest.raises(CovidscanError, match="lacks preprocess"):
         read_onnx_metadata(plain)
 
 

@@ -1,4 +1,4 @@
-"""covidscan.inference: prediction rows, bad inputs, DICOM series, warnings, output files, engines, bf16."""
+"""covidscan.inference.predict: prediction rows, bad inputs, DICOM series, warnings, output files, engines."""
 
 from __future__ import annotations
 
@@ -14,18 +14,11 @@ import torch
 
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.explain.render import MIN_SIDE
-from covidscan.inference import (
-    FastClassifier,
-    bf16_supported,
-    check_bf16,
-    predict,
-    to_batch,
-    write_predictions,
-)
+from covidscan.inference import Predictor, predict, write_predictions
 from covidscan.io import LUNG_WINDOW
-from covidscan.preprocess import eval_transform
-from covidscan.runs import load_run
-from covidscan.training.engine import transform_batch
+from covidscan.models import FastClassifier
+from covidscan.preprocess import eval_transform, to_model_batch
+from covidscan.runs import load_checkpoint
 from dicom_files import write_dicom
 
 COLUMNS = ["path", "p_covid", "label", "uncertain", "lungs_found", "warnings", "error", "group_id", "group_n",
@@ -33,13 +26,13 @@ COLUMNS = ["path", "p_covid", "label", "uncertain", "lungs_found", "warnings", "
 
 
 @pytest.fixture(scope="module")
-def meta(tiny_run: Path) -> dict:
-    return json.loads((tiny_run / "checkpoint.json").read_text())
+def cal(tiny_run: Path):
+    return load_checkpoint(tiny_run).calibration
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_run: Path):
-    return load_run(tiny_run)
+def loaded(tiny_run: Path) -> Predictor:
+    return Predictor.from_run(tiny_run)
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +54,12 @@ def write_ct_dicom(
                        RescaleSlope=1, RescaleIntercept=0, ImagePositionPatient=[0, 0, z])
 
 
-def test_rows_values_labels_and_band(tiny_run, loaded, meta, phantoms):
+def test_rows_values_labels_and_band(tiny_run, loaded, cal, phantoms):
     df = predict(tiny_run, phantoms[:12], band=0.2, progress=False)
     assert list(df.columns) == COLUMNS
     assert df["path"].tolist() == [str(p) for p in phantoms[:12]]
     assert df["p_covid"].between(0, 1).all() and (df["error"] == "").all()
-    threshold = meta["threshold"]
+    threshold = cal.threshold
     expected = np.where(df["p_covid"] >= threshold, "covid", "non_covid")
     assert (df["label"] == expected).all()
     assert (df["uncertain"] == ((df["p_covid"] - threshold).abs() < 0.1)).all()
@@ -74,20 +67,20 @@ def test_rows_values_labels_and_band(tiny_run, loaded, meta, phantoms):
     assert df["group_id"].isna().all()  # PNGs carry no patient or series
     settings = df.attrs["predict"]
     assert settings["engine"] == "torch" and settings["precision"] in ("fp32", "bf16")
-    assert settings["temperature"] == meta["temperature"] and settings["errors"] == 0
-    assert not predict(loaded, phantoms[:3], band=0.0, progress=False)["uncertain"].any()  # no band
+    assert settings["temperature"] == cal.temperature and settings["errors"] == 0 and settings["band"] == 0.2
+    assert not predict(tiny_run, phantoms[:3], band=0.0, progress=False)["uncertain"].any()  # no band
 
 
-def test_fast_path_matches_the_reference_model(loaded, phantoms):
-    run = loaded
-    pixels = np.stack([cv2.resize(gray(p), run.model.input_size[::-1]) for p in phantoms[:6]])
-    x = to_batch(pixels, run.model.mean, run.model.std)
-    reference = transform_batch(pixels, np.arange(6), eval_transform(run.model.input_size, run.model.mean,
-                                                                     run.model.std), 0, 0)
-    torch.testing.assert_close(x, reference, rtol=0, atol=0)  # the vectorised transform is exact
+def test_fast_path_matches_the_reference_model(tiny_run, loaded, phantoms):
+    model = loaded.model
+    pixels = np.stack([cv2.resize(gray(p), model.input_size[::-1]) for p in phantoms[:6]]) / np.float32(255)
+    x = to_model_batch(pixels, model.mean, model.std)
+    transform = eval_transform(model.input_size, model.mean, model.std)
+    reference = torch.stack([transform(image) for image in pixels])
+    torch.testing.assert_close(x, reference, rtol=0, atol=1e-6)  # the vectorised transform is the same
     with torch.inference_mode():
-        torch.testing.assert_close(FastClassifier(run.model)(x), run.model(reference), rtol=1e-4, atol=1e-5)
-    slow = predict(loaded, phantoms[:6], fast=False, progress=False)
+        torch.testing.assert_close(FastClassifier(model)(x), model(reference), rtol=1e-4, atol=1e-5)
+    slow = predict(tiny_run, phantoms[:6], fast=False, progress=False)
     fast = predict(loaded, phantoms[:6], progress=False)
     tolerance = 1e-2 if fast.attrs["predict"]["precision"] == "bf16" else 1e-5
     np.testing.assert_allclose(fast["p_covid"], slow["p_covid"], atol=tolerance)
@@ -114,7 +107,7 @@ def test_bad_files_are_reported_and_the_rest_predicted(loaded, phantoms, tmp_pat
     assert df.attrs["predict"]["errors"] == 4
 
 
-def test_manifest_gives_true_labels_and_patient_groups(loaded, meta, phantom_manifest):
+def test_manifest_gives_true_labels_and_patient_groups(loaded, cal, phantom_manifest):
     df = predict(loaded, [phantom_manifest], progress=False)
     manifest = pd.read_csv(phantom_manifest)
     assert len(df) == len(manifest) == 64
@@ -122,36 +115,45 @@ def test_manifest_gives_true_labels_and_patient_groups(loaded, meta, phantom_man
     assert (df["group_id"] == manifest["patient_id"]).all() and (df["group_n"] == 2).all()
     means = df.groupby("group_id")["p_covid"].transform("mean")
     np.testing.assert_allclose(df["group_p_covid"], means)
-    cut = meta["patient_threshold"] if meta["patient_threshold"] is not None else meta["threshold"]
+    cut = cal.patient_threshold if cal.patient_threshold is not None else cal.threshold
     assert (df["group_label"] == np.where(df["group_p_covid"] >= cut, "covid", "non_covid")).all()
 
 
-def test_manifest_without_labels_is_a_clear_error(loaded, phantoms, tmp_path):
+def test_a_manifest_to_predict_needs_no_labels_and_a_missing_file_is_a_row(loaded, phantoms, tmp_path):
     csv = tmp_path / "list.csv"
-    pd.DataFrame({"path": [str(phantoms[0])]}).to_csv(csv, index=False)
-    with pytest.raises(ManifestError, match="label"):
-        predict(loaded, [csv], progress=False)
+    rows = {"path": [str(phantoms[0]), "gone.png"], "patient_id": ["p1", "p1"]}
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    df = predict(loaded, [csv], progress=False)
+    assert "true_label" not in df and 0 <= df["p_covid"].iloc[0] <= 1
+    assert "does not exist" in df["error"].iloc[1] and str(tmp_path / "gone.png") == df["path"].iloc[1]
+    assert df["group_n"].iloc[0] == 1  # the group counts the readable image only
+    no_path = tmp_path / "bad.csv"
+    pd.DataFrame({"file_name": ["x.png"]}).to_csv(no_path, index=False)
+    with pytest.raises(ManifestError, match="path column"):
+        predict(loaded, [no_path], progress=False)
 
 
-def test_dicom_series_gets_one_group_and_other_modality_is_flagged(loaded, phantoms, tmp_path):
+def test_dicom_series_gets_one_group_and_other_modality_is_refused(loaded, phantoms, tmp_path):
     series = tmp_path / "series"
     series.mkdir()
     for k, p in enumerate(phantoms[:3]):
         write_ct_dicom(series / f"slice{k}.dcm", gray(p), series="1.2.826.7", z=float(k))
     cr = write_ct_dicom(tmp_path / "chest.dcm", gray(phantoms[3]), series="1.2.826.8", modality="CR")
     df = predict(loaded, [series, cr], progress=False)
-    assert (df["error"] == "").all() and len(df) == 4
+    assert (df["error"].iloc[:3] == "").all() and len(df) == 4
     slices = df.iloc[:3]
     assert (slices["group_id"] == "1.2.826.7").all() and (slices["group_n"] == 3).all()
     assert slices["group_p_covid"].iloc[0] == pytest.approx(slices["p_covid"].mean())
     assert (slices["warnings"] == "").all()
-    assert df["warnings"].iloc[3].startswith("other_modality: DICOM Modality CR")
+    # A radiograph given to a CT model gets no probability and no label, only the reason.
+    assert "wrong_modality: DICOM Modality CR" in df["error"].iloc[3]
+    assert pd.isna(df["p_covid"].iloc[3]) and pd.isna(df["label"].iloc[3])
     # The DICOM slice predicts like the PNG it was made from (8-bit -> HU -> window round trip).
     png = predict(loaded, phantoms[:3], progress=False)
     np.testing.assert_allclose(slices["p_covid"], png["p_covid"], atol=2e-3)
 
 
-def test_warnings_for_tiny_blank_and_inverted_inputs(loaded, phantoms, tmp_path):
+def test_small_and_inverted_inputs_are_warned_blank_ones_refused(loaded, phantoms, tmp_path):
     image = gray(phantoms[0])
     cv2.imwrite(str(tmp_path / "tiny.png"), cv2.resize(image, (100, 90), interpolation=cv2.INTER_AREA))
     cv2.imwrite(str(tmp_path / "blank.png"), np.full((256, 256), 128, np.uint8))
@@ -161,8 +163,11 @@ def test_warnings_for_tiny_blank_and_inverted_inputs(loaded, phantoms, tmp_path)
     df.index = [Path(p).stem for p in df["path"]]
     codes = df["warnings"].map(lambda w: [part.split(":")[0] for part in w.split("; ") if part])
     assert codes["tiny"][0] == "tiny" and "90x100" in df.loc["tiny", "warnings"]
-    assert codes["blank"] == ["blank"] and codes["inverted"] == ["inverted"] and codes["normal"] == []
-    assert df["p_covid"].notna().all()  # warnings never stop a prediction
+    assert codes["inverted"] == ["inverted"] and codes["normal"] == []
+    # warnings never stop a prediction; a refusal always does: no probability, no label, the reason
+    assert df.loc[["tiny", "inverted", "normal"], "p_covid"].notna().all()
+    assert pd.isna(df.loc["blank", "p_covid"]) and pd.isna(df.loc["blank", "label"])
+    assert "constant" in df.loc["blank", "error"]
 
 
 def test_csv_and_json_round_trip(loaded, phantom_manifest, tmp_path):
@@ -186,46 +191,24 @@ def test_csv_and_json_round_trip(loaded, phantom_manifest, tmp_path):
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"engine": "tf"}, "engine"), ({"band": 1.5}, "band"), ({"batch_size": 0}, "batch_size")],
+    [({"engine": "tf"}, "engine"), ({"band": 1.5}, "band"), ({"batch_size": 0}, "batch_size"),
+     ({"engine": "torch", "onnx_path": "m.onnx"}, "onnx engine")],
 )
-def test_bad_arguments(loaded, phantoms, kwargs, match):
+def test_bad_arguments(tiny_run, phantoms, kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        predict(loaded, phantoms[:1], progress=False, **kwargs)
+        predict(tiny_run, phantoms[:1], progress=False, **kwargs)
 
 
-def test_onnx_engine_matches_torch(tiny_run, phantoms, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    torch_df = predict(run, phantoms[:8], fast=False, progress=False)
-    onnx_df = predict(run, phantoms[:8], engine="onnx", progress=False)
-    assert (run / "model.onnx").is_file()  # exported on first use, then reused
+def test_onnx_engine_matches_torch_and_caches_outside_the_run(tiny_run, phantoms, tmp_path, monkeypatch):
+    monkeypatch.setenv("COVIDSCAN_CACHE", str(tmp_path / "cache"))
+    torch_df = predict(tiny_run, phantoms[:8], fast=False, progress=False)
+    onnx_df = predict(tiny_run, phantoms[:8], engine="onnx", progress=False)
+    assert not (tiny_run / "model.onnx").exists()  # the run directory is never written to
+    sha = load_checkpoint(tiny_run).weights_sha256
+    assert [p.name for p in (tmp_path / "cache" / "onnx").iterdir()] == [f"{sha}.onnx"]
     assert onnx_df.attrs["predict"]["engine"] == "onnx"
     assert np.abs(onnx_df["p_covid"] - torch_df["p_covid"]).max() <= 1e-4
     assert (onnx_df["label"] == torch_df["label"]).all()
-
-
-def test_bf16_changes_at_most_half_a_percent_of_labels(tiny_run, phantoms, tmp_path):
-    if not bf16_supported():
-        pytest.skip("this CPU has no native bf16 (avx512_bf16 / amx_bf16): predict always uses fp32")
-    run_dir = tmp_path / "run"
-    shutil.copytree(tiny_run, run_dir)
-    run = load_run(run_dir)
-    verdict = check_bf16(run)
-    assert (run_dir / "bf16_check.json").is_file() and verdict["images"] > 0
-    assert verdict["allowed"] == (verdict["labels_changed"] / verdict["images"] <= 0.005)
-    assert check_bf16(run) == verdict  # cached, keyed by the weights' hash
-    # The rule itself, on all 64 phantoms: bf16 changes at most 0.5% of the fp32 labels.
-    size = run.model.input_size[::-1]
-    pixels = np.stack([cv2.resize(gray(p), size, interpolation=cv2.INTER_AREA) for p in phantoms])
-    x = to_batch(pixels, run.model.mean, run.model.std)
-    with torch.inference_mode():
-        z32, z16 = (FastClassifier(run.model, dtype)(x) for dtype in (torch.float32, torch.bfloat16))
-    p32, p16 = (torch.sigmoid((z[:, 1] - z[:, 0]) / run.temperature) for z in (z32, z16))
-    changed = ((p32 >= run.threshold) != (p16 >= run.threshold)).float().mean().item()
-    assert changed <= 0.005
-    # predict follows the cached verdict.
-    (run_dir / "bf16_check.json").write_text(json.dumps({**verdict, "allowed": False}))
-    assert predict(run, phantoms[:2], progress=False).attrs["predict"]["precision"] == "fp32"
 
 
 def test_cam_dir_gets_one_overlay_per_image(loaded, phantoms, tmp_path):

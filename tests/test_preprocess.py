@@ -180,14 +180,16 @@ def test_find_lungs_real_ucsd_ct_found_share(shared_dir):
 # --------------------------------------------------------------------------------------------- pipeline
 def test_preprocess_applies_clahe_then_crops_on_the_clahe_image():
     img = _drawn_ct()
-    out, crop = preprocess(img, PreprocessConfig())
+    result = preprocess(img, PreprocessConfig())
+    crop = result.crop
     assert isinstance(crop, LungCrop) and crop.found
     y0, x0, y1, x1 = crop.bbox
-    assert np.array_equal(out, apply_clahe(img)[y0:y1, x0:x1])
-    plain, none = preprocess(img, {"clahe": False, "lung_crop": False})
-    assert none is None and np.array_equal(plain, img)
-    only_clahe, _ = preprocess(img, {"lung_crop": False, "clip_limit": 3.0, "tile_grid": (4, 4)})
-    assert np.array_equal(only_clahe, apply_clahe(img, clip_limit=3.0, tile_grid=(4, 4)))
+    assert np.array_equal(result.enhanced, apply_clahe(img))
+    assert np.array_equal(result.image, apply_clahe(img)[y0:y1, x0:x1])
+    plain = preprocess(img, {"clahe": False, "lung_crop": False})
+    assert plain.crop is None and np.array_equal(plain.image, img)
+    only_clahe = preprocess(img, {"lung_crop": False, "clip_limit": 3.0, "tile_grid": (4, 4)})
+    assert np.array_equal(only_clahe.image, apply_clahe(img, clip_limit=3.0, tile_grid=(4, 4)))
 
 
 @pytest.mark.parametrize(

@@ -4,19 +4,54 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from typer.core import TyperGroup
 
 from covidscan import __version__
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.system import keep_freed_memory
 
+_QUIET = ("-q", "--quiet")
+# soft_wrap: an error or warning stays one line in a log file or a pipe (no hard wrap at 80 columns).
+console = Console(stderr=True, soft_wrap=True)
+out_console = Console(soft_wrap=True)
+
+
+class _Commands(TyperGroup):
+    """The root command group: a library error anywhere below becomes one ``error:`` line and exit code 2.
+
+    ``-q``/``--quiet`` is accepted anywhere on the line (``covidscan predict ... -q`` as well as
+    ``covidscan -q predict ...``): it is moved in front of the subcommand before parsing.
+    """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        end = args.index("--") if "--" in args else len(args)
+        quiet = [a for a in args[:end] if a in _QUIET]
+        rest = [a for a in args[:end] if a not in _QUIET] + args[end:]
+        return super().parse_args(ctx, quiet[:1] + rest)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CovidscanError as exc:
+            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+            ctx.exit(2)
+        except OSError as exc:  # a folder that cannot be written, a full disk: the file and why, no traceback
+            where = f" {exc.filename}" if exc.filename else ""
+            console.print(f"[bold red]error:[/bold red] cannot write or read{where}: {exc.strerror or exc}; "
+                          "check the path and its permissions", highlight=False)
+            ctx.exit(2)
+
+
 app = typer.Typer(
+    cls=_Commands,
     help="Detect COVID-19 in chest CT slices and chest X-rays, with honest evaluation.",
     no_args_is_help=True,
     add_completion=False,
@@ -27,9 +62,9 @@ preprocess_app = typer.Typer(help="Inspect preprocessing (CLAHE, lung crop).", n
 app.add_typer(data_app, name="data")
 app.add_typer(preprocess_app, name="preprocess")
 
-console = Console(stderr=True)
-out_console = Console()
-
+Strict = Annotated[
+    bool, typer.Option(help="Stop when any image is unreadable or refused, instead of leaving it out.")
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable)."),
@@ -57,6 +92,11 @@ def _progress() -> bool:
     return logging.getLogger().level <= logging.INFO
 
 
+def _n(count: int, noun: str) -> str:
+    """``1 image``, ``2 images``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _ratios(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -65,18 +105,38 @@ def _ratios(text: str) -> tuple[float, ...]:
 
 
 # ---------------------------------------------------------------- data
+Modality = Annotated[
+    str | None,
+    typer.Option(help="ct or cxr: the quality gate judges images for that kind of model (default: either)."),
+]
+
+
 @data_app.command("scan")
 def data_scan(
     root: Annotated[Path, typer.Argument(help="Folder with one subfolder per class (covid/, normal/, ...).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("manifest.csv"),
+    patient_from: Annotated[
+        str | None,
+        typer.Option(help="Fill patient_id from: dicom (DICOM PatientID), folder (class/patient/file), or "
+                     "regex:PATTERN with a (?P<patient>...) group matched in the file name."),
+    ] = None,
+    modality: Modality = None,
 ) -> None:
-    """Build a manifest CSV from class subfolders."""
-    from covidscan.data import scan_dataset, write_manifest
+    """Build a manifest CSV from class subfolders; files the quality gate refuses are listed, not kept."""
+    from covidscan.data import scan_dataset, write_manifest, write_quality
 
-    df = scan_dataset(root)
+    df = scan_dataset(root, patient_from=patient_from, modality=modality)
     write_manifest(df, out)
     counts = df["label"].value_counts().to_dict()
-    out_console.print(f"wrote {out} ({len(df)} images: {counts})")
+    patients = df["patient_id"].nunique()
+    out_console.print(f"wrote {out} ({_n(len(df), 'image')}: {counts}; "
+                      + (f"{patients} patients)" if patients else "no patient ids: see --patient-from)"))
+    quality = df.attrs["quality"]
+    if quality:
+        listed = write_quality(quality, out.with_name(out.stem + ".quality.csv"))
+        statuses = {s: sum(q["status"] == s for q in quality) for s in ("unreadable", "refused", "doubtful")}
+        out_console.print(f"quality: {statuses['unreadable']} unreadable and {statuses['refused']} refused "
+                          f"(left out), {statuses['doubtful']} doubtful (kept); every one listed in {listed}")
 
 
 @data_app.command("split")
@@ -91,7 +151,10 @@ def data_split(
     resplit: Annotated[bool, typer.Option(help="Ignore an existing split column.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Manifest CSV to write.")] = Path("split.csv"),
 ) -> None:
-    """Split a manifest into train/val/test, grouped by patient and stratified by label."""
+    """Split a manifest into train/val/test, grouped by patient and stratified by label.
+
+    A one-class dataset or patients carrying both labels are reported (train refuses them).
+    """
     from covidscan.data import read_manifest, split_manifest, write_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
@@ -110,12 +173,13 @@ def data_audit(
         int, typer.Option(help="Max Hamming distance (of 256 dHash bits) for a near-duplicate.")
     ] = 14,
     patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
+    modality: Modality = None,
 ) -> None:
-    """Audit leakage: patients across splits, exact/near duplicates, class balance, shortcut signals."""
+    """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
-    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress())
+    report = audit_manifest(df, near_threshold=near_threshold, progress=_progress(), modality=modality)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     out_console.print(format_audit(report))
@@ -172,6 +236,8 @@ def train(
     data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
     overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    strict: Strict = False,
 ) -> None:
     """Train and evaluate one experiment; writes a run directory with report.md."""
     from covidscan.config import load_config
@@ -179,7 +245,7 @@ def train(
     from covidscan.training import train_experiment
 
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out, progress=_progress())
+    result = train_experiment(cfg, data, out, overwrite=overwrite, strict=strict, progress=_progress())
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -193,12 +259,17 @@ def evaluate(
         str | None,
         typer.Option(help="Only rows of this split (default: test if the manifest has splits, else all)."),
     ] = None,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="Evaluate even on images the run was trained or validated on (inflated!).")
+    ] = False,
+    strict: Strict = False,
 ) -> None:
     """Evaluate a trained run on any dataset with the run's own threshold and calibration."""
     from covidscan.evaluation import format_metrics_table
-    from covidscan.training import evaluate_run
+    from covidscan.inference import evaluate_run
 
-    metrics = evaluate_run(run, data, out, split=split, progress=_progress())
+    metrics = evaluate_run(run, data, out, split=split, allow_overlap=allow_overlap, strict=strict,
+                           progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
 
@@ -231,19 +302,21 @@ def predict(
         Path | None, typer.Option("--cam", help="Folder for one Grad-CAM overlay PNG per image.")
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="torch, or onnx (onnxruntime; exports model.onnx if needed).")
-    ] = "torch",
-    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for --engine onnx.")] = None,
+        str, typer.Option(help="auto (onnx if an ONNX file is given or in the run, else torch), torch, onnx.")
+    ] = "auto",
+    onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for the onnx engine.")] = None,
     band: Annotated[
-        float, typer.Option(help="Width of the 'uncertain' zone of probabilities around the threshold.")
-    ] = 0.1,
+        float | None,
+        typer.Option(help="Width of the 'uncertain' zone around the threshold (default: the run's)."),
+    ] = None,
     workers: Annotated[int, typer.Option(help="Threads decoding and preprocessing images.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
 ) -> None:
     """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
+    from covidscan.inference import check_output, write_predictions
     from covidscan.inference import predict as run_predict
-    from covidscan.inference import write_predictions
 
+    check_output(out)
     df = run_predict(
         run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
         batch_size=batch_size, progress=_progress(),
@@ -251,9 +324,10 @@ def predict(
     write_predictions(df, out)
     ok = df["error"] == ""
     counts = df.loc[ok, "label"].value_counts().to_dict()
+    warned = int((ok & (df["warnings"] != "")).sum())
     out_console.print(
-        f"{len(df)} images: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
-        f"{int((~ok).sum())} unreadable"
+        f"{_n(len(df), 'image')}: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
+        f"{warned} with warnings, {int((~ok).sum())} not predicted"
     )
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
         console.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
@@ -276,23 +350,27 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the demo's data and run.")] = Path(
         "runs/demo"
     ),
+    seed: Annotated[int, typer.Option(help="Seed of the phantoms, the split and the training.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier demo in --out.")] = True,
 ) -> None:
     """Generate phantoms, audit them, train and evaluate a model end to end (no download)."""
     from covidscan.demo import run_demo
 
-    report = run_demo(out, progress=_progress())
+    report = run_demo(out, seed=seed, overwrite=overwrite, progress=_progress())
     out_console.print(f"report: {report}")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
 
 
 def main() -> None:
     """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(
-        level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)]
+        level=logging.INFO, format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
-    logging.captureWarnings(True)
+    warnings.showwarning = _show_warning
     keep_freed_memory()
-    try:
-        app(prog_name="covidscan")
-    except CovidscanError as exc:
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-        sys.exit(2)
+    app(prog_name="covidscan")

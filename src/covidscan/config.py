@@ -46,9 +46,10 @@ class TrainConfig(_Strict):
     )
     cache_features: bool = True
     early_stopping: int | None = Field(
-        None, ge=1, description="patience in epochs on validation loss; best weights are restored"
+        None, ge=1, description="patience in epochs on validation loss (the best weights are always kept)"
     )
     seed: int = 0
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where to train (auto: CUDA if any)")
 
 
 class EvalConfig(_Strict):
@@ -59,6 +60,7 @@ class EvalConfig(_Strict):
     calibrate: bool = True
     n_bootstrap: int = Field(1000, ge=0)
     aggregate: Literal["mean", "max"] = "mean"
+    band: float = Field(0.1, ge=0, lt=1, description="width of the 'uncertain' zone around the threshold")
 
 
 class ExperimentConfig(_Strict):
@@ -76,13 +78,21 @@ class ExperimentConfig(_Strict):
         None, description="figures the paper reports for this row, shown beside ours in reproduce tables"
     )
 
-    @model_validator(mode="after")
-    def _modality_agrees(self) -> ExperimentConfig:
-        if self.preprocess.modality != self.modality:
+    @model_validator(mode="before")
+    @classmethod
+    def _one_modality(cls, data: Any) -> Any:
+        """``modality`` is stated once, at the top; the preprocessing (lung finder) takes it from there."""
+        if not isinstance(data, dict) or not isinstance(data.get("preprocess", {}), dict):
+            return data
+        modality, pre = data.get("modality"), dict(data.get("preprocess") or {})
+        if modality is not None and pre.get("modality", modality) != modality:
             raise ValueError(
-                f"preprocess.modality is {self.preprocess.modality!r} but the experiment is {self.modality!r}"
+                f"preprocess.modality is {pre['modality']!r} but the experiment is {modality!r}; "
+                "set the top-level modality only"
             )
-        return self
+        if modality is not None:
+            pre["modality"] = modality
+        return {**data, "preprocess": pre}
 
 
 def preset_dir() -> Path:

@@ -17,8 +17,14 @@ log = logging.getLogger(__name__)
 DEMO_PRESET = "demo-ct-phantom"
 
 
-def run_demo(out: str | Path, *, n: int = 400, seed: int = 0, progress: bool = True) -> Path:
-    """Generate ``n`` CT phantoms, audit them, train the demo preset and return the report's path."""
+def run_demo(
+    out: str | Path, *, n: int = 400, seed: int = 0, overwrite: bool = True, progress: bool = True
+) -> Path:
+    """Generate ``n`` CT phantoms, audit them, train the demo preset and return the report's path.
+
+    ``seed`` sets the phantoms, the split and the training seed; ``overwrite`` replaces an earlier demo's
+    run in ``out`` (the demo's own folder, so this is the default).
+    """
     out = Path(out)
     manifest = write_phantom_dataset(out / "data", n=n, modality="ct", seed=seed)
     log.info("wrote %d phantom CT slices to %s", n, manifest.parent)
@@ -28,6 +34,7 @@ def run_demo(out: str | Path, *, n: int = 400, seed: int = 0, progress: bool = T
     audit = audit_manifest(split, progress=progress)
     (out / "audit.json").write_text(json.dumps(audit, indent=2), encoding="utf-8")
     log.info("audit:\n%s", format_audit(audit))
-    result = train_experiment(load_config(DEMO_PRESET), manifest, out / "run", progress=progress)
+    cfg = load_config(DEMO_PRESET, [f"train.seed={seed}", f"data.seed={seed}"])
+    result = train_experiment(cfg, manifest, out / "run", overwrite=overwrite, progress=progress)
     log.info("test metrics:\n%s", format_metrics_table(result.metrics))
     return result.run_dir / "report.md"

@@ -2,106 +2,240 @@
 
 A run directory holds::
 
-    config.yaml          the fully resolved experiment config
+    config.yaml          the fully resolved experiment config (re-creates the run)
     model.safetensors    the weights
-    checkpoint.json      class order, preprocessing, input size, normalisation, threshold, temperature
+    checkpoint.json      a :class:`Checkpoint`: everything needed to use the model as it was validated
     splits.csv           the manifest with the split every image was in
     history.json         per-epoch loss and accuracy
     metrics.json         test metrics (schema in the README)
     figures/*.png, report.md
+
+Nothing that predicts from a run writes into it, so one run can serve many processes at once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from covidscan import CLASSES, __version__
 from covidscan.config import ExperimentConfig, dump_config, load_config
-from covidscan.errors import CovidscanError
-from covidscan.models import Classifier, build_model
+from covidscan.errors import ConfigError, RunNotFoundError, StorageError
+from covidscan.evaluation import Calibration
+from covidscan.models import Bf16Verdict, Classifier, ModelConfig, build_model
+from covidscan.preprocess import PreprocessConfig
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
+"""Format 1 (covidscan 0.1) kept threshold and temperature as loose keys; it is still read."""
+REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
+
+
+class Checkpoint(BaseModel):
+    """The typed ``checkpoint.json``: model identity, preprocessing, normalisation and calibration.
+
+    Prediction needs this file and the weights only; ``config.yaml`` is for re-creating the run.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal[2] = CHECKPOINT_FORMAT
+    covidscan_version: str
+    name: str
+    classes: tuple[str, str] = CLASSES
+    preprocess: PreprocessConfig
+    model: ModelConfig
+    input_size: tuple[int, int]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    calibration: Calibration
+    bf16: Bf16Verdict | None = None
+
+    @property
+    def modality(self) -> str:
+        """``ct`` or ``cxr``: what the model was trained on (kept in the preprocessing settings only)."""
+        return self.preprocess.modality
+
+    @property
+    def model_name(self) -> str:
+        """The backbone's name, e.g. ``mobilenet_v2`` or ``timm:resnet18``."""
+        return self.model.backbone
 
 
 @dataclass
 class LoadedRun:
-    """A trained model with everything needed to use it as it was validated."""
+    """A trained model (eval mode) with its checkpoint and config."""
 
     path: Path
+    checkpoint: Checkpoint
     config: ExperimentConfig
     model: Classifier
-    threshold: float
-    temperature: float
-    meta: dict[str, Any]
+
+    @property
+    def calibration(self) -> Calibration:
+        """How the model's logits become probabilities and labels."""
+        return self.checkpoint.calibration
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def save_run(
     out: Path,
     cfg: ExperimentConfig,
     model: Classifier,
+    calibration: Calibration,
     *,
-    threshold: float,
-    temperature: float,
-    patient_threshold: float | None = None,
-) -> Path:
-    """Write config.yaml, model.safetensors and checkpoint.json into ``out``."""
+    bf16: Bf16Verdict | None = None,
+) -> Checkpoint:
+    """Write config.yaml, model.safetensors and checkpoint.json into ``out``; returns the checkpoint."""
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
+    weights = out / "model.safetensors"
     # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    meta = {
-        "format": CHECKPOINT_FORMAT,
-        "covidscan_version": __version__,
-        "classes": list(CLASSES),
-        "modality": cfg.modality,
-        "preprocess": cfg.preprocess.model_dump(mode="json"),
-        "input_size": list(model.input_size),
-        "mean": list(model.mean),
-        "std": list(model.std),
-        "threshold": threshold,
-        "temperature": temperature,
-        "patient_threshold": patient_threshold,
-    }
-    (out / "checkpoint.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return out
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    checkpoint = Checkpoint(
+        covidscan_version=__version__,
+        name=cfg.name,
+        preprocess=cfg.preprocess,
+        model=cfg.model,
+        input_size=model.input_size,
+        mean=model.mean,
+        std=model.std,
+        weights_sha256=file_sha256(weights),
+        calibration=calibration,
+        bf16=bf16,
+    )
+    write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
+    return checkpoint
 
 
-def load_run(path: str | Path) -> LoadedRun:
-    """Load a run directory written by ``covidscan train``; the model is returned in eval mode."""
+def _legacy(meta: dict[str, Any], cfg: ExperimentConfig, run: Path) -> Checkpoint:
+    """A covidscan 0.1 (format 1) checkpoint, read in memory; the run directory is not changed."""
+    return Checkpoint(
+        covidscan_version=str(meta.get("covidscan_version", "0.1")),
+        name=cfg.name,
+        preprocess=meta["preprocess"],
+        model=cfg.model,
+        input_size=meta["input_size"],
+        mean=meta["mean"],
+        std=meta["std"],
+        weights_sha256=file_sha256(run / "model.safetensors"),
+        calibration=Calibration(
+            temperature=meta["temperature"], threshold=meta["threshold"],
+            patient_threshold=meta.get("patient_threshold"),
+        ),
+    )
+
+
+def check_run_dir(path: str | Path) -> Path:
+    """``path`` as a run directory, or RunNotFoundError saying what is missing."""
     run = Path(path)
-    missing = [n for n in ("config.yaml", "model.safetensors", "checkpoint.json") if not (run / n).is_file()]
+    if not run.is_dir():
+        raise RunNotFoundError(
+            f"run directory {run} does not exist; pass the --out folder of `covidscan train`"
+        )
+    missing = [name for name in REQUIRED_FILES if not (run / name).is_file()]
     if missing:
-        raise CovidscanError(
+        raise RunNotFoundError(
             f"{run} is not a covidscan run directory (missing {', '.join(missing)}); "
             "pass the --out folder of `covidscan train`"
         )
+    return run
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """The typed checkpoint of a run directory (format 2, or format 1 converted in memory)."""
+    run = check_run_dir(path)
+    file = run / "checkpoint.json"
     try:
-        meta = json.loads((run / "checkpoint.json").read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CovidscanError(f"cannot read {run / 'checkpoint.json'}: {exc}") from None
-    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("classes") != list(CLASSES):
-        raise CovidscanError(
-            f"{run / 'checkpoint.json'} has format {meta.get('format')} / classes {meta.get('classes')}; "
-            f"this covidscan reads format {CHECKPOINT_FORMAT} with classes {list(CLASSES)}"
-        )
-    cfg = load_config(run / "config.yaml")
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"cannot read {file}: {exc}; the run directory is damaged, train again") from None
+    if not isinstance(meta, dict):
+        raise StorageError(f"{file} is not a covidscan checkpoint (a JSON object is expected)")
+    fmt = meta.get("format")
+    try:
+        if fmt == 1:
+            checkpoint = _legacy(meta, load_config(run / "config.yaml"), run)
+        elif fmt == CHECKPOINT_FORMAT:
+            checkpoint = Checkpoint.model_validate(meta)
+        else:
+            raise StorageError(
+                f"{file} has checkpoint format {fmt!r}; this covidscan {__version__} reads formats 1 and "
+                f"{CHECKPOINT_FORMAT} (upgrade covidscan to read newer runs)"
+            )
+    except KeyError as exc:
+        raise StorageError(f"{file} lacks the key {exc}; the run directory is damaged, train again") from None
+    except (ValidationError, ConfigError) as exc:
+        raise StorageError(f"{file} is not a valid covidscan checkpoint: {exc}") from None
+    if tuple(checkpoint.classes) != CLASSES:
+        raise StorageError(f"{file} has classes {list(checkpoint.classes)}, not {list(CLASSES)}")
+    return checkpoint
+
+
+def load_run(path: str | Path) -> LoadedRun:
+    """Load a run directory written by ``covidscan train``; the model is returned in eval mode.
+
+    Raises RunNotFoundError for a path that is not a run, StorageError for a damaged one.
+    """
+    run = check_run_dir(path)
+    checkpoint = load_checkpoint(run)
+    try:
+        config = load_config(run / "config.yaml")
+    except ConfigError as exc:
+        raise StorageError(f"{run / 'config.yaml'}: {exc}") from None
     # The saved weights replace any pretrained ones, so never look for ImageNet files when loading.
-    model = build_model(cfg.model.model_copy(update={"weights": "none"}))
+    model = build_model(checkpoint.model.model_copy(update={"weights": "none"}))
+    weights = run / "model.safetensors"
     try:
-        state = load_file(str(run / "model.safetensors"))
-        model.load_state_dict(state)
-    except (OSError, RuntimeError) as exc:
-        raise CovidscanError(f"cannot load weights {run / 'model.safetensors'}: {exc}") from None
+        model.load_state_dict(load_file(str(weights)))
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StorageError(
+            f"cannot load weights {weights}: {first}; the file is damaged or belongs to another model"
+        ) from None
     model.eval()
-    return LoadedRun(run, cfg, model, float(meta["threshold"]), float(meta["temperature"]), meta)
+    return LoadedRun(run, checkpoint, config, model)
 
 
-def probabilities(z: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Calibrated P(covid) from the binary logit z = logit_covid - logit_non_covid."""
-    return torch.sigmoid(z / temperature)
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "Bf16Verdict",
+    "Checkpoint",
+    "LoadedRun",
+    "check_run_dir",
+    "file_sha256",
+    "load_checkpoint",
+    "load_run",
+    "save_run",
+    "write_atomic",
+]

@@ -1,10 +1,18 @@
-"""Process-wide CPU settings that make PyTorch faster on small Linux machines."""
+"""Process-wide settings: the compute device, covidscan's cache folder, and glibc's allocator."""
 
 from __future__ import annotations
 
 import ctypes
+import os
 import platform
 from functools import cache
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from covidscan.errors import ConfigError, StorageError
+
+if TYPE_CHECKING:
+    import torch
 
 # glibc's mallopt parameters and defaults (malloc.h): no more than M_MMAP_MAX chunks from mmap; free memory
 # at the heap top above M_TRIM_THRESHOLD bytes goes back to the system.
@@ -37,3 +45,30 @@ def keep_freed_memory(enable: bool = True) -> bool:
         return False
     mmap_max, trim = (0, _KEEP) if enable else (_DEFAULT_MMAP_MAX, _DEFAULT_TRIM_THRESHOLD)
     return bool(libc.mallopt(_M_MMAP_MAX, mmap_max)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim))
+
+
+def resolve_device(name: str = "cpu") -> torch.device:
+    """The one place a device is chosen: ``cpu`` (default), ``cuda`` or ``auto`` (CUDA when present)."""
+    import torch  # here, not at the top: the command line imports this module before it needs torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+    return torch.device(name)
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under covidscan's cache (``$COVIDSCAN_CACHE``, else ``~/.cache/covidscan``), created."""
+    root = Path(os.environ.get("COVIDSCAN_CACHE") or Path.home() / ".cache" / "covidscan")
+    folder = root.joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(
+            f"cannot create the cache folder {folder}: {exc.strerror or exc}; set COVIDSCAN_CACHE to a "
+            "writable folder"
+        ) from None
+    return folder

@@ -14,8 +14,9 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from covidscan.errors import ImageReadError, ManifestError
-from covidscan.io import read_image, to_uint8
+from covidscan.data.checks import label_problems, mixed_label_patients
+from covidscan.errors import ImageReadError, ImageRefusedError, InputError, ManifestError
+from covidscan.io import QualityLimits, assess, read_image, to_uint8
 
 HASH_SIZE = 16
 """dhash of 16x16 = 256 bits, the size of known-duplicates.csv's ``dhash_hamming_of_256``."""
@@ -27,14 +28,18 @@ SHORTCUT_TVD = 0.3
 ORIGINAL_PATH_COLUMNS = ("original_relpath", "original_path", "original_filename")
 _POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff", "dicom": "dcm"}
+_FACTS = ["exact", "dhash", "format", "mode", "height", "width"]
 
 
-def _fingerprint(path: str) -> dict:
-    """Decode one image: exact pixel hash, 256-bit dhash and the file facts a model could exploit."""
-    image = read_image(path)
+def _fingerprint(path: str, modality: str | None, limits: QualityLimits | None) -> dict:
+    """Decode one image: exact pixel hash, 256-bit dhash, the file facts a model could exploit, the gate."""
+    image = read_image(path, limits=limits)
     pixels = to_uint8(image.pixels)
     height, width = image.meta.original_size
+    quality = assess(image, modality, limits)
     return {
+        "refusals": quality.refusals,
+        "warnings": quality.warnings,
         "exact": hashlib.sha1(pixels.tobytes() + repr(pixels.shape).encode()).hexdigest(),
         "dhash": imagehash.dhash(Image.fromarray(pixels), hash_size=HASH_SIZE).hash.ravel(),
         "format": image.meta.format,
@@ -44,13 +49,15 @@ def _fingerprint(path: str) -> dict:
     }
 
 
-def _fingerprints(paths: list[str], progress: bool) -> Iterator[dict | ImageReadError]:
+def _fingerprints(
+    paths: list[str], progress: bool, modality: str | None, limits: QualityLimits | None
+) -> Iterator[dict | InputError]:
     """Fingerprints in order; decoding runs in threads (OpenCV/PIL release the GIL)."""
 
-    def safe(path: str) -> dict | ImageReadError:
+    def safe(path: str) -> dict | InputError:
         try:
-            return _fingerprint(path)
-        except ImageReadError as exc:
+            return _fingerprint(path, modality, limits)
+        except InputError as exc:  # unreadable, or refused from its header before decoding
             return exc
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
@@ -202,13 +209,45 @@ def _patients_across_splits(rows: pd.DataFrame) -> dict | None:
     return {"n_patients": int(rows["patient_id"].nunique()), "n_across_splits": len(leaks), "patients": leaks}
 
 
-def audit_manifest(df: pd.DataFrame, *, near_threshold: int = NEAR_THRESHOLD, progress: bool = False) -> dict:
-    """Audit a manifest for leakage and shortcuts; returns a JSON-able report (see ``format_audit``).
+def _quality(rows: pd.DataFrame, results: list[dict | InputError], modality: str | None) -> dict:
+    """The gate's verdicts: every refused file (header or pixels) and every doubtful one, with reasons."""
+    refused, doubtful = [], []
+    for (path, label), result in zip(rows[["path", "label"]].itertuples(index=False), results, strict=True):
+        if isinstance(result, ImageRefusedError):
+            refused.append({"path": path, "label": label, "reasons": list(result.reasons)})
+        elif isinstance(result, dict) and result["refusals"]:
+            refused.append({"path": path, "label": label, "reasons": list(result["refusals"])})
+        elif isinstance(result, dict) and result["warnings"]:
+            doubtful.append({"path": path, "label": label, "reasons": list(result["warnings"])})
+    return {"modality": modality, "n_refused": len(refused), "n_doubtful": len(doubtful),
+            "refused": refused, "doubtful": doubtful}
+
+
+def _labels(rows: pd.DataFrame) -> dict:
+    return {
+        "images": {str(k): int(v) for k, v in rows["label"].value_counts().sort_index().items()},
+        "mixed_label_patients": [{"patient_id": p, "labels": labels}
+                                 for p, labels in mixed_label_patients(rows).items()],
+        "problems": label_problems(rows),
+    }
+
+
+def audit_manifest(
+    df: pd.DataFrame,
+    *,
+    near_threshold: int = NEAR_THRESHOLD,
+    progress: bool = False,
+    modality: str | None = None,
+    limits: QualityLimits | None = None,
+) -> dict:
+    """Audit a manifest for leakage, shortcuts and unfit images; returns a JSON-able report.
 
     Reports patients in more than one split; exact duplicates (same decoded pixels) and near duplicates
     (256-bit dhash within ``near_threshold`` bits), each pair marked ``cross_label``, ``cross_split`` or
-    ``within``; class balance per split; and per-class differences in file format, colour mode, original
-    file type, source and image size that a model could learn instead of the disease.
+    ``within``; class balance per split; a one-class set and patients carrying both labels (``labels``);
+    per-class differences in file format, colour mode, original file type, source and image size that a
+    model could learn instead of the disease; and under ``quality`` every file the quality gate
+    (``covidscan.io.assess`` for ``modality``: ``"ct"``, ``"cxr"`` or ``None``, either) refuses or doubts.
     """
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
@@ -227,10 +266,10 @@ def audit_manifest(df: pd.DataFrame, *, near_threshold: int = NEAR_THRESHOLD, pr
         },
         dtype=object,
     )
-    results = list(_fingerprints(rows["path"].tolist(), progress))
+    results = list(_fingerprints(rows["path"].tolist(), progress, modality, limits))
     unreadable = [{"path": str(r.path), "reason": r.reason} for r in results if isinstance(r, ImageReadError)]
-    ok = [i for i, r in enumerate(results) if not isinstance(r, ImageReadError)]
-    facts = pd.DataFrame([results[i] for i in ok], index=ok)
+    ok = [i for i, r in enumerate(results) if not isinstance(r, InputError)]
+    facts = pd.DataFrame([results[i] for i in ok], index=ok, columns=_FACTS)
     facts["label"] = rows.loc[ok, "label"]
     readable = rows.loc[ok].reset_index(drop=True)
 
@@ -248,6 +287,8 @@ def audit_manifest(df: pd.DataFrame, *, near_threshold: int = NEAR_THRESHOLD, pr
         "hash": f"dhash {HASH_SIZE}x{HASH_SIZE} ({HASH_SIZE**2} bits) of the decoded 8-bit pixels",
         "unreadable": unreadable,
         "class_balance": _balance(rows),
+        "labels": _labels(rows),
+        "quality": _quality(rows, results, modality),
         "patients": _patients_across_splits(rows),
         "exact_duplicates": _pair_summary(exact),
         "near_duplicates": _pair_summary(near),
@@ -259,7 +300,7 @@ def audit_manifest(df: pd.DataFrame, *, near_threshold: int = NEAR_THRESHOLD, pr
 
 def _warnings(report: dict) -> list[str]:
     """One line per problem found, most serious first."""
-    out = []
+    out = list(report["labels"]["problems"])
     for key, what in (("exact_duplicates", "exact-duplicate"), ("near_duplicates", "near-duplicate")):
         dup = report[key]
         if dup["n_cross_label"]:
@@ -280,6 +321,13 @@ def _warnings(report: dict) -> list[str]:
         out.append(f"shortcut risk: {name} differs between classes (TVD {tvd:.2f} > {SHORTCUT_TVD})")
     if report["unreadable"]:
         out.append(f"{len(report['unreadable'])} images could not be read")
+    quality = report["quality"]
+    if quality["n_refused"]:
+        first = quality["refused"][0]
+        out.append(f"{quality['n_refused']} images are refused by the quality gate (first: {first['path']}: "
+                   f"{first['reasons'][0]})")
+    if quality["n_doubtful"]:
+        out.append(f"{quality['n_doubtful']} images are doubtful (quality warnings)")
     return out
 
 
@@ -290,7 +338,9 @@ def _clip(text: str, width: int = 40) -> str:
 def format_audit(report: dict, *, max_pairs: int = 10) -> str:
     """Short plain-text summary of an ``audit_manifest`` report."""
     pairs = report["exact_duplicates"]["pairs"] + report["near_duplicates"]["pairs"]
-    paths = [p[k] for p in pairs for k in "ab"]
+    quality = report["quality"]
+    listed = quality["refused"] + quality["doubtful"]
+    paths = [p[k] for p in pairs for k in "ab"] + [q["path"] for q in listed]
     root = os.path.commonpath(paths) if len(paths) > 1 else ""
     root = root if os.path.isdir(root) else os.path.dirname(root)
 
@@ -352,6 +402,13 @@ def format_audit(report: dict, *, max_pairs: int = 10) -> str:
             )
     if report["unreadable"]:
         lines.append(f"Unreadable: {len(report['unreadable'])} (first: {report['unreadable'][0]['path']})")
+    lines.append(f"Quality gate (modality {quality['modality'] or 'ct or cxr'}): "
+                 f"{quality['n_refused']} refused, {quality['n_doubtful']} doubtful")
+    for status in ("refused", "doubtful"):
+        for entry in quality[status][:max_pairs]:
+            lines.append(f"  {status:<8} {short(entry['path'])}: {'; '.join(entry['reasons'])}")
+        if len(quality[status]) > max_pairs:
+            lines.append(f"  ... {len(quality[status]) - max_pairs} more {status} in the JSON report")
     lines.append("Warnings:" if report["warnings"] else "No leakage or shortcut warnings.")
     lines += [f"  - {w}" for w in report["warnings"]]
     return "\n".join(lines)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -16,8 +18,8 @@ from covidscan.data.labels import (
     normalize_labels,
     normalize_splits,
 )
-from covidscan.errors import ImageReadError, ManifestError
-from covidscan.io import is_image_path, list_images, read_image
+from covidscan.errors import ConfigError, ImageRefusedError, InputError, ManifestError
+from covidscan.io import LoadedImage, QualityLimits, is_image_path, list_images, read_checked
 
 PATH_ALIASES = ("path", "relpath", "filename", "file")
 LABEL_COLUMNS = ("label", "class")
@@ -57,8 +59,12 @@ def read_manifest(
     patient_column: str | None = None,
     split_column: str | None = None,
     include_excluded: bool = False,
+    for_prediction: bool = False,
 ) -> pd.DataFrame:
     """Read a manifest CSV (or scan a folder of class subfolders) into a validated manifest DataFrame.
+
+    ``for_prediction``: a list of images to predict, where the label column is optional (``label`` is then
+    empty) and a listed file that does not exist is kept (prediction reports it in that file's row).
 
     Paths become absolute (relative ones resolve against the CSV's folder), labels become
     ``covid``/``non_covid``, the patient column (``patient_group`` preferred) becomes ``patient_id`` and
@@ -90,7 +96,7 @@ def read_manifest(
     raw.columns = columns
     path_col = _find_column(columns, PATH_ALIASES)
     label_col = _find_column(columns, LABEL_COLUMNS)
-    if path_col is None or label_col is None:
+    if path_col is None or (label_col is None and not for_prediction):
         missing = "a path column (path/relpath/filename/file)" if path_col is None else "a `label` column"
         raise ManifestError(f"{where} has no {missing}; columns are: {', '.join(columns)}")
     if raw.empty:
@@ -102,7 +108,7 @@ def read_manifest(
     # the folder the user sees the CSV in (no symlink resolution); a relpath column stays for provenance
     base = source.absolute().parent
     paths = [os.path.normpath(base / Path(p).expanduser()) for p in raw[path_col]]
-    df = raw.drop(columns=[label_col]).assign(path=paths)
+    df = (raw.drop(columns=[label_col]) if label_col else raw).assign(path=paths)
 
     pcol = (
         _explicit_column(columns, patient_column, "patient", where)
@@ -121,14 +127,17 @@ def read_manifest(
     if scol is not None:
         df["split"] = normalize_splits(raw[scol], where=where).to_numpy()
 
-    df = _drop_excluded(df, normalize_labels(raw[label_col], where=where), include_excluded)
-    _check_rows(df, where)
+    if label_col is not None:
+        df = _drop_excluded(df, normalize_labels(raw[label_col], where=where), include_excluded)
+    else:
+        df = df.assign(label=None)
+    _check_rows(df, where, files_must_exist=not for_prediction)
     df.attrs.update(manifest=str(source), patient_column=pcol, split_column=scol)
     return _ordered(df)
 
 
-def _check_rows(df: pd.DataFrame, where: str) -> None:
-    """Refuse empty manifests, repeated paths and files that are not there."""
+def _check_rows(df: pd.DataFrame, where: str, *, files_must_exist: bool = True) -> None:
+    """Refuse empty manifests, repeated paths and (unless told otherwise) files that are not there."""
     if df.empty:
         raise ManifestError(f"{where}: no images left after leaving out {df.attrs.get('excluded', 0)} rows")
     dup = df["path"][df["path"].duplicated(keep=False)].unique().tolist()
@@ -137,7 +146,7 @@ def _check_rows(df: pd.DataFrame, where: str) -> None:
             f"{where}: {len(dup)} paths are listed more than once (e.g. {', '.join(dup[:_SHOW])}); "
             "keep one row per image"
         )
-    missing = [p for p in df["path"] if not os.path.isfile(p)]
+    missing = [p for p in df["path"] if not os.path.isfile(p)] if files_must_exist else []
     if missing:
         raise ManifestError(
             f"{where}: {len(missing)} of {len(df)} listed files do not exist "
@@ -151,14 +160,76 @@ def _ordered(df: pd.DataFrame) -> pd.DataFrame:
     return df[core + [c for c in df.columns if c not in core]]
 
 
-def scan_dataset(root: str | os.PathLike[str], *, include_excluded: bool = False) -> pd.DataFrame:
+PatientRule = Callable[[Path, Path, LoadedImage], str | None]
+"""(file, its class folder, the decoded image) -> patient id, or None when the file does not say."""
+
+
+def patient_rule(patient_from: str) -> tuple[PatientRule, str]:
+    """Parse ``dicom``, ``folder`` or ``regex:PATTERN`` into (rule, what a file lacking an id misses)."""
+    if patient_from == "dicom":
+        return (lambda path, folder, image: image.meta.patient_id), "no DICOM PatientID"
+    if patient_from == "folder":
+        def folder_name(path: Path, folder: Path, image: LoadedImage) -> str | None:
+            parts = path.relative_to(folder).parts
+            return parts[0] if len(parts) > 1 else None
+
+        return folder_name, "lies directly in its class folder, not in a class/patient/ folder"
+    if patient_from.startswith("regex:"):
+        text = patient_from.removeprefix("regex:")
+        try:
+            pattern = re.compile(text)
+        except re.error as exc:
+            raise ConfigError(f"--patient-from regex {text!r} is not a valid regular expression: {exc}") \
+                from None
+        if "patient" not in pattern.groupindex:
+            raise ConfigError(f"--patient-from regex {text!r} needs a named group (?P<patient>...), e.g. "
+                              "'regex:^(?P<patient>[^_]+)_'")
+
+        def from_name(path: Path, folder: Path, image: LoadedImage) -> str | None:
+            match = pattern.search(path.name)
+            return match.group("patient") if match and match.group("patient") else None
+
+        return from_name, f"a file name that regex {text!r} does not match"
+    raise ConfigError(f"--patient-from {patient_from!r}: use dicom (DICOM PatientID), folder "
+                      "(class/patient/file folders) or regex:PATTERN with a (?P<patient>...) group")
+
+
+def _gate(path: Path, modality: str | None, limits: QualityLimits | None) -> tuple[LoadedImage | None, dict]:
+    """Read and judge one file: (the image unless unreadable or refused, its quality entry)."""
+    entry = {"path": os.path.normpath(path.absolute()), "status": "ok", "reasons": ""}
+    try:
+        image, report = read_checked(path, modality, limits=limits)
+    except ImageRefusedError as exc:
+        return None, {**entry, "status": "refused", "reasons": exc.reason}
+    except InputError as exc:
+        return None, {**entry, "status": "unreadable", "reasons": exc.reason}
+    if report.warnings:
+        entry.update(status="doubtful", reasons="; ".join(report.warnings))
+    return image, entry
+
+
+def scan_dataset(
+    root: str | os.PathLike[str],
+    *,
+    include_excluded: bool = False,
+    patient_from: str | None = None,
+    modality: str | None = None,
+    limits: QualityLimits | None = None,
+) -> pd.DataFrame:
     """Build a manifest from a folder with one subfolder per class (``covid/``, ``non_covid/``, ``pCT/``...).
 
-    Every file is test-read: unreadable ones are left out, warned about and listed in
-    ``df.attrs["unreadable"]`` (``[{"path", "reason"}]``); images directly in ``root`` or in subfolders
-    whose name is not a class are left out with a warning (listed in ``df.attrs["ignored"]``).
-    ``patient_id`` is left empty: folders carry no patient information.
+    Every file is read and passed through the quality gate (``covidscan.io.assess`` for ``modality``
+    ``"ct"``, ``"cxr"`` or ``None``: either). Unreadable and refused files are left out of the manifest,
+    warned about and listed with their reasons in ``df.attrs["quality"]`` (``[{"path", "label", "status",
+    "reasons"}]``, status ``unreadable``, ``refused`` or ``doubtful``; doubtful files stay in), so nothing is
+    dropped unseen; ``df.attrs["unreadable"]`` keeps the unreadable ones as ``[{"path", "reason"}]``.
+    Images directly in ``root`` or in subfolders whose name is not a class are left out with a warning
+    (``df.attrs["ignored"]``). ``patient_id`` is filled by ``patient_from``: ``"dicom"`` (the DICOM
+    PatientID), ``"folder"`` (``class/patient/file``: the first folder below the class folder) or
+    ``"regex:PATTERN"`` (the group ``(?P<patient>...)`` searched in the file name); ``None`` leaves it
+    empty. A file the chosen rule gives no id is an error naming it.
     """
+    rule, lacking = patient_rule(patient_from) if patient_from else (None, "")
     root = Path(root).expanduser()
     where = f"dataset folder {root}"
     if not root.is_dir():
@@ -182,30 +253,68 @@ def scan_dataset(root: str | os.PathLike[str], *, include_excluded: bool = False
             stacklevel=2,
         )
 
-    rows, unreadable = [], []
+    rows, quality, no_id = [], [], []
     for folder in class_dirs:
         label = normalize_label(folder.name)
         for path in list_images(folder):
-            try:
-                read_image(path)
-            except ImageReadError as exc:
-                unreadable.append({"path": str(path), "reason": exc.reason})
+            image, entry = _gate(path, modality, limits)
+            if entry["status"] != "ok":
+                quality.append({**entry, "label": label if label else EXCLUDED_LABEL})
+            if image is None:
                 continue
-            rows.append({"path": os.path.normpath(path.absolute()), "label": label, "patient_id": None})
-    if unreadable:
-        warnings.warn(
-            f"{where}: {len(unreadable)} unreadable images left out "
-            f"(first: {unreadable[0]['path']}: {unreadable[0]['reason']})",
-            stacklevel=2,
+            patient = rule(path, folder, image) if rule else None
+            if rule and patient is None:
+                no_id.append(str(path))
+            rows.append({"path": os.path.normpath(path.absolute()), "label": label, "patient_id": patient})
+    if no_id:
+        raise ManifestError(
+            f"{where}: --patient-from {patient_from} gives no patient id for {len(no_id)} of "
+            f"{len(rows)} images, each {lacking} (first: {', '.join(no_id[:_SHOW])}); use another "
+            "--patient-from (dicom, folder, regex:PATTERN) or write a manifest with a patient_id column"
         )
+    for status in ("unreadable", "refused"):
+        bad = [q for q in quality if q["status"] == status]
+        if bad:
+            warnings.warn(f"{where}: {len(bad)} {status} images left out "
+                          f"(first: {bad[0]['path']}: {bad[0]['reasons']})", stacklevel=2)
     if not rows:
-        raise ManifestError(f"{where}: the class subfolders hold no readable images")
+        raise ManifestError(f"{where}: the class subfolders hold no readable images that pass the quality "
+                            "gate (see the warnings above)")
     df = pd.DataFrame(rows, columns=["path", "label", "patient_id"], dtype=object)
     df = _drop_excluded(df, df["label"], include_excluded)
     if df.empty:
         raise ManifestError(f"{where}: no images left after leaving out {df.attrs['excluded']} excluded ones")
-    df.attrs.update(root=str(root), unreadable=unreadable, ignored=ignored)
+    unreadable = [{"path": q["path"], "reason": q["reasons"]} for q in quality if q["status"] == "unreadable"]
+    df.attrs.update(root=str(root), unreadable=unreadable, ignored=ignored, quality=quality,
+                    patient_from=patient_from)
     return df
+
+
+QUALITY_COLUMNS = ("path", "label", "status", "reasons")
+
+
+def write_quality(entries: list[dict], path: str | os.PathLike[str]) -> Path:
+    """Write the quality gate's list (``scan_dataset``'s ``attrs["quality"]``) as a CSV, worst first.
+
+    Paths are stored like ``write_manifest`` stores them: relative to the CSV's folder when under it.
+    """
+    order = {"unreadable": 0, "refused": 1, "doubtful": 2}
+    out = Path(path).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table = pd.DataFrame(entries, columns=list(QUALITY_COLUMNS))
+    table["path"] = [_portable(p, out.resolve().parent) for p in table["path"]]
+    table = table.sort_values(["status", "path"], key=lambda c: c.map(order) if c.name == "status" else c)
+    try:
+        table.to_csv(out, index=False)
+    except OSError as exc:
+        raise ManifestError(f"cannot write quality list {out}: {exc.strerror}") from exc
+    return out
+
+
+def _portable(path: str, base: Path) -> str:
+    """``path`` relative to ``base`` when it lies under it (so the folder can move), else absolute."""
+    absolute = Path(os.path.normpath(Path(path).absolute()))
+    return absolute.relative_to(base).as_posix() if absolute.is_relative_to(base) else str(absolute)
 
 
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
@@ -216,12 +325,7 @@ def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     out = Path(path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     base = out.resolve().parent
-
-    def portable(p: str) -> str:
-        absolute = Path(os.path.normpath(Path(p).absolute()))
-        return absolute.relative_to(base).as_posix() if absolute.is_relative_to(base) else str(absolute)
-
-    table = _ordered(df.copy()).assign(path=[portable(p) for p in df["path"]])
+    table = _ordered(df.copy()).assign(path=[_portable(p, base) for p in df["path"]])
     try:
         table.to_csv(out, index=False)
     except OSError as exc:

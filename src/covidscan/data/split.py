@@ -10,9 +10,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
+from covidscan.data.checks import PATIENT_OPTIONS, label_problems
 from covidscan.data.labels import normalize_splits
 from covidscan.errors import ConfigError, ManifestError
 
+BY_IMAGE = "split by image knowing it can leak (`data split --by image`; train: `--set data.split_by=image`)"
 MAX_FOLDS = 20
 """Splits are unions of stratified folds, so ratios are met to within about 1/MAX_FOLDS."""
 
@@ -57,7 +59,8 @@ def _assign(
     k = min(k, max(len(names), int(per_class.min())))
     if k < len(names):
         raise ManifestError(
-            f"only {n_units} {what} to split into {'/'.join(names)}: add data or use fewer parts"
+            f"only {n_units} {what} to split into {'/'.join(names)}: add data or use fewer parts "
+            "(`data split --ratios 0.8,0.2`; train: `--set data.ratios=[0.8,0.2]`)"
         )
     plan = _fold_plan(ratios, k)
     splitter = (
@@ -90,7 +93,9 @@ def split_manifest(
     ``by="patient"`` keeps each patient in one split; ``by="image"`` is the papers' random image split and
     warns when patient ids exist (``attrs["leakage_warning"]`` holds the text, else ``None``). With
     ``keep_existing`` rows that already have a split keep it, and unassigned images of a patient already
-    placed follow that patient. Deterministic for a given seed.
+    placed follow that patient. Deterministic for a given seed. A one-class manifest or patients carrying
+    both labels are warned about and listed in ``attrs["label_problems"]`` (``check_trainable`` refuses
+    them).
     """
     names = _split_names(ratios)
     if by not in ("patient", "image"):
@@ -116,15 +121,19 @@ def split_manifest(
     elif by == "image" and patients.notna().any():
         warning = (
             f"image-level split of {len(out)} images from {patients.nunique()} patients: images of one "
-            "patient can land in both train and test, which inflates test scores. Use by='patient' "
-            "(--by patient) for an honest estimate."
+            "patient can land in both train and test, which inflates test scores. Split by patient for an "
+            "honest estimate (`data split --by patient`; train: `--set data.split_by=patient`)."
         )
         warnings.warn(warning, UserWarning, stacklevel=2)
     if todo.any():
         groups = patients[todo] if by == "patient" else None
         split[todo] = _assign(out.loc[todo, "label"], groups, ratios, names, seed)
     out["split"] = split
-    out.attrs.update(split_by=by, split_seed=seed, split_ratios=list(ratios), leakage_warning=warning)
+    problems = label_problems(out)
+    for problem in problems:
+        warnings.warn(problem, UserWarning, stacklevel=2)
+    out.attrs.update(split_by=by, split_seed=seed, split_ratios=list(ratios), leakage_warning=warning,
+                     label_problems=problems)
     return out
 
 
@@ -142,11 +151,11 @@ def _require_patients(patients: pd.Series) -> None:
     missing = int(patients.isna().sum())
     if missing == len(patients):
         raise ManifestError(
-            "cannot split by patient: the manifest has no patient ids. Add a patient_id column "
-            "(images of one patient share an id) or split by image (--by image) knowing it can leak."
+            f"cannot split by patient: the manifest has no patient ids. Give each image its patient with "
+            f"{PATIENT_OPTIONS}, or {BY_IMAGE}."
         )
     if missing:
         raise ManifestError(
-            f"cannot split by patient: {missing} of {len(patients)} rows have no patient_id; "
-            "fill them in (one id per patient) or split by image (--by image)"
+            f"cannot split by patient: {missing} of {len(patients)} rows have no patient_id. Fill them in "
+            f"(one id per patient: {PATIENT_OPTIONS}), or {BY_IMAGE}."
         )

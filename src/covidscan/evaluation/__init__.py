@@ -13,7 +13,8 @@ from covidscan.evaluation.calibration import (
     fit_temperature,
     reliability_bins,
 )
-from covidscan.evaluation.evaluate import evaluate_from_logits, evaluate_predictions
+from covidscan.evaluation.calibrator import MIN_CALIBRATION_IMAGES, Calibration
+from covidscan.evaluation.evaluate import evaluate_calibrated, evaluate_from_logits, evaluate_predictions
 from covidscan.evaluation.figures import (
     make_figures,
     plot_confusion_matrix,
@@ -35,6 +36,7 @@ from covidscan.evaluation.metrics import (
     point_metrics,
 )
 from covidscan.evaluation.report import format_metrics_table, write_report
+from covidscan.evaluation.reporting import excluded_notes, write_evaluation
 from covidscan.evaluation.schema import (
     MetricsSchemaError,
     read_metrics,
@@ -46,8 +48,10 @@ from covidscan.evaluation.schema import (
 __all__ = [
     "AGGREGATIONS",
     "METRIC_NAMES",
+    "MIN_CALIBRATION_IMAGES",
     "THRESHOLD_METHODS",
     "BootstrapCI",
+    "Calibration",
     "MetricsSchemaError",
     "PatientPredictions",
     "aggregate_by_patient",
@@ -56,8 +60,10 @@ __all__ = [
     "brier_score",
     "choose_threshold",
     "confusion",
+    "evaluate_calibrated",
     "evaluate_from_logits",
     "evaluate_predictions",
+    "excluded_notes",
     "expected_calibration_error",
     "fit_temperature",
     "format_metrics_table",
@@ -72,6 +78,7 @@ __all__ = [
     "reliability_bins",
     "to_jsonable",
     "validate_metrics_schema",
+    "write_evaluation",
     "write_metrics",
     "write_report",
 ]

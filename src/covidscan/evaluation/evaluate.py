@@ -9,19 +9,14 @@ import numpy as np
 from scipy.special import expit
 
 from covidscan.evaluation._checks import as_floats, as_labels, check_choice, group_codes
-from covidscan.evaluation.calibration import (
-    DEFAULT_BINS,
-    apply_temperature,
-    expected_calibration_error,
-    fit_temperature,
-)
+from covidscan.evaluation.calibration import DEFAULT_BINS, expected_calibration_error
+from covidscan.evaluation.calibrator import Calibration
 from covidscan.evaluation.metrics import (
     AGGREGATIONS,
     METRIC_NAMES,
     aggregate_by_patient,
     bootstrap_ci,
     check_threshold,
-    choose_threshold,
     confusion,
     point_metrics,
 )
@@ -90,6 +85,43 @@ def evaluate_predictions(
     return result
 
 
+def evaluate_calibrated(
+    calibration: Calibration,
+    y_test: Array,
+    z_test: Array,
+    *,
+    y_val: Array | None = None,
+    z_val: Array | None = None,
+    groups_test: Array | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = DEFAULT_BINS,
+) -> dict[str, Any]:
+    """Test metrics of binary logits under a :class:`Calibration` fitted elsewhere (on validation).
+
+    Adds ``temperature``, ``threshold_method``, ``calibration`` (test ECE before scaling, validation ECE
+    before/after when ``y_val``/``z_val`` are given, and the fitting ``notes``) and ``fitted_calibration``.
+    """
+    y_t = as_labels(y_test, "y_test")
+    z_t = as_floats(z_test, y_t.size, "z_test", unit_interval=False)
+    result = evaluate_predictions(
+        y_t, calibration.proba(z_t), threshold=calibration.threshold, groups=groups_test, n_boot=n_boot,
+        seed=seed, aggregate=calibration.aggregate, patient_threshold=calibration.patient_threshold,
+        n_bins=n_bins,
+    )
+    ece: dict[str, Any] = {"ece_test_before": expected_calibration_error(y_t, expit(z_t), n_bins=n_bins)}
+    if y_val is not None and z_val is not None:
+        y_v = as_labels(y_val, "y_val")
+        z_v = as_floats(z_val, y_v.size, "z_val", unit_interval=False)
+        ece["ece_val_before"] = expected_calibration_error(y_v, expit(z_v), n_bins=n_bins)
+        ece["ece_val_after"] = expected_calibration_error(y_v, calibration.proba(z_v), n_bins=n_bins)
+    result["temperature"] = calibration.temperature
+    result["threshold_method"] = calibration.method
+    result["calibration"] = ece | {"notes": list(calibration.notes)}
+    result["fitted_calibration"] = calibration.model_dump(mode="json")
+    return result
+
+
 def evaluate_from_logits(
     y_val: Array,
     z_val: Array,
@@ -108,32 +140,18 @@ def evaluate_from_logits(
 ) -> dict[str, Any]:
     """The whole honest protocol from binary logits ``z = logit_covid - logit_non_covid``.
 
-    1. fit a temperature on validation (``calibrate``), 2. apply it to validation and test, 3. choose the
-    threshold on calibrated validation probabilities (and, with ``groups_val``, the patient-level
-    threshold on aggregated validation patients), 4. evaluate test with ``evaluate_predictions``.
-    Test labels are used in step 4 only. Adds ``temperature`` (None when not calibrated),
-    ``threshold_method`` and ``calibration`` (ECE of validation before/after and test before scaling).
+    1. fit a :class:`Calibration` on validation (temperature, then image and, with ``groups_val``, patient
+    thresholds on calibrated validation probabilities), 2. evaluate test with :func:`evaluate_calibrated`.
+    Test labels are used in step 2 only. ``temperature`` is None when not calibrated.
     """
-    y_v = as_labels(y_val, "y_val")
-    z_v = as_floats(z_val, y_v.size, "z_val", unit_interval=False)
-    y_t = as_labels(y_test, "y_test")
-    z_t = as_floats(z_test, y_t.size, "z_test", unit_interval=False)
-    temperature = fit_temperature(z_v, y_v) if calibrate else 1.0
-    p_val, p_test = apply_temperature(z_v, temperature), apply_temperature(z_t, temperature)
-    threshold = choose_threshold(y_v, p_val, threshold_method, threshold_value)
-    patient_threshold = None
-    if groups_val is not None and groups_test is not None:
-        val_pat = aggregate_by_patient(y_v, p_val, groups_val, how=aggregate)
-        patient_threshold = choose_threshold(val_pat.y, val_pat.p, threshold_method, threshold_value)
-    result = evaluate_predictions(
-        y_t, p_test, threshold=threshold, groups=groups_test, n_boot=n_boot, seed=seed,
-        aggregate=aggregate, patient_threshold=patient_threshold, n_bins=n_bins,
+    grouped = groups_val is not None and groups_test is not None
+    fitted = Calibration.fit(
+        z_val, y_val, groups=groups_val if grouped else None, calibrate=calibrate, method=threshold_method,
+        fixed_threshold=threshold_value, aggregate=aggregate,
     )
-    result["temperature"] = temperature if calibrate else None
-    result["threshold_method"] = threshold_method
-    result["calibration"] = {
-        "ece_val_before": expected_calibration_error(y_v, expit(z_v), n_bins=n_bins),
-        "ece_val_after": expected_calibration_error(y_v, p_val, n_bins=n_bins),
-        "ece_test_before": expected_calibration_error(y_t, expit(z_t), n_bins=n_bins),
-    }
+    result = evaluate_calibrated(fitted, y_test, z_test, y_val=y_val, z_val=z_val,
+                                 groups_test=groups_test, n_boot=n_boot, seed=seed,
+                                 n_bins=n_bins)
+    if not calibrate:
+        result["temperature"] = None
     return result

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from covidscan.errors import CovidscanError
 from covidscan.explain.cam import cam_metrics, cam_region, cam_to_original, gradcam, region_bbox
 from covidscan.explain.render import save_overlay
-from covidscan.preprocess import eval_transform, find_lungs
-from covidscan.runs import LoadedRun
-from covidscan.training.engine import image_tensor
-from covidscan.training.prepare import PreparedImage, prepare_one
+from covidscan.io import read_image
+from covidscan.preprocess import PreparedImage, find_lungs
+
+if TYPE_CHECKING:
+    from covidscan.inference import Predictor
 
 
 def _per_image(values: Sequence[Any] | None, n: int, name: str) -> Sequence[Any]:
@@ -27,9 +27,8 @@ def _per_image(values: Sequence[Any] | None, n: int, name: str) -> Sequence[Any]
 
 
 def explain_prepared(
-    run: LoadedRun,
+    predictor: Predictor,
     prepared: Sequence[PreparedImage],
-    batch: torch.Tensor,
     out_pngs: Sequence[str | Path | None] | None = None,
     *,
     lung_masks: Sequence[np.ndarray | None] | None = None,
@@ -40,7 +39,7 @@ def explain_prepared(
     tolerance: int = 0,
     method: str = "gradcam",
 ) -> list[dict[str, Any]]:
-    """Grad-CAM for images prepared with ``keep_original=True`` and their model batch; one dict per image.
+    """Grad-CAM for images prepared with ``keep_original=True`` by ``predictor``; one dict per image.
 
     Each CAM is mapped to the original image, its region (``threshold``) outlined in an overlay PNG (where
     ``out_pngs`` gives a path) and scored with :func:`cam_metrics`. Lung masks default to the lung crop's
@@ -49,8 +48,6 @@ def explain_prepared(
     ``cam_pointing_game_hit``, ``cam_iou``.
     """
     n = len(prepared)
-    if len(batch) != n:
-        raise CovidscanError(f"batch has {len(batch)} images but {n} prepared images were given")
     if any(p.original is None for p in prepared):
         raise CovidscanError("explaining needs the original images: prepare them with keep_original=True")
     out_pngs, lung_masks, lesion_masks, titles = (
@@ -58,8 +55,8 @@ def explain_prepared(
         for values, name in ((out_pngs, "out_pngs"), (lung_masks, "lung_masks"),
                              (lesion_masks, "lesion_masks"), (titles, "titles"))
     )
-    cams = gradcam(run.model, batch, target=target, method=method)
-    modality = run.config.preprocess.modality
+    cams = gradcam(predictor.model, predictor.batch(prepared).contiguous(), target=target, method=method)
+    modality = predictor.modality
     rows = []
     per_image = zip(prepared, cams, out_pngs, lung_masks, lesion_masks, titles, strict=True)
     for prep, cam, png, lungs, lesion, title in per_image:
@@ -80,7 +77,7 @@ def explain_prepared(
 
 
 def explain_image(
-    run: LoadedRun,
+    predictor: Predictor,
     path: str | Path,
     out_png: str | Path | None,
     *,
@@ -90,16 +87,13 @@ def explain_image(
     method: str = "gradcam",
     title: str | None = None,
 ) -> dict[str, Any]:
-    """Read, preprocess as the run was trained, Grad-CAM, and save the overlay on the original image.
+    """Read, prepare as the run was trained, Grad-CAM, and save the overlay on the original image.
 
     Returns :func:`explain_prepared`'s dict (``cam_png``, ``cam_region_bbox``, ``cam_energy_in_lungs``, ...).
-    The overlay's title defaults to the file name.
+    The overlay's title defaults to the file name; ``window`` (width, level) applies to DICOM only.
     """
-    model = run.model
-    prepared = prepare_one(str(path), run.config.preprocess, model.input_size, window, keep_original=True)
-    transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
-    batch = transform(image_tensor(prepared.pixels)).unsqueeze(0)
-    titles = [title or Path(path).name]
-    return explain_prepared(
-        run, [prepared], batch, [out_png], titles=titles, target=target, threshold=threshold, method=method
+    prepared = predictor.prepare(read_image(path, window=window), keep_original=True)
+    return predictor.explain(
+        [prepared], [out_png], titles=[title or Path(path).name], target=target, threshold=threshold,
+        method=method,
     )[0]

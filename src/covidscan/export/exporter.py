@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
-from contextlib import suppress
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import onnx
 import torch
 
 from covidscan import __version__
-from covidscan.errors import CovidscanError
+from covidscan.errors import ConfigError, CovidscanError, StorageError
 from covidscan.export.runtime import METADATA_KEY
 from covidscan.runs import LoadedRun, load_run
 
 MIN_OPSET = 18
 """torch's torch.export-based exporter implements opset 18 and newer only."""
+_EXPORTER_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx")
 # Protobuf cannot serialise a message of 2 GiB or more, so bigger weights would need external-data files.
 _MAX_WEIGHT_BYTES = 2**31 - 2**24
 
@@ -25,15 +30,16 @@ def export_onnx(
 ) -> Path:
     """Export a run's model to ``out_path`` (.onnx): input ``image`` (N, 3, H, W), output ``logits`` (N, 2).
 
-    The run's checkpoint description (classes, modality, preprocess settings, input size, mean, std,
-    threshold, temperature, patient threshold) plus ``covidscan_version`` and ``source_run`` is stored as
-    JSON in the model's ``metadata_props`` under ``covidscan``. Returns the written path.
+    The run's checkpoint (classes, preprocessing with modality, model identity and weights hash, input
+    size, mean, std, calibration) plus ``covidscan_version`` and ``source_run`` is stored as JSON in the
+    model's ``metadata_props`` under ``covidscan``. The file is written through a unique side file and
+    renamed, so concurrent exports to one path never leave a broken file. Returns the written path.
     """
     out = Path(out_path)
     if out.suffix.lower() != ".onnx":
-        raise CovidscanError(f"output {out} must end in .onnx (e.g. {out.with_suffix('.onnx').name})")
+        raise ConfigError(f"output {out} must end in .onnx (e.g. {out.with_suffix('.onnx').name})")
     if opset < MIN_OPSET:
-        raise CovidscanError(
+        raise ConfigError(
             f"opset {opset} is not supported: the ONNX exporter writes opset {MIN_OPSET} or newer"
         )
     run = load_run(run_dir)
@@ -43,20 +49,37 @@ def export_onnx(
             f"{run.path}: the model has {weight_bytes / 2**30:.1f} GiB of weights, more than a single "
             "ONNX file can hold (2 GiB protobuf limit)"
         )
-    tmp = out.with_name(out.name + ".part")
+    tmp: Path | None = None
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        # Opened before the (slow) export so that an unwritable path fails at once; written to a side file
-        # and renamed so that a failure never leaves a truncated .onnx behind.
-        with tmp.open("wb") as handle:
+        # Opened before the (slow) export so that an unwritable path fails at once; a unique side file,
+        # renamed at the end, so that neither a failure nor a second exporter leaves a truncated .onnx.
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".part")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as handle:
             handle.write(_to_onnx(run, opset, dynamic_batch).SerializeToString())
-        tmp.replace(out)
+        os.replace(tmp, out)
     except OSError as exc:
-        raise CovidscanError(f"cannot write {out}: {exc.strerror or exc}; choose a writable path") from None
+        raise StorageError(f"cannot write {out}: {exc.strerror or exc}; choose a writable path") from None
     finally:
-        with suppress(OSError):
-            tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
     return out
+
+
+@contextmanager
+def _quiet_exporter_logs() -> Iterator[None]:
+    """The ONNX tool chain logs every optimisation pass at INFO; a user needs only its warnings."""
+    loggers = [logging.getLogger(name) for name in _EXPORTER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
@@ -64,20 +87,21 @@ def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto
     # Batch 2 when dynamic: torch.export specialises size-1 dimensions, which would pin the batch axis.
     example = torch.zeros(2 if dynamic_batch else 1, 3, *run.model.input_size)
     try:
-        # dynamo=True: the maintained torch.export-based exporter (the TorchScript one is deprecated and
-        # scheduled for removal).
-        program = torch.onnx.export(
-            run.model,
-            (example,),
-            None,
-            input_names=["image"],
-            output_names=["logits"],
-            opset_version=opset,
-            dynamo=True,
-            external_data=False,
-            dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None,
-            verbose=False,
-        )
+        with _quiet_exporter_logs():
+            # dynamo=True: the maintained torch.export-based exporter (the TorchScript one is deprecated and
+            # scheduled for removal).
+            program = torch.onnx.export(
+                run.model,
+                (example,),
+                None,
+                input_names=["image"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamo=True,
+                external_data=False,
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic_batch else None,
+                verbose=False,
+            )
     except torch.onnx.OnnxExporterError as exc:
         raise CovidscanError(f"cannot export the model of {run.path} to ONNX: {exc}") from exc
     proto = program.model_proto
@@ -87,7 +111,8 @@ def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto
         raise CovidscanError(
             f"torch could not export opset {opset} (it wrote {written}); use opset {written}"
         )
-    meta = {**run.meta, "covidscan_version": __version__, "source_run": str(run.path.resolve())}
+    meta = {**run.checkpoint.model_dump(mode="json"), "covidscan_version": __version__,
+            "source_run": str(run.path.resolve())}
     onnx.helper.set_model_props(proto, {METADATA_KEY: json.dumps(meta)})
     proto.doc_string = f"covidscan {__version__} model exported from {run.path.resolve()}"
     onnx.checker.check_model(proto, full_check=True)

@@ -13,14 +13,17 @@ import onnxruntime as ort
 import torch
 from google.protobuf.message import DecodeError
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+from pydantic import ValidationError
 
 from covidscan import CLASSES
-from covidscan.errors import CovidscanError
+from covidscan.errors import ConfigError, CovidscanError, ResourceNotFoundError
+from covidscan.evaluation import Calibration
 from covidscan.preprocess import PreprocessConfig
 
 METADATA_KEY = "covidscan"
 """``metadata_props`` key holding the JSON description of the model and its preprocessing."""
-REQUIRED_KEYS = ("classes", "modality", "preprocess", "input_size", "mean", "std", "threshold", "temperature")
+REQUIRED_KEYS = ("classes", "preprocess", "input_size", "mean", "std", "calibration")
+_LEGACY_CALIBRATION = ("temperature", "threshold", "patient_threshold")  # covidscan 0.1 kept these flat
 # onnxruntime's errors are pybind types deriving straight from Exception; these are the ones loading a bad,
 # unsupported or unreadable file raises.
 _ORT_LOAD_ERRORS = (
@@ -35,7 +38,7 @@ _ORT_LOAD_ERRORS = (
 
 def _check_file(path: Path) -> None:
     if not path.is_file():
-        raise CovidscanError(f"ONNX file {path} not found; create one with `covidscan export`")
+        raise ResourceNotFoundError(f"ONNX file {path} not found; create one with `covidscan export`")
 
 
 def _parse_metadata(props: Mapping[str, str], path: Path) -> dict[str, Any]:
@@ -51,11 +54,17 @@ def _parse_metadata(props: Mapping[str, str], path: Path) -> dict[str, Any]:
         raise CovidscanError(
             f"{path}: covidscan metadata is not valid JSON ({exc}); re-export the model"
         ) from None
+    if isinstance(meta, dict) and "calibration" not in meta and {"temperature", "threshold"} <= set(meta):
+        meta["calibration"] = {k: meta[k] for k in _LEGACY_CALIBRATION if meta.get(k) is not None}
     missing = [k for k in REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else list(REQUIRED_KEYS)
     if missing:
         raise CovidscanError(f"{path}: covidscan metadata lacks {', '.join(missing)}; re-export the model")
     if meta["classes"] != list(CLASSES):
         raise CovidscanError(f"{path} has classes {meta['classes']}; this covidscan expects {list(CLASSES)}")
+    try:
+        Calibration.model_validate(meta["calibration"])
+    except ValidationError as exc:
+        raise CovidscanError(f"{path}: invalid calibration in the covidscan metadata ({exc})") from None
     return meta
 
 
@@ -82,7 +91,7 @@ class OnnxModel:
         self.path = Path(path)
         _check_file(self.path)
         if threads is not None and threads < 1:
-            raise CovidscanError(f"threads must be >= 1 (or None for all cores), got {threads}")
+            raise ConfigError(f"threads must be >= 1 (or None for all cores), got {threads}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
@@ -114,14 +123,9 @@ class OnnxModel:
         return tuple(float(v) for v in self.metadata["std"])
 
     @property
-    def threshold(self) -> float:
-        """Decision threshold on the calibrated P(covid)."""
-        return float(self.metadata["threshold"])
-
-    @property
-    def temperature(self) -> float:
-        """Temperature T of p = sigmoid(z / T)."""
-        return float(self.metadata["temperature"])
+    def calibration(self) -> Calibration:
+        """Temperature, thresholds and uncertain band: how the logits become probabilities and labels."""
+        return Calibration.model_validate(self.metadata["calibration"])
 
     @property
     def preprocess(self) -> PreprocessConfig:

@@ -1,17 +1,27 @@
-"""Prediction with a trained run: images in, calibrated probabilities, labels and warnings out."""
+"""Prediction with a trained run: the :class:`Predictor` and the ``covidscan predict`` driver over it."""
 
 from __future__ import annotations
 
-from covidscan.inference.checks import input_warnings
-from covidscan.inference.fast import FastClassifier, bf16_supported, check_bf16, to_batch
-from covidscan.inference.predict import predict, write_predictions
+from covidscan.inference.evaluate import evaluate_run
+from covidscan.inference.predict import (
+    check_output,
+    collect_inputs,
+    predict,
+    prediction_table,
+    write_predictions,
+)
+from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor, Source
 
 __all__ = [
-    "FastClassifier",
-    "bf16_supported",
-    "check_bf16",
-    "input_warnings",
+    "Engine",
+    "GroupPrediction",
+    "Prediction",
+    "Predictor",
+    "Source",
+    "check_output",
+    "collect_inputs",
+    "evaluate_run",
     "predict",
-    "to_batch",
+    "prediction_table",
     "write_predictions",
 ]

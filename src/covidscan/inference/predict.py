@@ -1,148 +1,74 @@
-"""Predict COVID-19 probability for new images with a trained run: fast, robust to bad files, checkable.
+"""``covidscan predict``: files, folders and manifests in, one table of predictions out (CSV or JSON).
 
-Decoding and preprocessing run in a thread pool ahead of the model (OpenCV, PIL and pydicom release the
-GIL), so while batch k goes through the network, batch k+1 is being read. Unreadable files become rows
-with an ``error`` instead of stopping the others.
+A short driver over :class:`~covidscan.inference.Predictor`: it expands the inputs, lets the Predictor
+prepare, score and aggregate them, and turns the typed predictions into a table at the edge.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any
 
-import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
-from covidscan import CLASSES
 from covidscan.data import read_manifest
-from covidscan.errors import ConfigError, CovidscanError, ImageReadError
-from covidscan.inference.checks import input_warnings
-from covidscan.inference.fast import FastClassifier, bf16_supported, binary_logits, check_bf16, to_batch
-from covidscan.io import list_images, read_image
-from covidscan.runs import LoadedRun, load_run, probabilities
-from covidscan.training.prepare import PreparedImage, prepare_array
+from covidscan.errors import ConfigError, StorageError
+from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
+from covidscan.io import list_images
 
-log = logging.getLogger(__name__)
-
-Engine = Literal["torch", "onnx"]
-_T = TypeVar("_T")
-_R = TypeVar("_R")
+OUTPUT_SUFFIXES = (".csv", ".json")
 
 
 @dataclass(frozen=True)
-class _Input:
+class InputItem:
+    """One image to predict, with what the inputs said about it."""
+
     path: str
     group_id: str | None = None  # a manifest's patient id
     true_label: str | None = None
     error: str | None = None  # known before reading (e.g. an empty folder)
 
 
-@dataclass(frozen=True)
-class _Decoded:
-    prepared: PreparedImage
-    warnings: list[str]
-    group_id: str | None
-
-
-@dataclass(frozen=True)
-class _Model:
-    """How a batch becomes binary logits, and in which precision."""
-
-    forward: Callable[[torch.Tensor], torch.Tensor]
-    precision: str
-
-
-def _collect(inputs: str | Path | Sequence[str | Path]) -> list[_Input]:
+def collect_inputs(inputs: str | Path | Sequence[str | Path]) -> list[InputItem]:
     """Expand files, folders (recursively) and manifest CSVs into one list of images."""
-    items: list[_Input] = []
+    items: list[InputItem] = []
     for raw in [inputs] if isinstance(inputs, (str, Path)) else inputs:
         path = Path(raw).expanduser()
         if path.is_dir():
             found = list_images(path)
-            items += [_Input(str(p)) for p in found] or [_Input(str(path), error=(
+            items += [InputItem(str(p)) for p in found] or [InputItem(str(path), error=(
                 f"no images found in folder {path} (PNG, JPEG, BMP, TIFF or DICOM files)"))]
         elif path.suffix.lower() == ".csv" and path.is_file():
-            df = read_manifest(path)
+            df = read_manifest(path, for_prediction=True)
             groups = df["patient_id"] if "patient_id" in df else [None] * len(df)
             items += [
-                _Input(p, None if pd.isna(g) else str(g), label)
+                InputItem(p, None if pd.isna(g) else str(g), None if pd.isna(label) else label)
                 for p, g, label in zip(df["path"], groups, df["label"], strict=True)
             ]
         else:
-            items.append(_Input(str(path)))
+            items.append(InputItem(str(path)))
     return items
 
 
-def _ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, workers: int, ahead: int) -> Iterator[_R]:
-    """``map`` in a thread pool, in order, keeping at most ``ahead`` results in flight (bounded memory)."""
-    it = iter(items)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        pending = deque(pool.submit(fn, item) for _, item in zip(range(ahead), it, strict=False))
-        while pending:
-            result = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(fn, nxt))
-            yield result
-
-
-def _torch_model(run: LoadedRun, fast: bool) -> _Model:
-    if not fast:
-        return _Model(lambda x: binary_logits(run.model, x.contiguous()), "fp32")
-    bf16 = bf16_supported() and check_bf16(run)["allowed"]
-    model = FastClassifier(run.model, torch.bfloat16 if bf16 else torch.float32)
-    return _Model(lambda x: binary_logits(model, x), "bf16" if bf16 else "fp32")
-
-
-def _onnx_model(run: LoadedRun, onnx_path: str | Path | None) -> _Model:
-    from covidscan.export import OnnxModel, export_onnx  # onnxruntime only loads when asked for
-
-    path = Path(onnx_path) if onnx_path is not None else run.path / "model.onnx"
-    if onnx_path is None and not path.is_file():
-        export_onnx(run.path, path)
-    session = OnnxModel(path, threads=torch.get_num_threads())
-    meta = session.metadata
-    ours = {"input_size": list(run.model.input_size), "temperature": run.temperature,
-            "threshold": run.threshold}
-    differs = {k: meta.get(k) for k, v in ours.items() if k in meta and meta[k] != v}
-    if differs:
-        raise ConfigError(
-            f"ONNX model {path} does not belong to run {run.path}: it has {differs}, the run {ours}; "
-            "export it again with export_onnx(run_dir, out)"
-        )
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        logits = torch.from_numpy(np.asarray(session(x.contiguous().numpy()), dtype=np.float32))
-        return logits[:, 1] - logits[:, 0]
-
-    return _Model(forward, "fp32")
-
-
-def _check_args(engine: str, band: float, batch_size: int, workers: int) -> None:
-    if engine not in ("torch", "onnx"):
-        raise ConfigError(f"engine must be 'torch' or 'onnx', got {engine!r}")
-    if not 0.0 <= band < 1.0:
-        raise ConfigError(f"band (width of the uncertain zone around the threshold) must be in [0, 1), "
-                          f"got {band}")
-    if batch_size < 1 or workers < 1:
-        raise ConfigError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+def check_output(out: str | Path) -> Path:
+    """The predictions file name, checked before any work: ``.csv`` or ``.json``."""
+    out = Path(out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ConfigError(f"cannot write predictions to {out}: use a .csv or .json file name")
+    return out
 
 
 def predict(
-    run_dir: str | Path | LoadedRun,
+    run_dir: str | Path | Predictor,
     inputs: str | Path | Sequence[str | Path],
     *,
-    engine: Engine = "torch",
+    engine: Engine = "auto",
     onnx_path: str | Path | None = None,
-    band: float = 0.1,
+    band: float | None = None,
     cam_dir: str | Path | None = None,
     workers: int = 2,
     batch_size: int = 32,
@@ -155,115 +81,75 @@ def predict(
 
     * ``path``; ``p_covid``: calibrated P(covid) = sigmoid(z / T) with the run's temperature (empty on error);
     * ``label``: ``covid`` when ``p_covid >= threshold`` (the run's), else ``non_covid``;
-    * ``uncertain``: ``|p_covid - threshold| < band / 2`` -- a zone of total width ``band`` around the
-      threshold where the label should not be trusted on its own (``band=0`` turns it off);
+    * ``uncertain``: ``|p_covid - threshold| < band / 2`` -- a zone of total width ``band`` (default: the
+      run's) around the threshold where the label should not be trusted on its own (``band=0``: off);
     * ``lungs_found``: whether the lung crop found lungs (empty when the run does no lung crop);
-    * ``warnings``: ``;``-separated notes when the input looks unlike the training data (see
-      :mod:`covidscan.inference.checks`: tiny, blank, other_modality, no_lungs, inverted);
+    * ``warnings``: ``;``-separated notes when the input looks unlike the training data;
     * ``error``: why the file could not be read (other columns then empty); ``true_label`` for manifests;
     * ``group_id``: the manifest's patient id, else the DICOM SeriesInstanceUID, else the DICOM PatientID;
-      ``group_n``, ``group_p_covid`` (mean p of the group's readable images) and ``group_label`` (at the run's
-      patient threshold when it has one, else its image threshold);
+      ``group_n``, ``group_p_covid`` and ``group_label`` (see :meth:`Predictor.aggregate`);
     * ``cam_png``: the Grad-CAM overlay written into ``cam_dir`` (only when ``cam_dir`` is given).
 
-    ``engine="onnx"`` runs ``onnx_path`` (default ``model.onnx`` in the run, exported on first use) with
-    onnxruntime. ``fast=True`` folds BatchNorm, uses channels_last and bf16 when the run's bf16 check
-    allows it (see :mod:`covidscan.inference.fast`); ``fast=False`` is the plain fp32 model. Settings used
-    are in ``df.attrs["predict"]``. ``run_dir`` may also be a run already loaded with ``load_run``.
+    ``run_dir`` may also be a loaded :class:`Predictor` (then ``engine``, ``onnx_path``, ``band``, ``fast``,
+    ``workers`` and ``batch_size`` are its own). Settings used are in ``df.attrs["predict"]``.
     """
-    _check_args(engine, band, batch_size, workers)
-    run = run_dir if isinstance(run_dir, LoadedRun) else load_run(run_dir)
-    items = _collect(inputs)
-    model = _onnx_model(run, onnx_path) if engine == "onnx" else _torch_model(run, fast)
-    cfg, size, modality = run.config.preprocess, run.model.input_size, run.meta["modality"]
-    cams = Path(cam_dir) if cam_dir is not None else None
-
-    def decode(item: _Input) -> _Decoded | CovidscanError:
-        if item.error:
-            return ImageReadError(item.path, item.error)
-        try:
-            loaded = read_image(item.path)
-            prepared = prepare_array(loaded.pixels, cfg, size, keep_original=cams is not None)
-        except CovidscanError as exc:  # unreadable file (or an image the preprocessing refuses)
-            return exc
-        meta = loaded.meta
-        found = input_warnings(loaded.pixels, meta, prepared.lungs_found, modality)
-        return _Decoded(prepared, found, item.group_id or meta.series_uid or meta.patient_id)
-
-    rows: list[dict[str, Any]] = []
-    batch: list[tuple[dict[str, Any], _Decoded]] = []
-
-    def flush() -> None:
-        x = to_batch(np.stack([d.prepared.pixels for _, d in batch]), run.model.mean, run.model.std)
-        p = probabilities(model.forward(x), run.temperature).numpy().astype(float)
-        for (row, _), pi in zip(batch, p, strict=True):
-            row.update(p_covid=pi, label=CLASSES[int(pi >= run.threshold)],
-                       uncertain=bool(abs(pi - run.threshold) < band / 2))
-        if cams is not None:
-            _save_cams(run, x, batch, cams)
-        batch.clear()
-
-    bar = tqdm(total=len(items), desc="predict", disable=not progress, leave=False)
-    decoded = _ordered_map(decode, items, workers=workers, ahead=2 * batch_size + workers)
-    for i, (item, result) in enumerate(zip(items, decoded, strict=True)):
-        row: dict[str, Any] = {
-            "path": item.path, "p_covid": np.nan, "label": None, "uncertain": None, "lungs_found": None,
-            "warnings": "", "error": "", "true_label": item.true_label, "group_id": item.group_id, "index": i,
-        }
-        rows.append(row)
-        if isinstance(result, CovidscanError):
-            row["error"] = str(result)
-        else:
-            row.update(lungs_found=result.prepared.lungs_found, warnings="; ".join(result.warnings),
-                       group_id=result.group_id)
-            batch.append((row, result))
-            if len(batch) == batch_size:
-                flush()
-        bar.update()
-    if batch:
-        flush()
-    bar.close()
-
-    patient_threshold = run.meta.get("patient_threshold")
-    group_threshold = run.threshold if patient_threshold is None else float(patient_threshold)
-    df = _table(rows, group_threshold)
+    if isinstance(run_dir, Predictor):
+        predictor = run_dir
+    else:
+        predictor = Predictor.from_run(run_dir, engine=engine, onnx_path=onnx_path, band=band, fast=fast,
+                                       batch_size=batch_size, workers=workers)
+    items = collect_inputs(inputs)
+    known = {i: item.error for i, item in enumerate(items) if item.error}
+    todo = [i for i in range(len(items)) if i not in known]
+    with tqdm(total=len(items), desc="predict", disable=not progress, leave=False) as bar:
+        bar.update(len(known))
+        scored = predictor.predict(
+            [items[i].path for i in todo], group_ids=[items[i].group_id for i in todo], cam_dir=cam_dir,
+            progress=lambda _: bar.update(),
+        )
+    preds = [Prediction(source=item.path, error=known.get(i)) for i, item in enumerate(items)]
+    for i, pred in zip(todo, scored, strict=True):
+        preds[i] = pred
+    df = prediction_table(preds, predictor.aggregate(preds), [item.true_label for item in items])
+    cal = predictor.calibration
     df.attrs["predict"] = {
-        "run": str(run.path), "modality": modality, "engine": engine, "precision": model.precision,
-        "threshold": run.threshold, "group_threshold": group_threshold,
-        "temperature": run.temperature, "band": band, "images": len(df),
-        "errors": int((df["error"] != "").sum()),
+        "run": str(predictor.run_dir), "modality": predictor.modality, "engine": predictor.engine,
+        "precision": predictor.precision, "threshold": cal.threshold,
+        "patient_threshold": cal.patient_threshold, "temperature": cal.temperature, "band": cal.band,
+        "images": len(df), "errors": int((df["error"] != "").sum()),
     }
     return df
 
 
-def _save_cams(
-    run: LoadedRun, x: torch.Tensor, batch: list[tuple[dict[str, Any], _Decoded]], out: Path
-) -> None:
-    """One Grad-CAM overlay PNG per image: the map drawn back onto the original, its region outlined."""
-    from covidscan.explain import explain_prepared  # pytorch_grad_cam only loads when asked for
-
-    names = [out / f"{row['index']:05d}_{Path(row['path']).stem}.png" for row, _ in batch]
-    titles = [f"p(covid) {row['p_covid']:.2f}: {row['label']}" + (", uncertain" if row["uncertain"] else "")
-              for row, _ in batch]
-    explained = explain_prepared(run, [d.prepared for _, d in batch], x.contiguous(), names, titles=titles)
-    for (row, _), result in zip(batch, explained, strict=True):
-        row["cam_png"] = result["cam_png"]
-
-
-def _table(rows: list[dict[str, Any]], group_threshold: float) -> pd.DataFrame:
-    df = pd.DataFrame(rows).drop(columns="index")
+def prediction_table(
+    predictions: Sequence[Prediction],
+    groups: Sequence[GroupPrediction],
+    true_labels: Sequence[str | None] | None = None,
+) -> pd.DataFrame:
+    """The typed predictions as one row each, with their group's columns (and ``true_label`` if known)."""
+    rows = []
+    for pred in predictions:
+        row = pred.to_dict()
+        row["path"] = row.pop("source")
+        row["warnings"] = "; ".join(pred.warnings)
+        row["error"] = pred.error or ""
+        rows.append(row)
+    columns = ["path", "p_covid", "label", "uncertain", "lungs_found", "warnings", "error", "group_id"]
+    df = pd.DataFrame(rows, columns=[*columns, "cam_png"])
+    df["p_covid"] = df["p_covid"].astype(float)
     for col in ("uncertain", "lungs_found"):
         df[col] = df[col].astype("boolean")
-    if df["true_label"].isna().all():
-        df = df.drop(columns="true_label")
-    stats = df[df["p_covid"].notna()].groupby("group_id")["p_covid"].agg(["size", "mean"])
-    df["group_n"] = df["group_id"].map(stats["size"]).astype("Int64")
-    df["group_p_covid"] = df["group_id"].map(stats["mean"]).astype(float)
-    df["group_label"] = [
-        None if pd.isna(p) else CLASSES[int(p >= group_threshold)] for p in df["group_p_covid"]
-    ]
-    cam = ["cam_png"] if "cam_png" in df else []
-    return df[[c for c in df.columns if c not in cam] + cam]
+    if true_labels is not None and any(label is not None for label in true_labels):
+        df.insert(columns.index("error") + 1, "true_label", list(true_labels))
+    by_group = {g.group_id: g for g in groups}
+    df["group_n"] = pd.array([by_group[g].n_images if g in by_group else None for g in df["group_id"]],
+                             dtype="Int64")
+    df["group_p_covid"] = [by_group[g].p_covid if g in by_group else float("nan") for g in df["group_id"]]
+    df["group_label"] = [by_group[g].label if g in by_group else None for g in df["group_id"]]
+    cam = df.pop("cam_png")
+    if cam.notna().any():
+        df["cam_png"] = cam
+    return df
 
 
 def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
@@ -271,7 +157,7 @@ def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
 
     JSON layout::
 
-        {"settings": {run, modality, engine, precision, threshold, group_threshold, temperature, band,
+        {"settings": {run, modality, engine, precision, threshold, patient_threshold, temperature, band,
                       images, errors},
          "images": [{path, p_covid, label, uncertain, lungs_found, warnings, error, [true_label],
                      group_id, group_n, group_p_covid, group_label, [cam_png]}, ...],
@@ -279,26 +165,23 @@ def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
 
     Missing values (the probability of an unreadable file, the group of an ungrouped image) are ``null``.
     """
-    out = Path(out)
-    suffix = out.suffix.lower()
-    if suffix not in (".csv", ".json"):
-        raise ConfigError(f"cannot write predictions to {out}: use a .csv or .json file name")
+    out = check_output(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        if suffix == ".csv":
+        if out.suffix.lower() == ".csv":
             df.to_csv(out, index=False)
             return out
         groups = (
-            df.loc[df["group_id"].notna(), ["group_id", "group_n", "group_p_covid", "group_label"]]
+            df.loc[df["group_n"].notna(), ["group_id", "group_n", "group_p_covid", "group_label"]]
             .drop_duplicates("group_id")
             .rename(columns={"group_n": "n_images", "group_p_covid": "p_covid", "group_label": "label"})
         )
-        doc = {
+        doc: dict[str, Any] = {
             "settings": df.attrs.get("predict", {}),
             "images": json.loads(df.to_json(orient="records")),
             "groups": json.loads(groups.to_json(orient="records")),
         }
         out.write_text(json.dumps(doc, indent=2), encoding="utf-8")
     except OSError as exc:
-        raise CovidscanError(f"cannot write predictions to {out}: {exc.strerror or exc}") from exc
+        raise StorageError(f"cannot write predictions to {out}: {exc.strerror or exc}") from exc
     return out

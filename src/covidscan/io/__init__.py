@@ -1,21 +1,42 @@
-"""Reading chest images: PNG, JPEG, BMP, TIFF and DICOM into float32 gray (H, W) arrays in [0, 1]."""
+"""Reading chest images (PNG, JPEG, BMP, TIFF, DICOM) into float32 gray [0, 1] arrays; the quality gate."""
 
 from __future__ import annotations
 
-from .base import LUNG_WINDOW, ImageMeta, LoadedImage, to_uint8
+from .base import LUNG_WINDOW, ImageHeader, ImageMeta, LoadedImage, pixel_hash, to_uint8
 from .dicom import apply_window, is_dicom_path, read_dicom, read_dicom_series
-from .images import IMAGE_SUFFIXES, is_image_path, iter_images, list_images, read_image, scan_images
+from .images import (
+    IMAGE_SUFFIXES,
+    ImageSource,
+    check_header,
+    is_image_path,
+    iter_images,
+    list_images,
+    read_checked,
+    read_image,
+    scan_images,
+)
+from .quality import MAX_PIXELS_ENV, QualityLimits, QualityReport, assess, check_pixel_count
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "LUNG_WINDOW",
+    "MAX_PIXELS_ENV",
+    "ImageHeader",
     "ImageMeta",
+    "ImageSource",
     "LoadedImage",
+    "QualityLimits",
+    "QualityReport",
     "apply_window",
+    "assess",
+    "check_header",
+    "check_pixel_count",
     "is_dicom_path",
     "is_image_path",
     "iter_images",
     "list_images",
+    "pixel_hash",
+    "read_checked",
     "read_dicom",
     "read_dicom_series",
     "read_image",

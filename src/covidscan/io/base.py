@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,20 @@ class ImageMeta:
     series_uid: str | None = None  # DICOM SeriesInstanceUID
     instance_number: int | None = None
     slice_position: float | None = None  # position along the slice normal (z for axial slices)
+    body_part: str | None = None  # DICOM BodyPartExamined ("CHEST", "HEAD", ...)
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, read without decoding its pixels (see ``check_header``)."""
+
+    path: Path
+    format: str
+    height: int
+    width: int
+    frames: int = 1
+    modality: str | None = None
+    body_part: str | None = None
 
 
 # eq=False: comparing or hashing the pixel array field-wise is ambiguous for numpy, so identity it is.
@@ -61,3 +76,9 @@ def scale_to_unit(values: np.ndarray, low: float, high: float) -> np.ndarray:
 def to_uint8(pixels: np.ndarray) -> np.ndarray:
     """Gray float in [0, 1] -> uint8 0..255 (rounded to nearest, values outside [0, 1] clipped)."""
     return np.clip(np.rint(np.asarray(pixels, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def pixel_hash(pixels: np.ndarray) -> str:
+    """SHA-1 of an image's 8-bit pixels and shape: equal for the same picture in any file or container."""
+    quantised = to_uint8(pixels)
+    return hashlib.sha1(quantised.tobytes() + repr(quantised.shape).encode()).hexdigest()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -13,7 +14,8 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_windowing
 
 from covidscan.errors import ConfigError, ImageReadError
 
-from .base import LUNG_WINDOW, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
+from .base import LUNG_WINDOW, ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
+from .quality import QualityLimits, check_pixel_count
 
 DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
 _MAGIC_OFFSET = 128  # Part 10 files: 128-byte preamble, then b"DICM"
@@ -112,21 +114,55 @@ def _meta(path: Path, ds: Dataset, shape: tuple[int, ...]) -> ImageMeta:
         series_uid=text("SeriesInstanceUID"),
         instance_number=_optional_int(ds.get("InstanceNumber")),
         slice_position=_slice_position(ds),
+        body_part=text("BodyPartExamined"),
     )
 
 
-def read_dicom(path: str | Path, *, window: tuple[float, float] | None = None) -> LoadedImage:
-    """Read a single-frame DICOM image: CT windowed in HU (default ``LUNG_WINDOW``), others by their VOI."""
-    path = Path(path)
-    if window is not None:
-        _check_window(window)
+def _where(source: str | Path | BinaryIO, name: str | Path | None) -> Path:
+    """What errors and metadata call the image: ``name``, else the path, else ``<stream>``."""
+    return Path(name if name is not None else source if isinstance(source, (str, Path)) else "<stream>")
+
+
+def _dcmread(source: str | Path | BinaryIO, name: Path, **kwargs: object) -> Dataset:
     try:
-        ds = pydicom.dcmread(path)
+        return pydicom.dcmread(source, **kwargs)
     except Exception as exc:  # pydicom raises many types (InvalidDicomError, EOFError, struct.error, ...)
         raise ImageReadError(
-            path, f"not a readable DICOM file ({type(exc).__name__}: {exc})",
+            name, f"not a readable DICOM file ({type(exc).__name__}: {exc})",
             "check the file is a complete DICOM export, not a truncated copy or another format named .dcm",
         ) from exc
+
+
+def read_dicom_header(source: str | Path | BinaryIO, *, name: str | Path | None = None) -> ImageHeader:
+    """Rows, Columns, frames, Modality and BodyPartExamined, read without touching the pixel data."""
+    where = _where(source, name)
+    ds = _dcmread(source, where, stop_before_pixels=True)
+    rows, columns = _optional_int(ds.get("Rows")), _optional_int(ds.get("Columns"))
+    if rows is None or columns is None:
+        raise ImageReadError(where, "DICOM file has no Rows/Columns (not an image: a report or document?)",
+                             "export the image instances of the study, not its reports")
+    meta = _meta(where, ds, (rows, columns))
+    return ImageHeader(path=where, format="DICOM", height=rows, width=columns,
+                       frames=_optional_int(ds.get("NumberOfFrames", 1)) or 1,
+                       modality=meta.modality, body_part=meta.body_part)
+
+
+def read_dicom(
+    source: str | Path | BinaryIO,
+    *,
+    name: str | Path | None = None,
+    window: tuple[float, float] | None = None,
+    limits: QualityLimits | None = None,
+) -> LoadedImage:
+    """Read a single-frame DICOM image: CT windowed in HU (default ``LUNG_WINDOW``), others by their VOI.
+
+    ``source`` is a path or a binary file object (``name`` then names it in errors and metadata).
+    ``limits.max_pixels`` is checked on Rows x Columns before the pixel data is decoded.
+    """
+    path = _where(source, name)
+    if window is not None:
+        _check_window(window)
+    ds = _dcmread(source, path)
     if len(ds) == 0:
         raise ImageReadError(path, "DICOM file holds nothing after its header (corrupt or truncated)",
                              "export the image again from the PACS or viewer")
@@ -142,6 +178,9 @@ def read_dicom(path: str | Path, *, window: tuple[float, float] | None = None) -
             path, f"multi-frame DICOM ({ds.NumberOfFrames} frames): export single slices",
             "export the series as one DICOM file per slice",
         )
+    rows, columns = _optional_int(ds.get("Rows")), _optional_int(ds.get("Columns"))
+    if rows is not None and columns is not None:
+        check_pixel_count(path, rows, columns, 1, limits)
     photometric = str(ds.get("PhotometricInterpretation", ""))
     colour = _optional_int(ds.get("SamplesPerPixel")) == 3
     if not colour and photometric not in ("MONOCHROME1", "MONOCHROME2"):

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from covidscan.errors import ImageReadError
+from covidscan.errors import ImageReadError, ImageRefusedError, InputError
 
-from .base import ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
-from .dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom_path, read_dicom
+from .base import ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
+from .dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom_path, read_dicom, read_dicom_header
+from .quality import QualityLimits, QualityReport, assess, check_pixel_count
 
 IMAGE_SUFFIXES: frozenset[str] = (
     frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
@@ -31,24 +35,87 @@ def is_image_path(path: str | Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES or (path.is_file() and has_dicom_magic(path))
 
 
-def _check_file(path: Path) -> None:
+ImageSource = str | os.PathLike[str] | bytes | bytearray | memoryview | BinaryIO
+"""What ``read_image`` accepts: a path, the bytes of a file, or a binary file object (an upload)."""
+
+
+def _check_file(path: Path, name: Path) -> None:
     if not path.exists():
-        raise ImageReadError(path, "file does not exist", "check the path and its spelling")
+        raise ImageReadError(name, "file does not exist", "check the path and its spelling")
     if path.is_dir():
-        raise ImageReadError(path, "is a folder, not an image file", "use scan_images() for whole folders")
+        raise ImageReadError(name, "is a folder, not an image file", "use scan_images() for whole folders")
     if path.stat().st_size == 0:
-        raise ImageReadError(path, "file is empty (0 bytes)", "the copy or download failed; fetch it again")
+        raise ImageReadError(name, "file is empty (0 bytes)", "the copy or download failed; fetch it again")
 
 
-def _not_an_image(path: Path) -> ImageReadError:
+def _open_source(source: ImageSource, name: str | os.PathLike[str] | None) -> tuple[Path, Path | io.BytesIO]:
+    """(what errors and metadata call the image, what PIL and pydicom open); empty or missing files raise."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = path if name is None else Path(name)
+        _check_file(path, label)
+        return label, path
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data, default = bytes(source), "<bytes>"
+    elif callable(getattr(source, "read", None)):
+        own_name = getattr(source, "name", None)
+        default = own_name if isinstance(own_name, str) else "<stream>"
+        data = source.read()
+        if not isinstance(data, bytes):
+            raise ImageReadError(name or default, "the file object was opened in text mode",
+                                 "open it in binary mode ('rb')")
+    else:
+        raise ImageReadError(name or f"<{type(source).__name__}>", f"cannot read a {type(source).__name__}",
+                             "pass a path, the file's bytes or a binary file object")
+    label = Path(name if name is not None else default)
+    if not data:
+        raise ImageReadError(label, "file is empty (0 bytes)", "the upload or copy failed; send it again")
+    return label, io.BytesIO(data)
+
+
+def _is_dicom(label: Path, opened: Path | io.BytesIO) -> bool:
+    if isinstance(opened, Path):
+        return is_dicom_path(opened)
+    return label.suffix.lower() in DICOM_SUFFIXES or opened.getvalue()[128:132] == b"DICM"
+
+
+def _not_an_image(label: Path, opened: Path | io.BytesIO) -> ImageReadError:
     try:
-        with open(path, "rb") as f:
-            head = f.read(8).lstrip()
+        if isinstance(opened, Path):
+            with open(opened, "rb") as f:
+                head = f.read(8).lstrip()
+        else:
+            head = opened.getvalue()[:8].lstrip()
     except OSError:
         head = b""
     what = next((name for sig, name in _SIGNATURES.items() if head.startswith(sig)), None)
     reason = f"it is {what}, not an image" if what else "not a PNG, JPEG, BMP, TIFF or DICOM image"
-    return ImageReadError(path, reason, "convert it to PNG (or export the DICOM) and try again")
+    return ImageReadError(label, reason, "convert it to PNG (or export the DICOM) and try again")
+
+
+def _corrupt(label: Path, exc: Exception) -> ImageReadError:
+    truncated = "truncated" in str(exc)
+    return ImageReadError(
+        label, f"{'truncated' if truncated else 'corrupt'} image file ({type(exc).__name__}: {exc})",
+        "the file is incomplete; copy or export it again" if truncated
+        else "open it in an image viewer; re-export or convert it to PNG",
+    )
+
+
+@contextmanager
+def _open_pil(label: Path, opened: Path | io.BytesIO, limits: QualityLimits | None) -> Iterator[Image.Image]:
+    """PIL's lazy open (header only), refusing over-limit sizes before anything is decoded."""
+    try:
+        im = Image.open(opened, formats=_PIL_FORMATS)
+    except Image.UnidentifiedImageError:
+        raise _not_an_image(label, opened) from None
+    except Image.DecompressionBombError as exc:  # PIL's own, far higher limit: refuse the same way
+        raise ImageRefusedError(label, [f"too_large: {exc}"], "downscale the image") from None
+    except Exception as exc:  # a header PIL recognises but cannot parse
+        raise _corrupt(label, exc) from exc
+    with im:
+        check_pixel_count(label, im.height, im.width, 1, limits)
+        yield im
 
 
 def _integer_range(im: Image.Image) -> tuple[float, float]:
@@ -89,41 +156,82 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
     return gray
 
 
-def _read_pil(path: Path) -> LoadedImage:
-    try:
-        with Image.open(path, formats=_PIL_FORMATS) as im:
-            fmt, mode = _FORMAT_NAMES.get(im.format or "", im.format or "?"), im.mode
+def _read_pil(label: Path, opened: Path | io.BytesIO, limits: QualityLimits | None) -> LoadedImage:
+    with _open_pil(label, opened, limits) as im:
+        fmt, mode = _FORMAT_NAMES.get(im.format or "", im.format or "?"), im.mode
+        try:
             # PIL raises on truncated data as long as ImageFile.LOAD_TRUNCATED_IMAGES is False (the default),
             # which keeps half-decoded grey images out of training and prediction.
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # phone photos of films: show them upright
             pixels = _pil_to_gray(im)
-    except Image.UnidentifiedImageError:
-        raise _not_an_image(path) from None
-    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, struct.error... on corrupt data
-        truncated = "truncated" in str(exc)
-        raise ImageReadError(
-            path, f"{'truncated' if truncated else 'corrupt'} image file ({type(exc).__name__}: {exc})",
-            "the file is incomplete; copy or export it again" if truncated
-            else "open it in an image viewer; re-export or convert it to PNG",
-        ) from exc
+        except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error... on corrupt data
+            raise _corrupt(label, exc) from exc
     size = (int(pixels.shape[0]), int(pixels.shape[1]))
-    meta = ImageMeta(path=path, format=fmt, mode=mode, original_size=size, modality=None, patient_id=None)
+    meta = ImageMeta(path=label, format=fmt, mode=mode, original_size=size, modality=None, patient_id=None)
     return LoadedImage(pixels=pixels, meta=meta)
 
 
-def read_image(path: str | Path, *, window: tuple[float, float] | None = None) -> LoadedImage:
+def read_image(
+    source: ImageSource,
+    *,
+    name: str | os.PathLike[str] | None = None,
+    window: tuple[float, float] | None = None,
+    limits: QualityLimits | None = None,
+) -> LoadedImage:
     """Read PNG/JPEG/BMP/TIFF/DICOM into float32 (H, W) gray in [0, 1] plus metadata.
 
-    ``window`` (width, level) applies to DICOM only: for CT it is in Hounsfield units and defaults to
-    ``LUNG_WINDOW``; for other modalities it replaces the file's own VOI window. Raises ``ImageReadError``
-    (naming the file, the reason and what to do) for anything that cannot be read.
+    ``source`` is a path, the bytes of a file or a binary file object (an upload, read to its end);
+    ``name`` is what errors and ``ImageMeta.path`` call it (default: the path, the file object's ``name``,
+    else ``<bytes>``/``<stream>``). ``window`` (width, level) applies to DICOM only: for CT it is in
+    Hounsfield units and defaults to ``LUNG_WINDOW``; for other modalities it replaces the file's own VOI
+    window. Raises ``ImageReadError`` (naming the file, the reason and what to do) for anything that cannot
+    be read, and ``ImageRefusedError`` (code ``too_large``) when the header declares more than
+    ``limits.max_pixels`` pixels (default ``QualityLimits()``: ``$COVIDSCAN_MAX_PIXELS`` or 50 megapixels),
+    before decoding anything. The rest of the quality gate is ``covidscan.io.assess``.
     """
-    path = Path(path)
-    _check_file(path)
-    if is_dicom_path(path):
-        return read_dicom(path, window=window)
-    return _read_pil(path)
+    label, opened = _open_source(source, name)
+    if _is_dicom(label, opened):
+        return read_dicom(opened, name=label, window=window, limits=limits)
+    return _read_pil(label, opened, limits)
+
+
+def read_checked(
+    source: ImageSource,
+    modality: str | None = None,
+    *,
+    name: str | os.PathLike[str] | None = None,
+    window: tuple[float, float] | None = None,
+    limits: QualityLimits | None = None,
+) -> tuple[LoadedImage, QualityReport]:
+    """``read_image`` then the quality gate (``assess`` for ``modality``): the image and its warnings.
+
+    Raises ``ImageReadError`` when the file cannot be read and ``ImageRefusedError`` (``.codes``, and every
+    reason in the message) when the gate refuses it, from its header or its pixels: such an image must get
+    no label and no probability.
+    """
+    loaded = read_image(source, name=name, window=window, limits=limits)
+    report = assess(loaded, modality, limits)
+    report.raise_if_refused()
+    return loaded, report
+
+
+def check_header(
+    source: ImageSource, *, name: str | os.PathLike[str] | None = None, limits: QualityLimits | None = None
+) -> ImageHeader:
+    """Read only the header (size, frames, DICOM Modality and BodyPartExamined) and apply the pixel limit.
+
+    Raises ``ImageReadError`` when the header cannot be read and ``ImageRefusedError`` (``too_large``) when
+    it declares more than ``limits.max_pixels`` pixels. A file object is read to its end.
+    """
+    label, opened = _open_source(source, name)
+    if _is_dicom(label, opened):
+        header = read_dicom_header(opened, name=label)
+        check_pixel_count(label, header.height, header.width, header.frames, limits)
+        return header
+    with _open_pil(label, opened, limits) as im:
+        fmt = _FORMAT_NAMES.get(im.format or "", im.format or "?")
+        return ImageHeader(path=label, format=fmt, height=im.height, width=im.width)
 
 
 def list_images(root: str | Path, *, recursive: bool = True) -> list[Path]:
@@ -142,7 +250,7 @@ def list_images(root: str | Path, *, recursive: bool = True) -> list[Path]:
 
 def iter_images(
     paths_or_root: str | Path | Iterable[str | Path], *, window: tuple[float, float] | None = None
-) -> Iterator[LoadedImage | ImageReadError]:
+) -> Iterator[LoadedImage | InputError]:
     """Read a folder (recursively) or a list of files one at a time, yielding each image or its error."""
     is_folder = isinstance(paths_or_root, (str, Path)) and Path(paths_or_root).is_dir()
     if is_folder:
@@ -154,16 +262,16 @@ def iter_images(
     for path in paths:
         try:
             yield read_image(path, window=window)
-        except ImageReadError as err:
+        except InputError as err:  # unreadable, or refused from its header
             yield err
 
 
 def scan_images(
     paths_or_root: str | Path | Iterable[str | Path], *, window: tuple[float, float] | None = None
-) -> tuple[list[LoadedImage], list[ImageReadError]]:
+) -> tuple[list[LoadedImage], list[InputError]]:
     """Read everything (a folder, recursively, or a list of files); bad files are collected, not raised."""
     images: list[LoadedImage] = []
-    errors: list[ImageReadError] = []
+    errors: list[InputError] = []
     for item in iter_images(paths_or_root, window=window):
-        (errors if isinstance(item, ImageReadError) else images).append(item)  # type: ignore[arg-type]
+        (errors if isinstance(item, InputError) else images).append(item)  # type: ignore[arg-type]
     return images, errors

@@ -16,6 +16,7 @@ from covidscan.models.classifier import (
     count_parameters,
     gradcam_target_layer,
 )
+from covidscan.models.fast import Bf16Verdict, FastClassifier, bf16_supported, bf16_verdict, binary_logits
 from covidscan.models.heads import linear_head, mlp_head, paper_a_head
 from covidscan.models.weights import downloads_disabled, read_state_dict, torchvision_checkpoint_path
 
@@ -26,8 +27,13 @@ __all__ = [
     "PIXELS",
     "TORCHVISION_BACKBONES",
     "Backbone",
+    "Bf16Verdict",
     "Classifier",
+    "FastClassifier",
     "ModelConfig",
+    "bf16_supported",
+    "bf16_verdict",
+    "binary_logits",
     "build_backbone",
     "build_model",
     "count_parameters",

@@ -269,7 +269,8 @@ def _timm_model(arch: str, weights: str) -> nn.Module:
         raise ConfigError(f"timm model {arch} has no pretrained weights; use `weights: none` or a local file")
     if cached is None and downloads_disabled():
         raise WeightsNotFoundError(
-            f"ImageNet weights for timm:{arch} are not cached and {OFFLINE_REASON}. Expected {where}"
+            f"ImageNet weights for timm:{arch} are not cached and {OFFLINE_REASON}. Expected {where}; or "
+            "use a local state_dict: `--set model.weights=path/to/file.pth`"
         )
     overlay = {"file": str(cached)} if cached is not None else None
     try:

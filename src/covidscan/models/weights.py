@@ -124,8 +124,8 @@ def torchvision_imagenet_state(arch: str, weights: WeightsEnum) -> tuple[dict[st
         return (
             f"ImageNet weights for {arch} ({weights}) are not available: {reason}. Expected the file "
             f"{path} (torch.hub cache: $TORCH_HOME/hub/checkpoints, here {path.parent}). Download "
-            f"{weights.url} on a machine with internet and put it there, or set `weights: path/to/file.pth` "
-            f"to a local state_dict of torchvision's {arch}"
+            f"{weights.url} on a machine with internet and put it there, or use a local state_dict of "
+            f"torchvision's {arch}: `--set model.weights=path/to/file.pth` (or `weights:` in the preset)"
         )
 
     if downloads_disabled():

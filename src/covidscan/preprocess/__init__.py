@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from .clahe import apply_clahe
 from .lungs import MODALITIES, LungCrop, find_lungs
-from .pipeline import PreprocessConfig, preprocess
+from .pipeline import PreprocessConfig, Preprocessed, preprocess
+from .prepare import (
+    PreparedImage,
+    PreparedSet,
+    prepare_image,
+    prepare_manifest,
+    prepare_paths,
+    to_model_batch,
+)
 from .preview import format_preview, preview_sheet
 from .transforms import (
     AUGMENT_PRESETS,
@@ -24,14 +32,21 @@ __all__ = [
     "MODALITIES",
     "AugmentParams",
     "LungCrop",
+    "PreparedImage",
+    "PreparedSet",
     "PreprocessConfig",
+    "Preprocessed",
     "apply_clahe",
     "augment_params",
     "eval_transform",
     "find_lungs",
     "format_preview",
+    "prepare_image",
+    "prepare_manifest",
+    "prepare_paths",
     "preprocess",
     "preview_sheet",
     "seeded",
+    "to_model_batch",
     "train_transform",
 ]

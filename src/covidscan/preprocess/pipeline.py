@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -32,10 +33,22 @@ class PreprocessConfig(BaseModel):
         return value
 
 
-def preprocess(
-    image: np.ndarray, cfg: PreprocessConfig | dict[str, Any] | None = None
-) -> tuple[np.ndarray, LungCrop | None]:
-    """CLAHE (if enabled) then lung crop (if enabled); returns the image to feed on and the crop, if any."""
+@dataclass(frozen=True, eq=False)
+class Preprocessed:
+    """The enhanced full image and, when the lung crop ran, its result; ``image`` is what models see."""
+
+    enhanced: np.ndarray
+    crop: LungCrop | None
+
+    @property
+    def image(self) -> np.ndarray:
+        """The lung crop of the enhanced image, or the whole enhanced image when no crop is made."""
+        return self.enhanced if self.crop is None else self.crop.image
+
+
+def preprocess(image: np.ndarray, cfg: PreprocessConfig | dict[str, Any] | None = None) -> Preprocessed:
+    """CLAHE (if enabled) then lung crop (if enabled), on a gray float image; one definition for training,
+    prediction and the preview sheet."""
     if not isinstance(cfg, PreprocessConfig):
         try:
             cfg = PreprocessConfig(**(cfg or {}))
@@ -44,7 +57,5 @@ def preprocess(
     out = as_gray_float(image)
     if cfg.clahe:
         out = apply_clahe(out, clip_limit=cfg.clip_limit, tile_grid=cfg.tile_grid)
-    if not cfg.lung_crop:
-        return out, None
-    crop = find_lungs(out, modality=cfg.modality, margin=cfg.margin)
-    return crop.image, crop
+    crop = find_lungs(out, modality=cfg.modality, margin=cfg.margin) if cfg.lung_crop else None
+    return Preprocessed(out, crop)

@@ -13,10 +13,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from covidscan.errors import ConfigError, CovidscanError, ManifestError
+from covidscan.errors import ConfigError, CovidscanError, ManifestError, StorageError
 from covidscan.io import read_image
-from covidscan.preprocess.clahe import apply_clahe
-from covidscan.preprocess.lungs import MODALITIES, find_lungs
+from covidscan.preprocess.lungs import MODALITIES
+from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
 
 SHEET_COLUMNS = 8
 TILE_INCHES = 2.0
@@ -43,9 +43,12 @@ def preview_sheet(
     n: int = 32,
     modality: str = "ct",
     seed: int = 0,
+    cfg: PreprocessConfig | None = None,
 ) -> dict:
     """Draw ``n`` sampled images (both classes) with lung outline (green) and crop box (yellow) into a PNG.
 
+    Images go through :func:`~covidscan.preprocess.preprocess` with ``cfg`` (default: CLAHE and the lung
+    crop for ``modality``), exactly as training and prediction prepare them.
     Returns ``{"n", "found", "found_share", "unreadable", "reasons", "path"}``.
     """
     missing = {"path", "label"} - set(manifest_df.columns)
@@ -58,6 +61,9 @@ def preview_sheet(
         raise ConfigError(f"preview modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if manifest_df.empty:
         raise ManifestError("manifest has no rows to preview")
+    if Path(out_png).suffix.lower() not in ("", ".png"):
+        raise ConfigError(f"the preview sheet is a PNG image: name it .png, not {Path(out_png).name}")
+    cfg = (cfg or PreprocessConfig()).model_copy(update={"modality": modality, "lung_crop": True})
     rows = _sample(manifest_df, n, seed)
     cols = min(SHEET_COLUMNS, len(rows))
     nrows = math.ceil(len(rows) / cols)
@@ -69,28 +75,31 @@ def preview_sheet(
         ax = fig.add_subplot(nrows, cols, k + 1)
         ax.set_axis_off()
         try:
-            image = apply_clahe(read_image(path).pixels)
+            result = preprocess(read_image(path).pixels, cfg)
         except CovidscanError as exc:
             unreadable += 1
             reasons["unreadable"] += 1
             ax.set_title(f"{label} · unreadable", fontsize=7, color="red")
             ax.text(0.5, 0.5, str(exc)[:60], fontsize=5, ha="center", va="center", wrap=True)
             continue
-        crop = find_lungs(image, modality=modality)
+        crop, image = result.crop, result.enhanced  # lung_crop is on, so crop is set
         ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="antialiased")
-        if crop.found:
+        if crop is not None and crop.found:
             found += 1
             ax.contour(crop.mask, levels=[0.5], colors="lime", linewidths=0.8)
             y0, x0, y1, x1 = crop.bbox
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, ec="yellow", lw=1))
         else:
-            reasons[crop.reason] += 1
-        status, color = ("found", "black") if crop.found else ("NOT found", "red")
+            reasons[crop.reason if crop is not None else "no crop"] += 1
+        status, color = ("found", "black") if crop is not None and crop.found else ("NOT found", "red")
         ax.set_title(f"{label} · {status}", fontsize=7, color=color)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.97, wspace=0.04, hspace=0.15)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=TILE_DPI)
+    try:
+        fig.savefig(out, dpi=TILE_DPI, format="png")  # format given: matplotlib never renames the file
+    except OSError as exc:
+        raise StorageError(f"cannot write the preview sheet {out}: {exc.strerror or exc}") from None
     return {
         "n": len(rows),
         "found": found,

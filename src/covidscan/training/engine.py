@@ -1,34 +1,30 @@
 """The training loop, plain and readable in the spirit of torchvision's ``references/`` scripts.
 
-Two paths share one loop:
+Data reach the model through torch ``Dataset``/``DataLoader`` pairs, on a device chosen in one place
+(``covidscan.system.resolve_device``). Two datasets share one loop:
 
-* **cached** (frozen base): backbone features of ``views`` augmented copies of every training image are
-  computed once; each epoch the head sees one randomly chosen view per image. The backbone never runs
-  again, which is what makes 20–50 epoch schedules cheap on a CPU.
-* **full** (fine-tuning, or caching switched off): every epoch re-augments and re-runs the whole model.
+* :class:`CachedFeatures` (frozen base): backbone features of ``views`` augmented copies of every training
+  image are computed once; each epoch the head sees one randomly chosen view per image. The backbone never
+  runs again, which is what makes 20–50 epoch schedules cheap on a CPU.
+* :class:`AugmentedImages` (fine-tuning, or caching switched off): every epoch re-augments and re-runs the
+  whole model.
 """
 
 from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from covidscan.config import TrainConfig
-from covidscan.preprocess import seeded
-
-Batches = Callable[[int], Iterator[tuple[torch.Tensor, torch.Tensor]]]
-
-
-def image_tensor(pixels: np.ndarray) -> torch.Tensor:
-    """uint8 (H, W) -> float (1, H, W) in [0, 1]."""
-    return torch.from_numpy(pixels).unsqueeze(0).float().div_(255.0)
+from covidscan.preprocess import seeded, to_model_batch
 
 
 def view_seed(seed: int, index: int, view: int) -> int:
@@ -36,41 +32,101 @@ def view_seed(seed: int, index: int, view: int) -> int:
     return (seed * 1_000_003 + index * 7_919 + view) % (2**63)
 
 
-def transform_batch(images: np.ndarray, idx: np.ndarray, transform, seed: int, view: int) -> torch.Tensor:
-    """Apply ``transform`` to each image of ``idx`` with its own seed; stack into a batch."""
-    return torch.stack(
-        [seeded(transform, image_tensor(images[i]), view_seed(seed, int(i), view)) for i in idx]
-    )
+class AugmentedImages(Dataset):
+    """Prepared float (N, H, W) images through a random ``transform``, reproducible per (image, view).
+
+    ``view`` (set with :meth:`set_view`, e.g. to the epoch) picks which augmented copy each image gets.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, seed: int = 0) -> None:
+        self.images, self.labels = images, torch.from_numpy(labels)
+        self.transform, self.seed, self.view = transform, seed, 0
+
+    def set_view(self, view: int) -> None:
+        """Which augmented copy of every image the next pass yields."""
+        self.view = view
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = torch.from_numpy(self.images[i]).unsqueeze(0)
+        return seeded(self.transform, image, view_seed(self.seed, i, self.view)), self.labels[i]
+
+
+class CachedFeatures(Dataset):
+    """Cached features (N, views, D): each epoch one view per image, drawn reproducibly from ``seed``."""
+
+    def __init__(self, features: torch.Tensor, labels: np.ndarray, seed: int = 0) -> None:
+        self.features, self.labels, self.seed = features, torch.from_numpy(labels), seed
+        self.pick = torch.zeros(len(features), dtype=torch.long)
+
+    def set_view(self, epoch: int) -> None:
+        """Draw the view every image shows in ``epoch``."""
+        rng = np.random.default_rng([self.seed, epoch])
+        self.pick = torch.from_numpy(rng.integers(self.features.shape[1], size=len(self.features)))
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.features[i, self.pick[i]], self.labels[i]
+
+
+def loader(
+    dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
+) -> DataLoader:
+    """A DataLoader whose shuffling depends only on ``(seed, epoch)``; the data stay in this process."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
 
 
 @torch.inference_mode()
 def embed(
     model: nn.Module,
     images: np.ndarray,
-    transform,
+    transform: Callable,
     *,
     views: int = 1,
     seed: int = 0,
     batch_size: int = 32,
+    device: torch.device | None = None,
     progress: bool = True,
     desc: str = "features",
 ) -> torch.Tensor:
-    """Cache ``model.embed`` outputs of ``views`` transformed copies of each image: (N, views, D)."""
+    """Cache ``model.embed`` outputs of ``views`` transformed copies of each image: (N, views, D) on CPU."""
     model.eval()
-    n = len(images)
-    out: torch.Tensor | None = None
-    bar = tqdm(total=n * views, desc=desc, disable=not progress, leave=False)
-    for v in range(views):
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(start + batch_size, n))
-            feats = model.embed(transform_batch(images, idx, transform, seed, v))
-            if out is None:
-                out = torch.empty((n, views, feats.shape[1]), dtype=feats.dtype)
-            out[idx, v] = feats
-            bar.update(len(idx))
-    bar.close()
-    assert out is not None
-    return out
+    device = device or torch.device("cpu")
+    data = AugmentedImages(images, np.zeros(len(images), np.int64), transform, seed)
+    chunks: list[list[torch.Tensor]] = []
+    with tqdm(total=len(images) * views, desc=desc, disable=not progress, leave=False) as bar:
+        for v in range(views):
+            data.set_view(v)
+            chunks.append([])
+            for x, _ in loader(data, batch_size):
+                chunks[-1].append(model.embed(x.to(device)).cpu())
+                bar.update(len(x))
+    return torch.stack([torch.cat(view) for view in chunks], dim=1)
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module,
+    images: np.ndarray,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+) -> np.ndarray:
+    """Binary logits ``z = logit_covid - logit_non_covid`` of prepared float images (no augmentation)."""
+    model.eval()
+    device = device or torch.device("cpu")
+    out = []
+    for start in range(0, len(images), batch_size):
+        logits = model(to_model_batch(images[start : start + batch_size], mean, std).contiguous().to(device))
+        out.append((logits[:, 1] - logits[:, 0]).cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
 @dataclass
@@ -84,11 +140,13 @@ class FitResult:
 
 
 def _run_epoch(
-    module: nn.Module, batches, loss_fn: nn.Module, optimizer: torch.optim.Optimizer | None
+    module: nn.Module, batches: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer | None,
+    device: torch.device,
 ) -> tuple[float, float]:
     """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
     total_loss, correct, count = 0.0, 0, 0
     for x, y in batches:
+        x, y = x.to(device), y.to(device)
         with torch.set_grad_enabled(optimizer is not None):
             logits = module(x)
             loss = loss_fn(logits, y)
@@ -104,18 +162,22 @@ def _run_epoch(
 
 def fit(
     module: nn.Module,
-    train_batches: Batches,
-    val_batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None,
+    train_data: Dataset,
+    val_data: Dataset | None,
     cfg: TrainConfig,
     *,
+    device: torch.device | None = None,
     progress: bool = True,
 ) -> FitResult:
     """Adam + cross-entropy for ``cfg.epochs``; early stopping on validation loss restores the best weights.
 
-    Cross-entropy on logits is the categorical cross-entropy of the published 2-way softmax with one-hot
-    labels, computed in a numerically stable way.
+    ``train_data`` may have ``set_view(epoch)`` (a fresh augmentation or cached view per epoch); it is
+    shuffled reproducibly from ``cfg.seed`` and the epoch. Cross-entropy on logits is the categorical
+    cross-entropy of the published 2-way softmax with one-hot labels, computed in a numerically stable way.
     """
+    device = device or torch.device("cpu")
     torch.manual_seed(cfg.seed)
+    module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: every parameter is frozen")
@@ -126,12 +188,15 @@ def fit(
     start = time.perf_counter()
     bar = tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress, leave=False)
     for epoch in bar:
+        if hasattr(train_data, "set_view"):
+            train_data.set_view(epoch)
         module.train()
-        train_loss, train_acc = _run_epoch(module, train_batches(epoch), loss_fn, optimizer)
+        batches = loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
+        train_loss, train_acc = _run_epoch(module, batches, loss_fn, optimizer, device)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
-        if val_batches is not None:
+        if val_data is not None:
             module.eval()
-            val_loss, val_acc = _run_epoch(module, val_batches(), loss_fn, None)
+            val_loss, val_acc = _run_epoch(module, loader(val_data, cfg.batch_size), loss_fn, None, device)
             row.update(val_loss=val_loss, val_acc=val_acc)
             if val_loss < best_loss - 1e-6:
                 best_loss, waited, result.best_epoch = val_loss, 0, epoch
@@ -145,7 +210,7 @@ def fit(
         if cfg.early_stopping is not None and waited >= cfg.early_stopping:
             result.stopped_early = True
             break
-    if cfg.early_stopping is not None and best_state is not None:
-        module.load_state_dict(best_state)
+    if best_state is not None:
+        module.load_state_dict(best_state)  # the best-validation weights, not the last epoch's
     result.seconds = time.perf_counter() - start
     return result

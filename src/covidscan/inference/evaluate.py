@@ -1,0 +1,117 @@
+"""``covidscan evaluate``: a trained run on any labelled dataset (an external set), calibrated as trained."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from covidscan.config import load_config
+from covidscan.data import read_manifest
+from covidscan.errors import ConfigError, InputError, ManifestError
+from covidscan.evaluation import evaluate_calibrated, excluded_notes, write_evaluation
+from covidscan.inference.predictor import Predictor
+from covidscan.io import pixel_hash, read_image
+from covidscan.preprocess import prepare_manifest
+
+
+def training_overlap(
+    run_dir: Path, paths: list[str], hashes: list[str | None], *, workers: int = 2
+) -> list[dict[str, str]]:
+    """Images among ``paths`` that the run was trained or validated on, by path or by identical pixels.
+
+    ``hashes`` are the decoded-pixel hashes of ``paths`` (:func:`covidscan.io.pixel_hash`); the run's
+    own train and validation images (its ``splits.csv``) are decoded here to compare. One dict per
+    shared image: ``path``, ``split`` (train or val), ``match`` (path or pixels) and ``run_path``.
+    """
+    splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
+    seen = splits[splits["split"].isin(["train", "val"])]
+    by_path = {str(Path(p).resolve()): (p, s) for p, s in zip(seen["path"], seen["split"], strict=True)}
+
+    def decoded_hash(path: str) -> str | None:
+        try:
+            return pixel_hash(read_image(path).pixels)
+        except InputError:
+            return None  # a training file since deleted or damaged cannot match anything
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        seen_hashes = list(pool.map(decoded_hash, seen["path"]))
+    by_hash = {h: (p, s) for h, p, s in zip(seen_hashes, seen["path"], seen["split"], strict=True) if h}
+    found = []
+    for path, digest in zip(paths, hashes, strict=True):
+        if (hit := by_path.get(str(Path(path).resolve()))) is not None:
+            found.append({"path": path, "split": hit[1], "match": "path", "run_path": hit[0]})
+        elif digest is not None and (hit := by_hash.get(digest)) is not None:
+            found.append({"path": path, "split": hit[1], "match": "pixels", "run_path": hit[0]})
+    return found
+
+
+def _overlap_error(data: str | Path, overlap: list[dict[str, str]], n: int) -> ManifestError:
+    counts = pd.DataFrame(overlap).groupby(["split", "match"]).size()
+    detail = ", ".join(f"{k} in {split} (same {match})" for (split, match), k in counts.items())
+    first = overlap[0]
+    return ManifestError(
+        f"{data} shares {len(overlap)} of {n} images with the run's own training/validation data "
+        f"({detail}; e.g. {first['path']} = {first['run_path']} [{first['split']}]). Evaluating on images "
+        "the model has seen inflates every figure: evaluate on images it never saw, or pass "
+        "--allow-overlap if you mean it"
+    )
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    split: str | None = None,
+    allow_overlap: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate a trained run on a manifest or folder (e.g. an external test set) with its own threshold.
+
+    Images are prepared and scored exactly as ``covidscan predict`` does (one :class:`Predictor`).
+    ``split`` picks rows of a manifest that has a split column (default: ``test`` when there is one,
+    otherwise every row). Data that share images (same path or same decoded pixels) with the run's
+    training or validation split are refused, unless ``allow_overlap`` (then the report says so). Images
+    the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error instead).
+    Writes metrics.json, predictions.csv, figures and report.md into ``out``.
+    """
+    predictor = Predictor.from_run(run_dir, engine="torch")
+    cfg = load_config(predictor.run_dir / "config.yaml")
+    df = read_manifest(data, patient_column=cfg.data.patient_column)
+    if split is None and "split" in df and df["split"].notna().all():
+        split = "test"
+    if split is not None:
+        if "split" not in df:
+            raise ConfigError(f"--split {split} given but {data} has no split column")
+        df = df[df["split"] == split]
+        if df.empty:
+            raise ManifestError(f"{data} has no rows in split {split!r}")
+    checkpoint = predictor.checkpoint
+    prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress,
+                                fingerprint=True, strict=strict)
+    overlap = training_overlap(predictor.run_dir, prepared.paths, prepared.pixel_hashes or [])
+    if overlap and not allow_overlap:
+        raise _overlap_error(data, overlap, len(prepared))
+    z = predictor.logits(prepared.images)
+    metrics = evaluate_calibrated(
+        predictor.calibration, prepared.labels, z, groups_test=prepared.groups,
+        n_boot=cfg.evaluation.n_bootstrap, seed=cfg.train.seed,
+    )
+    notes = excluded_notes(prepared.excluded)
+    metrics["excluded"] = len(prepared.excluded)
+    if overlap:
+        metrics["overlap_with_training"] = overlap
+        notes.append(f"WARNING: {len(overlap)} of {len(prepared)} images were in the run's own training or "
+                     "validation data (evaluated anyway, --allow-overlap): the figures below are inflated.")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if prepared.excluded:
+        pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
+    title = f"{cfg.name} on {data}" + (f" ({split})" if split else "")
+    write_evaluation(out, metrics, prepared, predictor.calibration.proba(z), title=title,
+                     config=cfg.model_dump(mode="json"), notes=notes)
+    return metrics

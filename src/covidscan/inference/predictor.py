@@ -1,0 +1,416 @@
+"""The serving core: a trained run loaded once, then prepare -> score -> aggregate as often as needed.
+
+``predict``, ``explain``, ``export``, the review service and the batch engine all stand on this one object.
+It never writes into the run directory, so many processes can serve one run at once; whatever must be
+produced once per run and is not in the run (an ONNX file) goes to covidscan's cache with an atomic
+rename. A loaded Predictor is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, BinaryIO, Literal, TypeVar
+
+import numpy as np
+import torch
+
+from covidscan.errors import ConfigError, InputError
+from covidscan.evaluation import Calibration
+from covidscan.io import LoadedImage, QualityLimits, assess, read_image
+from covidscan.io.quality import MODEL_MODALITIES
+from covidscan.models import Classifier, FastClassifier, bf16_supported, binary_logits
+from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
+from covidscan.runs import Checkpoint, load_run
+from covidscan.system import cache_dir, resolve_device
+
+log = logging.getLogger(__name__)
+
+Engine = Literal["auto", "torch", "onnx"]
+Source = str | Path | bytes | tuple[str, bytes] | BinaryIO
+"""A path, raw bytes, ``(name, bytes)`` (an upload) or a binary file object."""
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+_END = object()
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image (or why there is none: ``error``)."""
+
+    source: str
+    p_covid: float | None = None
+    label: str | None = None
+    uncertain: bool | None = None
+    lungs_found: bool | None = None
+    warnings: tuple[str, ...] = ()
+    error: str | None = None
+    group_id: str | None = None
+    ood_score: float | None = None
+    cam_png: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict (warnings as a list) for JSON and tables."""
+        return asdict(self) | {"warnings": list(self.warnings)}
+
+
+@dataclass(frozen=True)
+class GroupPrediction:
+    """One probability for a patient or series: the mean (or max) of its readable images."""
+
+    group_id: str
+    n_images: int
+    p_covid: float
+    label: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict for JSON."""
+        return asdict(self)
+
+
+def _source_name(source: Source) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, tuple):
+        return str(source[0])
+    if isinstance(source, bytes):
+        return "<bytes>"
+    return str(getattr(source, "name", "<stream>"))
+
+
+def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, workers: int, ahead: int) -> Iterator[_R]:
+    """``map`` in a thread pool, in order, keeping at most ``ahead`` results in flight (bounded memory)."""
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        pending = deque(pool.submit(fn, item) for _, item in zip(range(ahead), it, strict=False))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(it, _END)
+            if nxt is not _END:
+                pending.append(pool.submit(fn, nxt))
+            yield result
+
+
+class Predictor:
+    """A trained run, loaded once (weights, BatchNorm folding, engine and precision), ready to serve.
+
+    Build it with :meth:`from_run`. The three stages are usable alone: :meth:`prepare` (decoded image ->
+    model-ready :class:`PreparedImage` with warnings), :meth:`score` (prepared images -> predictions, in
+    batches) and :meth:`aggregate` (predictions -> one per patient or series); :meth:`predict` runs all
+    three over files, folders' files, bytes or uploads with decoding in a thread pool.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        checkpoint: Checkpoint,
+        model: Classifier,
+        forward: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        engine: str,
+        precision: str,
+        device: torch.device,
+        batch_size: int = 32,
+        workers: int = 2,
+        limits: QualityLimits | None = None,
+    ) -> None:
+        if batch_size < 1 or workers < 1:
+            raise ConfigError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+        self.run_dir = run_dir
+        self.checkpoint = checkpoint
+        self.model = model
+        self.engine = engine
+        self.precision = precision
+        self.device = device
+        self.batch_size = batch_size
+        self.workers = workers
+        self.limits = limits or QualityLimits()
+        self._forward = forward
+        self._cam_lock = threading.Lock()  # Grad-CAM hooks the shared fp32 model: one explanation at a time
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_run(
+        cls,
+        run_dir: str | Path,
+        *,
+        engine: Engine = "auto",
+        device: str = "cpu",
+        onnx_path: str | Path | None = None,
+        band: float | None = None,
+        fast: bool = True,
+        batch_size: int = 32,
+        workers: int = 2,
+    ) -> Predictor:
+        """Load a run directory once.
+
+        ``engine``: ``torch`` (BatchNorm folded, channels_last, bf16 when the CPU runs it natively and the
+        run's training-time check allowed it; ``fast=False`` is the plain fp32 model), ``onnx``
+        (onnxruntime on ``onnx_path``, else the run's ``model.onnx``, else an export cached outside the
+        run), or ``auto`` (onnx when the run holds a ``model.onnx`` or ``onnx_path`` is given, else torch).
+        ``device`` is ``cpu``, ``cuda`` or ``auto`` (torch engine only). ``band`` replaces the run's
+        uncertain-zone width.
+        """
+        if engine not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
+        run = load_run(run_dir)
+        checkpoint = run.checkpoint
+        if band is not None:
+            if not 0.0 <= band < 1.0:
+                raise ConfigError(f"band (width of the uncertain zone around the threshold) must be in "
+                                  f"[0, 1), got {band}")
+            calibration = checkpoint.calibration.model_copy(update={"band": band})
+            checkpoint = checkpoint.model_copy(update={"calibration": calibration})
+        target = resolve_device(device)
+        if engine == "auto":
+            engine = "onnx" if onnx_path is not None or (run.path / "model.onnx").is_file() else "torch"
+        if engine == "onnx" and target.type != "cpu":
+            raise ConfigError("the onnx engine runs on the CPU only; use engine='torch' for CUDA")
+        if engine == "torch" and onnx_path is not None:
+            raise ConfigError(f"ONNX file {onnx_path} given with the torch engine; choose the onnx engine")
+        if engine == "onnx":
+            forward, precision = _onnx_forward(run.path, run.checkpoint, onnx_path)
+        else:
+            forward, precision = _torch_forward(run.model, checkpoint, target, fast)
+        return cls(run.path, checkpoint, run.model, forward, engine=engine, precision=precision,
+                   device=target, batch_size=batch_size, workers=workers)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def calibration(self) -> Calibration:
+        """Temperature, thresholds and uncertain band of the run."""
+        return self.checkpoint.calibration
+
+    @property
+    def modality(self) -> str:
+        """``ct`` or ``cxr``."""
+        return self.checkpoint.modality
+
+    @property
+    def metrics(self) -> dict[str, Any] | None:
+        """The run's test metrics (``metrics.json``), or None when the run has none."""
+        path = self.run_dir / "metrics.json"
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    # ------------------------------------------------------------------ stages
+    def load(self, source: Source) -> LoadedImage:
+        """Decode a path, bytes, ``(name, bytes)`` or a binary file object (InputError when unreadable)."""
+        if isinstance(source, tuple):
+            name, data = source
+            return read_image(data, name=name, limits=self.limits)
+        return read_image(source, limits=self.limits)
+
+    def prepare(self, image: LoadedImage, *, keep_original: bool = False) -> PreparedImage:
+        """Preprocess a decoded image as the run was trained, with the quality gate's warnings attached.
+
+        Raises ImageRefusedError when the gate (:func:`covidscan.io.assess`) refuses the image for this
+        run's modality: such an image gets no probability and no label.
+        """
+        report = assess(image, self.modality, self.limits)
+        report.raise_if_refused()
+        prepared = prepare_image(image, self.checkpoint.preprocess, self.checkpoint.input_size,
+                                 keep_original=keep_original)
+        found = list(report.warnings)
+        if prepared.lungs_found is False:
+            kind = MODEL_MODALITIES[self.modality]
+            found.append(f"no_lungs: the lung finder found no lungs (not like the {kind} the model was "
+                         "trained on?), the whole image was used")
+        return replace(prepared, warnings=tuple(found))
+
+    def batch(self, prepared: Sequence[PreparedImage] | np.ndarray) -> torch.Tensor:
+        """The normalised model batch (N, 3, H, W) of prepared images (or their stacked (N, H, W) pixels)."""
+        pixels = prepared if isinstance(prepared, np.ndarray) else np.stack([p.pixels for p in prepared])
+        return to_model_batch(pixels, self.checkpoint.mean, self.checkpoint.std)
+
+    def logits(self, prepared: Sequence[PreparedImage] | np.ndarray) -> np.ndarray:
+        """Binary logits ``z = logit_covid - logit_non_covid`` of prepared images, in batches."""
+        out = [
+            self._forward(self.batch(prepared[i : i + self.batch_size])).float().cpu().numpy()
+            for i in range(0, len(prepared), self.batch_size)
+        ]
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+    def score(
+        self, prepared: Sequence[PreparedImage], *, group_ids: Sequence[str | None] | None = None
+    ) -> list[Prediction]:
+        """Calibrated predictions for prepared images (``group_ids`` overrides the DICOM series/patient)."""
+        if group_ids is not None and len(group_ids) != len(prepared):
+            raise ConfigError(f"{len(group_ids)} group ids for {len(prepared)} images; give one per image")
+        cal = self.calibration
+        p = cal.proba(self.logits(prepared))
+        labels, uncertain = cal.label(p), cal.uncertain(p)
+        return [
+            Prediction(
+                source=str(prep.meta.path) if prep.meta is not None else f"<image {i}>",
+                p_covid=float(p[i]),
+                label=str(labels[i]),
+                uncertain=bool(uncertain[i]),
+                lungs_found=prep.lungs_found,
+                warnings=prep.warnings,
+                group_id=(group_ids[i] if group_ids is not None else None) or _meta_group(prep),
+            )
+            for i, prep in enumerate(prepared)
+        ]
+
+    def aggregate(
+        self, predictions: Sequence[Prediction], key: Callable[[Prediction], str | None] | None = None
+    ) -> list[GroupPrediction]:
+        """One prediction per group (default key: ``group_id``) from its readable images, in first-seen order.
+
+        The group probability is the mean (or the run's ``aggregate``: max) of its images; groups of more
+        than one image are labelled at the run's patient threshold, single images at the image threshold.
+        """
+        key = key or (lambda pred: pred.group_id)
+        members: dict[str, list[float]] = defaultdict(list)
+        for pred in predictions:
+            group = key(pred)
+            if group is not None and pred.p_covid is not None:
+                members[group].append(pred.p_covid)
+        cal = self.calibration
+        groups = []
+        for group, ps in members.items():
+            p = float(np.max(ps) if cal.aggregate == "max" else np.mean(ps))
+            label = str(cal.label([p], threshold=cal.group_threshold(len(ps)))[0])
+            groups.append(GroupPrediction(group, len(ps), p, label))
+        return groups
+
+    # ------------------------------------------------------------------ drivers
+    def predict(
+        self,
+        sources: Sequence[Source],
+        *,
+        group_ids: Sequence[str | None] | None = None,
+        cam_dir: str | Path | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Prediction]:
+        """Predict every source, in order; one that cannot be read gets a Prediction with ``error``.
+
+        Decoding and preprocessing run in ``workers`` threads ahead of the model (OpenCV, PIL and pydicom
+        release the GIL). ``cam_dir`` writes a Grad-CAM overlay per image (``cam_png``). ``progress`` is
+        called with the number of sources finished after each one.
+        """
+        if group_ids is not None and len(group_ids) != len(sources):
+            raise ConfigError(f"{len(group_ids)} group ids for {len(sources)} sources; give one per source")
+        cams = Path(cam_dir) if cam_dir is not None else None
+        keep = cams is not None
+
+        def decode(source: Source) -> PreparedImage | InputError:
+            try:
+                return self.prepare(self.load(source), keep_original=keep)
+            except InputError as exc:
+                return exc
+
+        results: list[Prediction | None] = [None] * len(sources)
+        batch: list[tuple[int, PreparedImage]] = []
+
+        def flush() -> None:
+            ids = [group_ids[i] if group_ids is not None else None for i, _ in batch]
+            scored = self.score([p for _, p in batch], group_ids=ids)
+            if cams is not None:
+                scored = self._with_cams(scored, [p for _, p in batch], [i for i, _ in batch], cams)
+            for (i, _), pred in zip(batch, scored, strict=True):
+                results[i] = replace(pred, source=_source_name(sources[i]))
+            batch.clear()
+
+        done = ordered_map(decode, sources, workers=self.workers, ahead=2 * self.batch_size + self.workers)
+        for i, outcome in enumerate(done):
+            if isinstance(outcome, InputError):
+                group = group_ids[i] if group_ids is not None else None
+                results[i] = Prediction(source=_source_name(sources[i]), error=str(outcome), group_id=group)
+            else:
+                batch.append((i, outcome))
+                if len(batch) == self.batch_size:
+                    flush()
+            if progress is not None:
+                progress(i + 1)
+        if batch:
+            flush()
+        return [r for r in results if r is not None]
+
+    def explain(
+        self,
+        prepared: Sequence[PreparedImage],
+        out_pngs: Sequence[str | Path | None] | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
+        """Grad-CAM of prepared images (prepared with ``keep_original=True``); see
+        :func:`covidscan.explain.explain_prepared` for the keyword arguments and the returned dicts."""
+        from covidscan.explain import explain_prepared  # pytorch_grad_cam loads only when asked for
+
+        with self._cam_lock:
+            return explain_prepared(self, prepared, out_pngs, **kwargs)
+
+    def _with_cams(
+        self, scored: list[Prediction], prepared: list[PreparedImage], index: list[int], out: Path
+    ) -> list[Prediction]:
+        names = [out / f"{i:05d}_{Path(pred.source).stem}.png" for i, pred in zip(index, scored, strict=True)]
+        titles = [f"p(covid) {pred.p_covid:.2f}: {pred.label}" + (", uncertain" if pred.uncertain else "")
+                  for pred in scored]
+        explained = self.explain(prepared, names, titles=titles)
+        return [replace(pred, cam_png=row["cam_png"]) for pred, row in zip(scored, explained, strict=True)]
+
+
+def _meta_group(prepared: PreparedImage) -> str | None:
+    meta = prepared.meta
+    return None if meta is None else (meta.series_uid or meta.patient_id)
+
+
+def _torch_forward(
+    model: Classifier, checkpoint: Checkpoint, device: torch.device, fast: bool
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The torch engine: folded and channels_last (``fast``), in bf16 only where the run's check allows."""
+    verdict = checkpoint.bf16
+    bf16 = fast and device.type == "cpu" and bf16_supported() and verdict is not None and verdict.allowed
+    net = FastClassifier(model, torch.bfloat16 if bf16 else torch.float32) if fast else model
+    net = net.to(device)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return binary_logits(net, x.to(device) if fast else x.to(device).contiguous())
+
+    return forward, "bf16" if bf16 else "fp32"
+
+
+def _onnx_forward(
+    run_dir: Path, checkpoint: Checkpoint, onnx_path: str | Path | None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """The onnxruntime engine over the given file, the run's model.onnx, or a cached export."""
+    from covidscan.export import OnnxModel, export_onnx  # onnxruntime loads only when asked for
+
+    if onnx_path is not None:
+        path = Path(onnx_path)
+    elif (run_dir / "model.onnx").is_file():
+        path = run_dir / "model.onnx"
+    else:
+        # Keyed by the weights' hash: a retrained run never meets a stale file, and export_onnx renames
+        # atomically, so two processes exporting at once both end with a complete file.
+        path = cache_dir("onnx") / f"{checkpoint.weights_sha256}.onnx"
+        if not path.is_file():
+            log.info("exporting %s to ONNX once, cached at %s", run_dir, path)
+            export_onnx(run_dir, path)
+    session = OnnxModel(path, threads=torch.get_num_threads())
+    theirs = session.metadata.get("weights_sha256")
+    other_weights = theirs is not None and theirs != checkpoint.weights_sha256
+    if other_weights or session.calibration != checkpoint.calibration:
+        raise ConfigError(
+            f"ONNX model {path} does not belong to run {run_dir} (other weights or calibration); "
+            f"export it again with `covidscan export {run_dir} --onnx {path}`"
+        )
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        logits = torch.from_numpy(np.asarray(session(x.contiguous().numpy()), dtype=np.float32))
+        return logits[:, 1] - logits[:, 0]
+
+    return forward, "fp32"
+
+
+__all__ = ["Engine", "GroupPrediction", "Prediction", "Predictor", "Source", "ordered_map"]
+

@@ -1,0 +1,121 @@
+"""Fast CPU inference: BatchNorm folded into the convolutions, channels_last memory, bf16 where it is safe.
+
+bf16 policy: bf16 runs only when (1) the CPU has native bf16 instructions (AVX512_BF16 or AMX on x86,
+BF16 on Arm) and (2) the run's own verdict (:func:`bf16_verdict`, measured at training time on the run's
+test split) says bf16 changed at most 0.5% of the fp32 labels. Runs without a verdict stay in fp32. The
+backbone runs in bf16 but the head in fp32, so the logits themselves are not rounded to bf16.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from collections.abc import Callable, Iterable
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx.experimental.optimization as fx_opt
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from covidscan.models.classifier import Classifier
+
+log = logging.getLogger(__name__)
+
+MAX_LABEL_CHANGE = 0.005
+"""bf16 is allowed when it changes at most this share of the fp32 labels on the run's test split."""
+
+
+class Bf16Verdict(BaseModel):
+    """Whether bf16 may serve a model: fp32 vs bf16 labels on the run's own test split."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    allowed: bool
+    reason: str
+    images: int = 0
+    labels_changed: int = 0
+    max_abs_dp: float | None = None
+    torch: str = ""
+
+
+@cache
+def bf16_supported() -> bool:
+    """True when oneDNN is built in and the CPU runs bf16 natively (emulated bf16 is slower than fp32)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:  # not Linux: no cheap way to tell, so stay with fp32
+        return False
+    flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+class FastClassifier(nn.Module):
+    """A Classifier's backbone with BatchNorm folded, in channels_last and ``dtype``; the head stays fp32.
+
+    Keeping the small head in fp32 means only the backbone's features carry bf16 rounding, not the logits.
+    """
+
+    def __init__(self, model: Classifier, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.features = _fold_batchnorm(model.backbone).to(dtype=dtype, memory_format=torch.channels_last)
+        self.head = model.head
+        self.dtype = dtype
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (N, 2) in fp32 of a normalised (N, 3, H, W) batch."""
+        x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+        return self.head(self.features(x).float())
+
+
+def _fold_batchnorm(backbone: nn.Module) -> nn.Module:
+    """A copy of ``backbone`` with every conv + BatchNorm pair folded into one conv (torch.fx)."""
+    try:
+        return fx_opt.fuse(backbone.eval())
+    except Exception as exc:  # some timm models cannot be traced: run them unfolded, just as correct
+        log.info("BatchNorm folding skipped (%s: %s)", type(exc).__name__, exc)
+        return copy.deepcopy(backbone)
+
+
+def binary_logits(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """z = logit_covid - logit_non_covid of a batch, without autograd."""
+    with torch.inference_mode():
+        logits = model(batch)
+    return logits[:, 1] - logits[:, 0]
+
+
+def bf16_verdict(
+    model: Classifier,
+    batches: Iterable[torch.Tensor],
+    proba: Callable[[torch.Tensor], np.ndarray],
+    threshold: float,
+) -> Bf16Verdict:
+    """Run normalised test batches through fp32 and bf16 and compare the labels at ``threshold``.
+
+    ``proba`` turns binary logits into calibrated probabilities (a run's ``Calibration.proba``).
+    """
+    fp32, bf16 = model.eval(), FastClassifier(model, torch.bfloat16)
+    p32, p16 = [], []
+    for x in batches:
+        p32.append(proba(binary_logits(fp32, x.contiguous())))
+        p16.append(proba(binary_logits(bf16, x)))
+    if not p32:
+        return Bf16Verdict(allowed=False, reason="no test images to check bf16 on", torch=torch.__version__)
+    a, b = np.concatenate(p32), np.concatenate(p16)
+    changed = int(((a >= threshold) != (b >= threshold)).sum())
+    share = changed / len(a)
+    return Bf16Verdict(
+        allowed=share <= MAX_LABEL_CHANGE,
+        reason=f"{changed} of {len(a)} test labels changed ({share:.2%}; at most {MAX_LABEL_CHANGE:.1%} "
+        "allowed)",
+        images=len(a),
+        labels_changed=changed,
+        max_abs_dp=float(np.abs(a - b).max()),
+        torch=torch.__version__,
+    )
