@@ -32,8 +32,7 @@ from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.io import read_image
 from covidscan.models import build_backbone
 from covidscan.models.ood import HIST_BINS, FeatureDensity, ImageStatsEnvelope, OODDetector, image_stats
-from covidscan.preprocess import PreprocessConfig, eval_transform
-from covidscan.training.prepare import prepare_array  # moves to covidscan.preprocess with the Predictor
+from covidscan.preprocess import PreprocessConfig, eval_transform, prepare_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 WEIGHTS = "weights/mobilenet_v2_imagenet_coral_dequant.pth"
@@ -74,7 +73,7 @@ class Extractor:
 
 def load_one(path: str, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:
     loaded = read_image(path)
-    return prepare_array(loaded.pixels, cfg, SIZE).pixels, image_stats(loaded.pixels, loaded.meta)
+    return prepare_image(loaded, cfg, SIZE).pixels, image_stats(loaded.pixels, loaded.meta)
 
 
 def extract(extractor: Extractor, paths: list[str], pipeline: str, cache: Path) -> dict[str, np.ndarray]:
@@ -89,7 +88,7 @@ def extract(extractor: Extractor, paths: list[str], pipeline: str, cache: Path) 
     parts: dict[str, list[np.ndarray]] = {"pooled": [], "multi": [], "flip": []}
     for start in range(0, len(paths), 32):
         chunk = loaded[start:start + 32]
-        batch = torch.stack([extractor.transform(px.astype(np.float32) / 255.0) for px, _ in chunk])
+        batch = torch.stack([extractor.transform(px) for px, _ in chunk])
         for key, value in extractor(batch).items():
             parts[key].append(value)
     out = {k: np.concatenate(v).astype(np.float32) for k, v in parts.items()}
