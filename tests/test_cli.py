@@ -133,7 +133,7 @@ def test_predict_and_export(tiny_run: Path, phantom_manifest: Path, tmp_path: Pa
         "--out", str(preds), "--cam", str(tmp_path / "cam"),
     )
     assert result.returncode == 0, result.stderr
-    assert "1 not predicted" in result.stdout and "broken.png" in result.stderr
+    assert "0 refused, 1 unreadable" in result.stdout and "broken.png" in result.stderr
     doc = json.loads(preds.read_text())
     rows = doc["images"]
     assert [Path(r["path"]).name for r in rows] == [p.name for p in images] + ["broken.png"]
@@ -179,3 +179,12 @@ def test_export_prints_no_tool_chain_logs(tiny_run: Path, tmp_path: Path, caplog
         result = covidscan("export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx"))
     assert result.returncode == 0, result.stderr
     assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir", "torch.onnx"))]
+
+
+def test_library_warnings_print_as_warning_lines(phantom_manifest: Path, tmp_path: Path):
+    result = covidscan("data", "split", str(phantom_manifest), "--by", "image", "--resplit",
+                       "--out", str(tmp_path / "s.csv"))
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "patient" in line]
+    assert lines and all(line.startswith("warning: ") for line in lines)
+    assert "UserWarning" not in result.stderr and ".py:" not in result.stderr

@@ -77,6 +77,11 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -85,6 +90,7 @@ def _root(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
 ) -> None:
     logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
+    warnings.showwarning = _show_warning
 
 
 def _progress() -> bool:
@@ -325,9 +331,10 @@ def predict(
     ok = df["error"] == ""
     counts = df.loc[ok, "label"].value_counts().to_dict()
     warned = int((ok & (df["warnings"] != "")).sum())
+    refused = int(df["error"].str.startswith("refused image").sum())
     out_console.print(
         f"{_n(len(df), 'image')}: {counts}, {int(df.loc[ok, 'uncertain'].sum())} uncertain, "
-        f"{warned} with warnings, {int((~ok).sum())} not predicted"
+        f"{warned} with warnings; not predicted: {refused} refused, {int((~ok).sum()) - refused} unreadable"
     )
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
         console.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
@@ -360,17 +367,11 @@ def demo(
     out_console.print(f"report: {report}")
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
-    """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
-
-
 def main() -> None:
     """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(
         level=logging.INFO, format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
-    warnings.showwarning = _show_warning
     keep_freed_memory()
     app(prog_name="covidscan")

@@ -124,7 +124,11 @@ def plot_roc(y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray
 def plot_reliability(y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, path: str | Path, *,
                      n_bins: int = DEFAULT_BINS, title: str = "Reliability diagram") -> Path:
     """Observed covid fraction vs mean predicted p(covid) per equal-width bin (ECE in the title), above a
-    histogram of how many images fall in each bin."""
+    histogram of how many images fall in each bin.
+
+    Each point sits at its bin's mean predicted probability (where the images are, not the bin's centre),
+    its area proportional to the bin's image count, so a sparse bin cannot look as solid as a full one.
+    """
     bins = reliability_bins(y_true, p, n_bins=n_bins)
     ece = expected_calibration_error(y_true, p, n_bins=n_bins)
     edges = bins["edges"]
@@ -133,11 +137,11 @@ def plot_reliability(y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np
     fig = _figure(5.5, 6.5)
     top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
-    top.bar(centers[used], bins["frac_covid"][used], width=width * 0.9, color="C0", alpha=0.7,
-            edgecolor="C0", label="observed covid fraction")
-    top.plot(bins["mean_p"][used], bins["frac_covid"][used], "o", color="C3", markersize=4,
-             label="bin mean p(covid)")
-    top.set_ylim(0, 1)
+    sizes = 12 + 200 * bins["counts"][used] / bins["counts"].max()
+    top.plot(bins["mean_p"][used], bins["frac_covid"][used], "-", color="C0", alpha=0.5)
+    top.scatter(bins["mean_p"][used], bins["frac_covid"][used], s=sizes, color="C0", zorder=3,
+                clip_on=False, label="observed covid fraction at the bin's mean p(covid)")
+    top.set_ylim(-0.02, 1.02)
     top.set_ylabel("fraction of images that are covid")
     top.set_title(f"{title} (ECE = {ece:.3f}, {len(centers)} bins)")
     top.legend(loc="upper left", fontsize=8)

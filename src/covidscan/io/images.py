@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,10 @@ from .quality import QualityLimits, QualityReport, assess, check_pixel_count
 IMAGE_SUFFIXES: frozenset[str] = (
     frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
 )
+# PIL warns from its own bomb limit before the header check below has run; covidscan's pixel limit
+# (check_pixel_count) decides and says why, so PIL's warning would only be noise. A process-wide filter,
+# because catch_warnings is not thread-safe and images are decoded in threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 _PIL_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
 _FORMAT_NAMES = {"MPO": "JPEG"}  # PIL's JPEG opener says MPO for phone JPEGs with extra preview frames
 # First bytes of files often mistaken for images, to say what the file really is.
