@@ -49,6 +49,7 @@ def test_warned_and_handled_inputs_are_predicted_with_their_warnings(outcomes: d
             assert codes == [], (case.id, pred.warnings)
 
 
+@pytest.mark.slow
 def test_training_leaves_the_corpus_out_and_lists_every_file(phantom_manifest: Path, bad_inputs: dict,
                                                              tmp_path: Path):
     df = pd.read_csv(phantom_manifest)

@@ -122,6 +122,7 @@ def test_label_typo_is_named(tmp_path: Path):
     assert result.returncode == 2 and "covd" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_predict_and_export(tiny_run: Path, phantom_manifest: Path, tmp_path: Path):
     images = sorted(phantom_manifest.parent.glob("images/*/*.png"))[:3]
     assert images, "phantom images expected"
@@ -174,6 +175,7 @@ def test_unwritable_output_is_one_error_line(tiny_run: Path, phantom_manifest: P
     assert "a_file" in result.stderr
 
 
+@pytest.mark.slow
 def test_export_prints_no_tool_chain_logs(tiny_run: Path, tmp_path: Path, caplog):
     with caplog.at_level("INFO"):
         result = covidscan("export", str(tiny_run), "--onnx", str(tmp_path / "m.onnx"))

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from covidscan.demo import run_demo
 from covidscan.inference import Predictor
 
 
+@pytest.mark.slow
 def test_demo_writes_audit_run_and_report(tmp_path: Path):
     report = run_demo(tmp_path, n=48, progress=False)
     assert report == tmp_path / "run" / "report.md" and "## Figures" in report.read_text()

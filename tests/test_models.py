@@ -220,7 +220,7 @@ def test_offline_without_cached_file_names_the_file_and_torch_home(tmp_path, mon
     message = str(info.value)
     expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     assert str(expected) in message
-    assert "TORCH_HOME" in message and "weights: path/to/file.pth" in message
+    assert "TORCH_HOME" in message and "--set model.weights=path/to/file.pth" in message
 
 
 def test_failed_download_becomes_weights_not_found(monkeypatch):

@@ -97,6 +97,7 @@ def test_one_predictor_serves_many_threads(predictor: Predictor, phantoms: list[
         assert got == pytest.approx(expected[k:] + expected[:k], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_command_leaves_the_run_untouched_even_when_run_twice_at_once(
     tiny_run: Path, phantoms: list[Path], tmp_path: Path
 ):

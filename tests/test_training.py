@@ -64,6 +64,7 @@ def test_reloaded_run_reproduces_its_predictions(tiny_run: Path, phantom_manifes
     assert metrics["threshold"] == pytest.approx(cal.threshold)
 
 
+@pytest.mark.slow
 def test_training_is_repeatable_given_a_seed(phantom_manifest: Path, tmp_path: Path):
     cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=2", "train.views=2"])
     a = train_experiment(cfg, phantom_manifest, tmp_path / "a", progress=False)
@@ -87,6 +88,7 @@ def test_cached_features_train_only_the_head(phantom_manifest: Path, tmp_path: P
     assert not torch.equal(initial.head.fc1.weight, trained.head.fc1.weight)
 
 
+@pytest.mark.slow
 def test_finetune_and_bpnn_paths_run(phantom_manifest: Path, tmp_path: Path):
     finetune = load_config(
         "paper-a-resnet50", [*TINY, "train.epochs=1", "model.train_mode=finetune", "model.unfreeze_last=1"]
@@ -98,6 +100,7 @@ def test_finetune_and_bpnn_paths_run(phantom_manifest: Path, tmp_path: Path):
     assert load_run(result.run_dir).model.input_size == (150, 250)
 
 
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_validation_weights(phantom_manifest: Path, tmp_path: Path):
     cfg = load_config(
         "paper-a-resnet50",
@@ -122,6 +125,7 @@ def test_early_stopping_keeps_the_best_validation_weights(phantom_manifest: Path
     assert loss == pytest.approx(min(losses), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_paper_protocol_resplits_by_image(phantom_manifest: Path, tmp_path: Path):
     cfg = load_config(
         "paper-a-resnet50",
@@ -149,7 +153,7 @@ def test_unreadable_training_image_is_left_out_and_listed(phantom_manifest: Path
     manifest = tmp_path / "m.csv"
     df.to_csv(manifest, index=False)
     cfg = load_config("paper-a-resnet50", [*TINY, "train.epochs=1"])
-    with pytest.raises(ManifestError, match=r"--strict.*broken\.png"):
+    with pytest.raises(ManifestError, match=r"(?s)--strict.*broken\.png"):
         train_experiment(cfg, manifest, tmp_path / "strict", strict=True, progress=False)
     assert not (tmp_path / "strict").exists()
     # Without --strict the file is left out, and said so in the run directory and the report.

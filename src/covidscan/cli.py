@@ -408,6 +408,13 @@ def demo(
     out_console.print(f"report: {report}")
 
 
+# ---------------------------------------------------------------- review service (issue 10)
+from covidscan.service.cli import register as _register_service  # noqa: E402 - after the core commands
+
+_register_service(app)
+# ---------------------------------------------------------------- end of review service block
+
+
 def main() -> None:
     """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(

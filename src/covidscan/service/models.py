@@ -1,0 +1,207 @@
+"""The review service's tables (SQLAlchemy 2). The schema itself is created by the Alembic migrations."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+ROLES = ("admin", "doctor", "submitter")
+CASE_STATES = ("queued", "running", "ready", "failed", "signed")
+FINDINGS = ("covid", "non_covid", "indeterminate")
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC (what every timestamp column holds)."""
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC on both back ends: SQLite keeps naive values, so they are tagged UTC on read."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use covidscan.service.models.utcnow()")
+        return value.astimezone(timezone.utc) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every service table."""
+
+
+class User(Base):
+    """An account: admin, doctor or submitter. Script-only submitters may have no password."""
+
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str | None] = mapped_column(String(255))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class ApiToken(Base):
+    """A bearer token; only its SHA-256 is stored (tokens are long random strings, so no salt is needed)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))  # shown in listings so a token can be told apart
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    user: Mapped[User] = relationship()
+
+
+class WebSession(Base):
+    """A browser session kept on the server; the cookie holds a random id whose SHA-256 is the key."""
+
+    __tablename__ = "web_sessions"
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    user: Mapped[User] = relationship()
+
+
+class LoginFailure(Base):
+    """One failed login, counted per account name to throttle password guessing."""
+
+    __tablename__ = "login_failures"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Setting(Base):
+    """Service-wide values, e.g. ``active_run`` (the run directory that predicts new cases)."""
+
+    __tablename__ = "settings"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Case(Base):
+    """Images of one patient or series sent together, their predictions and their reviews."""
+
+    __tablename__ = "cases"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str | None] = mapped_column(String(128))
+    submitted_by: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    predicted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    run: Mapped[str | None] = mapped_column(Text)  # the run directory that predicted it
+    model: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # model identity, threshold, band, metrics
+    group: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # patient/series-level prediction
+    priority: Mapped[float | None] = mapped_column(Float)  # worklist order: uncertain, then high p first
+    error: Mapped[str | None] = mapped_column(Text)
+    submitter: Mapped[User] = relationship()
+    images: Mapped[list[CaseImage]] = relationship(order_by="CaseImage.position", back_populates="case")
+    reviews: Mapped[list[Review]] = relationship(order_by="Review.version", back_populates="case")
+
+
+class CaseImage(Base):
+    """One uploaded file: where its bytes are (content address), what it looked like, what the model said."""
+
+    __tablename__ = "case_images"
+    __table_args__ = (UniqueConstraint("case_id", "position"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    position: Mapped[int] = mapped_column(Integer)
+    original_name: Mapped[str] = mapped_column(String(255))  # as sent; only ever shown escaped
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(Integer)
+    suffix: Mapped[str] = mapped_column(String(16))  # normalised extension the decoder needs
+    display_sha256: Mapped[str] = mapped_column(String(64))  # a PNG rendering browsers can show
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    p_covid: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str | None] = mapped_column(String(16))
+    uncertain: Mapped[bool | None] = mapped_column(Boolean)
+    lungs_found: Mapped[bool | None] = mapped_column(Boolean)
+    warnings: Mapped[list[str] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    group_id: Mapped[str | None] = mapped_column(String(128))
+    cam_sha256: Mapped[str | None] = mapped_column(String(64))
+    case: Mapped[Case] = relationship(back_populates="images")
+
+
+class Job(Base):
+    """A queued prediction. Workers claim it with a conditional UPDATE; a lease lets a crash be recovered."""
+
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), unique=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # queued|running|done|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the claiming worker
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Review(Base):
+    """A doctor's verdict. Signed versions are never changed; an amendment is a new version with a reason."""
+
+    __tablename__ = "reviews"
+    __table_args__ = (UniqueConstraint("case_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    reviewer_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    agree: Mapped[bool] = mapped_column(Boolean)
+    finding: Mapped[str] = mapped_column(String(16))
+    comment: Mapped[str] = mapped_column(Text, default="")
+    amendment_reason: Mapped[str | None] = mapped_column(Text)
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reviewer: Mapped[User] = relationship()
+    case: Mapped[Case] = relationship(back_populates="reviews")
+
+
+class AuditHead(Base):
+    """One row: the last audit entry's sequence number and hash. Updating it first serialises appends."""
+
+    __tablename__ = "audit_head"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditEvent(Base):
+    """An append-only record; ``hash`` = SHA-256 over the previous hash and this row's content."""
+
+    __tablename__ = "audit_events"
+    seq: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(32), index=True)
+    target: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))

@@ -1,0 +1,380 @@
+"""The browser pages: login, worklist, case page (overlay, verdict, signature), upload and admin."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from covidscan.errors import CovidscanError
+from covidscan.service.api import read_uploads
+from covidscan.service.audit import record, verify_chain
+from covidscan.service.auth import (
+    add_user,
+    check_password,
+    csrf_ok,
+    end_session,
+    get_user,
+    revoke_tokens,
+    start_session,
+    throttled,
+)
+from covidscan.service.cases import (
+    agreement_by_month,
+    check_uploads,
+    create_case,
+    current_review,
+    get_case,
+    submit_review,
+    worklist,
+)
+from covidscan.service.deps import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    Principal,
+    check_form_csrf,
+    http_status,
+    page_principal,
+)
+from covidscan.service.models import AuditEvent, Case, User
+from covidscan.service.settings import active_run
+from covidscan.service.worker import set_active_run
+
+router = APIRouter(include_in_schema=False)
+MEDIA = {
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".dcm": "application/dicom",
+}
+
+
+def _render(
+    request: Request, name: str, who: Principal | None, status_code: int = 200, **context: Any
+) -> HTMLResponse:
+    templates = request.app.state.templates
+    csrf = who.session.csrf_token if who and who.session else None
+    return templates.TemplateResponse(
+        request, name, {"user": who.user if who else None, "csrf": csrf, **context}, status_code=status_code
+    )
+
+
+def _safe_next(target: str | None) -> str:
+    """Only same-site paths: an open redirect to another host would be a phishing aid."""
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/worklist"
+
+
+def _set_cookie(response: Response, name: str, value: str, request: Request) -> None:
+    response.set_cookie(
+        name, value, httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/"
+    )
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return RedirectResponse("/worklist", status_code=303)
+
+
+@router.get("/login")
+def login_page(request: Request, next: str = "/worklist") -> HTMLResponse:
+    # Before there is a session, CSRF is a double-submit token: the cookie and the form field must match.
+    token = secrets.token_urlsafe(32)
+    response = _render(request, "login.html", None, next=_safe_next(next), login_csrf=token)
+    _set_cookie(response, LOGIN_CSRF_COOKIE, token, request)
+    return response
+
+
+@router.post("/login")
+def login(
+    request: Request,
+    name: Annotated[str, Form(max_length=64)],
+    password: Annotated[str, Form(max_length=1024)],
+    csrf: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/worklist",
+) -> Response:
+    if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE), csrf):
+        raise HTTPException(403, "missing or wrong CSRF token; reload the login page")
+    with request.app.state.db.session() as s:
+        if throttled(s, name):
+            record(s, "login_throttled", actor=name)
+            return _render(
+                request,
+                "login.html",
+                None,
+                status_code=429,
+                next=_safe_next(next),
+                login_csrf=csrf,
+                error="Too many failed attempts. Wait 15 minutes and try again.",
+            )
+        user = check_password(s, name, password)
+        if user is None:
+            record(s, "login_failed", actor=name)
+            return _render(
+                request,
+                "login.html",
+                None,
+                status_code=401,
+                next=_safe_next(next),
+                login_csrf=csrf,
+                error="Wrong name or password.",
+            )
+        old = request.cookies.get(SESSION_COOKIE)
+        if old:
+            end_session(s, old)  # never keep (or adopt) a session id from before the login
+        sid = start_session(s, user)
+        record(s, "login", actor=user.name)
+    response = RedirectResponse(_safe_next(next), status_code=303)
+    _set_cookie(response, SESSION_COOKIE, sid, request)
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
+    return response
+
+
+@router.post("/logout")
+def logout(request: Request, csrf: Annotated[str, Form()] = "") -> RedirectResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s)
+        check_form_csrf(who, csrf)
+        end_session(s, request.cookies[SESSION_COOKIE])
+        record(s, "logout", actor=who.user.name)
+    response = RedirectResponse("/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/worklist")
+def worklist_page(
+    request: Request, filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending"
+) -> HTMLResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s)
+        cases = worklist(s, who.user, filter)
+        return _render(request, "worklist.html", who, cases=cases, filter=filter)
+
+
+def _case_page(
+    request: Request,
+    s: Session,
+    who: Principal,
+    case_id: int,
+    status_code: int = 200,
+    error: str | None = None,
+) -> HTMLResponse:
+    case = get_case(s, who.user, case_id)
+    if case is None:
+        raise HTTPException(404, f"no case {case_id}")
+    review = current_review(case)
+    unlike = [w for im in case.images for w in im.warnings or [] if w.startswith("unlike_training_data")]
+    return _render(
+        request,
+        "case.html",
+        who,
+        status_code=status_code,
+        case=case,
+        review=review,
+        locked=review is not None and review.signed_at is not None,
+        unlike=unlike,
+        error=error,
+    )
+
+
+@router.get("/cases/{case_id}")
+def case_page(request: Request, case_id: int) -> HTMLResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s)
+        response = _case_page(request, s, who, case_id)
+        record(s, "view", actor=who.user.name, target=f"case:{case_id}", via="page")
+        return response
+
+
+@router.post("/cases/{case_id}/review")
+def review_form(
+    request: Request,
+    case_id: int,
+    agree: Annotated[Literal["yes", "no"], Form()],
+    finding: Annotated[str, Form()],
+    comment: Annotated[str, Form(max_length=5000)] = "",
+    sign: Annotated[str | None, Form()] = None,
+    amendment_reason: Annotated[str | None, Form(max_length=2000)] = None,
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    db = request.app.state.db
+    with db.session() as s:
+        who = page_principal(request, s, "doctor")
+        check_form_csrf(who, csrf)
+        case = get_case(s, who.user, case_id)
+        if case is None:
+            raise HTTPException(404, f"no case {case_id}")
+        try:
+            with s.begin_nested():
+                submit_review(
+                    s,
+                    case,
+                    who.user,
+                    agree=agree == "yes",
+                    finding=finding,
+                    comment=comment,
+                    sign=sign is not None,
+                    amendment_reason=amendment_reason,
+                )
+        except CovidscanError as exc:
+            s.expire_all()
+            return _case_page(request, s, who, case_id, status_code=http_status(exc), error=str(exc))
+    return RedirectResponse(f"/cases/{case_id}", status_code=303)
+
+
+@router.get("/cases/{case_id}/files/{position}/{kind}")
+def case_file(
+    request: Request, case_id: int, position: int, kind: Literal["original", "display", "cam"]
+) -> Response:
+    """An image of a case, by position: never by the name the sender gave it."""
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s)
+        case = get_case(s, who.user, case_id)
+        image = next((im for im in case.images if im.position == position), None) if case else None
+        digest = (
+            None
+            if image is None
+            else {"original": image.sha256, "display": image.display_sha256, "cam": image.cam_sha256}[kind]
+        )
+        if digest is None:
+            raise HTTPException(404, "no such image")
+    data = request.app.state.store.read(digest)
+    if kind != "original":
+        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    filename = f"case{case_id}-image{position}{image.suffix}"
+    return Response(
+        data,
+        media_type=MEDIA.get(image.suffix, "application/octet-stream"),
+        headers={"Content-Disposition": f'attachment; filename="{filename}"'},
+    )
+
+
+@router.get("/upload")
+def upload_page(request: Request) -> HTMLResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s, "submitter", "admin")
+        return _render(request, "upload.html", who)
+
+
+@router.post("/upload")
+def upload_form(
+    request: Request,
+    files: Annotated[list[UploadFile], File()],
+    patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    state = request.app.state
+    with state.db.session() as s:
+        who = page_principal(request, s, "submitter", "admin")
+        check_form_csrf(who, csrf)
+    try:
+        checked = check_uploads(
+            read_uploads(files, state.config.max_upload_bytes), max_pixels=state.config.max_pixels
+        )
+        with state.db.session() as s:
+            case_id = create_case(s, state.store, who.user, checked, patient_id).id
+    except CovidscanError as exc:
+        with state.db.session() as s:
+            who = page_principal(request, s, "submitter", "admin")
+            return _render(request, "upload.html", who, status_code=http_status(exc), error=str(exc))
+    if state.worker is not None:
+        state.worker.wake()
+    return RedirectResponse(f"/cases/{case_id}", status_code=303)
+
+
+def _admin_page(
+    request: Request,
+    s: Session,
+    who: Principal,
+    status_code: int = 200,
+    message: str | None = None,
+    error: str | None = None,
+) -> HTMLResponse:
+    users = list(s.scalars(select(User).order_by(User.name)))
+    counts = dict(s.execute(select(Case.status, func.count()).group_by(Case.status)).all())
+    events = list(s.scalars(select(AuditEvent).order_by(AuditEvent.seq.desc()).limit(50)))
+    return _render(
+        request,
+        "admin.html",
+        who,
+        status_code=status_code,
+        users=users,
+        counts=counts,
+        events=events,
+        chain=verify_chain(s),
+        agreement=agreement_by_month(s),
+        run=active_run(s),
+        message=message,
+        error=error,
+    )
+
+
+@router.get("/admin")
+def admin_page(request: Request) -> HTMLResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s, "admin")
+        return _admin_page(request, s, who)
+
+
+@router.post("/admin/users")
+def admin_add_user(
+    request: Request,
+    name: Annotated[str, Form(max_length=64)],
+    role: Annotated[str, Form()],
+    password: Annotated[str, Form(max_length=1024)] = "",
+    csrf: Annotated[str, Form()] = "",
+) -> HTMLResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s, "admin")
+        check_form_csrf(who, csrf)
+        try:
+            with s.begin_nested():
+                add_user(s, name, role, password or None)
+                record(s, "user_add", actor=who.user.name, target=f"user:{name}", role=role)
+        except CovidscanError as exc:
+            return _admin_page(request, s, who, status_code=http_status(exc), error=str(exc))
+        return _admin_page(request, s, who, message=f"added {role} {name}")
+
+
+@router.post("/admin/tokens/revoke")
+def admin_revoke(
+    request: Request, name: Annotated[str, Form(max_length=64)], csrf: Annotated[str, Form()] = ""
+) -> HTMLResponse:
+    with request.app.state.db.session() as s:
+        who = page_principal(request, s, "admin")
+        check_form_csrf(who, csrf)
+        try:
+            n = revoke_tokens(s, get_user(s, name))
+        except CovidscanError as exc:
+            return _admin_page(request, s, who, status_code=http_status(exc), error=str(exc))
+        record(s, "token_revoke", actor=who.user.name, target=f"user:{name}", n=n)
+        return _admin_page(request, s, who, message=f"revoked {n} token(s) of {name}")
+
+
+@router.post("/admin/model")
+def admin_model(
+    request: Request, run: Annotated[str, Form(max_length=4096)], csrf: Annotated[str, Form()] = ""
+) -> HTMLResponse:
+    db = request.app.state.db
+    with db.session() as s:
+        who = page_principal(request, s, "admin")
+        check_form_csrf(who, csrf)
+        actor = who.user.name
+    try:
+        path = set_active_run(db, run, actor=actor)
+        message, error, code = f"new cases are now predicted by {path}", None, 200
+    except CovidscanError as exc:
+        message, error, code = None, str(exc), http_status(exc)
+    with db.session() as s:
+        return _admin_page(
+            request, s, page_principal(request, s, "admin"), status_code=code, message=message, error=error
+        )

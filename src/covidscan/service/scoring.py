@@ -1,0 +1,158 @@
+"""The service's only door to the model: upload checks, prediction, Grad-CAM and the model's identity.
+
+Every call into covidscan's prediction code (:class:`covidscan.inference.Predictor`) is in this module, so
+the rest of the service depends on four things only: :func:`inspect_upload`, :class:`Scorer`,
+:class:`ScoredImage` and :class:`ScoredCase`.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from covidscan.errors import CovidscanError, ImageRefusedError, InputError
+from covidscan.inference import Predictor
+from covidscan.io import QualityLimits, read_image, to_uint8
+
+DISPLAY_MAX_SIDE = 1024  # the PNG shown in the browser; the original is kept untouched
+_METRICS_SHOWN = ("accuracy", "recall", "specificity", "roc_auc", "f1")
+_DECODER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+
+
+class UploadRejected(CovidscanError):
+    """An uploaded file cannot become part of a case; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, name: str, reason: str, status: int = 422) -> None:
+        self.name, self.reason, self.status = name, reason, status
+        super().__init__(f"{name}: {reason}")
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """What a decoded upload is: the suffix its decoder needs, its size, and a PNG to show."""
+
+    suffix: str
+    width: int
+    height: int
+    display_png: bytes
+
+
+def _suffix(name: str, data: bytes) -> str:
+    """The extension the stored file is read back with: DICOM by its marker, else the name's own if known."""
+    if data[128:132] == b"DICM":
+        return ".dcm"
+    suffix = Path(name).suffix.lower()
+    return suffix if suffix in _DECODER_SUFFIXES else ""
+
+
+def inspect_upload(data: bytes, name: str, *, max_pixels: int) -> UploadInfo:
+    """Decode an upload fully (as prediction will) and render a PNG of it; raises :class:`UploadRejected`.
+
+    The pixel count is checked from the header before anything is decoded (decompression bombs: 413).
+    """
+    try:
+        loaded = read_image(data, name=name, limits=QualityLimits(max_pixels=max_pixels))
+    except ImageRefusedError as exc:
+        status = 413 if "too_large" in exc.codes else 422
+        raise UploadRejected(name, exc.reason, status) from None
+    except InputError as exc:
+        raise UploadRejected(
+            name, f"not a readable image ({exc.reason}); send PNG, JPEG, BMP, TIFF or DICOM files"
+        ) from None
+    height, width = loaded.pixels.shape
+    shown = Image.fromarray(to_uint8(loaded.pixels))
+    shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
+    buf = io.BytesIO()
+    shown.save(buf, format="PNG")
+    return UploadInfo(_suffix(name, data), width, height, buf.getvalue())
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """The model's answer for one image (``error`` set when it was unreadable or refused)."""
+
+    p_covid: float | None
+    label: str | None
+    uncertain: bool | None
+    lungs_found: bool | None
+    warnings: list[str]
+    error: str | None
+    group_id: str | None
+    cam_png: bytes | None
+
+
+@dataclass(frozen=True)
+class ScoredCase:
+    """Per-image answers in input order and the case-level (patient or series) prediction."""
+
+    images: list[ScoredImage]
+    group: dict[str, Any] | None = field(default=None)
+
+
+class Scorer:
+    """A run's :class:`Predictor`, built once; ``score`` is serialised (one worker thread owns one model)."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.predictor = Predictor.from_run(run_dir, engine="torch", workers=1)
+        self.run_dir = self.predictor.run_dir.resolve()
+        self._lock = threading.Lock()
+        self.identity = self._identity()
+
+    def _identity(self) -> dict[str, Any]:
+        checkpoint, cal, metrics = (
+            self.predictor.checkpoint,
+            self.predictor.calibration,
+            self.predictor.metrics,
+        )
+        shown = {k: v for k, v in (metrics or {}).get("metrics", {}).items() if k in _METRICS_SHOWN}
+        return {
+            "run": self.run_dir.name,
+            "run_path": str(self.run_dir),
+            "model_name": checkpoint.model_name,
+            "modality": checkpoint.modality,
+            "covidscan_version": checkpoint.covidscan_version,
+            "threshold": cal.threshold,
+            "patient_threshold": cal.group_threshold(2),
+            "temperature": cal.temperature,
+            "band": cal.band,
+            "test_metrics": shown,
+            "test_n_images": metrics.get("n_images") if metrics else None,
+        }
+
+    def score(self, files: list[tuple[Path, str]]) -> ScoredCase:
+        """Predict ``(stored path, suffix)`` pairs of one case, with one Grad-CAM overlay PNG per image."""
+        # The name carries the suffix the decoder needs: blobs are stored under their digest alone.
+        sources = [(f"image{i}{suffix}", path.read_bytes()) for i, (path, suffix) in enumerate(files)]
+        with self._lock, tempfile.TemporaryDirectory(prefix="covidscan-score-") as tmp:
+            preds = self.predictor.predict(sources, cam_dir=tmp)
+            images = [
+                ScoredImage(
+                    p.p_covid,
+                    p.label,
+                    p.uncertain,
+                    p.lungs_found,
+                    list(p.warnings),
+                    p.error,
+                    p.group_id,
+                    Path(p.cam_png).read_bytes() if p.cam_png else None,
+                )
+                for p in preds
+            ]
+        # One case is one patient or series: its group is every readable image, whatever their DICOM ids.
+        groups = self.predictor.aggregate(preds, key=lambda _: "case")
+        group = None
+        if groups:
+            g = groups[0]
+            group = {
+                "n_images": g.n_images,
+                "p_covid": g.p_covid,
+                "label": g.label,
+                "threshold": self.predictor.calibration.group_threshold(g.n_images),
+            }
+        return ScoredCase(images, group)

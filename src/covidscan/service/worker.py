@@ -1,0 +1,199 @@
+"""The job queue in the database and the worker that empties it.
+
+A worker claims a job with a conditional UPDATE (``state='queued'`` or an expired lease, or a lease held
+by a dead process on this host), predicts the case, and writes the result, the case status and
+``state='done'`` in one transaction that only commits while it still owns the job. So a killed server
+restarted on the same data folder re-runs what was in flight and every case is completed exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import selectinload
+
+from covidscan.errors import ConfigError, CovidscanError
+from covidscan.service.audit import record
+from covidscan.service.cases import priority
+from covidscan.service.db import Database
+from covidscan.service.models import Case, Job, Setting, utcnow
+from covidscan.service.scoring import Scorer
+from covidscan.service.settings import active_run
+from covidscan.service.storage import BlobStore
+
+log = logging.getLogger(__name__)
+
+LEASE = timedelta(minutes=10)  # a job still "running" after this is taken over by another worker
+MAX_ATTEMPTS = 3
+HOST = socket.gethostname()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def set_active_run(db: Database, run_dir: str | Path, *, actor: str | None) -> str:
+    """Switch the run in use (checked by loading it first); recorded in the audit log."""
+    path = str(Path(run_dir).resolve())
+    try:
+        Scorer(path)  # refuse a run that cannot be loaded before any worker tries it
+    except CovidscanError as exc:
+        raise ConfigError(f"cannot switch to run {path}: {exc}") from None
+    with db.session() as s:
+        row = s.get(Setting, "active_run")
+        old = row.value if row else None
+        if row is None:
+            s.add(Setting(key="active_run", value=path))
+        else:
+            row.value = path
+        if old != path:
+            record(s, "model_switch", actor=actor, target="run", old=old, new=path)
+    return path
+
+
+class Worker:
+    """Claims and predicts queued cases; the Predictor is loaded once and reloaded only on a model switch."""
+
+    def __init__(self, db: Database, store: BlobStore, *, poll_seconds: float = 0.5) -> None:
+        self.db, self.store, self.poll_seconds = db, store, poll_seconds
+        self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._scorer: Scorer | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def scorer(self) -> Scorer:
+        """The loaded model of the active run (loaded on first use and after a switch)."""
+        with self.db.session() as s:
+            run = active_run(s)
+        if run is None:
+            raise CovidscanError("no run is active; start `covidscan serve --run RUN` or switch the model")
+        if self._scorer is None or str(self._scorer.run_dir) != run:
+            self._scorer = Scorer(run)
+        return self._scorer
+
+    def _stale_owners(self, owners: list[str]) -> list[str]:
+        """Owners on this host whose process is gone (their jobs need not wait for the lease)."""
+        stale = []
+        for owner in owners:
+            host, _, rest = owner.partition(":")
+            pid = rest.partition(":")[0]
+            if host == HOST and pid.isdigit() and owner != self.owner and not _alive(int(pid)):
+                stale.append(owner)
+        return stale
+
+    def claim(self) -> int | None:
+        """Take one job (oldest first); returns its case id, or None when there is nothing to do."""
+        now = utcnow()
+        with self.db.session() as s:
+            running = list(s.scalars(select(Job.owner).where(Job.state == "running").distinct()))
+            takeable = or_(
+                Job.state == "queued",
+                and_(
+                    Job.state == "running",
+                    or_(Job.lease_until < now, Job.owner.in_(self._stale_owners(running))),
+                ),
+            )
+            for job_id in s.scalars(select(Job.id).where(takeable).order_by(Job.id).limit(5)):
+                # The WHERE repeats the condition: of two workers racing for a job, one updates 1 row.
+                won = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, takeable)
+                    .values(
+                        state="running", owner=self.owner, lease_until=now + LEASE, attempts=Job.attempts + 1
+                    )
+                )
+                if won.rowcount == 1:
+                    job = s.get(Job, job_id)
+                    s.execute(update(Case).where(Case.id == job.case_id).values(status="running"))
+                    return job.case_id
+        return None
+
+    def process(self, case_id: int) -> None:
+        """Predict a claimed case and store everything in one transaction guarded by job ownership."""
+        with self.db.session() as s:
+            case = s.scalar(select(Case).where(Case.id == case_id).options(selectinload(Case.images)))
+            files = [(self.store.path(im.sha256), im.suffix) for im in case.images]
+        try:
+            scorer = self.scorer()
+            result = scorer.score(files)
+            error = None
+        except CovidscanError as exc:
+            log.warning("case %d failed: %s", case_id, exc)
+            result, error = None, str(exc)
+        with self.db.session() as s:
+            job = s.scalar(select(Job).where(Job.case_id == case_id).with_for_update())
+            if job.owner != self.owner or job.state != "running":
+                return  # another worker took over after our lease ran out; its result counts
+            case = s.scalar(select(Case).where(Case.id == case_id).options(selectinload(Case.images)))
+            job.finished_at = case.predicted_at = utcnow()
+            if result is None:
+                final = job.attempts >= MAX_ATTEMPTS
+                job.state = "failed" if final else "queued"
+                case.status, case.error = ("failed" if final else "queued"), error
+                return
+            for im, scored in zip(case.images, result.images, strict=True):
+                im.p_covid, im.label, im.uncertain = scored.p_covid, scored.label, scored.uncertain
+                im.lungs_found, im.warnings, im.error = scored.lungs_found, scored.warnings, scored.error
+                im.group_id = scored.group_id
+                im.cam_sha256 = self.store.put(scored.cam_png) if scored.cam_png else None
+            case.model, case.group, case.run = scorer.identity, result.group, str(scorer.run_dir)
+            case.priority = priority(any(im.uncertain for im in case.images), result.group)
+            case.status, case.error, job.state = "ready", None, "done"
+            record(
+                s,
+                "prediction",
+                actor=None,
+                target=f"case:{case_id}",
+                run=scorer.identity["run"],
+                p_covid=None if result.group is None else round(result.group["p_covid"], 6),
+            )
+
+    def run_once(self) -> bool:
+        """Claim and process one job; False when the queue was empty."""
+        case_id = self.claim()
+        if case_id is None:
+            return False
+        self.process(case_id)
+        return True
+
+    def wake(self) -> None:
+        """Tell a sleeping worker thread that a job was queued."""
+        self._wake.set()
+
+    def loop(self) -> None:
+        """Work until :meth:`stop`; sleeps ``poll_seconds`` (or until woken) when the queue is empty."""
+        while not self._stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # keep the worker alive: a database hiccup must not stop prediction
+                log.exception("worker %s: job failed unexpectedly", self.owner)
+                busy = False
+            if not busy:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    def start(self) -> None:
+        """Run :meth:`loop` in a daemon thread."""
+        self._thread = threading.Thread(target=self.loop, name="covidscan-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the thread after its current job."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)

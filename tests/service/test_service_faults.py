@@ -1,0 +1,115 @@
+"""Load and faults against a real `covidscan serve` process on 127.0.0.1: 50 concurrent uploads, then
+kill -9 with jobs still queued, restart on the same data folder: every case is predicted exactly once."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from service_helpers import free_port
+from sqlalchemy import select
+
+from conftest import add_accounts
+
+pytestmark = pytest.mark.slow
+
+
+def start_server(run: Path, data_dir: Path, port: int, log: Path) -> subprocess.Popen:
+    """`covidscan serve` in its own process; returns once /healthz answers."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "covidscan",
+            "serve",
+            "--run",
+            str(run),
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-2000:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"server did not start in 180 s: {log.read_text()[-2000:]}")
+
+
+def test_fifty_concurrent_uploads_then_kill_9_and_restart_complete_every_case_once(
+    tiny_run: Path, ct_slices, tmp_path: Path
+) -> None:
+    from covidscan.service.audit import verify_chain
+    from covidscan.service.db import default_database_url
+    from covidscan.service.models import AuditEvent, Case, Job
+    from covidscan.service.settings import ServiceConfig, open_service
+
+    data_dir, port, log = tmp_path / "service", free_port(), tmp_path / "server.log"
+    tokens = add_accounts(data_dir, default_database_url(data_dir))
+    url, headers = f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {tokens['lab']}"}
+    server = start_server(tiny_run, data_dir, port, log)
+    try:
+
+        def upload(i: int) -> int:
+            name, data = ct_slices[i % len(ct_slices)]
+            r = httpx.post(
+                f"{url}/api/v1/cases",
+                headers=headers,
+                files=[("files", (name, data))],
+                data={"patient_id": f"load-{i}"},
+                timeout=120,
+            )
+            assert r.status_code == 201, r.text
+            return r.json()["id"]
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            ids = list(pool.map(upload, range(50)))
+        assert len(set(ids)) == 50
+        queued = httpx.get(f"{url}/healthz").json()["queued"]
+        server.send_signal(signal.SIGKILL)
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+    assert queued > 0, "every case was predicted before the kill: nothing left to recover"
+
+    db, _ = open_service(ServiceConfig(data_dir=data_dir))
+    with db.session() as s:
+        unfinished = s.scalars(select(Job).where(Job.state != "done")).all()
+        assert unfinished, "the kill should have left jobs queued or running"
+
+    server = start_server(tiny_run, data_dir, port, log)
+    try:
+        deadline = time.monotonic() + 300
+        while httpx.get(f"{url}/healthz").json()["queued"] and time.monotonic() < deadline:
+            time.sleep(0.5)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    with db.session() as s:
+        cases = s.scalars(select(Case)).all()
+        assert sorted(c.id for c in cases) == sorted(ids)  # none lost, none duplicated
+        assert {c.status for c in cases} == {"ready"}
+        assert sorted(c.patient_id for c in cases) == sorted(f"load-{i}" for i in range(50))
+        predictions = Counter(s.scalars(select(AuditEvent.target).where(AuditEvent.action == "prediction")))
+        assert set(predictions.values()) == {1} and len(predictions) == 50  # each completed exactly once
+        assert {j.state for j in s.scalars(select(Job))} == {"done"}
+        assert verify_chain(s).ok
+    db.dispose()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it: exit status -15 after a clean shutdown
+    assert server.returncode in (0, -signal.SIGTERM) and "Finished server process" in log.read_text()
