@@ -21,9 +21,9 @@ from covidscan.training.adapt import AUC_TIE, CANDIDATES, adapt_run, choose_mode
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Another "hospital": phantoms of another seed, 2 slices per patient (8 patients per class)."""
+    """Another hospital's scanner (site style scanner-b), 2 slices per patient (8 patients per class)."""
     return write_phantom_dataset(tmp_path_factory.mktemp("site"), n=32, modality="ct", seed=7,
-                                 slices_per_patient=2)
+                                 slices_per_patient=2, site="scanner-b")
 
 
 def _absolute(manifest: Path) -> pd.DataFrame:
