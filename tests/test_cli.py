@@ -183,7 +183,10 @@ def test_export_prints_no_tool_chain_logs(tiny_run: Path, tmp_path: Path, caplog
     assert not [r for r in caplog.records if r.name.startswith(("onnxscript", "onnx_ir", "torch.onnx"))]
 
 
-def test_library_warnings_print_as_warning_lines(phantom_manifest: Path, tmp_path: Path):
+def test_library_warnings_print_as_warning_lines(phantom_manifest: Path, tmp_path: Path, monkeypatch):
+    from covidscan import cli
+
+    monkeypatch.setattr("warnings.showwarning", cli._show_warning)  # what main() installs
     result = covidscan("data", "split", str(phantom_manifest), "--by", "image", "--resplit",
                        "--out", str(tmp_path / "s.csv"))
     assert result.returncode == 0, result.stderr

@@ -53,7 +53,8 @@ def hook_count(model: nn.Module) -> int:
 
 @pytest.mark.parametrize(
     ("backbone", "head"),
-    [("timm:resnet18", "paper_a"), ("mobilenet_v2", "paper_b"), ("timm:tf_efficientnet_lite0", "linear")],
+    [("timm:resnet18", "paper_a"), pytest.param("mobilenet_v2", "paper_b", marks=pytest.mark.slow),
+     pytest.param("timm:tf_efficientnet_lite0", "linear", marks=pytest.mark.slow)],
 )
 def test_gradcam_maps_have_input_shape_and_unit_range(backbone, head):
     model, x = small(backbone, head=head), batch(3)

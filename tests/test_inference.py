@@ -199,6 +199,7 @@ def test_bad_arguments(tiny_run, phantoms, kwargs, match):
         predict(tiny_run, phantoms[:1], progress=False, **kwargs)
 
 
+@pytest.mark.slow
 def test_onnx_engine_matches_torch_and_caches_outside_the_run(tiny_run, phantoms, tmp_path, monkeypatch):
     monkeypatch.setenv("COVIDSCAN_CACHE", str(tmp_path / "cache"))
     torch_df = predict(tiny_run, phantoms[:8], fast=False, progress=False)

@@ -173,6 +173,7 @@ def assert_backbone_matches(backbone, state: dict[str, torch.Tensor], drop: str)
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
+@pytest.mark.slow
 def test_resnet50_imagenet_loads_from_torch_hub_cache_and_from_a_path(resnet50_file, tmp_path):
     cached = torchvision_checkpoint_path(torchvision.models.ResNet50_Weights.IMAGENET1K_V2)
     assert cached == tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"

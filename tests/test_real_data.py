@@ -17,6 +17,9 @@ from covidscan.data import read_manifest
 from covidscan.inference import evaluate_run, predict
 from covidscan.training import train_experiment
 
+# Each test trains or reads real data for tens of seconds: CI runs them with the slow tests.
+pytestmark = pytest.mark.slow
+
 PER_CLASS = {"train": 24, "val": 10, "test": 10}
 
 

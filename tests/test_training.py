@@ -75,6 +75,7 @@ def test_training_is_repeatable_given_a_seed(phantom_manifest: Path, tmp_path: P
     np.testing.assert_allclose(pa, pb)
 
 
+@pytest.mark.slow
 def test_cached_features_train_only_the_head(phantom_manifest: Path, tmp_path: Path):
     from covidscan.models import build_model
 
@@ -197,6 +198,7 @@ def test_failed_start_leaves_no_run_folder(phantom_manifest: Path, tmp_path: Pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_evaluate_refuses_data_the_run_has_seen(tiny_run: Path, tmp_path: Path):
     splits = pd.read_csv(tiny_run / "splits.csv")
     seen = splits[splits["split"] == "train"].head(3)

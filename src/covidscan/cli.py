@@ -90,7 +90,6 @@ def _root(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or info logs.")] = False,
 ) -> None:
     logging.getLogger().setLevel(logging.WARNING if quiet else logging.INFO)
-    warnings.showwarning = _show_warning
 
 
 def _progress() -> bool:
@@ -421,5 +420,6 @@ def main() -> None:
         level=logging.INFO, format="%(message)s",
         handlers=[RichHandler(console=console, show_path=False, show_time=False)],
     )
+    warnings.showwarning = _show_warning
     keep_freed_memory()
     app(prog_name="covidscan")

@@ -21,6 +21,7 @@ def covidscan(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
     )
 
 
+@pytest.mark.slow
 def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
     from covidscan.service.auth import user_for_token
     from covidscan.service.settings import ServiceConfig, open_service
@@ -59,6 +60,7 @@ def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
     assert verify.returncode == 0 and "intact" in verify.stdout
 
 
+@pytest.mark.slow
 def test_send_makes_one_case_per_dicom_series_and_one_for_the_other_images(
     tiny_run: Path, ct_slices, tmp_path: Path
 ) -> None:
@@ -122,6 +124,7 @@ def test_demo_seeds_accounts_and_phantom_cases_on_a_fresh_folder(tiny_run: Path,
         _prepare_demo(tmp_path / "demo", tiny_run, "127.0.0.1", 8123)
 
 
+@pytest.mark.slow
 def test_serve_refuses_to_start_without_a_run_in_one_line(tmp_path: Path) -> None:
     result = covidscan("serve", "--data-dir", str(tmp_path / "empty"), "--port", "1")
     assert result.returncode == 2 and "error: no run is active" in result.stderr
