@@ -117,6 +117,7 @@ def test_cli_recalibrate_changes_only_the_calibration(tiny_run: Path, site: Path
     assert result.exit_code == 2 and "--overwrite" in result.stderr
 
 
+@pytest.mark.slow
 def test_head_changes_only_the_head_weights(tiny_run: Path, site: Path, tmp_path: Path):
     result = adapt_run(tiny_run, site, tmp_path / "head", mode="head", folds=2, progress=False)
     assert result.mode == "head"
@@ -159,6 +160,7 @@ def test_bad_local_data_and_outputs_are_refused(tiny_run: Path, site: Path, sign
         adapt_run(tiny_run, site, tmp_path / "out", mode="finetune", progress=False)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_evaluate_on_several_sets_writes_one_table(tiny_run: Path, site: Path, tmp_path: Path):
     other = write_phantom_dataset(tmp_path / "other", n=16, modality="ct", seed=11, slices_per_patient=2)
     result = covidscan("evaluate", str(tiny_run), "--data", str(site), "--data", str(other),
