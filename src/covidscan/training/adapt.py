@@ -41,7 +41,7 @@ from covidscan.evaluation import (
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
 from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_run, save_run
 from covidscan.training.engine import CachedFeatures, embed, fit
-from covidscan.training.run import _bf16_verdict, _prepare_out
+from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Mode = Literal["auto", "recalibrate", "head"]
 CANDIDATES = ("parent", "recalibrate", "head", "head+original")
@@ -377,7 +377,7 @@ def adapt_run(
     if out.resolve() == parent.path.resolve():
         raise ConfigError(f"--out {out} is the parent run itself; write the adapted run to a new folder")
     df = _read_local(data, parent)
-    _prepare_out(out, overwrite)
+    prepare_run_dir(out, overwrite)
     local = _prepare_local(df, data, parent, strict, progress)
 
     notes = excluded_notes(local.prepared.excluded)
@@ -414,7 +414,7 @@ def adapt_run(
         n_patients=len(set(local.groups)) if local.has_patients else None, mode=chosen,
         cross_validation={m: _summary(metrics) for m, metrics in compared.items()},
     )
-    verdict = _bf16_verdict(model, local.prepared, calibration, cfg.train.batch_size)
+    verdict = measure_bf16(model, local.prepared, calibration, cfg.train.batch_size)
     save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage)
     _write_splits(parent, local, out)
     if local.prepared.excluded:

@@ -63,7 +63,7 @@ def _transforms(cfg: ExperimentConfig, model: Classifier):
     return train, evaluate
 
 
-def _prepare_out(out: Path, overwrite: bool) -> None:
+def prepare_run_dir(out: Path, overwrite: bool) -> None:
     """Refuse to mix a new run into a folder that already holds files, unless asked to replace them."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a folder for the run")
@@ -97,7 +97,7 @@ def train_experiment(
     df = load_dataset(data, cfg)
     _check_splits(df, data)
     model = build_model(cfg.model)
-    _prepare_out(out, overwrite)
+    prepare_run_dir(out, overwrite)
     train_t, eval_t = _transforms(cfg, model)
     prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict)
     if prepared.excluded:
@@ -159,7 +159,7 @@ def train_experiment(
         groups_test=groups_test, n_boot=ev.n_bootstrap, seed=seed,
     )
     model.cpu()
-    verdict = _bf16_verdict(model, test_set, calibration, bs)
+    verdict = measure_bf16(model, test_set, calibration, bs)
     save_run(out, cfg, model, calibration, bf16=verdict)
     (out / "history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
     write_evaluation(
@@ -186,7 +186,7 @@ def _check_splits(df: pd.DataFrame, data: str | Path) -> None:
         )
 
 
-def _bf16_verdict(
+def measure_bf16(
     model: Classifier, test_set: PreparedSet, calibration: Calibration, batch_size: int
 ) -> Bf16Verdict | None:
     """bf16 vs fp32 labels on the test split, measured once here so that serving never has to."""
