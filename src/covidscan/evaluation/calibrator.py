@@ -79,10 +79,15 @@ class Calibration(BaseModel):
         elif calibrate:
             fitted = fit_temperature(z, y)
             low, high = TEMPERATURE_BOUNDS
-            if fitted <= low * (1 + _BOUND_MARGIN) or fitted >= high * (1 - _BOUND_MARGIN):
+            if fitted <= low * (1 + _BOUND_MARGIN):
                 notes.append(
-                    f"fitted temperature {fitted:.3g} hit its bound {TEMPERATURE_BOUNDS}: the validation "
-                    "logits are not informative enough to calibrate, so no temperature scaling"
+                    f"fitted temperature {fitted:.3g} hit its lower bound {low}: validation is perfectly "
+                    "separated, so no temperature can be estimated from it; no temperature scaling"
+                )
+            elif fitted >= high * (1 - _BOUND_MARGIN):
+                notes.append(
+                    f"fitted temperature {fitted:.3g} hit its upper bound {high}: the validation logits "
+                    "carry almost no information about the labels; no temperature scaling"
                 )
             else:
                 temperature = fitted
