@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ from tqdm import tqdm
 
 from covidscan.data.checks import label_problems, mixed_label_patients
 from covidscan.errors import ImageReadError, ImageRefusedError, InputError, ManifestError
-from covidscan.io import QualityLimits, assess, read_image, to_uint8
+from covidscan.io import QualityLimits, assess, pixel_hash, read_image, to_uint8
 
 HASH_SIZE = 16
 """dhash of 16x16 = 256 bits, the size of known-duplicates.csv's ``dhash_hamming_of_256``."""
@@ -40,7 +39,7 @@ def _fingerprint(path: str, modality: str | None, limits: QualityLimits | None) 
     return {
         "refusals": quality.refusals,
         "warnings": quality.warnings,
-        "exact": hashlib.sha1(pixels.tobytes() + repr(pixels.shape).encode()).hexdigest(),
+        "exact": pixel_hash(image.pixels),
         "dhash": imagehash.dhash(Image.fromarray(pixels), hash_size=HASH_SIZE).hash.ravel(),
         "format": image.meta.format,
         "mode": image.meta.mode,
