@@ -1,44 +1,65 @@
-"""Process-wide CPU settings."""
+"""Process-wide CPU settings.
+
+The allocator is process state that every earlier test changes, so each case runs in a fresh interpreter.
+"""
 
 from __future__ import annotations
 
-import ctypes
+import json
+import subprocess
+import sys
 
 import pytest
-import torch
 
 from covidscan.system import keep_freed_memory
 
 MIB = 1024 * 1024
 
+# glibc's own accounting around one 64 MiB tensor: growth of (mmapped bytes, heap bytes) while it lives,
+# and growth of the heap once it is freed.
+_MEASURE = """
+import ctypes, json, sys
+import torch
+from covidscan.system import keep_freed_memory
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in (
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in (
         "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
         "keepcost")]
 
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+for enable in sys.argv[1:]:
+    assert keep_freed_memory(enable=enable == "on")
+before = mallinfo2()
+tensor = torch.ones(64 * 1024 * 1024 // 4)
+live = mallinfo2()
+del tensor
+after = mallinfo2()
+print(json.dumps([live.hblkhd - before.hblkhd, live.arena - before.arena, after.arena - before.arena]))
+"""
 
-def _heap_and_mapped_bytes_around_a_64mib_tensor() -> tuple[int, int, int]:
-    """glibc's own accounting: (mmapped bytes while the tensor lives, heap bytes then, heap bytes after)."""
-    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
-    mallinfo2.restype = _MallInfo2
-    tensor = torch.ones(64 * MIB // 4)
-    live = mallinfo2()
-    del tensor
-    return live.hblkhd, live.arena, mallinfo2().arena
+
+def _measure(*settings: str) -> tuple[int, int, int]:
+    done = subprocess.run([sys.executable, "-c", _MEASURE, *settings], capture_output=True, text=True,
+                          check=True, timeout=120)
+    return tuple(json.loads(done.stdout.splitlines()[-1]))
+
+
+@pytest.fixture(autouse=True)
+def _glibc_only():
+    if not keep_freed_memory(enable=False):
+        pytest.skip("not a glibc system: the allocator setting does not apply")
 
 
 def test_keep_freed_memory_serves_large_tensors_from_the_heap_and_keeps_it():
-    if not keep_freed_memory():
-        pytest.skip("not a glibc system: the allocator setting does not apply")
-    try:
-        mapped, heap, heap_after = _heap_and_mapped_bytes_around_a_64mib_tensor()
-        assert mapped < 64 * MIB <= heap  # from the heap, not from a fresh mmap
-        assert heap_after >= 64 * MIB  # and still there once freed, ready for the next batch
-        assert keep_freed_memory(enable=False)
-        # Give back what the first half kept, or glibc reuses that free heap space instead of mapping.
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        mapped, _, _ = _heap_and_mapped_bytes_around_a_64mib_tensor()
-        assert mapped >= 64 * MIB  # glibc's default: a fresh mmap for every large block
-    finally:
-        keep_freed_memory(enable=False)
+    mapped, heap, heap_after = _measure("on")
+    assert mapped < 64 * MIB <= heap  # from the heap, not from a fresh mmap
+    assert heap_after >= 64 * MIB  # and still there once freed, ready for the next batch
+
+
+@pytest.mark.parametrize("settings", [(), ("on", "off")], ids=["glibc-default", "enabled-then-restored"])
+def test_without_keep_freed_memory_large_tensors_get_a_fresh_mmap(settings):
+    mapped, _, heap_after = _measure(*settings)
+    assert mapped >= 64 * MIB  # glibc's default: a fresh mmap for every large block
+    assert heap_after < 64 * MIB  # and handed back to the kernel once freed
