@@ -30,8 +30,9 @@ from sklearn.neural_network import MLPClassifier
 from covidscan.data import read_manifest, split_manifest
 from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.io import read_image
+from covidscan.io.stats import HIST_BINS, image_stats
 from covidscan.models import build_backbone
-from covidscan.models.ood import HIST_BINS, FeatureDensity, ImageStatsEnvelope, OODDetector, image_stats
+from covidscan.models.ood import FeatureDensity, ImageStatsEnvelope, OODDetector
 from covidscan.preprocess import PreprocessConfig, eval_transform, prepare_image
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

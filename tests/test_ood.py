@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from covidscan.errors import ConfigError
+from covidscan.io import STAT_NAMES, image_stats
 from covidscan.io.base import ImageMeta
 from covidscan.models.ood import (
-    STAT_NAMES,
     FeatureDensity,
     ImageStatsEnvelope,
     OODDetector,
-    image_stats,
 )
 
 DIMS = 16

@@ -16,11 +16,13 @@ from .images import (
     scan_images,
 )
 from .quality import MAX_PIXELS_ENV, QualityLimits, QualityReport, assess, check_pixel_count
+from .stats import STAT_NAMES, image_stats
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "LUNG_WINDOW",
     "MAX_PIXELS_ENV",
+    "STAT_NAMES",
     "ImageHeader",
     "ImageMeta",
     "ImageSource",
@@ -31,6 +33,7 @@ __all__ = [
     "assess",
     "check_header",
     "check_pixel_count",
+    "image_stats",
     "is_dicom_path",
     "is_image_path",
     "iter_images",

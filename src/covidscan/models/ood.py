@@ -1,7 +1,7 @@
 """Out-of-distribution scores: how unlike the training images an input is (higher = more unusual).
 
 Fitted objects in the scikit-learn manner. :class:`FeatureDensity` scores backbone features against the
-training set, :class:`ImageStatsEnvelope` scores simple image statistics (:func:`image_stats`), and
+training set, :class:`ImageStatsEnvelope` scores image statistics (:func:`covidscan.io.image_stats`), and
 :class:`OODDetector` combines both, with a warning threshold fitted on validation images and a one-file
 ``save``/``load`` (safetensors arrays plus JSON metadata, no pickle).
 
@@ -20,45 +20,10 @@ from sklearn.covariance import LedoitWolf
 from sklearn.ensemble import IsolationForest
 
 from covidscan.errors import ConfigError
-from covidscan.io.base import ImageMeta
+from covidscan.io.stats import STAT_NAMES
 
 Method = Literal["knn", "mahalanobis"]
-HIST_BINS = 32
-# Below / above these gray levels a pixel counts as black / white (padding, burnt-in labels, saturation).
-_NEAR_BLACK, _NEAR_WHITE = 0.02, 0.98
-_GRAY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F", "MONOCHROME1", "MONOCHROME2"}
-_HIGH_DEPTH_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
-STAT_NAMES: tuple[str, ...] = (
-    *(f"hist{i:02d}" for i in range(HIST_BINS)),
-    "mean", "std", "near_black", "near_white",
-    "log_height", "log_width", "log_aspect", "colour", "high_depth",
-)
-"""Names of the :func:`image_stats` entries, in order."""
 _FORMAT = "covidscan-ood/1"
-
-
-def image_stats(pixels: np.ndarray, meta: ImageMeta | None = None) -> np.ndarray:
-    """Statistics of one decoded gray image in [0, 1] (before any preprocessing), as in :data:`STAT_NAMES`.
-
-    A 32-bin intensity histogram (fractions), mean, std, the near-black and near-white fractions, log
-    height / width / aspect of the decoded image, and two flags from ``meta``: colour source and more
-    than 8 bits per pixel (16-bit files, DICOM).
-    """
-    pixels = np.asarray(pixels)
-    if pixels.ndim != 2 or min(pixels.shape) < 1:
-        raise ConfigError(f"image_stats needs a gray (H, W) image; got an array of shape {pixels.shape}")
-    values = pixels.astype(np.float32, copy=False).ravel()
-    hist = np.histogram(values, bins=HIST_BINS, range=(0.0, 1.0))[0] / values.size
-    height, width = pixels.shape
-    colour = high_depth = 0.0
-    if meta is not None:
-        colour = float(meta.mode not in _GRAY_MODES)
-        high_depth = float(meta.format == "DICOM" or meta.mode in _HIGH_DEPTH_MODES)
-    extra = [
-        values.mean(), values.std(), (values < _NEAR_BLACK).mean(), (values > _NEAR_WHITE).mean(),
-        np.log(height), np.log(width), np.log(width / height), colour, high_depth,
-    ]
-    return np.concatenate([hist, np.asarray(extra)]).astype(np.float32)
 
 
 def _matrix(x: Any, name: str, dims: int | None = None, minimum: int = 1) -> np.ndarray:
@@ -152,7 +117,7 @@ class FeatureDensity:
 
 
 class ImageStatsEnvelope:
-    """Isolation forest on standardised :func:`image_stats` vectors; higher = more unusual images.
+    """Isolation forest on standardised :func:`covidscan.io.image_stats` vectors; higher = more unusual.
 
     Each statistic is standardised by its training mean and std; the score is the isolation-forest
     anomaly score (``n_estimators`` trees, fixed ``seed``). A forest never splits on a statistic that did

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from covidscan import CLASSES
 from covidscan.errors import ImageRefusedError, InputError, ManifestError
-from covidscan.io import ImageMeta, LoadedImage, assess, pixel_hash, read_image
+from covidscan.io import ImageMeta, LoadedImage, assess, image_stats, pixel_hash, read_image
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
 
 
@@ -30,7 +30,8 @@ class PreparedImage:
     ``bbox`` (y0, x0, y1, x1) is the region of the original image that ``pixels`` shows (the lung crop, or
     the whole image), so maps computed on ``pixels`` can be drawn back onto the original. ``original`` and
     ``lung_mask`` (the crop's mask on the original) are kept only when asked for (explanations need them).
-    ``warnings`` are notes for a reader ("code: details"); ``meta`` says where the image came from.
+    ``warnings`` are notes for a reader ("code: details"); ``meta`` says where the image came from;
+    ``stats`` are the decoded image's :func:`~covidscan.io.image_stats` (for the out-of-distribution score).
     """
 
     pixels: np.ndarray
@@ -41,6 +42,7 @@ class PreparedImage:
     lung_mask: np.ndarray | None = None
     warnings: tuple[str, ...] = ()
     pixel_hash: str | None = None  # of the decoded image (io.pixel_hash), when asked for
+    stats: np.ndarray | None = None
 
 
 @dataclass
@@ -53,6 +55,7 @@ class PreparedSet:
     paths: list[str]
     lungs_found: list[bool | None]
     pixel_hashes: list[str | None] | None = None
+    stats: np.ndarray | None = None  # float32 (N, len(STAT_NAMES)): each decoded image's image_stats
     rows: np.ndarray | None = None  # positions of these images in the manifest they came from
     excluded: list[dict[str, str]] = field(default_factory=list)  # manifest rows left out, and why
 
@@ -74,6 +77,7 @@ class PreparedSet:
             paths=[self.paths[i] for i in idx],
             lungs_found=[self.lungs_found[i] for i in idx],
             pixel_hashes=None if self.pixel_hashes is None else [self.pixel_hashes[i] for i in idx],
+            stats=None if self.stats is None else self.stats[idx],
             rows=None if self.rows is None else self.rows[idx],
         )
 
@@ -106,6 +110,7 @@ def prepare_image(
         original=pixels if keep_original else None,
         lung_mask=crop.mask if keep_original and crop is not None and crop.found else None,
         pixel_hash=pixel_hash(pixels) if fingerprint else None,
+        stats=image_stats(pixels, meta),
     )
 
 
@@ -201,6 +206,7 @@ def prepare_manifest(
         paths=[paths[i] for i in rows],
         lungs_found=[p.lungs_found for p in images],
         pixel_hashes=[p.pixel_hash for p in images] if fingerprint else None,
+        stats=np.stack([p.stats for p in images]),
         rows=rows,
         excluded=excluded,
     )
