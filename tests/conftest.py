@@ -38,6 +38,24 @@ def phantom_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ood_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run with enough validation images (>= 20) for an out-of-distribution detector."""
+    from covidscan.config import load_config
+    from covidscan.data.synthetic import write_phantom_dataset
+    from covidscan.training import train_experiment
+
+    data = write_phantom_dataset(tmp_path_factory.mktemp("ood_phantoms"), n=100, modality="ct", seed=3,
+                                 slices_per_patient=2)
+    cfg = load_config("paper-a-resnet50", [
+        "model.backbone=timm:resnet18", "model.weights=none", "model.input_size=64", "train.epochs=1",
+        "train.views=1", "evaluation.n_bootstrap=20", "data.ratios=[0.45,0.35,0.2]",
+    ])
+    out = tmp_path_factory.mktemp("ood_run")
+    train_experiment(cfg, data, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_run(phantom_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained run directory of a tiny frozen-base model (seconds to train); for prediction tests."""
     from covidscan.config import load_config

@@ -21,8 +21,8 @@ from covidscan.preprocess import eval_transform, to_model_batch
 from covidscan.runs import load_checkpoint
 from dicom_files import write_dicom
 
-COLUMNS = ["path", "p_covid", "label", "uncertain", "lungs_found", "warnings", "error", "group_id", "group_n",
-           "group_p_covid", "group_label"]
+COLUMNS = ["path", "p_covid", "label", "uncertain", "lungs_found", "ood_score", "warnings", "error",
+           "group_id", "group_n", "group_p_covid", "group_label"]
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ A run directory holds::
     splits.csv           the manifest with the split every image was in
     history.json         per-epoch loss and accuracy
     metrics.json         test metrics (schema in the README)
+    ood.safetensors      the out-of-distribution detector (training features and image statistics)
     figures/*.png, report.md
 
 Nothing that predicts from a run writes into it, so one run can serve many processes at once.
@@ -31,12 +32,13 @@ from covidscan import CLASSES, __version__
 from covidscan.config import ExperimentConfig, dump_config, load_config
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
-from covidscan.models import Bf16Verdict, Classifier, ModelConfig, build_model
+from covidscan.models import Bf16Verdict, Classifier, ModelConfig, OODDetector, build_model
 from covidscan.preprocess import PreprocessConfig
 
 CHECKPOINT_FORMAT = 2
 """Format 1 (covidscan 0.1) kept threshold and temperature as loose keys; it is still read."""
 REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
+OOD_FILE = "ood.safetensors"
 SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -57,6 +59,23 @@ class ParentRun(BaseModel):
     n_patients: int | None = Field(None, gt=0)
     mode: str
     cross_validation: dict[str, dict[str, float | None]] = Field(default_factory=dict)
+
+
+class OODInfo(BaseModel):
+    """Where a run's out-of-distribution detector lives and how it flags (``covidscan.models.OODDetector``).
+
+    ``threshold`` is the ``quantile`` of the validation images' OOD scores; ``n_train`` and ``n_val`` are
+    the images it was fitted and scaled on.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = OOD_FILE
+    sha256: str = Field(pattern=SHA256)
+    threshold: float
+    quantile: float
+    n_train: int = Field(gt=0)
+    n_val: int = Field(gt=0)
 
 
 class Checkpoint(BaseModel):
@@ -81,6 +100,8 @@ class Checkpoint(BaseModel):
     bf16: Bf16Verdict | None = None
     parent: ParentRun | None = None
     """Set on runs written by ``covidscan adapt``; absent (None) on trained runs."""
+    ood: OODInfo | None = None
+    """None when the run has no detector (too few validation images, or a covidscan 0.1 run)."""
 
     @property
     def modality(self) -> str:
@@ -138,16 +159,25 @@ def save_run(
     *,
     bf16: Bf16Verdict | None = None,
     parent: ParentRun | None = None,
+    ood: tuple[OODDetector, int, int] | None = None,
 ) -> Checkpoint:
-    """Write config.yaml, model.safetensors and checkpoint.json into ``out``; returns the checkpoint.
+    """Write config.yaml, model.safetensors, checkpoint.json (and ood.safetensors) into ``out``.
 
-    ``parent`` records where an adapted run came from (see :class:`ParentRun`).
+    ``parent`` records where an adapted run came from (see :class:`ParentRun`); ``ood`` is a fitted
+    detector with the numbers of training and validation images it saw. Returns the checkpoint.
     """
     out.mkdir(parents=True, exist_ok=True)
     dump_config(cfg, out / "config.yaml")
     weights = out / "model.safetensors"
     # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    ood_info = None
+    if ood is not None:
+        detector, n_train, n_val = ood
+        assert detector.threshold_ is not None and detector.quantile_ is not None
+        ood_file = detector.save(out / OOD_FILE)
+        ood_info = OODInfo(sha256=file_sha256(ood_file), threshold=detector.threshold_,
+                           quantile=detector.quantile_, n_train=n_train, n_val=n_val)
     checkpoint = Checkpoint(
         covidscan_version=__version__,
         name=cfg.name,
@@ -160,6 +190,7 @@ def save_run(
         calibration=calibration,
         bf16=bf16,
         parent=parent,
+        ood=ood_info,
     )
     write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
     return checkpoint
@@ -229,6 +260,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     return checkpoint
 
 
+def load_ood(run: str | Path, checkpoint: Checkpoint) -> OODDetector | None:
+    """The run's OOD detector, checked against the checkpoint's hash; None when the run has none."""
+    if checkpoint.ood is None:
+        return None
+    file = Path(run) / checkpoint.ood.file
+    if not file.is_file() or file_sha256(file) != checkpoint.ood.sha256:
+        raise StorageError(
+            f"{file} is missing or does not match checkpoint.json (another run's file?); the run directory "
+            "is damaged, train again"
+        )
+    try:
+        return OODDetector.load(file)
+    except ConfigError as exc:
+        raise StorageError(str(exc)) from None
+
+
 def load_run(path: str | Path) -> LoadedRun:
     """Load a run directory written by ``covidscan train``; the model is returned in eval mode.
 
@@ -259,10 +306,12 @@ __all__ = [
     "Bf16Verdict",
     "Checkpoint",
     "LoadedRun",
+    "OODInfo",
     "ParentRun",
     "check_run_dir",
     "file_sha256",
     "load_checkpoint",
+    "load_ood",
     "load_run",
     "save_run",
     "write_atomic",

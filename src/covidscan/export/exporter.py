@@ -28,7 +28,8 @@ _MAX_WEIGHT_BYTES = 2**31 - 2**24
 def export_onnx(
     run_dir: str | Path, out_path: str | Path, *, opset: int = MIN_OPSET, dynamic_batch: bool = True
 ) -> Path:
-    """Export a run's model to ``out_path`` (.onnx): input ``image`` (N, 3, H, W), output ``logits`` (N, 2).
+    """Export a run's model to ``out_path`` (.onnx): input ``image`` (N, 3, H, W), outputs ``logits`` (N, 2)
+    and ``features`` (N, C), the pooled backbone features the run's out-of-distribution detector scores.
 
     The run's checkpoint (classes, preprocessing with modality, model identity and weights hash, input
     size, mean, std, calibration) plus ``covidscan_version`` and ``source_run`` is stored as JSON in the
@@ -82,6 +83,17 @@ def _quiet_exporter_logs() -> Iterator[None]:
             logger.setLevel(level)
 
 
+class _LogitsAndFeatures(torch.nn.Module):
+    """The classifier with its pooled features as a second output (one backbone pass for both)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.forward_pooled(x)
+
+
 def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto:
     """The run's model as a checked ModelProto carrying the covidscan metadata."""
     # Batch 2 when dynamic: torch.export specialises size-1 dimensions, which would pin the batch axis.
@@ -91,11 +103,11 @@ def _to_onnx(run: LoadedRun, opset: int, dynamic_batch: bool) -> onnx.ModelProto
             # dynamo=True: the maintained torch.export-based exporter (the TorchScript one is deprecated and
             # scheduled for removal).
             program = torch.onnx.export(
-                run.model,
+                _LogitsAndFeatures(run.model).eval(),
                 (example,),
                 None,
                 input_names=["image"],
-                output_names=["logits"],
+                output_names=["logits", "features"],
                 opset_version=opset,
                 dynamo=True,
                 external_data=False,

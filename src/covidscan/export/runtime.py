@@ -103,6 +103,9 @@ class OnnxModel:
         self.metadata = _parse_metadata(self.session.get_modelmeta().custom_metadata_map, self.path)
         image = self.session.get_inputs()[0]
         self._input = image.name
+        names = [o.name for o in self.session.get_outputs()]
+        # Files from covidscan <= 0.2 have no features output: they still predict, without an OOD score.
+        self._outputs = [names[0], "features"] if "features" in names else [names[0]]
         # A file exported with dynamic_batch=False has an int batch dimension; others a symbolic one.
         self.fixed_batch: int | None = image.shape[0] if isinstance(image.shape[0], int) else None
 
@@ -134,6 +137,10 @@ class OnnxModel:
 
     def __call__(self, batch: np.ndarray | torch.Tensor) -> np.ndarray:
         """Logits ``(N, 2)`` in ``covidscan.CLASSES`` order."""
+        return self.run(batch)[0]
+
+    def run(self, batch: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits ``(N, 2)`` and pooled features ``(N, C)``; None for files exported without them."""
         array = batch.detach().cpu().numpy() if isinstance(batch, torch.Tensor) else np.asarray(batch)
         expected = (3, *self.input_size)
         if array.ndim != 4 or array.shape[1:] != expected:
@@ -142,11 +149,11 @@ class OnnxModel:
             )
         feed = np.ascontiguousarray(array, dtype=np.float32)
         if not len(feed):
-            return np.zeros((0, len(CLASSES)), np.float32)
+            return np.zeros((0, len(CLASSES)), np.float32), None
         # A fixed-batch file (export_onnx's dynamic_batch=False gives batch 1) runs image by image, so callers
         # never need to know how the file was exported.
         step = self.fixed_batch or len(feed)
-        chunks = [
-            self.session.run(None, {self._input: feed[i : i + step]})[0] for i in range(0, len(feed), step)
-        ]
-        return np.concatenate(chunks)
+        chunks = [self.session.run(self._outputs, {self._input: feed[i : i + step]})
+                  for i in range(0, len(feed), step)]
+        logits = np.concatenate([c[0] for c in chunks])
+        return logits, (np.concatenate([c[1] for c in chunks]) if len(self._outputs) > 1 else None)

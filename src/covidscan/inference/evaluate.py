@@ -104,13 +104,19 @@ def evaluate_run(
     overlap = training_overlap(predictor.run_dir, prepared.paths, prepared.pixel_hashes or [])
     if overlap and not allow_overlap:
         raise _overlap_error(data, overlap, len(prepared))
-    z = predictor.logits(prepared.images)
+    z, features = predictor.logits_and_features(prepared.images)
     metrics = evaluate_calibrated(
         predictor.calibration, prepared.labels, z, groups_test=prepared.groups,
         n_boot=cfg.evaluation.n_bootstrap, seed=cfg.train.seed,
     )
     notes = excluded_notes(prepared.excluded)
     metrics["excluded"] = len(prepared.excluded)
+    ood = predictor.ood_scores(features, prepared.stats)
+    if ood is not None and predictor.ood is not None:
+        flagged = predictor.ood.flag(ood[0])
+        metrics["ood_share"] = float(flagged.mean())
+        notes.append(f"{int(flagged.sum())} of {len(flagged)} images ({flagged.mean():.0%}) are flagged "
+                     f"unlike the training data (OOD score above {predictor.ood.threshold_:.2f}).")
     if overlap:
         metrics["overlap_with_training"] = overlap
         notes.append(f"WARNING: {len(overlap)} of {len(prepared)} images were in the run's own training or "
@@ -145,7 +151,7 @@ def _table_row(name: str, data: Path, metrics: dict[str, Any]) -> dict[str, Any]
                            "n_patients": metrics["n_patients"]}
     for column, key, _ in TABLE_METRICS:
         row[column] = metrics["metrics"][key]
-    row["ood_share"] = metrics.get("ood_share")  # filled once runs carry an OOD score
+    row["ood_share"] = metrics.get("ood_share")  # None for runs without an OOD detector
     return row
 
 
@@ -162,8 +168,8 @@ def evaluate_many(
     """:func:`evaluate_run` on several external sets: ``out/NAME/`` per set plus ``table.md``/``table.json``.
 
     The table has one row per set: images (those the quality gate kept), patients, accuracy, sensitivity,
-    specificity and ROC AUC with 95% CIs, and an OOD-share column that stays empty until runs carry an
-    out-of-distribution score. Returns the path of ``table.md``.
+    specificity and ROC AUC with 95% CIs, and the share flagged unlike the training data (empty for runs
+    without an OOD detector). Returns the path of ``table.md``.
     """
     paths = [Path(d) for d in datasets]
     if not paths:

@@ -134,9 +134,11 @@ def prediction_table(
         row["warnings"] = "; ".join(pred.warnings)
         row["error"] = pred.error or ""
         rows.append(row)
-    columns = ["path", "p_covid", "label", "uncertain", "lungs_found", "warnings", "error", "group_id"]
+    columns = ["path", "p_covid", "label", "uncertain", "lungs_found", "ood_score", "warnings", "error",
+               "group_id"]
     df = pd.DataFrame(rows, columns=[*columns, "cam_png"])
     df["p_covid"] = df["p_covid"].astype(float)
+    df["ood_score"] = df["ood_score"].astype(float)
     for col in ("uncertain", "lungs_found"):
         df[col] = df[col].astype("boolean")
     if true_labels is not None and any(label is not None for label in true_labels):
@@ -159,7 +161,7 @@ def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
 
         {"settings": {run, modality, engine, precision, threshold, patient_threshold, temperature, band,
                       images, errors},
-         "images": [{path, p_covid, label, uncertain, lungs_found, warnings, error, [true_label],
+         "images": [{path, p_covid, label, uncertain, lungs_found, ood_score, warnings, error, [true_label],
                      group_id, group_n, group_p_covid, group_label, [cam_png]}, ...],
          "groups": [{group_id, n_images, p_covid, label}, ...]}
 

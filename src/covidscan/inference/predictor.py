@@ -25,14 +25,18 @@ from covidscan.errors import ConfigError, InputError
 from covidscan.evaluation import Calibration
 from covidscan.io import LoadedImage, QualityLimits, assess, read_image
 from covidscan.io.quality import MODEL_MODALITIES
-from covidscan.models import Classifier, FastClassifier, bf16_supported, binary_logits
+from covidscan.models import Classifier, FastClassifier, OODDetector, bf16_supported
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
-from covidscan.runs import Checkpoint, load_run
+from covidscan.runs import Checkpoint, load_ood, load_run
 from covidscan.system import cache_dir, resolve_device
 
 log = logging.getLogger(__name__)
 
 Engine = Literal["auto", "torch", "onnx"]
+Forward = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
+"""A normalised batch -> (binary logits (N,), pooled backbone features (N, C) or None)."""
+OOD_WARNING = "unlike_training_data"
+_OOD_PARTS = ("its content (backbone features)", "its intensities, size or format")
 Source = str | Path | bytes | tuple[str, bytes] | BinaryIO
 """A path, raw bytes, ``(name, bytes)`` (an upload) or a binary file object."""
 _T = TypeVar("_T")
@@ -111,7 +115,7 @@ class Predictor:
         run_dir: Path,
         checkpoint: Checkpoint,
         model: Classifier,
-        forward: Callable[[torch.Tensor], torch.Tensor],
+        forward: Forward,
         *,
         engine: str,
         precision: str,
@@ -119,6 +123,7 @@ class Predictor:
         batch_size: int = 32,
         workers: int = 2,
         limits: QualityLimits | None = None,
+        ood: OODDetector | None = None,
     ) -> None:
         if batch_size < 1 or workers < 1:
             raise ConfigError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
@@ -131,6 +136,7 @@ class Predictor:
         self.batch_size = batch_size
         self.workers = workers
         self.limits = limits or QualityLimits()
+        self.ood = ood
         self._forward = forward
         self._cam_lock = threading.Lock()  # Grad-CAM hooks the shared fp32 model: one explanation at a time
 
@@ -179,7 +185,7 @@ class Predictor:
         else:
             forward, precision = _torch_forward(run.model, checkpoint, target, fast)
         return cls(run.path, checkpoint, run.model, forward, engine=engine, precision=precision,
-                   device=target, batch_size=batch_size, workers=workers)
+                   device=target, batch_size=batch_size, workers=workers, ood=load_ood(run.path, checkpoint))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -233,11 +239,29 @@ class Predictor:
 
     def logits(self, prepared: Sequence[PreparedImage] | np.ndarray) -> np.ndarray:
         """Binary logits ``z = logit_covid - logit_non_covid`` of prepared images, in batches."""
-        out = [
-            self._forward(self.batch(prepared[i : i + self.batch_size])).float().cpu().numpy()
-            for i in range(0, len(prepared), self.batch_size)
-        ]
-        return np.concatenate(out) if out else np.zeros(0, np.float32)
+        return self.logits_and_features(prepared)[0]
+
+    def logits_and_features(
+        self, prepared: Sequence[PreparedImage] | np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Logits and pooled backbone features (None when the engine gives none), in batches."""
+        out = [self._forward(self.batch(prepared[i : i + self.batch_size]))
+               for i in range(0, len(prepared), self.batch_size)]
+        if not out:
+            return np.zeros(0, np.float32), None
+        feats = None if any(f is None for _, f in out) else np.concatenate([f for _, f in out])
+        return np.concatenate([z for z, _ in out]), feats
+
+    def ood_scores(
+        self, features: np.ndarray | None, stats: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """Per image, the OOD score and the index of the part that scored highest (see ``_OOD_PARTS``),
+        from pooled features and :func:`~covidscan.io.image_stats`; None when the run has no detector or
+        the engine gives no features."""
+        if self.ood is None or features is None or stats is None:
+            return None
+        parts = self.ood.score_parts(features, stats)
+        return parts.max(axis=1), parts.argmax(axis=1)
 
     def score(
         self, prepared: Sequence[PreparedImage], *, group_ids: Sequence[str | None] | None = None
@@ -246,8 +270,11 @@ class Predictor:
         if group_ids is not None and len(group_ids) != len(prepared):
             raise ConfigError(f"{len(group_ids)} group ids for {len(prepared)} images; give one per image")
         cal = self.calibration
-        p = cal.proba(self.logits(prepared))
+        z, features = self.logits_and_features(prepared)
+        p = cal.proba(z)
         labels, uncertain = cal.label(p), cal.uncertain(p)
+        has_stats = prepared and all(prep.stats is not None for prep in prepared)
+        ood = self.ood_scores(features, np.stack([prep.stats for prep in prepared]) if has_stats else None)
         return [
             Prediction(
                 source=str(prep.meta.path) if prep.meta is not None else f"<image {i}>",
@@ -255,11 +282,19 @@ class Predictor:
                 label=str(labels[i]),
                 uncertain=bool(uncertain[i]),
                 lungs_found=prep.lungs_found,
-                warnings=prep.warnings,
+                warnings=prep.warnings + self._ood_warning(ood, i),
                 group_id=(group_ids[i] if group_ids is not None else None) or _meta_group(prep),
+                ood_score=None if ood is None else round(float(ood[0][i]), 4),
             )
             for i, prep in enumerate(prepared)
         ]
+
+    def _ood_warning(self, ood: tuple[np.ndarray, np.ndarray] | None, i: int) -> tuple[str, ...]:
+        if ood is None or self.ood is None or not self.ood.flag(ood[0][i]):
+            return ()
+        return (f"{OOD_WARNING}: OOD score {ood[0][i]:.2f} is above the run's threshold "
+                f"{self.ood.threshold_:.2f}; the image is unlike the training images in "
+                f"{_OOD_PARTS[int(ood[1][i])]}, so its probability may be meaningless",)
 
     def aggregate(
         self, predictions: Sequence[Prediction], key: Callable[[Prediction], str | None] | None = None
@@ -366,22 +401,24 @@ def _meta_group(prepared: PreparedImage) -> str | None:
 
 def _torch_forward(
     model: Classifier, checkpoint: Checkpoint, device: torch.device, fast: bool
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+) -> tuple[Forward, str]:
     """The torch engine: folded and channels_last (``fast``), in bf16 only where the run's check allows."""
     verdict = checkpoint.bf16
     bf16 = fast and device.type == "cpu" and bf16_supported() and verdict is not None and verdict.allowed
     net = FastClassifier(model, torch.bfloat16 if bf16 else torch.float32) if fast else model
     net = net.to(device)
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return binary_logits(net, x.to(device) if fast else x.to(device).contiguous())
+    @torch.inference_mode()
+    def forward(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logits, pooled = net.forward_pooled(x.to(device) if fast else x.to(device).contiguous())
+        return (logits[:, 1] - logits[:, 0]).float().cpu().numpy(), pooled.float().cpu().numpy()
 
     return forward, "bf16" if bf16 else "fp32"
 
 
 def _onnx_forward(
     run_dir: Path, checkpoint: Checkpoint, onnx_path: str | Path | None
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+) -> tuple[Forward, str]:
     """The onnxruntime engine over the given file, the run's model.onnx, or a cached export."""
     from covidscan.export import OnnxModel, export_onnx  # onnxruntime loads only when asked for
 
@@ -405,12 +442,14 @@ def _onnx_forward(
             f"export it again with `covidscan export {run_dir} --onnx {path}`"
         )
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        logits = torch.from_numpy(np.asarray(session(x.contiguous().numpy()), dtype=np.float32))
-        return logits[:, 1] - logits[:, 0]
+    def forward(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        logits, features = session.run(x.contiguous().numpy())
+        logits = np.asarray(logits, dtype=np.float32)
+        return logits[:, 1] - logits[:, 0], features
 
     return forward, "fp32"
 
 
-__all__ = ["Engine", "GroupPrediction", "Prediction", "Predictor", "Source", "ordered_map"]
+__all__ = ["OOD_WARNING", "Engine", "Forward", "GroupPrediction", "Prediction", "Predictor", "Source",
+           "ordered_map"]
 

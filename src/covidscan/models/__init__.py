@@ -15,9 +15,11 @@ from covidscan.models.classifier import (
     build_model,
     count_parameters,
     gradcam_target_layer,
+    pool_features,
 )
 from covidscan.models.fast import Bf16Verdict, FastClassifier, bf16_supported, bf16_verdict, binary_logits
 from covidscan.models.heads import linear_head, mlp_head, paper_a_head
+from covidscan.models.ood import FeatureDensity, ImageStatsEnvelope, OODDetector
 from covidscan.models.weights import downloads_disabled, read_state_dict, torchvision_checkpoint_path
 
 __all__ = [
@@ -30,7 +32,10 @@ __all__ = [
     "Bf16Verdict",
     "Classifier",
     "FastClassifier",
+    "FeatureDensity",
+    "ImageStatsEnvelope",
     "ModelConfig",
+    "OODDetector",
     "bf16_supported",
     "bf16_verdict",
     "binary_logits",
@@ -42,6 +47,7 @@ __all__ = [
     "linear_head",
     "mlp_head",
     "paper_a_head",
+    "pool_features",
     "read_state_dict",
     "torchvision_checkpoint_path",
 ]

@@ -63,6 +63,11 @@ class ModelConfig(BaseModel):
         return DEFAULT_HIDDEN[self.head] if self.hidden is None else self.hidden
 
 
+def pool_features(fmap: torch.Tensor) -> torch.Tensor:
+    """Global average of a feature map ``(N, C, h, w)`` -> ``(N, C)``; flat features pass through."""
+    return fmap.mean(dim=(2, 3)) if fmap.ndim == 4 else fmap.flatten(1)
+
+
 class Classifier(nn.Module):
     """``backbone`` (feature map) + ``head`` (logits); ``features``/``head_forward`` allow feature caching."""
 
@@ -83,6 +88,11 @@ class Classifier(nn.Module):
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits from (possibly cached) backbone features."""
         return self.head(features)
+
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(N, 2)`` and the globally pooled backbone features ``(N, C)`` (for the OOD score)."""
+        fmap = self.backbone(x)
+        return self.head(fmap), pool_features(fmap)
 
     @property
     def _first_trainable(self) -> int:

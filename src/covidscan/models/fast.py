@@ -21,7 +21,7 @@ import torch.fx.experimental.optimization as fx_opt
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from covidscan.models.classifier import Classifier
+from covidscan.models.classifier import Classifier, pool_features
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ class FastClassifier(nn.Module):
         """Logits (N, 2) in fp32 of a normalised (N, 3, H, W) batch."""
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
         return self.head(self.features(x).float())
+
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(N, 2)`` and pooled backbone features ``(N, C)``, both fp32, from one backbone pass."""
+        fmap = self.features(x.to(dtype=self.dtype, memory_format=torch.channels_last)).float()
+        return self.head(fmap), pool_features(fmap)
 
 
 def _fold_batchnorm(backbone: nn.Module) -> nn.Module:

@@ -216,6 +216,30 @@ class OODDetector:
         self.quantile_ = float(quantile)
         return self
 
+    def extended(self, feats: Any, stats: Any) -> OODDetector:
+        """A copy that also counts these images as training data (a new site's signed cases).
+
+        Their features join the k-NN set and their statistics the envelope (refitted on the union); the
+        validation scaling and the threshold stay as fitted, which errs towards flagging. k-NN only: a
+        class-conditional Mahalanobis fit would need the labels again.
+        """
+        if self.scales_ is None or self.features.arrays_ is None or self.envelope.arrays_ is None:
+            raise _not_fitted(self)
+        if self.features.method != "knn":
+            raise ConfigError("only a k-NN feature density can be extended with new training images")
+        train = self.features.arrays_["train"]
+        new_feats = _matrix(feats, "new training features", dims=train.shape[1])
+        new_stats = _matrix(stats, "new image statistics", dims=len(STAT_NAMES))
+        if len(new_feats) != len(new_stats):
+            raise ConfigError(f"{len(new_feats)} feature rows but {len(new_stats)} image statistics rows")
+        copy = OODDetector(FeatureDensity(**self.features._params()),
+                           ImageStatsEnvelope(**self.envelope._params()))
+        copy.features.arrays_ = {"train": np.concatenate([train, _unit(new_feats).astype(np.float32)])}
+        copy.envelope.arrays_ = {"train": np.concatenate([self.envelope.arrays_["train"], new_stats])}
+        copy.envelope._build()
+        copy.scales_, copy.threshold_, copy.quantile_ = self.scales_.copy(), self.threshold_, self.quantile_
+        return copy
+
     def _raw(self, feats: Any, stats: Any, what: str) -> np.ndarray:
         f, s = self.features.score(feats), self.envelope.score(stats)
         if len(f) != len(s):

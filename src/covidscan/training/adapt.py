@@ -38,9 +38,11 @@ from covidscan.evaluation import (
     format_value_ci,
     write_evaluation,
 )
+from covidscan.models import OODDetector
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
-from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_run, save_run
+from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run
 from covidscan.training.engine import CachedFeatures, embed, fit
+from covidscan.training.ood import pooled_features
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Mode = Literal["auto", "recalibrate", "head"]
@@ -340,6 +342,19 @@ def format_comparison(compared: dict[str, dict[str, Any]], chosen: str) -> str:
     return "\n".join(lines)
 
 
+def _extended_ood(
+    parent: LoadedRun, local: PreparedSet, batch_size: int
+) -> tuple[OODDetector, int, int] | None:
+    """The parent's OOD detector with the local cases added as training data (the backbone is unchanged,
+    so the parent's features still apply); None when the parent has none."""
+    detector, info = load_ood(parent.path, parent.checkpoint), parent.checkpoint.ood
+    if detector is None or info is None:
+        return None
+    assert local.stats is not None
+    feats = pooled_features(parent.model, local.images, batch_size=batch_size)
+    return detector.extended(feats, local.stats), info.n_train + len(local), info.n_val
+
+
 def adapt_run(
     run_dir: str | Path,
     data: str | Path,
@@ -415,7 +430,8 @@ def adapt_run(
         cross_validation={m: _summary(metrics) for m, metrics in compared.items()},
     )
     verdict = measure_bf16(model, local.prepared, calibration, cfg.train.batch_size)
-    save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage)
+    save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage,
+             ood=_extended_ood(parent, local.prepared, cfg.train.batch_size))
     _write_splits(parent, local, out)
     if local.prepared.excluded:
         pd.DataFrame(local.prepared.excluded).to_csv(out / "excluded.csv", index=False)

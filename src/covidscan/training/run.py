@@ -17,7 +17,7 @@ from covidscan.config import ExperimentConfig
 from covidscan.data import check_trainable, read_manifest, split_manifest
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import Calibration, evaluate_calibrated, excluded_notes, write_evaluation
-from covidscan.models import Bf16Verdict, Classifier, bf16_supported, bf16_verdict, build_model
+from covidscan.models import Bf16Verdict, Classifier, OODDetector, bf16_supported, bf16_verdict, build_model
 from covidscan.preprocess import (
     PreparedSet,
     eval_transform,
@@ -28,6 +28,7 @@ from covidscan.preprocess import (
 from covidscan.runs import save_run
 from covidscan.system import resolve_device
 from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit, predict_logits
+from covidscan.training.ood import fit_ood, ood_share
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +159,12 @@ def train_experiment(
         calibration, test_set.labels, z_test, y_val=val_set.labels if has_val else None, z_val=z_val,
         groups_test=groups_test, n_boot=ev.n_bootstrap, seed=seed,
     )
+    ood = fit_ood(model, train_set, val_set, batch_size=bs, device=device, seed=seed) if has_val else None
+    if ood is not None:
+        metrics["ood_share"] = ood_share(ood[0], model, test_set, batch_size=bs, device=device)
     model.cpu()
     verdict = measure_bf16(model, test_set, calibration, bs)
-    save_run(out, cfg, model, calibration, bf16=verdict)
+    save_run(out, cfg, model, calibration, bf16=verdict, ood=ood)
     (out / "history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
     write_evaluation(
         out,
@@ -170,7 +174,8 @@ def train_experiment(
         title=f"{cfg.name}: test split",
         config=cfg.model_dump(mode="json"),
         history=result.history,
-        notes=_protocol_notes(cfg, df, has_val, result, calibration) + excluded_notes(prepared.excluded),
+        notes=_protocol_notes(cfg, df, has_val, result, calibration) + _ood_notes(ood, metrics)
+        + excluded_notes(prepared.excluded),
     )
     return TrainResult(out, metrics, result, calibration)
 
@@ -195,6 +200,17 @@ def measure_bf16(
     batches = (to_model_batch(test_set.images[i : i + batch_size], model.mean, model.std)
                for i in range(0, len(test_set), batch_size))
     return bf16_verdict(model, batches, calibration.proba, calibration.threshold)
+
+
+def _ood_notes(ood: tuple[OODDetector, int, int] | None, metrics: dict[str, Any]) -> list[str]:
+    if ood is None:
+        return ["No out-of-distribution detector: fewer than 20 validation images (predictions carry no "
+                "ood_score)."]
+    detector, n_train, n_val = ood
+    return [f"Out-of-distribution detector (ood.safetensors): k-NN on pooled backbone features of {n_train} "
+            f"training images plus an image-statistics envelope; threshold {detector.threshold_:.2f} = the "
+            f"{detector.quantile_:.0%} quantile of {n_val} validation images; {metrics['ood_share']:.0%} of "
+            "the test images are flagged unlike_training_data."]
 
 
 def _protocol_notes(
