@@ -46,6 +46,7 @@ def test_run_directory_holds_everything(tiny_run: Path):
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     validate_metrics_schema(metrics)
     assert metrics["patient_level"] is not None  # phantoms have patient ids
+    assert set(metrics["validation"]) >= {"roc_auc", "accuracy"}  # what settings are chosen on
     history = json.loads((tiny_run / "history.json").read_text())
     assert [row["epoch"] for row in history] == [1, 2] and "val_loss" in history[0]
     splits = pd.read_csv(tiny_run / "splits.csv")

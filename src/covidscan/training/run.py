@@ -17,6 +17,7 @@ from covidscan.config import ExperimentConfig
 from covidscan.data import check_trainable, read_manifest, split_manifest
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import Calibration, evaluate_calibrated, excluded_notes, write_evaluation
+from covidscan.evaluation.metrics import point_metrics
 from covidscan.models import Bf16Verdict, Classifier, OODDetector, bf16_supported, bf16_verdict, build_model
 from covidscan.preprocess import (
     PreparedSet,
@@ -159,6 +160,10 @@ def train_experiment(
         calibration, test_set.labels, z_test, y_val=val_set.labels if has_val else None, z_val=z_val,
         groups_test=groups_test, n_boot=ev.n_bootstrap, seed=seed,
     )
+    if z_val is not None:
+        # What settings are chosen on (presets, ensembles): never the test figures above.
+        metrics["validation"] = point_metrics(val_set.labels, calibration.proba(z_val),
+                                              threshold=calibration.threshold)
     ood = fit_ood(model, train_set, val_set, batch_size=bs, device=device, seed=seed) if has_val else None
     if ood is not None:
         metrics["ood_share"] = ood_share(ood[0], model, test_set, batch_size=bs, device=device)
