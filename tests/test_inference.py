@@ -221,3 +221,14 @@ def test_cam_dir_gets_one_overlay_per_image(loaded, phantoms, tmp_path):
     overlay = cv2.imread(str(written[0]))
     # drawn on the original image (256 px phantoms, enlarged to stay legible)
     assert overlay.shape[:2] == tuple(n * MIN_SIDE // 256 for n in gray(phantoms[0]).shape)
+
+
+def test_external_sets_are_named_by_file_or_by_folder_for_generic_manifest_names():
+    from covidscan.errors import ConfigError
+    from covidscan.inference.evaluate import _set_names
+
+    assert _set_names([Path("ext/ct-ext-luna16/labels.csv"), Path("ext/hospital_b.csv")]) == [
+        "ct-ext-luna16", "hospital_b"]
+    assert _set_names([Path("a/x.csv"), Path("x/labels.csv")]) == ["a-x", "x-labels"]
+    with pytest.raises(ConfigError, match="more than once"):
+        _set_names([Path("a/x.csv"), Path("a/x.csv")])

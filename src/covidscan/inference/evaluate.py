@@ -136,10 +136,16 @@ TABLE_METRICS = (("accuracy", "accuracy", "accuracy"), ("sensitivity", "recall",
 """(table.json key, metrics.json name, table.md heading) of the multi-set table's metric columns."""
 
 
+GENERIC_STEMS = frozenset({"labels", "manifest", "metadata", "data", "index", "images"})
+"""Manifest names that say nothing about the set: the folder's name is used instead."""
+
+
 def _set_names(datasets: Sequence[Path]) -> list[str]:
-    """One folder-safe name per data set: the file's stem, with its folder's name where stems repeat."""
-    stems = [d.stem for d in datasets]
-    names = [f"{d.parent.name}-{d.stem}" if stems.count(d.stem) > 1 else d.stem for d in datasets]
+    """One folder-safe name per data set: the file's stem (its folder's name for a generic stem such as
+    ``labels``), prefixed with the folder's name where names repeat."""
+    stems = [d.parent.name if d.stem.lower() in GENERIC_STEMS and d.parent.name else d.stem for d in datasets]
+    names = [f"{d.parent.name}-{d.stem}" if stems.count(stem) > 1 else stem
+             for d, stem in zip(datasets, stems, strict=True)]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ConfigError(f"--data names the set(s) {repeated} more than once; give each external set once")
