@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .clahe import apply_clahe
-from .lungs import MODALITIES, LungCrop, find_lungs
+from .lungs import MODALITIES, LungCrop, find_lungs, mask_outside
 from .pipeline import PreprocessConfig, Preprocessed, preprocess
 from .prepare import (
     PreparedImage,
@@ -41,6 +41,7 @@ __all__ = [
     "eval_transform",
     "find_lungs",
     "format_preview",
+    "mask_outside",
     "prepare_image",
     "prepare_manifest",
     "prepare_paths",
