@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .clahe import apply_clahe
 from .lungs import MODALITIES, LungCrop, find_lungs, mask_outside
-from .pipeline import PreprocessConfig, Preprocessed, preprocess
+from .pipeline import PreprocessConfig, Preprocessed, limit_pixels, percentile_normalize, preprocess
 from .prepare import (
     PreparedImage,
     PreparedSet,
@@ -41,7 +41,9 @@ __all__ = [
     "eval_transform",
     "find_lungs",
     "format_preview",
+    "limit_pixels",
     "mask_outside",
+    "percentile_normalize",
     "prepare_image",
     "prepare_manifest",
     "prepare_paths",
