@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from .clahe import apply_clahe
-from .lungs import MODALITIES, LungCrop, find_lungs
-from .pipeline import PreprocessConfig, Preprocessed, preprocess
+from .lungs import MODALITIES, LungCrop, find_lungs, mask_outside
+from .pipeline import PreprocessConfig, Preprocessed, limit_pixels, percentile_normalize, preprocess
 from .prepare import (
     PreparedImage,
     PreparedSet,
@@ -19,6 +19,8 @@ from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     AugmentParams,
+    RandomGamma,
+    RandomJPEG,
     augment_params,
     eval_transform,
     seeded,
@@ -36,11 +38,16 @@ __all__ = [
     "PreparedSet",
     "PreprocessConfig",
     "Preprocessed",
+    "RandomGamma",
+    "RandomJPEG",
     "apply_clahe",
     "augment_params",
     "eval_transform",
     "find_lungs",
     "format_preview",
+    "limit_pixels",
+    "mask_outside",
+    "percentile_normalize",
     "prepare_image",
     "prepare_manifest",
     "prepare_paths",

@@ -7,7 +7,7 @@ fractions of that working size so a 128-px and a 256-px image behave alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -253,3 +253,26 @@ def find_lungs(
     mask = small_mask > 127
     y0, x0, y1, x1 = bbox = _bbox(mask, mid / scale, margin)
     return LungCrop(gray[y0:y1, x0:x1], mask, bbox, True, "")
+
+
+def mask_outside(
+    image: np.ndarray, crop: LungCrop, *, dilation: float, value: float
+) -> tuple[np.ndarray, LungCrop]:
+    """Set everything outside the lung mask grown by ``dilation`` (a fraction of the shorter image side) to
+    ``value``; return the masked full image and the crop cut from it.
+
+    Borders, burnt-in text, markers, the body outline and the CT table then carry no signal a model could
+    learn the source from. A crop that found no lungs comes back unchanged: blanking the whole image would
+    hide the failure behind an empty input, so the caller keeps ``found=False`` and warns instead.
+    """
+    _check_fraction("mask dilation", dilation, 0.0, 0.5, low_open=False)
+    gray = as_gray_float(image)
+    if not crop.found:
+        return gray, crop
+    if crop.mask.shape != gray.shape:
+        raise ConfigError(f"lung mask of shape {crop.mask.shape} does not fit the image {gray.shape}")
+    radius = round(dilation * min(gray.shape))
+    keep = crop.mask if radius == 0 else cv2.dilate(crop.mask.astype(np.uint8), _disk(radius)) > 0
+    masked = np.where(keep, gray, np.float32(value)).astype(np.float32, copy=False)
+    y0, x0, y1, x1 = crop.bbox
+    return masked, replace(crop, image=masked[y0:y1, x0:x1])

@@ -1,16 +1,24 @@
-"""Paper A's preprocessing as one call: CLAHE, then the lung crop computed on the CLAHE image."""
+"""Paper A's preprocessing as one call: CLAHE, then the lung crop computed on the CLAHE image.
+
+Optionally (every preset's default is off) everything outside the lungs is masked to a constant, so the
+model input holds no borders, burnt-in text, markers or body outline that could tell the source apart, and
+the decoded image can be standardised first (a common pixel budget, percentile intensity normalisation) so
+that CLAHE tiles see about the same scale and contrast whatever the source.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import cv2
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from covidscan.errors import ConfigError
 from covidscan.preprocess.clahe import apply_clahe, as_gray_float
-from covidscan.preprocess.lungs import LungCrop, find_lungs
+from covidscan.preprocess.lungs import LungCrop, find_lungs, mask_outside
 
 
 class PreprocessConfig(BaseModel):
@@ -18,12 +26,25 @@ class PreprocessConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # Standardisation, before CLAHE. ``max_pixels``: a larger decoded image is scaled down (aspect kept) to at
+    # most this many pixels, so an 8-tile CLAHE grid spans about the same anatomy in a 4000-px radiograph as
+    # in a 512-px one; None keeps every image's own size. ``normalize: percentile`` maps the ``percentiles``
+    # (low, high) of each image to 0 and 1 (clipped), which undoes another window or exposure.
+    max_pixels: int | None = Field(None, ge=32 * 32)
+    normalize: Literal["none", "percentile"] = "none"
+    percentiles: tuple[float, float] = (1.0, 99.0)
     clahe: bool = True
     clip_limit: float = Field(2.0, gt=0)
     tile_grid: tuple[int, int] = (8, 8)
     lung_crop: bool = True
     modality: Literal["ct", "cxr"] = "ct"
     margin: float = Field(0.05, ge=0, lt=0.5)
+    # Lung-masked input: after CLAHE, everything outside the lung mask grown by ``mask_dilation`` (a fraction
+    # of the shorter image side: a little pleura and the costophrenic angles stay in) becomes
+    # ``mask_value``. 0 is black, what the air around the body already looks like after CLAHE.
+    mask_outside_lungs: bool = False
+    mask_dilation: float = Field(0.02, ge=0, lt=0.5)
+    mask_value: float = Field(0.0, ge=0, le=1)
 
     @field_validator("tile_grid")
     @classmethod
@@ -32,30 +53,97 @@ class PreprocessConfig(BaseModel):
             raise ValueError("tile_grid values must be >= 1")
         return value
 
+    @field_validator("percentiles")
+    @classmethod
+    def _percentiles_ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError("percentiles must be (low, high) with 0 <= low < high <= 100")
+        return value
+
+    @model_validator(mode="after")
+    def _mask_needs_lungs(self) -> PreprocessConfig:
+        if self.mask_outside_lungs and not self.lung_crop:
+            raise ValueError("mask_outside_lungs needs lung_crop: true (the lung finder draws the mask)")
+        return self
+
 
 @dataclass(frozen=True, eq=False)
 class Preprocessed:
-    """The enhanced full image and, when the lung crop ran, its result; ``image`` is what models see."""
+    """The enhanced full image and, when the lung crop ran, its result; ``image`` is what models see.
+
+    With ``mask_outside_lungs`` both ``enhanced`` and the crop's image are masked (when lungs were found).
+    ``scale`` is the size of ``enhanced`` over the input's (below 1 when ``max_pixels`` shrank it): the
+    crop's box and mask are in ``enhanced``'s pixels; :meth:`input_bbox` / :meth:`input_mask` map them back.
+    """
 
     enhanced: np.ndarray
     crop: LungCrop | None
+    scale: float = 1.0
 
     @property
     def image(self) -> np.ndarray:
         """The lung crop of the enhanced image, or the whole enhanced image when no crop is made."""
         return self.enhanced if self.crop is None else self.crop.image
 
+    def input_bbox(self, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+        """The region ``image`` shows, as (y0, x0, y1, x1) in the input image of ``shape`` (H, W)."""
+        h, w = shape
+        if self.crop is None:
+            return 0, 0, h, w
+        y0, x0, y1, x1 = (v / self.scale for v in self.crop.bbox)
+        return max(0, math.floor(y0)), max(0, math.floor(x0)), min(h, math.ceil(y1)), min(w, math.ceil(x1))
+
+    def input_mask(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """The crop's lung mask at the input image's ``shape``, or None when no lungs were found."""
+        if self.crop is None or not self.crop.found:
+            return None
+        if self.crop.mask.shape == tuple(shape):
+            return self.crop.mask
+        return cv2.resize(self.crop.mask.astype(np.uint8), (shape[1], shape[0]),
+                          interpolation=cv2.INTER_NEAREST) > 0
+
+
+def limit_pixels(image: np.ndarray, max_pixels: int) -> np.ndarray:
+    """Scale ``image`` down (area interpolation, aspect kept) to at most ``max_pixels``; smaller ones pass."""
+    h, w = image.shape
+    if h * w <= max_pixels:
+        return image
+    factor = math.sqrt(max_pixels / (h * w))
+    size = (max(1, math.floor(w * factor)), max(1, math.floor(h * factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+
+
+def percentile_normalize(image: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """Map the image's (low, high) percentiles to 0 and 1, clipped; a flat image is returned unchanged."""
+    low, high = np.percentile(image, percentiles)
+    if high - low < 1e-6:  # constant (or nearly): stretching would only amplify rounding noise
+        return image
+    out = (image - np.float32(low)) / np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
 
 def preprocess(image: np.ndarray, cfg: PreprocessConfig | dict[str, Any] | None = None) -> Preprocessed:
-    """CLAHE (if enabled) then lung crop (if enabled), on a gray float image; one definition for training,
-    prediction and the preview sheet."""
+    """Standardisation, CLAHE, lung crop, then masking outside the lungs (each if enabled), on a gray float
+    image; one recipe for training, prediction and the preview sheet.
+
+    When the masked mode finds no lungs, nothing is masked: the crop says ``found=False`` and the whole image
+    goes on, so the failure stays visible (``prepare_image`` adds a warning) instead of an empty input.
+    """
     if not isinstance(cfg, PreprocessConfig):
         try:
             cfg = PreprocessConfig(**(cfg or {}))
         except ValidationError as exc:
             raise ConfigError(f"invalid preprocess settings: {exc}") from None
     out = as_gray_float(image)
+    height = out.shape[0]
+    if cfg.max_pixels is not None:
+        out = limit_pixels(out, cfg.max_pixels)
+    scale = out.shape[0] / height
+    if cfg.normalize == "percentile":
+        out = percentile_normalize(out, cfg.percentiles)
     if cfg.clahe:
         out = apply_clahe(out, clip_limit=cfg.clip_limit, tile_grid=cfg.tile_grid)
     crop = find_lungs(out, modality=cfg.modality, margin=cfg.margin) if cfg.lung_crop else None
-    return Preprocessed(out, crop)
+    if crop is not None and cfg.mask_outside_lungs:
+        out, crop = mask_outside(out, crop, dilation=cfg.mask_dilation, value=cfg.mask_value)
+    return Preprocessed(out, crop, scale)

@@ -90,9 +90,10 @@ def prepare_image(
     keep_original: bool = False,
     fingerprint: bool = False,
 ) -> PreparedImage:
-    """Preprocess a decoded image (CLAHE, lung crop as configured) and resize it to ``size`` = (H, W).
+    """Preprocess a decoded image (CLAHE, lung crop, masking as configured), resize it to ``size`` = (H, W).
 
-    ``fingerprint`` also records the decoded image's :func:`~covidscan.io.pixel_hash`.
+    ``fingerprint`` also records the decoded image's :func:`~covidscan.io.pixel_hash`. When the masked mode
+    finds no lungs, the whole unmasked image is used and ``warnings`` say so.
     """
     pixels, meta = (image.pixels, image.meta) if isinstance(image, LoadedImage) else (image, None)
     result = preprocess(pixels, cfg)
@@ -101,14 +102,18 @@ def prepare_image(
     interp = cv2.INTER_AREA if region.shape[0] > size[0] else cv2.INTER_LINEAR
     resized = cv2.resize(region, (size[1], size[0]), interpolation=interp)
     crop = result.crop
-    bbox = crop.bbox if crop is not None else (0, 0, *pixels.shape[:2])
+    bbox = result.input_bbox(pixels.shape[:2])
+    unmasked = cfg.mask_outside_lungs and crop is not None and not crop.found
+    notes = (f"unmasked: no lungs found ({crop.reason}), so nothing was masked and the model sees the whole "
+             "image, borders and text included",) if unmasked else ()
     return PreparedImage(
         pixels=np.clip(resized, 0.0, 1.0, out=resized).astype(np.float32, copy=False),
         lungs_found=None if crop is None else crop.found,
-        bbox=tuple(int(v) for v in bbox),
+        bbox=bbox,
         meta=meta,
         original=pixels if keep_original else None,
-        lung_mask=crop.mask if keep_original and crop is not None and crop.found else None,
+        lung_mask=result.input_mask(pixels.shape[:2]) if keep_original else None,
+        warnings=notes,
         pixel_hash=pixel_hash(pixels) if fingerprint else None,
         stats=image_stats(pixels, meta),
     )

@@ -1,7 +1,9 @@
 """Model-input transforms (torchvision.transforms.v2): gray float image -> normalised 3 x S x S tensor.
 
 Augmentation presets reproduce the published Keras ``ImageDataGenerator`` settings of the two papers as
-closely as torchvision allows; the differences are spelled out next to each parameter.
+closely as torchvision allows; the differences are spelled out next to each parameter. The ``strong`` preset
+adds photometric augmentation (brightness, contrast, gamma, blur, noise, JPEG compression) so that a model
+cannot tell sources apart by their exposure, sharpness, noise or compression.
 """
 
 from __future__ import annotations
@@ -9,11 +11,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from covidscan.errors import ConfigError
 
@@ -40,6 +44,87 @@ class AugmentParams(BaseModel):
     # border of a chest CT or X-ray is air/background, black is what a real shift would reveal, and smeared
     # streaks are texture a CNN could latch onto.
     fill: float = Field(0.0, ge=0, le=1)
+    # Photometric augmentation, after the affine; each step that is set runs with probability
+    # ``photometric_p``. ``brightness`` / ``contrast``: factors drawn from [1 - v, 1 + v]; ``gamma``: drawn
+    # log-uniformly from (low, high); ``blur_sigma``: (low, high) Gaussian blur sigma in model-size pixels;
+    # ``noise``: sigma of additive Gaussian noise on [0, 1] pixels; ``jpeg_quality``: (low, high) of a JPEG
+    # round trip. All draw from torch's RNG, so :func:`seeded` makes them reproducible.
+    brightness: float = Field(0.0, ge=0, lt=1)
+    contrast: float = Field(0.0, ge=0, lt=1)
+    gamma: tuple[float, float] = (1.0, 1.0)
+    blur_sigma: tuple[float, float] = (0.0, 0.0)
+    noise: float = Field(0.0, ge=0, le=0.5)
+    jpeg_quality: tuple[int, int] | None = None
+    photometric_p: float = Field(0.5, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> AugmentParams:
+        (g0, g1), (b0, b1) = self.gamma, self.blur_sigma
+        if not 0.1 <= g0 <= g1 <= 10:
+            raise ValueError(f"gamma must be (low, high) with 0.1 <= low <= high <= 10, got {self.gamma}")
+        if (b0, b1) != (0, 0) and not 0 < b0 <= b1 <= 10:
+            raise ValueError(f"blur_sigma must be (0, 0) or (low, high) with 0 < low <= high <= 10, got "
+                             f"{self.blur_sigma}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality[0] <= self.jpeg_quality[1] <= 100:
+            raise ValueError(f"jpeg_quality must be (low, high) with 1 <= low <= high <= 100, got "
+                             f"{self.jpeg_quality}")
+        return self
+
+
+class RandomGamma(v2.Transform):
+    """Gamma correction ``x ** gamma`` with gamma drawn log-uniformly from ``(low, high)`` (torch's RNG)."""
+
+    def __init__(self, gamma: tuple[float, float]) -> None:
+        super().__init__()
+        self.log_range = (float(np.log(gamma[0])), float(np.log(gamma[1])))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw one gamma for all inputs of a call."""
+        return {"gamma": float(torch.empty(()).uniform_(*self.log_range).exp())}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Apply the drawn gamma (float images in [0, 1])."""
+        return F.adjust_gamma(inpt, params["gamma"])
+
+
+class RandomJPEG(v2.Transform):
+    """A JPEG round trip (OpenCV) at a quality drawn from ``(low, high)``, as a saved file would come back.
+
+    OpenCV rather than ``v2.JPEG``: torchvision 0.29 deprecates its own image encoders.
+    """
+
+    def __init__(self, quality: tuple[int, int]) -> None:
+        super().__init__()
+        self.quality = (int(quality[0]), int(quality[1]))
+
+    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
+        """Draw one quality for all inputs of a call."""
+        return {"quality": int(torch.randint(self.quality[0], self.quality[1] + 1, ()))}
+
+    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
+        """Compress and decode each channel of a float (C, H, W) image in [0, 1]."""
+        planes = (inpt.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+        flag = [cv2.IMWRITE_JPEG_QUALITY, params["quality"]]
+        decoded = [cv2.imdecode(cv2.imencode(".jpg", p, flag)[1], cv2.IMREAD_GRAYSCALE) for p in planes]
+        out = torch.from_numpy(np.stack(decoded)).to(inpt.dtype) / 255
+        return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
+
+
+def _photometric(params: AugmentParams) -> list[Callable[[Any], Any]]:
+    """The photometric steps ``params`` set, each applied with probability ``photometric_p``."""
+    steps: list[Callable[[Any], Any]] = []
+    if params.brightness or params.contrast:
+        steps.append(v2.ColorJitter(brightness=params.brightness or None, contrast=params.contrast or None))
+    if params.gamma != (1.0, 1.0):
+        steps.append(RandomGamma(params.gamma))
+    if params.blur_sigma[1] > 0:
+        kernel = 2 * int(np.ceil(3 * params.blur_sigma[1])) + 1  # +-3 sigma: the kernel never truncates
+        steps.append(v2.GaussianBlur(kernel, sigma=params.blur_sigma))
+    if params.noise:
+        steps.append(v2.GaussianNoise(sigma=params.noise, clip=True))
+    if params.jpeg_quality is not None:
+        steps.append(RandomJPEG(params.jpeg_quality))
+    return [v2.RandomApply([step], p=params.photometric_p) for step in steps]
 
 
 AUGMENT_PRESETS: dict[str, AugmentParams] = {
@@ -48,6 +133,13 @@ AUGMENT_PRESETS: dict[str, AugmentParams] = {
     "paper_a": AugmentParams(degrees=30, shear=0.1, translate=(0.2, 0.2), scale=(0.7, 1.3), hflip=True),
     # Paper B (Keras): rotation_range=10, width/height_shift_range=0.2, zoom_range=0.2.
     "paper_b": AugmentParams(degrees=10, translate=(0.2, 0.2), scale=(0.8, 1.2)),
+    # Ours, against source shortcuts: a mild affine (no flip: the heart is on the left in every chest image)
+    # and strong photometric changes, so exposure, sharpness, noise and compression stop telling sources
+    # apart.
+    "strong": AugmentParams(
+        degrees=10, translate=(0.1, 0.1), scale=(0.85, 1.15), brightness=0.2, contrast=0.3,
+        gamma=(0.7, 1.4), blur_sigma=(0.1, 1.5), noise=0.03, jpeg_quality=(30, 90), photometric_p=0.5,
+    ),
 }
 
 
@@ -108,6 +200,7 @@ def _build(
         )
         if params.hflip:
             steps.append(v2.RandomHorizontalFlip())
+        steps += _photometric(params)
     steps += [v2.RGB(), v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
     return v2.Compose(steps)
 
