@@ -81,3 +81,11 @@ def test_broken_yaml_file(tmp_path: Path):
 def test_modality_mismatch_is_rejected():
     with pytest.raises(ConfigError, match="modality"):
         load_config("paper-a-resnet50", ["preprocess.modality=cxr"])
+
+
+def test_every_named_augmentation_can_be_set_from_a_preset():
+    from covidscan.config import TrainConfig
+    from covidscan.preprocess.transforms import AUGMENT_PRESETS
+
+    allowed = set(TrainConfig.model_fields["augment"].annotation.__args__[0].__args__)
+    assert allowed == set(AUGMENT_PRESETS)

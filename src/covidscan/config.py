@@ -40,7 +40,7 @@ class TrainConfig(_Strict):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    augment: Literal["paper_a", "paper_b"] | None = None
+    augment: Literal["paper_a", "paper_b", "strong"] | None = None
     views: int = Field(
         5, ge=1, description="augmented views per training image cached by the frozen-base fast path"
     )
