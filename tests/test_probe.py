@@ -83,7 +83,7 @@ def test_the_result_records_how_it_was_made(probed: ProbeResult, weights: Path) 
 def test_unusable_images_are_left_out_and_counted(
     marker_manifest: Path, weights: Path, tmp_path: Path
 ) -> None:
-    df = pd.read_csv(marker_manifest).drop(columns="patient_id")  # no ids: images are the units
+    df = pd.read_csv(marker_manifest).drop(columns="patient_id")[:16]  # no ids: images are the units
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     flat = tmp_path / "no-lungs.png"  # a smooth ramp: readable, not refused, no lung-like region
@@ -91,10 +91,10 @@ def test_unusable_images_are_left_out_and_counted(
     extra = pd.DataFrame({"path": [str(broken), str(flat)], "label": ["covid", "non_covid"]})
     result = shortcut_probe(pd.concat([df, extra], ignore_index=True), modality="ct", weights=weights,
                             size=64, n_boot=50)
-    assert (result.unit, result.n_patients, result.n_images, result.n_used) == ("image", None, 42, 40)
+    assert (result.unit, result.n_patients, result.n_images, result.n_used) == ("image", None, 18, 16)
     assert [e["status"] for e in result.excluded] == ["unreadable", "no_lungs"]
     assert result.excluded[1]["path"] == str(flat)
-    assert result.no_lungs_share == pytest.approx(1 / 41)
+    assert result.no_lungs_share == pytest.approx(1 / 17)
     assert "images (50 resamples)" in result.to_dict()["ci_method"]
 
 
@@ -106,8 +106,15 @@ def test_the_mask_comes_from_one_swappable_function(marker_manifest: Path, weigh
 
     method = MaskMethod("none-found", "finds nothing", nothing_found)
     with pytest.raises(ManifestError, match="0 usable images hold 0 non_covid and 0 covid"):
-        shortcut_probe(pd.read_csv(marker_manifest), modality="cxr", weights=weights, size=64, mask=method)
-    assert seen == ["cxr"] * 2 * N_PATIENTS
+        shortcut_probe(pd.read_csv(marker_manifest)[:8], modality="cxr", weights=weights, size=64,
+                       mask=method)
+    assert seen == ["cxr"] * 8
+
+
+def test_a_mask_of_another_shape_is_refused_by_name(marker_manifest: Path) -> None:
+    method = MaskMethod("small", "a mask at half size", lambda gray, modality: np.ones((64, 64), bool))
+    with pytest.raises(ConfigError, match=r"'small' returned a \(64, 64\) mask for the \(128, 128\) "):
+        shortcut_probe(pd.read_csv(marker_manifest)[:4], modality="ct", weights="none", size=64, mask=method)
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -129,17 +136,20 @@ def test_add_probe_keeps_the_audit_and_appends_its_warnings(probed: ProbeResult)
 
 
 def test_data_audit_probe_in_the_cli(marker_manifest: Path, weights: Path, tmp_path: Path) -> None:
-    out = tmp_path / "audit.json"
-    result = covidscan("-q", "data", "audit", str(marker_manifest), "--modality", "ct", "--probe",
-                       "--probe-weights", str(weights), "--out", str(out))
+    manifest, out = tmp_path / "manifest.csv", tmp_path / "audit.json"
+    pd.read_csv(marker_manifest)[:16].to_csv(manifest, index=False)  # 8 patients: 4 folds
+    result = covidscan("-q", "data", "audit", str(manifest), "--modality", "ct", "--probe",
+                       "--probe-weights", str(weights), "--probe-size", "64", "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "Shortcut probe (linear probe on pooled mobilenet_v2 features, 5-fold" in result.stdout
+    assert "Shortcut probe (linear probe on pooled mobilenet_v2 features, 4-fold" in result.stdout
     assert "outside the lungs only  ROC AUC" in result.stdout
     assert "lungs only              ROC AUC" in result.stdout
     report = json.loads(out.read_text())
-    assert report["probe"]["n_used"] == 40 and report["probe"]["mask_method"] == "contour"
-    assert any(w.startswith("shortcut risk") for w in report["warnings"])
-    assert "shortcut risk: the labels are predictable from outside the lungs" in result.stdout
+    assert report["probe"]["n_used"] == 16 and report["probe"]["mask_method"] == "contour"
+    assert report["probe"]["size"] == [64, 64] and report["probe"]["weights"] == str(weights)
+    warnings = report["probe"]["warnings"]
+    assert warnings and report["warnings"][len(report["warnings"]) - len(warnings):] == warnings
+    assert f"  - {warnings[0]}" in result.stdout
 
 
 def test_data_audit_probe_errors_in_the_cli(marker_manifest: Path, tmp_path: Path,

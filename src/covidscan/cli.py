@@ -190,6 +190,7 @@ def data_audit(
     probe_weights: Annotated[
         str, typer.Option(help="imagenet (torchvision / timm cache) or a state_dict file for the backbone.")
     ] = "imagenet",
+    probe_size: Annotated[int, typer.Option(help="Side in pixels the probe's images are resized to.")] = 224,
 ) -> None:
     """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
@@ -200,7 +201,7 @@ def data_audit(
         from covidscan.evaluation.probe import add_probe, shortcut_probe
 
         result = shortcut_probe(df, modality=modality, backbone=probe_backbone, weights=probe_weights,
-                                progress=_progress())
+                                size=probe_size, progress=_progress())
         report = add_probe(report, result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")

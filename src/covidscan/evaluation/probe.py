@@ -48,7 +48,8 @@ PROBE_C = 1.0
 
 @dataclass(frozen=True)
 class MaskMethod:
-    """A lung segmenter for the probe: ``find(gray, modality)`` -> boolean lung mask, or None (no lungs)."""
+    """A lung segmenter for the probe: ``find(gray, modality)`` -> boolean lung mask of the gray image's
+    shape, or None when it finds no lungs. Add one to :data:`MASK_METHODS` (or pass it) to swap masks."""
 
     name: str
     description: str
@@ -155,6 +156,9 @@ def _views(path: str, modality: str, method: MaskMethod, size: tuple[int, int]) 
     lungs = method.find(gray, modality)
     if lungs is None or not lungs.any():
         return {"path": path, "status": "no_lungs", "reason": f"no lungs found by the {method.name} masks"}
+    if lungs.shape != gray.shape:
+        raise ConfigError(f"lung mask method {method.name!r} returned a {lungs.shape} mask for the "
+                          f"{gray.shape} image {path}; a mask must have the image's shape")
     views = np.stack([np.where(lungs, 0.0, gray), np.where(lungs, gray, 0.0)]).astype(np.float32)
     # Resizing after masking (area-averaged) blends the mask edge as a resized photograph would.
     interp = cv2.INTER_AREA if gray.shape[0] > size[0] else cv2.INTER_LINEAR
@@ -172,29 +176,25 @@ def _features(
     paths: list[str], modality: str, method: MaskMethod, backbone: Backbone, *, batch_size: int,
     workers: int, progress: bool,
 ) -> Iterator[tuple[int, np.ndarray] | dict]:
-    """(row, (2, C) features) per usable image, or the exclusion dict; decoding and masking run in threads."""
+    """(row, (2, C) features) per usable image, or the exclusion dict.
+
+    Decoding and masking run in threads, one batch of paths at a time, so only one batch of views is ever
+    held in memory however large the manifest.
+    """
     size = backbone.input_size
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        results = tqdm(pool.map(lambda p: _views(p, modality, method, size), paths), total=len(paths),
-                       desc="probe features", unit="img", disable=not progress, leave=False)
-        batch: list[tuple[int, np.ndarray]] = []
-        for row, result in enumerate(results):
-            if isinstance(result, dict):
-                yield result
-                continue
-            batch.append((row, result))
-            if len(batch) == batch_size:
-                yield from _embed(backbone, batch)
-                batch = []
-        yield from _embed(backbone, batch)
-
-
-def _embed(backbone: Backbone, batch: list[tuple[int, np.ndarray]]) -> Iterator[tuple[int, np.ndarray]]:
-    """(row, (2, C)) for a batch of (row, (2, H, W) views); both views go through one forward pass."""
-    if not batch:
-        return
-    feats = _pooled(backbone, np.concatenate([v for _, v in batch]))
-    yield from ((row, feats[2 * i : 2 * i + 2]) for i, (row, _) in enumerate(batch))
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, tqdm(
+        total=len(paths), desc="probe features", unit="img", disable=not progress, leave=False
+    ) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            results = list(pool.map(lambda p: _views(p, modality, method, size), chunk))
+            yield from (r for r in results if isinstance(r, dict))
+            batch = [(start + i, r) for i, r in enumerate(results) if not isinstance(r, dict)]
+            if batch:
+                # both views of every image in one forward pass
+                feats = _pooled(backbone, np.concatenate([v for _, v in batch]))
+                yield from ((row, feats[2 * i : 2 * i + 2]) for i, (row, _) in enumerate(batch))
+            bar.update(len(chunk))
 
 
 def _score(x: np.ndarray, y: np.ndarray, codes: np.ndarray, cv: StratifiedGroupKFold,
