@@ -181,7 +181,11 @@ def _training_data(run: _Run) -> list[str]:
     df = run.splits
     lines.append(f"Split: {_split_method(run)}. Every image and its split is listed in `splits.csv`.")
     lines += ["", "| split | images | covid | non_covid | patients |", "|---|---|---|---|---|"]
-    for name, group in df.groupby(df["split"] if "split" in df else ["all"] * len(df), sort=False):
+    groups = dict(list(df.groupby(df["split"] if "split" in df else ["all"] * len(df))))
+    usual = ("train", "val", "test")
+    order = [s for s in usual if s in groups] + sorted(set(groups) - set(usual))
+    for name in order:
+        group = groups[name]
         counts = group["label"].value_counts()
         patients = group["patient_id"].nunique() if "patient_id" in group else 0
         lines.append(f"| {name} | {len(group)} | {counts.get('covid', 0)} | {counts.get('non_covid', 0)} | "
@@ -189,11 +193,13 @@ def _training_data(run: _Run) -> list[str]:
     if run.n_excluded:
         lines += ["", f"{run.n_excluded} images were left out by the quality gate (`excluded.csv`)."]
     if run.audit is None:
-        audit = ("none in the run. `covidscan data audit DATA --modality MODALITY --probe --out "
-                 "RUN/audit.json` checks leakage, duplicates and shortcuts; the card then lists them.")
+        lines += ["", "**Audit**: none in the run. `covidscan data audit DATA --modality MODALITY --probe "
+                  "--out RUN/audit.json` checks leakage, duplicates and shortcuts; the card then lists its "
+                  "warnings."]
+    elif run.audit.get("warnings"):
+        lines += ["", "**Audit** (`audit.json`) warnings:", ""] + [f"- {w}" for w in run.audit["warnings"]]
     else:
-        audit = "; ".join(run.audit.get("warnings", [])) or "no leakage or shortcut warnings."
-    lines += ["", f"**Audit** (`audit.json`): {audit}"]
+        lines += ["", "**Audit** (`audit.json`): no leakage or shortcut warnings."]
     if run.probe is not None:
         p = run.probe
         lines += ["", f"**Shortcut probe** ({p.get('mask_method')} lung masks, {p.get('backbone')} "
