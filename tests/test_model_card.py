@@ -61,6 +61,7 @@ def test_audit_probe_external_ood_and_lineage_are_shown_when_present(
 ) -> None:
     probe = ProbeResult(
         outside_lungs=ProbeScore(0.91, (0.85, 0.96)), lungs_only=ProbeScore(0.62, (0.5, 0.73)),
+        mask_only=ProbeScore(0.55, (0.45, 0.66)),
         mask_method="contour", mask_description="contours", backbone="mobilenet_v2", weights="imagenet",
         size=(224, 224), folds=5, unit="patient", n_images=64, n_used=63, n_patients=32, n_boot=1000,
         excluded=[{"path": "x.png", "status": "no_lungs", "reason": "no lungs found"}],
@@ -74,7 +75,8 @@ def test_audit_probe_external_ood_and_lineage_are_shown_when_present(
                              "cross_validation": {"head": {"roc_auc": 0.97}}})
     text = write_model_card(run).read_text(encoding="utf-8")
     assert "ROC AUC from outside the lungs alone 0.910 (0.850 – 0.960)" in text
-    assert "from the lungs alone 0.620 (0.500 – 0.730)" in text
+    assert "from the lungs alone 0.620 (0.500 – 0.730), from the lung mask alone 0.550 (0.450 – 0.660)" \
+        in text
     training = text.split("## Training data")[1].split("## Performance")[0]
     limitations = text.split("## Known limitations")[1].split("## Lineage")[0]
     for section in (training, limitations):  # an audit warning, and so a known limitation

@@ -63,7 +63,7 @@ def probed(marker_manifest: Path, weights: Path) -> ProbeResult:
 
 def test_a_mark_outside_the_lungs_is_found_there_and_not_in_the_lungs(probed: ProbeResult) -> None:
     assert probed.outside_lungs.value >= 0.85
-    assert probed.lungs_only.value <= 0.7
+    assert probed.lungs_only.value <= 0.7 and probed.mask_only.value <= 0.7
     low, high = probed.outside_lungs.ci95
     assert low is not None and low <= probed.outside_lungs.value <= high
     assert low > probed.lungs_only.value
@@ -76,7 +76,7 @@ def test_the_result_records_how_it_was_made(probed: ProbeResult, weights: Path) 
     assert (d["backbone"], d["weights"], d["size"]) == ("mobilenet_v2", str(weights), [64, 64])
     assert (d["unit"], d["folds"], d["n_images"], d["n_used"], d["n_patients"]) == ("patient", 5, 40, 40, 20)
     assert (d["n_no_lungs"], d["no_lungs_share"], d["excluded"]) == (0, 0.0, [])
-    assert set(d["outside_lungs"]) == {"value", "ci95"} and len(d["lungs_only"]["ci95"]) == 2
+    assert all(set(d[v]) == {"value", "ci95"} for v in ("outside_lungs", "lungs_only", "mask_only"))
     assert d["warnings"] == probed.warnings and "patients" in d["ci_method"]
 
 
@@ -144,6 +144,7 @@ def test_data_audit_probe_in_the_cli(marker_manifest: Path, weights: Path, tmp_p
     assert "Shortcut probe (linear probe on pooled mobilenet_v2 features, 4-fold" in result.stdout
     assert "outside the lungs only  ROC AUC" in result.stdout
     assert "lungs only              ROC AUC" in result.stdout
+    assert "lung mask only          ROC AUC" in result.stdout
     report = json.loads(out.read_text())
     assert report["probe"]["n_used"] == 16 and report["probe"]["mask_method"] == "contour"
     assert report["probe"]["size"] == [64, 64] and report["probe"]["weights"] == str(weights)

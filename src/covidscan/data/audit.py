@@ -348,6 +348,7 @@ def _probe_lines(probe: dict) -> list[str]:
         f"{probe['n_used']} of {probe['n_images']} images):",
         f"  outside the lungs only  ROC AUC {auc(probe['outside_lungs'])}",
         f"  lungs only              ROC AUC {auc(probe['lungs_only'])}",
+        f"  lung mask only          ROC AUC {auc(probe['mask_only'])}  (the silhouette both views carry)",
         f"  left out: no lungs found in {probe['n_no_lungs']} ({probe['no_lungs_share']:.1%}), {left_out}",
     ]
 

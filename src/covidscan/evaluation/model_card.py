@@ -205,7 +205,8 @@ def _training_data(run: _Run) -> list[str]:
         lines += ["", f"**Shortcut probe** ({p.get('mask_method')} lung masks, {p.get('backbone')} "
                   f"features, {p.get('folds')}-fold cross-validation by {p.get('unit')}): ROC AUC from "
                   f"outside the lungs alone {format_value_ci(p['outside_lungs'])}, from the lungs alone "
-                  f"{format_value_ci(p['lungs_only'])}; {p.get('n_no_lungs', 0)} of {p.get('n_images')} "
+                  f"{format_value_ci(p['lungs_only'])}, from the lung mask alone "
+                  f"{format_value_ci(p['mask_only'])}; {p.get('n_no_lungs', 0)} of {p.get('n_images')} "
                   "images without lungs found were left out."]
     return lines
 

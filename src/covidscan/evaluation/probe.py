@@ -1,12 +1,13 @@
 """Shortcut probe: can the labels be told apart from what lies outside the lungs?
 
 A linear probe (scikit-learn logistic regression on standardised, globally pooled features of a frozen
-ImageNet backbone) is trained twice by patient-grouped cross-validation: once on every image with its lungs
-blacked out (only what lies outside the lungs is left: text, markers, borders, the body, the scanner's
-field of view) and once on the lungs alone (everything outside them set to black). The out-of-fold ROC
-AUCs, with patient-bootstrap 95% intervals, say how much of the label is readable without looking at the
-lungs. A high outside-lungs AUC means a model can score well on this data by learning the source, not the
-disease. Both views keep the lung silhouette, so its shape and size are readable in either.
+ImageNet backbone) is trained by patient-grouped cross-validation on three views of every image: the image
+with its lungs blacked out (only what lies outside the lungs is left: text, markers, borders, the body, the
+scanner's field of view), the lungs alone (everything outside them set to black), and the lung mask alone
+(white lungs on black). The out-of-fold ROC AUCs, with patient-bootstrap 95% intervals, say how much of the
+label is readable without looking at the lungs. A high outside-lungs AUC means a model can score well on
+this data by learning the source, not the disease. The first two views both keep the lung silhouette; the
+mask view is the control that says how much its shape, size and position alone give.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ OUTSIDE_AUC_WARN = 0.7
 so above it the outside alone predicts the labels about as well as a weak diagnostic test."""
 NO_LUNGS_WARN = 0.2
 """Share of images without lungs found from which the audit warns that the masks may be unreliable."""
+VIEWS = 3
+"""Outside the lungs, lungs only, lung mask only: the order of the views everywhere below."""
 PROBE_C = 1.0
 """Inverse L2 strength of the probe on standardised features (scikit-learn's default)."""
 
@@ -84,6 +87,7 @@ class ProbeResult:
 
     outside_lungs: ProbeScore
     lungs_only: ProbeScore
+    mask_only: ProbeScore  # the control: the silhouette that both other views carry
     mask_method: str
     mask_description: str
     backbone: str
@@ -115,7 +119,8 @@ class ProbeResult:
         if outside >= OUTSIDE_AUC_WARN:
             out.append(
                 f"shortcut risk: the labels are predictable from outside the lungs alone (probe ROC AUC "
-                f"{outside:.2f}, lungs only {lungs:.2f}); a model can learn the source instead of the disease"
+                f"{outside:.2f}, lungs only {lungs:.2f}, lung mask only {self.mask_only.value:.2f}); a model "
+                "can learn the source instead of the disease"
             )
         if self.no_lungs_share > NO_LUNGS_WARN:
             out.append(
@@ -145,7 +150,7 @@ def _mask_method(mask: str | MaskMethod) -> MaskMethod:
 
 
 def _views(path: str, modality: str, method: MaskMethod, size: tuple[int, int]) -> np.ndarray | dict:
-    """(2, H, W): the image with its lungs blacked out, and the lungs alone; a dict says why not."""
+    """(3, H, W): the image with its lungs blacked out, the lungs alone, the mask; a dict says why not."""
     try:
         loaded = read_image(path)
         assess(loaded, modality).raise_if_refused()
@@ -159,7 +164,7 @@ def _views(path: str, modality: str, method: MaskMethod, size: tuple[int, int]) 
     if lungs.shape != gray.shape:
         raise ConfigError(f"lung mask method {method.name!r} returned a {lungs.shape} mask for the "
                           f"{gray.shape} image {path}; a mask must have the image's shape")
-    views = np.stack([np.where(lungs, 0.0, gray), np.where(lungs, gray, 0.0)]).astype(np.float32)
+    views = np.stack([np.where(lungs, 0.0, gray), np.where(lungs, gray, 0.0), lungs]).astype(np.float32)
     # Resizing after masking (area-averaged) blends the mask edge as a resized photograph would.
     interp = cv2.INTER_AREA if gray.shape[0] > size[0] else cv2.INTER_LINEAR
     return np.stack([cv2.resize(v, (size[1], size[0]), interpolation=interp) for v in views])
@@ -176,7 +181,7 @@ def _features(
     paths: list[str], modality: str, method: MaskMethod, backbone: Backbone, *, batch_size: int,
     workers: int, progress: bool,
 ) -> Iterator[tuple[int, np.ndarray] | dict]:
-    """(row, (2, C) features) per usable image, or the exclusion dict.
+    """(row, (VIEWS, C) features) per usable image, or the exclusion dict.
 
     Decoding and masking run in threads, one batch of paths at a time, so only one batch of views is ever
     held in memory however large the manifest.
@@ -191,9 +196,9 @@ def _features(
             yield from (r for r in results if isinstance(r, dict))
             batch = [(start + i, r) for i, r in enumerate(results) if not isinstance(r, dict)]
             if batch:
-                # both views of every image in one forward pass
+                # all views of every image in one forward pass
                 feats = _pooled(backbone, np.concatenate([v for _, v in batch]))
-                yield from ((row, feats[2 * i : 2 * i + 2]) for i, (row, _) in enumerate(batch))
+                yield from ((row, feats[VIEWS * i : VIEWS * (i + 1)]) for i, (row, _) in enumerate(batch))
             bar.update(len(chunk))
 
 
@@ -221,7 +226,7 @@ def shortcut_probe(
     workers: int = 2,
     progress: bool = False,
 ) -> ProbeResult:
-    """Linear-probe ROC AUCs of the outside of the lungs and of the lungs alone, out of fold.
+    """Linear-probe ROC AUCs of the outside of the lungs, the lungs alone and the lung mask, out of fold.
 
     ``df`` is a manifest (``path``, ``label`` in ``covidscan.CLASSES``, optional ``patient_id``);
     ``modality`` (``ct`` or ``cxr``) picks the lung finder and the quality gate. Images that are unreadable,
@@ -273,12 +278,12 @@ def shortcut_probe(
     k = min(folds, *per_class)
     cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     x = np.stack(feats)
-    outside, lungs = (_score(x[:, view], y, codes, cv, groups, n_boot, seed) for view in (0, 1))
+    outside, lungs, silhouette = (_score(x[:, v], y, codes, cv, groups, n_boot, seed) for v in range(VIEWS))
     return ProbeResult(
-        outside_lungs=outside, lungs_only=lungs, mask_method=method.name, mask_description=method.description,
-        backbone=backbone, weights=str(weights), size=(size, size), folds=k, unit=unit, n_images=len(df),
-        n_used=len(rows), n_patients=len({g for g in group_ids if g is not None}) or None,
-        n_boot=n_boot, excluded=excluded,
+        outside_lungs=outside, lungs_only=lungs, mask_only=silhouette, mask_method=method.name,
+        mask_description=method.description, backbone=backbone, weights=str(weights), size=(size, size),
+        folds=k, unit=unit, n_images=len(df), n_used=len(rows),
+        n_patients=len({g for g in group_ids if g is not None}) or None, n_boot=n_boot, excluded=excluded,
     )
 
 
