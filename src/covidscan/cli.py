@@ -180,9 +180,9 @@ def data_audit(
     patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
     modality: Modality = None,
     probe: Annotated[
-        bool, typer.Option(help="Also train linear probes on the image outside the lungs and on the lungs "
-                           "alone: a high outside-lungs AUC means the labels are readable without the lungs "
-                           "(needs --modality).")
+        bool, typer.Option(help="Also train linear probes on what lies outside the lungs, on the lungs alone "
+                           "and on the lung mask: a high outside-lungs AUC means the labels are readable "
+                           "without the lungs (needs --modality).")
     ] = False,
     probe_backbone: Annotated[
         str, typer.Option(help="Backbone of the probe's frozen features (as model.backbone).")
