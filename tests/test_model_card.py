@@ -49,7 +49,9 @@ def test_the_card_states_the_runs_own_values(run: Path) -> None:
     counts = test["label"].value_counts()
     assert (f"| test | {len(test)} | {counts['covid']} | {counts['non_covid']} | "
             f"{test['patient_id'].nunique()} |") in text
-    assert "Not fitted" in text and "Trained by `covidscan train`" in text
+    assert "Trained by `covidscan train`" in text
+    ood = checkpoint.get("ood")  # fitted when the run has a validation split and covidscan fits OOD scores
+    assert (f"its threshold {ood['threshold']:.3f}" if ood else "Not fitted") in text
     assert f"Small test set ({len(test)} images)" in text  # the tiny run's test split is small
     assert "| 29 | uncertainty (confidence intervals) |" in text
     assert "Not answered by the files of this run: 30 (robustness" in text  # no audit in the run
@@ -69,7 +71,8 @@ def test_audit_probe_external_ood_and_lineage_are_shown_when_present(
     audit = add_probe(audit_manifest(read_manifest(phantom_manifest), modality="ct"), probe)
     (run / "audit.json").write_text(json.dumps(audit), encoding="utf-8")
     external = evaluate_run(run, phantom_manifest, run / "phantoms", allow_overlap=True, progress=False)
-    _edit_checkpoint(run, ood={"method": "knn+iforest", "threshold": 0.42, "features": [1, 2]},
+    _edit_checkpoint(run, ood={"file": "ood.safetensors", "sha256": "c" * 64, "threshold": 0.42,
+                               "quantile": 0.95, "n_train": 44, "n_val": 12},
                      parent={"path": "/runs/parent", "weights_sha256": "a" * 64, "data": "/site/cases.csv",
                              "data_sha256": "b" * 64, "n_images": 40, "n_patients": 20, "mode": "head",
                              "cross_validation": {"head": {"roc_auc": 0.97}}})
@@ -84,7 +87,9 @@ def test_audit_probe_external_ood_and_lineage_are_shown_when_present(
     auc = format_value_ci(external["metrics"]["roc_auc"])
     assert f"| phantoms | {external['n_images']} | {auc} |" in text
     ood = text.split("## Unlike")[1].split("##")[0]
-    assert "'method': 'knn+iforest', 'threshold': 0.42" in ood and "features" not in ood
+    assert "on 44 training images, its threshold 0.420 set from the 12 validation images' scores at their " \
+        "95% quantile" in ood
+    assert "c" * 64 in ood
     assert "mode **head**) from `/runs/parent`" in text and "head: ROC AUC 0.970" in text
     assert "out of fold on the site's cases" in text
     assert "| 30 | robustness or sensitivity analysis | `audit.json`, `probe.json` |" in text

@@ -234,6 +234,8 @@ def _performance(run: _Run) -> list[str]:
               f"{m['threshold']:.3f}; 95% CIs by a {m.get('bootstrap_unit', 'image')} bootstrap "
               f"({m.get('n_bootstrap', 'n/a')} resamples).", ""]
     lines += _metrics_table(m)
+    if m.get("ood_share") is not None:
+        lines += ["", f"Share of these images flagged unlike the training data: {m['ood_share']:.1%}."]
     cam = m.get("cam_energy_in_lungs")
     lines += ["", "Grad-CAM share inside the lungs: " + (
         format_value_ci(cam) if isinstance(cam, Mapping) else _num(cam) if cam is not None else
@@ -247,10 +249,12 @@ def _external(run: _Run) -> list[str]:
         return [*lines, "None saved in this run. `covidscan evaluate RUN --data SET --out DIR` writes its "
                         "metrics.json and report.md into DIR, outside the run; this card lists only what is "
                         "inside the run directory (use `--out RUN/NAME` to keep an evaluation with it)."]
-    lines += ["| set | images | ROC AUC | sensitivity | specificity |", "|---|---|---|---|---|"]
+    lines += ["| set | images | ROC AUC | sensitivity | specificity | flagged unlike training |",
+              "|---|---|---|---|---|---|"]
     for name, m in run.external.items():
         cells = [format_value_ci(m["metrics"][k]) for k in ("roc_auc", "recall", "specificity")]
-        lines.append(f"| {name} | {m['n_images']} | " + " | ".join(cells) + " |")
+        ood = "n/a" if m.get("ood_share") is None else f"{m['ood_share']:.1%}"
+        lines.append(f"| {name} | {m['n_images']} | " + " | ".join(cells) + f" | {ood} |")
     return lines
 
 
@@ -260,10 +264,14 @@ def _ood(run: _Run) -> list[str]:
     if not ood:
         return [*lines, "Not fitted: this run cannot say when an image is unlike its training data, so "
                         "images from other sources get confident predictions without a warning."]
-    # the scalar settings (method, threshold, k, ...); arrays such as fitted features stay in their file
-    shown = {k: v for k, v in ood.items() if not isinstance(v, (list, dict))} if isinstance(ood, dict) \
-        else ood
-    return [*lines, f"Fitted (checkpoint.json `ood`): {shown}."]
+    quantile = ood.get("quantile")
+    scale = f"the {ood.get('n_val')} validation images' scores" + (
+        "" if quantile is None else f" at their {quantile:.0%} quantile")
+    return [*lines, f"Fitted (`{ood.get('file', 'ood.safetensors')}`, SHA-256 `{ood.get('sha256')}`, "
+                    f"checkpoint.json `ood`) on {ood.get('n_train')} training images, its threshold "
+                    f"{_num(ood.get('threshold'))} set from {scale}: `predict` warns `unlike_training_data` "
+                    "above it. The share flagged on an external set is `ood_share` in that evaluation's "
+                    "metrics.json."]
 
 
 def _limitations(run: _Run) -> list[str]:
