@@ -16,7 +16,7 @@ import torchvision
 
 from covidscan.data.synthetic import make_phantom
 from covidscan.errors import ConfigError, ManifestError
-from covidscan.evaluation.probe import MaskMethod, ProbeResult, add_probe, shortcut_probe
+from covidscan.evaluation.probe import MaskMethod, ProbeResult, ProbeScore, add_probe, shortcut_probe
 from test_cli import covidscan
 
 N_PATIENTS = 20
@@ -125,6 +125,19 @@ def test_a_mask_of_another_shape_is_refused_by_name(marker_manifest: Path) -> No
 def test_bad_settings_are_named(marker_manifest: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         shortcut_probe(pd.read_csv(marker_manifest), weights="none", **kwargs)
+
+
+def test_warnings_follow_the_outside_auc_and_the_share_without_lungs() -> None:
+    score = ProbeScore(0.6, (0.5, 0.7))
+    lost = [{"path": f"{i}.png", "status": "no_lungs", "reason": "none"} for i in range(30)]
+    lost.append({"path": "x.png", "status": "unreadable", "reason": "broken"})
+    result = ProbeResult(score, score, score, "contour", "contours", "mobilenet_v2", "imagenet", (224, 224),
+                         5, "patient", 101, 70, 35, 100, lost)
+    assert result.no_lungs_share == pytest.approx(0.3)  # of the 100 readable images
+    assert result.warnings == ["shortcut probe: no lungs found (contour masks) in 30 of 100 readable images "
+                               "(30%), left out of the probe; check the masks with `covidscan preprocess "
+                               "preview`"]
+    assert result.to_dict()["n_unreadable"] == 1 and result.to_dict()["n_no_lungs"] == 30
 
 
 def test_add_probe_keeps_the_audit_and_appends_its_warnings(probed: ProbeResult) -> None:

@@ -106,10 +106,14 @@ class ProbeResult:
         return sum(e["status"] == status for e in self.excluded)
 
     @property
+    def n_checked(self) -> int:
+        """Images read and accepted by the quality gate, in which the mask method looked for lungs."""
+        return self.n_images - self.count("unreadable") - self.count("refused")
+
+    @property
     def no_lungs_share(self) -> float:
-        """Share of the readable, accepted images in which the mask method found no lungs."""
-        checked = self.n_images - self.count("unreadable") - self.count("refused")
-        return self.count("no_lungs") / checked if checked else 0.0
+        """Share of the checked images in which the mask method found no lungs."""
+        return self.count("no_lungs") / self.n_checked if self.n_checked else 0.0
 
     @property
     def warnings(self) -> list[str]:
@@ -125,8 +129,8 @@ class ProbeResult:
         if self.no_lungs_share > NO_LUNGS_WARN:
             out.append(
                 f"shortcut probe: no lungs found ({self.mask_method} masks) in {self.count('no_lungs')} of "
-                f"{self.n_images} images ({self.no_lungs_share:.0%}), left out of the probe; check the masks "
-                "with `covidscan preprocess preview`"
+                f"{self.n_checked} readable images ({self.no_lungs_share:.0%}), left out of the probe; check "
+                "the masks with `covidscan preprocess preview`"
             )
         return out
 
