@@ -179,12 +179,30 @@ def data_audit(
     ] = 14,
     patient_column: Annotated[str | None, typer.Option(help="Column holding patient ids.")] = None,
     modality: Modality = None,
+    probe: Annotated[
+        bool, typer.Option(help="Also train linear probes on what lies outside the lungs, on the lungs alone "
+                           "and on the lung mask: a high outside-lungs AUC means the labels are readable "
+                           "without the lungs (needs --modality).")
+    ] = False,
+    probe_backbone: Annotated[
+        str, typer.Option(help="Backbone of the probe's frozen features (as model.backbone).")
+    ] = "mobilenet_v2",
+    probe_weights: Annotated[
+        str, typer.Option(help="imagenet (torchvision / timm cache) or a state_dict file for the backbone.")
+    ] = "imagenet",
+    probe_size: Annotated[int, typer.Option(help="Side in pixels the probe's images are resized to.")] = 224,
 ) -> None:
     """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
 
     df = read_manifest(manifest, patient_column=patient_column)
     report = audit_manifest(df, near_threshold=near_threshold, progress=_progress(), modality=modality)
+    if probe:
+        from covidscan.evaluation.probe import add_probe, shortcut_probe
+
+        result = shortcut_probe(df, modality=modality, backbone=probe_backbone, weights=probe_weights,
+                                size=probe_size, progress=_progress())
+        report = add_probe(report, result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")
     out_console.print(format_audit(report))
@@ -390,6 +408,16 @@ def export(
     from covidscan.export import export_onnx
 
     out_console.print(f"wrote {export_onnx(run, onnx)}")
+
+
+@app.command("card")
+def card(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train` or `adapt`.")],
+) -> None:
+    """(Re)write a run's model_card.md: intended use, model, data, metrics, limitations, CLAIM items."""
+    from covidscan.evaluation.model_card import write_model_card
+
+    out_console.print(f"wrote {write_model_card(run)}")
 
 
 @app.command("demo")

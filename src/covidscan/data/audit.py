@@ -334,6 +334,25 @@ def _clip(text: str, width: int = 40) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _probe_lines(probe: dict) -> list[str]:
+    """The ``probe`` section (``covidscan.evaluation.probe.add_probe``) in plain text."""
+
+    def auc(entry: dict) -> str:
+        low, high = entry["ci95"]
+        return f"{entry['value']:.3f}" + ("" if low is None else f" (95% CI {low:.3f} - {high:.3f})")
+
+    left_out = ", ".join(f"{probe[f'n_{s}']} {s.replace('_', ' ')}" for s in ("unreadable", "refused"))
+    return [
+        f"Shortcut probe (linear probe on pooled {probe['backbone']} features, {probe['folds']}-fold "
+        f"cross-validation grouped by {probe['unit']}, {probe['mask_method']} lung masks; "
+        f"{probe['n_used']} of {probe['n_images']} images):",
+        f"  outside the lungs only  ROC AUC {auc(probe['outside_lungs'])}",
+        f"  lungs only              ROC AUC {auc(probe['lungs_only'])}",
+        f"  lung mask only          ROC AUC {auc(probe['mask_only'])}  (the silhouette both views carry)",
+        f"  left out: no lungs found in {probe['n_no_lungs']} ({probe['no_lungs_share']:.1%}), {left_out}",
+    ]
+
+
 def format_audit(report: dict, *, max_pairs: int = 10) -> str:
     """Short plain-text summary of an ``audit_manifest`` report."""
     pairs = report["exact_duplicates"]["pairs"] + report["near_duplicates"]["pairs"]
@@ -408,6 +427,8 @@ def format_audit(report: dict, *, max_pairs: int = 10) -> str:
             lines.append(f"  {status:<8} {short(entry['path'])}: {'; '.join(entry['reasons'])}")
         if len(quality[status]) > max_pairs:
             lines.append(f"  ... {len(quality[status]) - max_pairs} more {status} in the JSON report")
+    if report.get("probe"):
+        lines += _probe_lines(report["probe"])
     lines.append("Warnings:" if report["warnings"] else "No leakage or shortcut warnings.")
     lines += [f"  - {w}" for w in report["warnings"]]
     return "\n".join(lines)

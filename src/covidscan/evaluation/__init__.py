@@ -35,6 +35,7 @@ from covidscan.evaluation.metrics import (
     confusion,
     point_metrics,
 )
+from covidscan.evaluation.model_card import render_model_card, write_model_card
 from covidscan.evaluation.report import format_metrics_table, format_value_ci, write_report
 from covidscan.evaluation.reporting import excluded_notes, write_evaluation
 from covidscan.evaluation.schema import (
@@ -77,9 +78,11 @@ __all__ = [
     "point_metrics",
     "read_metrics",
     "reliability_bins",
+    "render_model_card",
     "to_jsonable",
     "validate_metrics_schema",
     "write_evaluation",
     "write_metrics",
+    "write_model_card",
     "write_report",
 ]
