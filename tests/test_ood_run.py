@@ -116,3 +116,5 @@ def test_an_adapted_run_counts_the_local_cases_as_training_data(ood_run, tmp_pat
     before = [p.ood_score for p in Predictor.from_run(ood_run).predict(_paths(site))]
     after = [p.ood_score for p in Predictor.from_run(adapted.run_dir).predict(_paths(site))]
     assert np.mean(after) < np.mean(before)  # the signed cases no longer look foreign
+    card = (adapted.run_dir / "model_card.md").read_text()
+    assert str(ood_run.resolve()) in card and f"{child.threshold:.2f}" in card

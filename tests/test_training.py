@@ -39,6 +39,8 @@ def test_run_directory_holds_everything(tiny_run: Path):
         "metrics.json",
         "predictions.csv",
         "report.md",
+        "model_card.md",
+        "audit.json",
     ):
         assert (tiny_run / name).is_file(), name
     for fig in ("training_curves", "confusion_matrix", "roc", "reliability", "samples"):

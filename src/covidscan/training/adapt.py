@@ -37,6 +37,7 @@ from covidscan.evaluation import (
     excluded_notes,
     format_value_ci,
     write_evaluation,
+    write_model_card,
 )
 from covidscan.models import OODDetector
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
@@ -443,6 +444,7 @@ def adapt_run(
                               config=cfg.model_dump(mode="json"), notes=notes)
     comparison = f"\n## Modes compared (out of fold, 95% CIs)\n\n{format_comparison(compared, chosen)}\n"
     report.write_text(report.read_text(encoding="utf-8") + comparison, encoding="utf-8")
+    write_model_card(out)
     return AdaptResult(out, chosen, compared)
 
 

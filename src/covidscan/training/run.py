@@ -14,9 +14,15 @@ import torch
 from torch.utils.data import Dataset
 
 from covidscan.config import ExperimentConfig
-from covidscan.data import check_trainable, read_manifest, split_manifest
+from covidscan.data import audit_manifest, check_trainable, read_manifest, split_manifest
 from covidscan.errors import ConfigError, ManifestError
-from covidscan.evaluation import Calibration, evaluate_calibrated, excluded_notes, write_evaluation
+from covidscan.evaluation import (
+    Calibration,
+    evaluate_calibrated,
+    excluded_notes,
+    write_evaluation,
+    write_model_card,
+)
 from covidscan.evaluation.metrics import point_metrics
 from covidscan.models import Bf16Verdict, Classifier, OODDetector, bf16_supported, bf16_verdict, build_model
 from covidscan.preprocess import (
@@ -110,6 +116,9 @@ def train_experiment(
     splits = df["split"].to_numpy()
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "splits.csv", index=False)
+    # Leakage, duplicates and shortcuts of the very splits trained on, for the model card.
+    audit = audit_manifest(df, modality=cfg.preprocess.modality, progress=progress)
+    (out / "audit.json").write_text(json.dumps(audit, indent=2), encoding="utf-8")
     if prepared.excluded:
         pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
     train_set, val_set, test_set = (prepared.subset(splits == s) for s in ("train", "val", "test"))
@@ -182,6 +191,7 @@ def train_experiment(
         notes=_protocol_notes(cfg, df, has_val, result, calibration) + _ood_notes(ood, metrics)
         + excluded_notes(prepared.excluded),
     )
+    write_model_card(out)
     return TrainResult(out, metrics, result, calibration)
 
 
