@@ -138,16 +138,18 @@ def read_lung_masks(source: str | os.PathLike[str] | None = None) -> dict[str, n
     return masks
 
 
-def _image_list(images: str | os.PathLike[str]) -> list[tuple[str, str]]:
-    """(path, patient group) of every image of a manifest CSV, or of every image file under a folder."""
+def _image_list(images: str | os.PathLike[str]) -> tuple[list[tuple[str, str]], bool]:
+    """(path, group) of every image of a manifest CSV, or of every image file under a folder, and whether
+    the groups are patients (else each image is its own group)."""
     source = Path(images).expanduser()
     if source.is_dir():
         files = sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        return [(str(p), p.stem) for p in files]  # no patient ids: each image is its own group
+        return [(str(p), str(p)) for p in files], False
     df = read_manifest(source)
     pids = df["patient_id"] if "patient_id" in df else df["path"]
-    return [(str(p), str(g) if isinstance(g, str) and g else str(p))
-            for p, g in zip(df["path"], pids, strict=True)]
+    listed = [(str(p), str(g) if isinstance(g, str) and g else str(p))
+              for p, g in zip(df["path"], pids, strict=True)]
+    return listed, any(p != g for p, g in listed)
 
 
 def match_masks(
@@ -155,8 +157,7 @@ def match_masks(
 ) -> tuple[list[LungSample], list[str], bool]:
     """Pair images with masks by file name; returns the samples, the images skipped (with why) and whether
     the groups are patients (a manifest with patient ids) rather than single images."""
-    listed = _image_list(images)
-    by_patient = any(Path(p).stem != g for p, g in listed)
+    listed, by_patient = _image_list(images)
     samples, skipped = [], []
     for path, group in listed:
         mask = masks.get(Path(path).stem)
