@@ -56,13 +56,13 @@ def test_masked_model_input_has_nothing_outside_the_lungs():
     assert prepared.lung_mask is not None and prepared.lung_mask.shape == image.shape
 
 
-@pytest.mark.parametrize("modality", ["ct", "cxr"])
-def test_no_lungs_found_keeps_the_whole_image_and_warns(modality):
+def test_no_lungs_found_keeps_the_whole_image_and_warns():
+    # (the chest X-ray case, with its lung model, is in test_lungseg.py)
     image = np.full((96, 96), 0.5, np.float32)  # no contrast, no lungs
-    cfg = PreprocessConfig(modality=modality, **MASKED)
+    cfg = PreprocessConfig(**MASKED)
     result = preprocess(image, cfg)
-    assert not result.crop.found
-    assert np.array_equal(result.enhanced, preprocess(image, {"modality": modality}).enhanced)  # not blanked
+    assert not result.crop.found and result.unmasked is None
+    assert np.array_equal(result.enhanced, preprocess(image).enhanced)  # not blanked
     prepared = prepare_image(image, cfg, (32, 32))
     assert prepared.lungs_found is False
     assert len(prepared.warnings) == 1 and prepared.warnings[0].startswith("unmasked: no lungs found")

@@ -435,6 +435,49 @@ def demo(
     out_console.print(f"report: {report}")
 
 
+# ---------------------------------------------------------------- lung segmentation (issue 9)
+lungseg_app = typer.Typer(help="Train and check the chest X-ray lung U-Net of the masked mode.",
+                          no_args_is_help=True)
+app.add_typer(lungseg_app, name="lungseg")
+
+
+@lungseg_app.command("train")
+def lungseg_train(
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Weights file to write (.safetensors); "
+                                             "default: the location the masked mode reads.")] = None,
+    images: Annotated[Path | None, typer.Option(help="The ieee8023 X-rays the masks belong to: a manifest "
+                                                "CSV (patient-disjoint hold-out) or a folder.")] = None,
+    masks: Annotated[Path | None, typer.Option(help="semantic_masks_v7labs_lungs.zip or a torchxrayvision "
+                                               "wheel (default: the installed torchxrayvision).")] = None,
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 12,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the augmentation and the weights.")] = 0,
+    phantoms: Annotated[int, typer.Option(help="Phantom X-rays added to the training images.")] = 0,
+    size: Annotated[int, typer.Option(help="U-Net input side in pixels (a multiple of 16).")] = 128,
+) -> None:
+    """Train the lung U-Net on real lung masks and report its IoU on held-out images."""
+    from covidscan.preprocess.lungseg import default_lung_model
+    from covidscan.training.lungseg import train_lung_model
+
+    result = train_lung_model(out or default_lung_model(), images=images, masks=masks, epochs=epochs,
+                              seed=seed, phantoms=phantoms, size=size, progress=_progress())
+    out_console.print(result.summary())
+
+
+@lungseg_app.command("preview")
+def lungseg_preview(
+    images: Annotated[list[Path], typer.Argument(help="Chest X-ray files or folders.")],
+    weights: Annotated[Path | None, typer.Option(help="Lung model (default: its default location).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="PNG contact sheet to write.")] = Path("sheet.png"),
+    n: Annotated[int, typer.Option(help="Images on the sheet.")] = 32,
+    seed: Annotated[int, typer.Option(help="Which images to draw.")] = 0,
+) -> None:
+    """Draw X-rays with the U-Net's lung outline; what the masked mode blanks is tinted red."""
+    from covidscan.preprocess import format_preview, preview_lung_model
+
+    out_console.print(format_preview(preview_lung_model(images, out, weights=weights, n=n, seed=seed)))
+# ---------------------------------------------------------------- end of lung segmentation block
+
+
 # ---------------------------------------------------------------- review service (issue 10)
 from covidscan.service.cli import register as _register_service  # noqa: E402 - after the core commands
 

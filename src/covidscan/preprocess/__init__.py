@@ -13,7 +13,7 @@ from .prepare import (
     prepare_paths,
     to_model_batch,
 )
-from .preview import format_preview, preview_sheet
+from .preview import format_preview, preview_lung_model, preview_sheet
 from .transforms import (
     AUGMENT_PRESETS,
     IMAGENET_MEAN,
@@ -23,6 +23,7 @@ from .transforms import (
     RandomJPEG,
     augment_params,
     eval_transform,
+    photometric_steps,
     seeded,
     train_transform,
 )
@@ -48,10 +49,12 @@ __all__ = [
     "limit_pixels",
     "mask_outside",
     "percentile_normalize",
+    "photometric_steps",
     "prepare_image",
     "prepare_manifest",
     "prepare_paths",
     "preprocess",
+    "preview_lung_model",
     "preview_sheet",
     "seeded",
     "to_model_batch",

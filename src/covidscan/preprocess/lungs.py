@@ -250,8 +250,23 @@ def find_lungs(
         return LungCrop(gray, np.zeros((h, w), bool), (0, 0, h, w), False, reason)
     if scale < 1:
         small_mask = cv2.resize(small_mask, (w, h), interpolation=cv2.INTER_LINEAR)
-    mask = small_mask > 127
-    y0, x0, y1, x1 = bbox = _bbox(mask, mid / scale, margin)
+    return crop_to_mask(gray, small_mask > 127, margin=margin, mid=mid / scale)
+
+
+def crop_to_mask(
+    image: np.ndarray, mask: np.ndarray, *, margin: float = 0.05, mid: float | None = None, reason: str = ""
+) -> LungCrop:
+    """The :class:`LungCrop` of a lung ``mask`` (bool, the image's shape) found by any method: the box
+    around it plus ``margin``, mirrored about ``mid`` (default: the image centre) when it holds one lung
+    only. An empty mask gives the whole image with ``found=False`` and ``reason``."""
+    _check_fraction("margin", margin, 0.0, 0.5, low_open=False)
+    gray = as_gray_float(image)
+    h, w = gray.shape
+    if mask.shape != gray.shape:
+        raise ConfigError(f"lung mask of shape {mask.shape} does not fit the image {gray.shape}")
+    if not mask.any():
+        return LungCrop(gray, np.zeros((h, w), bool), (0, 0, h, w), False, reason or "the lung mask is empty")
+    y0, x0, y1, x1 = bbox = _bbox(mask, w / 2 if mid is None else mid, margin)
     return LungCrop(gray[y0:y1, x0:x1], mask, bbox, True, "")
 
 

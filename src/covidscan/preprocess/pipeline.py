@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from covidscan.errors import ConfigError
 from covidscan.preprocess.clahe import apply_clahe, as_gray_float
-from covidscan.preprocess.lungs import LungCrop, find_lungs, mask_outside
+from covidscan.preprocess.lungs import LungCrop, crop_to_mask, find_lungs, mask_outside
+from covidscan.preprocess.lungseg import lung_segmenter
 
 
 class PreprocessConfig(BaseModel):
@@ -45,6 +46,10 @@ class PreprocessConfig(BaseModel):
     mask_outside_lungs: bool = False
     mask_dilation: float = Field(0.02, ge=0, lt=0.5)
     mask_value: float = Field(0.0, ge=0, le=1)
+    # The X-ray lung U-Net the masked mode uses for ``modality: cxr`` (a safetensors file from ``covidscan
+    # lungseg train``); None: the default location (covidscan.preprocess.lungseg.default_lung_model). CT
+    # slices are masked with the contour finder, which follows the lungs closely there.
+    lung_model: str | None = None
 
     @field_validator("tile_grid")
     @classmethod
@@ -72,6 +77,7 @@ class Preprocessed:
     """The enhanced full image and, when the lung crop ran, its result; ``image`` is what models see.
 
     With ``mask_outside_lungs`` both ``enhanced`` and the crop's image are masked (when lungs were found).
+    ``unmasked`` is then the enhanced image before masking (for the preview sheet), else None.
     ``scale`` is the size of ``enhanced`` over the input's (below 1 when ``max_pixels`` shrank it): the
     crop's box and mask are in ``enhanced``'s pixels; :meth:`input_bbox` / :meth:`input_mask` map them back.
     """
@@ -79,6 +85,7 @@ class Preprocessed:
     enhanced: np.ndarray
     crop: LungCrop | None
     scale: float = 1.0
+    unmasked: np.ndarray | None = None
 
     @property
     def image(self) -> np.ndarray:
@@ -141,9 +148,20 @@ def preprocess(image: np.ndarray, cfg: PreprocessConfig | dict[str, Any] | None 
     scale = out.shape[0] / height
     if cfg.normalize == "percentile":
         out = percentile_normalize(out, cfg.percentiles)
+    standardised = out
     if cfg.clahe:
         out = apply_clahe(out, clip_limit=cfg.clip_limit, tile_grid=cfg.tile_grid)
-    crop = find_lungs(out, modality=cfg.modality, margin=cfg.margin) if cfg.lung_crop else None
-    if crop is not None and cfg.mask_outside_lungs:
+    if cfg.mask_outside_lungs and cfg.modality == "cxr":
+        # The U-Net gets the image before CLAHE (it standardises its own input) and sees the lungs behind
+        # the heart and the diaphragm that the contour rules leave out.
+        lungs = lung_segmenter(cfg.lung_model)(standardised)
+        crop = crop_to_mask(out, lungs, margin=cfg.margin, reason="the lung model found no lungs")
+    elif cfg.lung_crop:
+        crop = find_lungs(out, modality=cfg.modality, margin=cfg.margin)
+    else:
+        crop = None
+    unmasked = None
+    if crop is not None and cfg.mask_outside_lungs and crop.found:
+        unmasked = out
         out, crop = mask_outside(out, crop, dilation=cfg.mask_dilation, value=cfg.mask_value)
-    return Preprocessed(out, crop, scale)
+    return Preprocessed(out, crop, scale, unmasked)

@@ -103,9 +103,9 @@ def prepare_image(
     resized = cv2.resize(region, (size[1], size[0]), interpolation=interp)
     crop = result.crop
     bbox = result.input_bbox(pixels.shape[:2])
-    unmasked = cfg.mask_outside_lungs and crop is not None and not crop.found
+    mask_failed = cfg.mask_outside_lungs and crop is not None and not crop.found
     notes = (f"unmasked: no lungs found ({crop.reason}), so nothing was masked and the model sees the whole "
-             "image, borders and text included",) if unmasked else ()
+             "image, borders and text included",) if mask_failed else ()
     return PreparedImage(
         pixels=np.clip(resized, 0.0, 1.0, out=resized).astype(np.float32, copy=False),
         lungs_found=None if crop is None else crop.found,

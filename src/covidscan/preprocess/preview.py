@@ -14,8 +14,9 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from covidscan.errors import ConfigError, CovidscanError, ManifestError, StorageError
-from covidscan.io import read_image
+from covidscan.io import IMAGE_SUFFIXES, read_image
 from covidscan.preprocess.lungs import MODALITIES
+from covidscan.preprocess.lungseg import lung_segmenter
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
 
 SHEET_COLUMNS = 8
@@ -48,7 +49,8 @@ def preview_sheet(
     """Draw ``n`` sampled images (both classes) with lung outline (green) and crop box (yellow) into a PNG.
 
     Images go through :func:`~covidscan.preprocess.preprocess` with ``cfg`` (default: CLAHE and the lung
-    crop for ``modality``), exactly as training and prediction prepare them.
+    crop for ``modality``), exactly as training and prediction prepare them; in the masked mode what the
+    mask sets to a constant is tinted red.
     Returns ``{"n", "found", "found_share", "unreadable", "reasons", "path"}``.
     """
     missing = {"path", "label"} - set(manifest_df.columns)
@@ -64,6 +66,8 @@ def preview_sheet(
     if Path(out_png).suffix.lower() not in ("", ".png"):
         raise ConfigError(f"the preview sheet is a PNG image: name it .png, not {Path(out_png).name}")
     cfg = (cfg or PreprocessConfig()).model_copy(update={"modality": modality, "lung_crop": True})
+    if cfg.mask_outside_lungs and modality == "cxr":
+        lung_segmenter(cfg.lung_model)  # a missing lung model is one clear error, not one per tile
     rows = _sample(manifest_df, n, seed)
     cols = min(SHEET_COLUMNS, len(rows))
     nrows = math.ceil(len(rows) / cols)
@@ -83,7 +87,12 @@ def preview_sheet(
             ax.text(0.5, 0.5, str(exc)[:60], fontsize=5, ha="center", va="center", wrap=True)
             continue
         crop, image = result.crop, result.enhanced  # lung_crop is on, so crop is set
-        ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="antialiased")
+        if result.unmasked is None:
+            ax.imshow(image, cmap="gray", vmin=0, vmax=1, interpolation="antialiased")
+        else:  # masked mode: the image before masking, what the mask took away tinted red
+            ax.imshow(result.unmasked, cmap="gray", vmin=0, vmax=1, interpolation="antialiased")
+            ax.imshow(np.ma.masked_where(image == result.unmasked, np.ones_like(image)), cmap="Reds",
+                      vmin=0, vmax=1, alpha=0.35, interpolation="nearest")
         if crop is not None and crop.found:
             found += 1
             ax.contour(crop.mask, levels=[0.5], colors="lime", linewidths=0.8)
@@ -116,3 +125,27 @@ def format_preview(stats: dict) -> str:
              f"sheet: {stats['path']}"]
     lines += [f"  not found ({count}x): {reason}" for reason, count in sorted(stats["reasons"].items())]
     return "\n".join(lines)
+
+
+def preview_lung_model(
+    paths: list[str | os.PathLike[str]],
+    out_png: str | os.PathLike[str],
+    *,
+    weights: str | os.PathLike[str] | None = None,
+    n: int = 32,
+    seed: int = 0,
+) -> dict:
+    """:func:`preview_sheet` of chest X-rays (files, or folders searched for image files) masked with the lung
+    U-Net of ``weights`` (default: its default location): to check the segmentation by eye."""
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            files += sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(str(path))
+    if not files:
+        raise ManifestError(f"no images to preview in {', '.join(map(str, paths)) or 'the arguments'}")
+    cfg = PreprocessConfig(modality="cxr", mask_outside_lungs=True,
+                           lung_model=None if weights is None else str(weights))
+    sheet = pd.DataFrame({"path": files, "label": "x-ray"})
+    return preview_sheet(sheet, out_png, n=min(n, len(files)), modality="cxr", seed=seed, cfg=cfg)

@@ -110,7 +110,7 @@ class RandomJPEG(v2.Transform):
         return tv_tensors.wrap(out, like=inpt) if isinstance(inpt, tv_tensors.TVTensor) else out
 
 
-def _photometric(params: AugmentParams) -> list[Callable[[Any], Any]]:
+def photometric_steps(params: AugmentParams) -> list[Callable[[Any], Any]]:
     """The photometric steps ``params`` set, each applied with probability ``photometric_p``."""
     steps: list[Callable[[Any], Any]] = []
     if params.brightness or params.contrast:
@@ -200,7 +200,7 @@ def _build(
         )
         if params.hflip:
             steps.append(v2.RandomHorizontalFlip())
-        steps += _photometric(params)
+        steps += photometric_steps(params)
     steps += [v2.RGB(), v2.Normalize(mean=list(mean), std=list(std)), v2.ToPureTensor()]
     return v2.Compose(steps)
 
