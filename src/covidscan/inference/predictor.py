@@ -225,7 +225,7 @@ class Predictor:
         report.raise_if_refused()
         prepared = prepare_image(image, self.checkpoint.preprocess, self.checkpoint.input_size,
                                  keep_original=keep_original)
-        found = list(report.warnings)
+        found = [*report.warnings, *prepared.warnings]
         if prepared.lungs_found is False:
             kind = MODEL_MODALITIES[self.modality]
             found.append(f"no_lungs: the lung finder found no lungs (not like the {kind} the model was "
