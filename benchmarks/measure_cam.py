@@ -132,20 +132,23 @@ def mean_median(values: pd.Series) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--weights", type=Path, required=True, help="MobileNetV2 state_dict for the phantoms")
+    parser.add_argument("--weights", type=Path, help="MobileNetV2 state_dict for the phantoms")
     parser.add_argument("--run", type=Path, help="trained run on real CT (else phantoms only)")
-    parser.add_argument("--phantoms", type=int, default=200, help="CT phantoms to train and test on")
+    parser.add_argument("--phantoms", type=int, default=200, help="CT phantoms to train and test on (0: none)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="phantom dataset seed")
     parser.add_argument("--threshold", type=float, default=0.5, help="CAM region: >= threshold * max")
     parser.add_argument("--tolerance", type=int, default=15, help="pointing-game tolerance in pixels")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
+    if args.phantoms and args.weights is None:
+        parser.error("--weights is needed for the phantom part (or --phantoms 0 with --run)")
 
     table: list[tuple[str, str, str]] = []
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as work:
-        table += phantom_part(args, Path(work))
+    if args.phantoms:
+        with tempfile.TemporaryDirectory() as work:
+            table += phantom_part(args, Path(work))
     phantom_s = time.perf_counter() - start
     if args.run is not None:
         table += real_part(args)
