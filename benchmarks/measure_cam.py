@@ -134,7 +134,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", type=Path, help="MobileNetV2 state_dict for the phantoms")
     parser.add_argument("--run", type=Path, help="trained run on real CT (else phantoms only)")
-    parser.add_argument("--phantoms", type=int, default=200, help="CT phantoms to train and test on (0: none)")
+    parser.add_argument("--phantoms", type=int, default=200, help="CT phantoms to train on (0: none)")
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="phantom dataset seed")
     parser.add_argument("--threshold", type=float, default=0.5, help="CAM region: >= threshold * max")
