@@ -146,7 +146,7 @@ def test_metadata_round_trip(tiny_run: Path, tiny_onnx: Path) -> None:
     proto = onnx.load(str(tiny_onnx))
     onnx.checker.check_model(proto, full_check=True)
     assert [i.name for i in proto.graph.input] == ["image"]
-    assert [o.name for o in proto.graph.output] == ["logits"]
+    assert [o.name for o in proto.graph.output] == ["logits", "features"]  # features: for the OOD score
     assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= MIN_OPSET
     # Self-contained: all weights inside the one file, no external-data side files.
     assert not any(onnx.external_data_helper.uses_external_data(t) for t in proto.graph.initializer)

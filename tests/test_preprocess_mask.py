@@ -88,7 +88,8 @@ def test_masked_mode_needs_the_lung_crop():
     assert cfg.preprocess.mask_outside_lungs and cfg.preprocess.mask_value == 0.25
 
 
-def test_every_packaged_preset_leaves_the_new_options_off():
-    for name in list_presets():
+def test_every_papers_preset_leaves_the_new_options_off():
+    # covidscan's own presets (covidscan-*) use them; the papers' presets must stay as published.
+    for name in (n for n in list_presets() if not n.startswith("covidscan-")):
         pre = load_config(name).preprocess
         assert not pre.mask_outside_lungs, name
