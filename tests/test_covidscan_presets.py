@@ -11,7 +11,9 @@ import torch
 from covidscan.config import load_config
 from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.errors import ConfigError
+from covidscan.inference import Predictor
 from covidscan.preprocess.lungseg import LungSegmenter, UNet
+from covidscan.runs import file_sha256
 from covidscan.training import train_experiment
 
 TINY = ["model.backbone=timm:resnet18", "model.weights=none", "model.input_size=64", "train.epochs=1",
@@ -64,13 +66,18 @@ def test_covidscan_cxr_trains_with_a_lung_model(tmp_path, xrays):
     checkpoint = json.loads((result.run_dir / "checkpoint.json").read_text())
     assert checkpoint["preprocess"]["mask_outside_lungs"]
     assert checkpoint["preprocess"]["lung_model"] == str(lungs)
+    assert checkpoint["lung_model_sha256"] == file_sha256(lungs)
+    Predictor.from_run(result.run_dir)  # the same lung model: serves
+    with torch.no_grad():
+        model.head.bias.fill_(-10.0)
+    LungSegmenter(model, 64).save(lungs)  # another lung model at the same path: refused, not silently used
+    with pytest.raises(ConfigError, match="another lung model than the run was trained with"):
+        Predictor.from_run(result.run_dir)
 
 
 def test_a_masked_run_says_when_it_could_not_mask(tiny_run, tmp_path):
     import numpy as np
     from PIL import Image
-
-    from covidscan.inference import Predictor
 
     predictor = Predictor.from_run(tiny_run)
     masked = predictor.checkpoint.preprocess.model_copy(update={"mask_outside_lungs": True})

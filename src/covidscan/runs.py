@@ -34,6 +34,7 @@ from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.models import Bf16Verdict, Classifier, ModelConfig, OODDetector, build_model
 from covidscan.preprocess import PreprocessConfig
+from covidscan.preprocess.lungseg import lung_model_path
 
 CHECKPOINT_FORMAT = 2
 """Format 1 (covidscan 0.1) kept threshold and temperature as loose keys; it is still read."""
@@ -102,6 +103,22 @@ class Checkpoint(BaseModel):
     """Set on runs written by ``covidscan adapt``; absent (None) on trained runs."""
     ood: OODInfo | None = None
     """None when the run has no detector (too few validation images, or a covidscan 0.1 run)."""
+    lung_model_sha256: str | None = Field(None, pattern=SHA256)
+    """SHA-256 of the X-ray lung U-Net the run was trained with (masked ``cxr`` runs only)."""
+
+    def check_lung_model(self) -> None:
+        """Refuse to serve a masked X-ray run with a lung model other than the one it was trained with."""
+        if self.lung_model_sha256 is None:
+            return
+        path = lung_model_path(self.preprocess.lung_model)
+        found = file_sha256(path) if path.is_file() else None
+        if found != self.lung_model_sha256:
+            what = "is missing" if found is None else "is another lung model than the run was trained with"
+            raise ConfigError(
+                f"the X-ray lung model {path} {what} (the run needs SHA-256 "
+                f"{self.lung_model_sha256[:12]}...); copy the training machine's file there, or set "
+                "preprocess.lung_model to it"
+            )
 
     @property
     def modality(self) -> str:
@@ -171,6 +188,9 @@ def save_run(
     weights = out / "model.safetensors"
     # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    lung_sha = None
+    if cfg.preprocess.mask_outside_lungs and cfg.preprocess.modality == "cxr":
+        lung_sha = file_sha256(lung_model_path(cfg.preprocess.lung_model))
     ood_info = None
     if ood is not None:
         detector, n_train, n_val = ood
@@ -191,6 +211,7 @@ def save_run(
         bf16=bf16,
         parent=parent,
         ood=ood_info,
+        lung_model_sha256=lung_sha,
     )
     write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
     return checkpoint

@@ -167,6 +167,7 @@ class Predictor:
             raise ConfigError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
         run = load_run(run_dir)
         checkpoint = run.checkpoint
+        checkpoint.check_lung_model()
         if band is not None:
             if not 0.0 <= band < 1.0:
                 raise ConfigError(f"band (width of the uncertain zone around the threshold) must be in "

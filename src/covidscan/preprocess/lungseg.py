@@ -166,9 +166,14 @@ def _cached(path: str, mtime_ns: int, size: int) -> LungSegmenter:
     return LungSegmenter.load(path)
 
 
+def lung_model_path(path: str | os.PathLike[str] | None = None) -> Path:
+    """``path`` (``~`` expanded), or :func:`default_lung_model` when None."""
+    return Path(path).expanduser() if path is not None else default_lung_model()
+
+
 def lung_segmenter(path: str | os.PathLike[str] | None = None) -> LungSegmenter:
     """The segmenter of ``path`` (default :func:`default_lung_model`), loaded once per file version."""
-    resolved = Path(path).expanduser() if path is not None else default_lung_model()
+    resolved = lung_model_path(path)
     try:
         stat = resolved.stat()
     except OSError:
