@@ -16,6 +16,7 @@ from covidscan.errors import StorageError
 from covidscan.inference import Predictor
 from covidscan.inference.evaluate import evaluate_many
 from covidscan.inference.predictor import OOD_WARNING
+from covidscan.io import STAT_NAMES
 from covidscan.runs import load_checkpoint
 
 
@@ -118,3 +119,19 @@ def test_an_adapted_run_counts_the_local_cases_as_training_data(ood_run, tmp_pat
     assert np.mean(after) < np.mean(before)  # the signed cases no longer look foreign
     card = (adapted.run_dir / "model_card.md").read_text()
     assert str(ood_run.resolve()) in card and f"{child.threshold:.2f}" in card
+
+
+def test_the_bpnn_baseline_gets_no_detector_for_want_of_features():
+    from covidscan.models import build_model
+    from covidscan.preprocess import PreparedSet
+    from covidscan.training.ood import fit_ood
+
+    rng = np.random.default_rng(0)
+
+    def images(n: int) -> PreparedSet:
+        return PreparedSet(images=rng.random((n, 150, 250), dtype=np.float32), labels=np.arange(n) % 2,
+                           patient_ids=[None] * n, paths=[f"{i}.png" for i in range(n)],
+                           lungs_found=[True] * n, stats=rng.random((n, len(STAT_NAMES)), dtype=np.float32))
+
+    model = build_model({"backbone": "pixels", "weights": "none", "head": "bpnn"})
+    assert fit_ood(model, images(40), images(30)) is None

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import torch
 
-from covidscan.models import Classifier, OODDetector
+from covidscan.models import PIXELS, Classifier, OODDetector
 from covidscan.preprocess import PreparedSet, to_model_batch
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,12 @@ def fit_ood(
     """k-NN on pooled features + image-statistics envelope, scaled and thresholded on ``val``.
 
     Returns the detector with the numbers of training and validation images used, or None (with a
-    warning) when validation is too small to fit a threshold on.
+    warning) when validation is too small to fit a threshold on, or for the BPNN baseline, whose
+    "backbone" is the pixels themselves (their global mean is a constant, no feature space to compare in).
     """
+    if model.backbone.name == PIXELS:
+        log.warning("no out-of-distribution detector: the BPNN baseline has no backbone features")
+        return None
     if len(val) < MIN_VAL_IMAGES or len(train) < 10:
         log.warning("no out-of-distribution detector: %d training and %d validation images (at least 10 "
                     "and %d are needed)", len(train), len(val), MIN_VAL_IMAGES)

@@ -219,8 +219,8 @@ def measure_bf16(
 
 def _ood_notes(ood: tuple[OODDetector, int, int] | None, metrics: dict[str, Any]) -> list[str]:
     if ood is None:
-        return ["No out-of-distribution detector: fewer than 20 validation images (predictions carry no "
-                "ood_score)."]
+        return ["No out-of-distribution detector (fewer than 20 validation images, or the BPNN baseline, "
+                "which has no backbone features): predictions carry no ood_score."]
     detector, n_train, n_val = ood
     return [f"Out-of-distribution detector (ood.safetensors): k-NN on pooled backbone features of {n_train} "
             f"training images plus an image-statistics envelope; threshold {detector.threshold_:.2f} = the "
