@@ -134,4 +134,4 @@ def test_the_bpnn_baseline_gets_no_detector_for_want_of_features():
                            lungs_found=[True] * n, stats=rng.random((n, len(STAT_NAMES)), dtype=np.float32))
 
     model = build_model({"backbone": "pixels", "weights": "none", "head": "bpnn"})
-    assert fit_ood(model, images(40), images(30)) is None
+    assert fit_ood(model, images(40), images(30), np.zeros((30, 1), np.float32)) is None

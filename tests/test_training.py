@@ -19,7 +19,7 @@ from covidscan.io import read_image
 from covidscan.preprocess import PreprocessConfig, prepare_image
 from covidscan.runs import load_run
 from covidscan.training import train_experiment
-from covidscan.training.engine import predict_logits
+from covidscan.training.engine import predict_outputs
 
 TINY = [
     "model.backbone=timm:resnet18",
@@ -122,7 +122,7 @@ def test_early_stopping_keeps_the_best_validation_weights(phantom_manifest: Path
     val = splits[splits["split"] == "val"]
     images = np.stack([prepare_image(read_image(p), run.config.preprocess, (64, 64)).pixels
                        for p in val["path"]])
-    z = torch.from_numpy(predict_logits(run.model, images, run.model.mean, run.model.std))
+    z = torch.from_numpy(predict_outputs(run.model, images)[0])
     y = torch.tensor((val["label"] == "covid").to_numpy(), dtype=torch.float32)
     # Cross-entropy of the 2-way softmax equals the logistic loss of z = logit_covid - logit_non_covid.
     loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y).item()

@@ -42,8 +42,7 @@ from covidscan.evaluation import (
 from covidscan.models import OODDetector
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
 from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run
-from covidscan.training.engine import CachedFeatures, embed, fit
-from covidscan.training.ood import pooled_features
+from covidscan.training.engine import CachedFeatures, embed, fit, predict_outputs
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Mode = Literal["auto", "recalibrate", "head"]
@@ -352,7 +351,7 @@ def _extended_ood(
     if detector is None or info is None:
         return None
     assert local.stats is not None
-    feats = pooled_features(parent.model, local.images, batch_size=batch_size)
+    _, feats = predict_outputs(parent.model, local.images, batch_size=batch_size)
     return detector.extended(feats, local.stats), info.n_train + len(local), info.n_val
 
 

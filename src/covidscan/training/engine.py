@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from covidscan.config import TrainConfig
+from covidscan.models import Classifier
 from covidscan.preprocess import seeded, to_model_batch
 
 
@@ -110,23 +111,22 @@ def embed(
 
 
 @torch.inference_mode()
-def predict_logits(
-    model: nn.Module,
-    images: np.ndarray,
-    mean: tuple[float, ...],
-    std: tuple[float, ...],
-    *,
-    batch_size: int = 32,
-    device: torch.device | None = None,
-) -> np.ndarray:
-    """Binary logits ``z = logit_covid - logit_non_covid`` of prepared float images (no augmentation)."""
+def predict_outputs(
+    model: Classifier, images: np.ndarray, *, batch_size: int = 32, device: torch.device | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Binary logits ``z = logit_covid - logit_non_covid`` (N,) and pooled backbone features (N, C) of
+    prepared float images (no augmentation), from one backbone pass."""
     model.eval()
     device = device or torch.device("cpu")
-    out = []
+    zs, feats = [], []
     for start in range(0, len(images), batch_size):
-        logits = model(to_model_batch(images[start : start + batch_size], mean, std).contiguous().to(device))
-        out.append((logits[:, 1] - logits[:, 0]).cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+        batch = to_model_batch(images[start : start + batch_size], model.mean, model.std).contiguous()
+        logits, pooled = model.forward_pooled(batch.to(device))
+        zs.append((logits[:, 1] - logits[:, 0]).float().cpu())
+        feats.append(pooled.float().cpu())
+    if not zs:
+        return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
+    return torch.cat(zs).numpy(), torch.cat(feats).numpy()
 
 
 @dataclass

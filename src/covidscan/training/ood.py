@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from covidscan.models import PIXELS, Classifier, OODDetector
-from covidscan.preprocess import PreparedSet, to_model_batch
+from covidscan.preprocess import PreparedSet
+from covidscan.training.engine import predict_outputs
 
 log = logging.getLogger(__name__)
 
@@ -18,25 +19,11 @@ MAX_TRAIN_IMAGES = 5000
 """The k-NN part keeps every training vector; above this many, a seeded sample keeps the file small."""
 
 
-@torch.inference_mode()
-def pooled_features(
-    model: Classifier, images: np.ndarray, *, batch_size: int = 32, device: torch.device | None = None
-) -> np.ndarray:
-    """Globally pooled backbone features ``(N, C)`` of prepared float images (no augmentation)."""
-    model.eval()
-    device = device or torch.device("cpu")
-    out = [
-        model.forward_pooled(to_model_batch(images[i : i + batch_size], model.mean, model.std).to(device))[1]
-        .float().cpu().numpy()
-        for i in range(0, len(images), batch_size)
-    ]
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def fit_ood(
     model: Classifier,
     train: PreparedSet,
     val: PreparedSet,
+    val_features: np.ndarray,
     *,
     batch_size: int = 32,
     device: torch.device | None = None,
@@ -45,9 +32,10 @@ def fit_ood(
 ) -> tuple[OODDetector, int, int] | None:
     """k-NN on pooled features + image-statistics envelope, scaled and thresholded on ``val``.
 
-    Returns the detector with the numbers of training and validation images used, or None (with a
-    warning) when validation is too small to fit a threshold on, or for the BPNN baseline, whose
-    "backbone" is the pixels themselves (their global mean is a constant, no feature space to compare in).
+    ``val_features`` are the validation images' pooled features (:func:`predict_outputs`, computed once
+    with their logits). Returns the detector with the numbers of training and validation images used, or
+    None (with a warning) when validation is too small to fit a threshold on, or for the BPNN baseline,
+    whose "backbone" is the pixels themselves (their global mean is a constant: no feature space).
     """
     if model.backbone.name == PIXELS:
         log.warning("no out-of-distribution detector: the BPNN baseline has no backbone features")
@@ -60,22 +48,13 @@ def fit_ood(
     keep = np.arange(len(train))
     if len(train) > MAX_TRAIN_IMAGES:
         keep = np.sort(np.random.default_rng(seed).choice(len(train), MAX_TRAIN_IMAGES, replace=False))
-    detector = OODDetector().fit(
-        pooled_features(model, train.images[keep], batch_size=batch_size, device=device),
-        train.labels[keep],
-        train.stats[keep],
-        pooled_features(model, val.images, batch_size=batch_size, device=device),
-        val.stats,
-        quantile=quantile,
-    )
+    _, train_features = predict_outputs(model, train.images[keep], batch_size=batch_size, device=device)
+    detector = OODDetector().fit(train_features, train.labels[keep], train.stats[keep], val_features,
+                                 val.stats, quantile=quantile)
     return detector, len(keep), len(val)
 
 
-def ood_share(
-    detector: OODDetector, model: Classifier, images: PreparedSet, *, batch_size: int = 32,
-    device: torch.device | None = None,
-) -> float:
-    """The share of ``images`` the detector flags as unlike the training data."""
+def ood_share(detector: OODDetector, features: np.ndarray, images: PreparedSet) -> float:
+    """The share of ``images`` (with their pooled ``features``) the detector flags as unlike training."""
     assert images.stats is not None
-    feats = pooled_features(model, images.images, batch_size=batch_size, device=device)
-    return float(np.mean(detector.flag(detector.score(feats, images.stats))))
+    return float(np.mean(detector.flag(detector.score(features, images.stats))))

@@ -34,7 +34,7 @@ from covidscan.preprocess import (
 )
 from covidscan.runs import save_run
 from covidscan.system import resolve_device
-from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit, predict_logits
+from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit, predict_outputs
 from covidscan.training.ood import fit_ood, ood_share
 
 log = logging.getLogger(__name__)
@@ -146,11 +146,11 @@ def train_experiment(
     result = fit(module, train_data, val_data, cfg.train, device=device, progress=progress)
 
     ev = cfg.evaluation
-    z_test = predict_logits(model, test_set.images, model.mean, model.std, batch_size=bs, device=device)
+    z_test, f_test = predict_outputs(model, test_set.images, batch_size=bs, device=device)
     groups_test = test_set.groups
-    z_val = None
+    z_val = f_val = None
     if has_val:
-        z_val = predict_logits(model, val_set.images, model.mean, model.std, batch_size=bs, device=device)
+        z_val, f_val = predict_outputs(model, val_set.images, batch_size=bs, device=device)
         groups_val = val_set.groups
         calibration = Calibration.fit(
             z_val, val_set.labels, groups=groups_val if groups_test is not None else None,
@@ -173,9 +173,11 @@ def train_experiment(
         # What settings are chosen on (presets, ensembles): never the test figures above.
         metrics["validation"] = point_metrics(val_set.labels, calibration.proba(z_val),
                                               threshold=calibration.threshold)
-    ood = fit_ood(model, train_set, val_set, batch_size=bs, device=device, seed=seed) if has_val else None
+    ood = None
+    if f_val is not None:
+        ood = fit_ood(model, train_set, val_set, f_val, batch_size=bs, device=device, seed=seed)
     if ood is not None:
-        metrics["ood_share"] = ood_share(ood[0], model, test_set, batch_size=bs, device=device)
+        metrics["ood_share"] = ood_share(ood[0], f_test, test_set)
     model.cpu()
     verdict = measure_bf16(model, test_set, calibration, bs)
     save_run(out, cfg, model, calibration, bf16=verdict, ood=ood)
