@@ -119,7 +119,8 @@ def test_a_mask_of_another_shape_is_refused_by_name(marker_manifest: Path) -> No
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"modality": None}, "needs the modality"),
-    ({"modality": "ct", "mask": "unet"}, "unknown lung mask method 'unet'"),
+    ({"modality": "ct", "mask": "u-net"}, "unknown lung mask method 'u-net'"),
+    ({"modality": "ct", "mask": "unet"}, "the unet lung mask is the X-ray lung model"),
     ({"modality": "ct", "folds": 1}, "folds=1"),
 ])
 def test_bad_settings_are_named(marker_manifest: Path, kwargs: dict, message: str) -> None:
@@ -182,3 +183,20 @@ def test_data_audit_probe_errors_in_the_cli(marker_manifest: Path, tmp_path: Pat
 def test_the_audit_still_imports_without_torch() -> None:
     code = "import sys, covidscan.data.audit; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_unet_mask_uses_the_xray_lung_model_or_names_the_command(marker_manifest: Path, weights: Path,
+                                                                     tmp_path: Path, monkeypatch) -> None:
+    from covidscan.preprocess.lungseg import LungSegmenter, UNet, default_lung_model
+
+    monkeypatch.setenv("COVIDSCAN_CACHE", str(tmp_path / "cache"))
+    df = pd.read_csv(marker_manifest)
+    with pytest.raises(ConfigError, match="covidscan lungseg train"):
+        shortcut_probe(df, modality="cxr", weights=weights, size=64, mask="unet")
+    model = UNet()  # a lung model whose head calls every pixel lung
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(10.0)
+    LungSegmenter(model, 64).save(default_lung_model())
+    result = shortcut_probe(df, modality="cxr", weights=weights, size=64, mask="unet", n_boot=20)
+    assert result.to_dict()["mask_method"] == "unet" and result.no_lungs_share == 0

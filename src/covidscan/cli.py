@@ -191,6 +191,10 @@ def data_audit(
         str, typer.Option(help="imagenet (torchvision / timm cache) or a state_dict file for the backbone.")
     ] = "imagenet",
     probe_size: Annotated[int, typer.Option(help="Side in pixels the probe's images are resized to.")] = 224,
+    probe_mask: Annotated[
+        str, typer.Option(help="Lung masks of the probe: contour (the lung crop's) or unet (the X-ray lung "
+                          "model of `covidscan lungseg train`).")
+    ] = "contour",
 ) -> None:
     """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
@@ -201,7 +205,7 @@ def data_audit(
         from covidscan.evaluation.probe import add_probe, shortcut_probe
 
         result = shortcut_probe(df, modality=modality, backbone=probe_backbone, weights=probe_weights,
-                                size=probe_size, progress=_progress())
+                                size=probe_size, mask=probe_mask, progress=_progress())
         report = add_probe(report, result)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2), encoding="utf-8")

@@ -37,6 +37,7 @@ from covidscan.io import assess, read_image
 from covidscan.models import Backbone, build_backbone
 from covidscan.preprocess import MODALITIES, apply_clahe, find_lungs, to_model_batch
 from covidscan.preprocess.clahe import as_gray_float
+from covidscan.preprocess.lungseg import lung_segmenter
 
 OUTSIDE_AUC_WARN = 0.7
 """Outside-lungs ROC AUC from which the audit warns: 0.7 is the usual floor of "acceptable" discrimination,
@@ -65,10 +66,19 @@ def contour_lung_mask(gray: np.ndarray, modality: str) -> np.ndarray | None:
     return crop.mask if crop.found else None
 
 
+def unet_lung_mask(gray: np.ndarray, modality: str) -> np.ndarray | None:
+    """The X-ray lung U-Net's mask (``covidscan lungseg train``; the masked ``cxr`` mode's lungs)."""
+    mask = lung_segmenter()(gray)
+    return mask if mask.any() else None
+
+
 MASK_METHODS: dict[str, MaskMethod] = {
     "contour": MaskMethod(
         "contour", "preprocess.find_lungs contours on the CLAHE image (the lung crop's masks)",
         contour_lung_mask,
+    ),
+    "unet": MaskMethod(
+        "unet", "the X-ray lung U-Net of covidscan lungseg train (chest X-rays only)", unet_lung_mask,
     ),
 }
 
@@ -247,6 +257,11 @@ def shortcut_probe(
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
         raise ConfigError(f"probe folds={folds!r} must be an integer >= 2")
     method = _mask_method(mask)
+    if method.name == "unet":
+        if modality != "cxr":
+            raise ConfigError("the unet lung mask is the X-ray lung model: use it with --modality cxr, or "
+                              "the contour mask for CT")
+        lung_segmenter()  # a missing or damaged lung model fails here, naming the command, before any work
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
         raise ManifestError(f"cannot probe: the manifest has no {', '.join(missing)} column")
