@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from covidscan.errors import RunNotFoundError, StorageError
+from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.inference import GroupPrediction, Prediction, Predictor
 from covidscan.inference import predictor as predictor_module
 from covidscan.io import read_image
-from covidscan.models import bf16_verdict
+from covidscan.models import Bf16Verdict, bf16_supported, bf16_verdict
 from covidscan.preprocess import PreparedImage, to_model_batch
 from covidscan.runs import load_checkpoint, load_run
 
@@ -137,8 +136,9 @@ def test_runs_written_by_covidscan_0_1_still_load(tiny_run: Path, phantoms: list
     converted = load_checkpoint(old)
     assert converted.calibration.threshold == new.calibration.threshold
     assert converted.weights_sha256 == new.weights_sha256 and converted.modality == "ct"
-    a = Predictor.from_run(old).predict(phantoms[:3])
-    b = Predictor.from_run(tiny_run).predict(phantoms[:3])
+    # fp32 on both: a format-1 run has no bf16 check, so under auto it would serve fp32 beside a bf16 one
+    a = Predictor.from_run(old, precision="fp32").predict(phantoms[:3])
+    b = Predictor.from_run(tiny_run, precision="fp32").predict(phantoms[:3])
     assert [p.p_covid for p in a] == pytest.approx([p.p_covid for p in b], abs=1e-6)
     assert tree_digest(old) == before  # read in memory, never rewritten
 
@@ -168,17 +168,55 @@ def test_missing_run_is_a_not_found_error(tmp_path: Path):
     assert info.value.http_status == 404
 
 
-def test_bf16_only_where_the_cpu_has_it_and_the_run_allows_it(tiny_run: Path, tmp_path: Path, monkeypatch):
-    run = tmp_path / "run"
-    shutil.copytree(tiny_run, run)
-    checkpoint = json.loads((run / "checkpoint.json").read_text())
-    monkeypatch.setattr(predictor_module, "bf16_supported", lambda: True)
-    for allowed, precision in ((True, "bf16"), (False, "fp32")):
-        checkpoint["bf16"] = {"allowed": allowed, "reason": "test", "torch": torch.__version__}
-        (run / "checkpoint.json").write_text(json.dumps(checkpoint))
-        assert Predictor.from_run(run).precision == precision
-    monkeypatch.setattr(predictor_module, "bf16_supported", lambda: False)
-    assert Predictor.from_run(run).precision == "fp32"  # allowed, but emulated bf16 would be slower
+def _run_with_verdict(tiny_run: Path, folder: Path, verdict: Bf16Verdict | None) -> Path:
+    """A copy of the tiny run whose checkpoint carries ``verdict`` as its bf16 check."""
+    shutil.copytree(tiny_run, folder)
+    checkpoint = load_checkpoint(folder).model_copy(update={"bf16": verdict})
+    (folder / "checkpoint.json").write_text(checkpoint.model_dump_json(indent=2))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def measured_verdict(tiny_run: Path, phantoms: list[Path]) -> Bf16Verdict:
+    """The tiny run's bf16 check measured for real on 8 phantoms (emulated bf16 where the CPU lacks it)."""
+    run = load_run(tiny_run)
+    prepare = Predictor.from_run(tiny_run, precision="fp32").prepare
+    pixels = np.stack([prepare(read_image(p)).pixels for p in phantoms[:8]])
+    batches = [to_model_batch(pixels[i : i + 4], run.model.mean, run.model.std) for i in range(0, 8, 4)]
+    return bf16_verdict(run.model, batches, run.calibration.proba, run.calibration.threshold)
+
+
+def test_precision_auto_follows_the_cpu_and_the_run(tiny_run, measured_verdict, phantoms, tmp_path):
+    allowed = measured_verdict.model_copy(update={"allowed": True})
+    run = _run_with_verdict(tiny_run, tmp_path / "allowed", allowed)
+    native = bf16_supported()
+    assert Predictor.from_run(run).precision == ("bf16" if native else "fp32")  # emulated bf16 is slower
+    assert Predictor.from_run(run, precision="fp32").precision == "fp32"
+    # asked for, bf16 runs on every CPU (emulated without native bf16): the same path the service takes on AMX
+    bf16 = Predictor.from_run(run, precision="bf16")
+    fp32 = Predictor.from_run(run, precision="fp32")
+    assert bf16.precision == "bf16"
+    p16 = np.array([p.p_covid for p in bf16.predict(phantoms[:6])])
+    p32 = np.array([p.p_covid for p in fp32.predict(phantoms[:6])])
+    assert np.abs(p16 - p32).max() < 0.02  # bf16 keeps 8 bits of mantissa: close, not equal
+    # engines that compute in fp32 only stay in fp32 under auto, whatever the CPU
+    assert Predictor.from_run(run, fast=False).precision == "fp32"
+
+
+def test_precision_bf16_is_refused_where_the_run_did_not_allow_it(tiny_run, measured_verdict, tmp_path):
+    verdict = measured_verdict.model_copy(update={"allowed": False, "reason": "3 of 8 changed"})
+    refused = _run_with_verdict(tiny_run, tmp_path / "refused", verdict)
+    never = _run_with_verdict(tiny_run, tmp_path / "never", None)
+    for run in (refused, never):
+        assert Predictor.from_run(run).precision == "fp32"
+    with pytest.raises(ConfigError, match=r"refused bf16 \(3 of 8 changed\)"):
+        Predictor.from_run(refused, precision="bf16")
+    with pytest.raises(ConfigError, match="never measured"):
+        Predictor.from_run(never, precision="bf16")
+    with pytest.raises(ConfigError, match="torch engine"):
+        Predictor.from_run(tiny_run, precision="bf16", fast=False)
+    with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16"):
+        Predictor.from_run(tiny_run, precision="fp16")
 
 
 def test_bf16_verdict_counts_changed_labels(tiny_run: Path, phantoms: list[Path]):

@@ -60,11 +60,12 @@ def test_reloaded_run_reproduces_its_predictions(tiny_run: Path, phantom_manifes
     run = load_run(tiny_run)
     cal = run.calibration
     assert run.model.training is False and 0 < cal.threshold < 1 and cal.temperature > 0
-    metrics = evaluate_run(tiny_run, tiny_run / "splits.csv", tmp_path, progress=False)
+    # fp32: training scored its test split in fp32; auto would serve bf16 where the CPU has it natively
+    metrics = evaluate_run(tiny_run, tiny_run / "splits.csv", tmp_path, precision="fp32", progress=False)
     saved = pd.read_csv(tiny_run / "predictions.csv")
     again = pd.read_csv(tmp_path / "predictions.csv")
     np.testing.assert_allclose(again["p_covid"], saved["p_covid"], atol=1e-5)
-    assert metrics["threshold"] == pytest.approx(cal.threshold)
+    assert metrics["threshold"] == pytest.approx(cal.threshold) and metrics["precision"] == "fp32"
 
 
 @pytest.mark.slow

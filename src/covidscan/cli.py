@@ -65,6 +65,11 @@ app.add_typer(preprocess_app, name="preprocess")
 Strict = Annotated[
     bool, typer.Option(help="Stop when any image is unreadable or refused, instead of leaving it out.")
 ]
+PrecisionOption = Annotated[
+    str,
+    typer.Option(help="auto (bf16 where this CPU runs it natively and the run's check allows it), fp32 (the "
+                      "same numbers on every CPU) or bf16 (where the run's check allows it)."),
+]
 Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a config value, e.g. --set train.epochs=5 (repeatable)."),
@@ -295,6 +300,7 @@ def evaluate(
         bool, typer.Option(help="Evaluate even on images the run was trained or validated on (inflated!).")
     ] = False,
     strict: Strict = False,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Evaluate a trained run on any dataset with the run's own threshold and calibration.
 
@@ -305,12 +311,12 @@ def evaluate(
 
     if len(data) > 1:
         table = evaluate_many(run, data, out, split=split, allow_overlap=allow_overlap, strict=strict,
-                              progress=_progress())
+                              precision=precision, progress=_progress())
         out_console.print(table.read_text(encoding="utf-8"))
         out_console.print(f"table: {table}")
         return
     metrics = evaluate_run(run, data[0], out, split=split, allow_overlap=allow_overlap, strict=strict,
-                           progress=_progress())
+                           precision=precision, progress=_progress())
     out_console.print(format_metrics_table(metrics))
     out_console.print(f"report: {out / 'report.md'}")
 
@@ -379,6 +385,7 @@ def predict(
     ] = None,
     workers: Annotated[int, typer.Option(help="Threads decoding and preprocessing images.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    precision: PrecisionOption = "auto",
 ) -> None:
     """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
     from covidscan.inference import check_output, write_predictions
@@ -387,7 +394,7 @@ def predict(
     check_output(out)
     df = run_predict(
         run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
-        batch_size=batch_size, progress=_progress(),
+        batch_size=batch_size, precision=precision, progress=_progress(),
     )
     write_predictions(df, out)
     ok = df["error"] == ""

@@ -22,6 +22,7 @@ from covidscan.evaluation import (
 )
 from covidscan.inference.predictor import Predictor
 from covidscan.io import pixel_hash, read_image
+from covidscan.models import Precision
 from covidscan.preprocess import prepare_manifest
 
 
@@ -76,6 +77,7 @@ def evaluate_run(
     split: str | None = None,
     allow_overlap: bool = False,
     strict: bool = False,
+    precision: Precision = "auto",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate a trained run on a manifest or folder (e.g. an external test set) with its own threshold.
@@ -85,9 +87,11 @@ def evaluate_run(
     otherwise every row). Data that share images (same path or same decoded pixels) with the run's
     training or validation split are refused, unless ``allow_overlap`` (then the report says so). Images
     the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error instead).
-    Writes metrics.json, predictions.csv, figures and report.md into ``out``.
+    ``precision`` is the torch engine's (see :meth:`Predictor.from_run`; ``fp32`` reproduces the
+    training-time scores of the test split). Writes metrics.json, predictions.csv, figures and report.md
+    into ``out``.
     """
-    predictor = Predictor.from_run(run_dir, engine="torch")
+    predictor = Predictor.from_run(run_dir, engine="torch", precision=precision)
     cfg = load_config(predictor.run_dir / "config.yaml")
     df = read_manifest(data, patient_column=cfg.data.patient_column)
     if split is None and "split" in df and df["split"].notna().all():
@@ -111,6 +115,7 @@ def evaluate_run(
     )
     notes = excluded_notes(prepared.excluded)
     metrics["excluded"] = len(prepared.excluded)
+    metrics["precision"] = predictor.precision  # bf16 or fp32: the numbers differ in the last digits
     ood = predictor.ood_scores(features, prepared.stats)
     if ood is not None and predictor.ood is not None:
         flagged = predictor.ood.flag(ood[0])
@@ -169,6 +174,7 @@ def evaluate_many(
     split: str | None = None,
     allow_overlap: bool = False,
     strict: bool = False,
+    precision: Precision = "auto",
     progress: bool = True,
 ) -> Path:
     """:func:`evaluate_run` on several external sets: ``out/NAME/`` per set plus ``table.md``/``table.json``.
@@ -183,7 +189,8 @@ def evaluate_many(
     out = Path(out)
     rows = [
         _table_row(name, data, evaluate_run(run_dir, data, out / name, split=split,
-                                            allow_overlap=allow_overlap, strict=strict, progress=progress))
+                                            allow_overlap=allow_overlap, strict=strict, precision=precision,
+                                            progress=progress))
         for name, data in zip(_set_names(paths), paths, strict=True)
     ]
     text = json.dumps(to_jsonable({"run": str(run_dir), "sets": rows}), indent=2, allow_nan=False)

@@ -19,6 +19,7 @@ from covidscan.data import read_manifest
 from covidscan.errors import ConfigError, StorageError
 from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
 from covidscan.io import list_images
+from covidscan.models import Precision
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 
@@ -73,6 +74,7 @@ def predict(
     workers: int = 2,
     batch_size: int = 32,
     fast: bool = True,
+    precision: Precision = "auto",
     progress: bool = True,
 ) -> pd.DataFrame:
     """Predict every image of ``inputs`` (files, folders searched recursively, manifest CSVs) with a run.
@@ -91,13 +93,13 @@ def predict(
     * ``cam_png``: the Grad-CAM overlay written into ``cam_dir`` (only when ``cam_dir`` is given).
 
     ``run_dir`` may also be a loaded :class:`Predictor` (then ``engine``, ``onnx_path``, ``band``, ``fast``,
-    ``workers`` and ``batch_size`` are its own). Settings used are in ``df.attrs["predict"]``.
+    ``precision``, ``workers`` and ``batch_size`` are its own). Settings used are in ``df.attrs["predict"]``.
     """
     if isinstance(run_dir, Predictor):
         predictor = run_dir
     else:
         predictor = Predictor.from_run(run_dir, engine=engine, onnx_path=onnx_path, band=band, fast=fast,
-                                       batch_size=batch_size, workers=workers)
+                                       precision=precision, batch_size=batch_size, workers=workers)
     items = collect_inputs(inputs)
     known = {i: item.error for i, item in enumerate(items) if item.error}
     todo = [i for i in range(len(items)) if i not in known]

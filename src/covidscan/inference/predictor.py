@@ -25,7 +25,7 @@ from covidscan.errors import ConfigError, InputError
 from covidscan.evaluation import Calibration
 from covidscan.io import LoadedImage, QualityLimits, assess, read_image
 from covidscan.io.quality import MODEL_MODALITIES
-from covidscan.models import Classifier, FastClassifier, OODDetector, bf16_supported
+from covidscan.models import Classifier, FastClassifier, OODDetector, Precision, use_bf16
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
 from covidscan.runs import Checkpoint, load_ood, load_run
 from covidscan.system import cache_dir, resolve_device
@@ -151,6 +151,7 @@ class Predictor:
         onnx_path: str | Path | None = None,
         band: float | None = None,
         fast: bool = True,
+        precision: Precision = "auto",
         batch_size: int = 32,
         workers: int = 2,
     ) -> Predictor:
@@ -161,7 +162,9 @@ class Predictor:
         (onnxruntime on ``onnx_path``, else the run's ``model.onnx``, else an export cached outside the
         run), or ``auto`` (onnx when the run holds a ``model.onnx`` or ``onnx_path`` is given, else torch).
         ``device`` is ``cpu``, ``cuda`` or ``auto`` (torch engine only). ``band`` replaces the run's
-        uncertain-zone width.
+        uncertain-zone width. ``precision``: ``auto`` (bf16 where the CPU has it natively and the run's check
+        allows it), ``fp32`` (the same numbers on every CPU) or ``bf16`` (where the run's check allows it;
+        emulated on CPUs without native bf16) -- see :func:`covidscan.models.use_bf16`.
         """
         if engine not in ("auto", "torch", "onnx"):
             raise ConfigError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
@@ -181,12 +184,17 @@ class Predictor:
             raise ConfigError("the onnx engine runs on the CPU only; use engine='torch' for CUDA")
         if engine == "torch" and onnx_path is not None:
             raise ConfigError(f"ONNX file {onnx_path} given with the torch engine; choose the onnx engine")
+        plain = engine == "onnx" or not fast  # onnxruntime and the unfolded model compute in fp32 only
+        if plain and precision == "bf16":
+            raise ConfigError("precision bf16 needs the torch engine (fast); use precision auto or fp32")
+        bf16 = use_bf16(precision, checkpoint.bf16, target) and not plain
         if engine == "onnx":
-            forward, precision = _onnx_forward(run.path, run.checkpoint, onnx_path)
+            forward = _onnx_forward(run.path, run.checkpoint, onnx_path)
         else:
-            forward, precision = _torch_forward(run.model, checkpoint, target, fast)
-        return cls(run.path, checkpoint, run.model, forward, engine=engine, precision=precision,
-                   device=target, batch_size=batch_size, workers=workers, ood=load_ood(run.path, checkpoint))
+            forward = _torch_forward(run.model, target, fast, bf16)
+        return cls(run.path, checkpoint, run.model, forward, engine=engine,
+                   precision="bf16" if bf16 else "fp32", device=target, batch_size=batch_size,
+                   workers=workers, ood=load_ood(run.path, checkpoint))
 
     # ------------------------------------------------------------------ properties
     @property
@@ -400,12 +408,8 @@ def _meta_group(prepared: PreparedImage) -> str | None:
     return None if meta is None else (meta.series_uid or meta.patient_id)
 
 
-def _torch_forward(
-    model: Classifier, checkpoint: Checkpoint, device: torch.device, fast: bool
-) -> tuple[Forward, str]:
-    """The torch engine: folded and channels_last (``fast``), in bf16 only where the run's check allows."""
-    verdict = checkpoint.bf16
-    bf16 = fast and device.type == "cpu" and bf16_supported() and verdict is not None and verdict.allowed
+def _torch_forward(model: Classifier, device: torch.device, fast: bool, bf16: bool) -> Forward:
+    """The torch engine: folded and channels_last (``fast``), in bf16 when asked (see ``use_bf16``)."""
     net = FastClassifier(model, torch.bfloat16 if bf16 else torch.float32) if fast else model
     net = net.to(device)
 
@@ -414,12 +418,10 @@ def _torch_forward(
         logits, pooled = net.forward_pooled(x.to(device) if fast else x.to(device).contiguous())
         return (logits[:, 1] - logits[:, 0]).float().cpu().numpy(), pooled.float().cpu().numpy()
 
-    return forward, "bf16" if bf16 else "fp32"
+    return forward
 
 
-def _onnx_forward(
-    run_dir: Path, checkpoint: Checkpoint, onnx_path: str | Path | None
-) -> tuple[Forward, str]:
+def _onnx_forward(run_dir: Path, checkpoint: Checkpoint, onnx_path: str | Path | None) -> Forward:
     """The onnxruntime engine over the given file, the run's model.onnx, or a cached export."""
     from covidscan.export import OnnxModel, export_onnx  # onnxruntime loads only when asked for
 
@@ -448,7 +450,7 @@ def _onnx_forward(
         logits = np.asarray(logits, dtype=np.float32)
         return logits[:, 1] - logits[:, 0], features
 
-    return forward, "fp32"
+    return forward
 
 
 __all__ = ["OOD_WARNING", "Engine", "Forward", "GroupPrediction", "Prediction", "Predictor", "Source",

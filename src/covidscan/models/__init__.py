@@ -17,7 +17,16 @@ from covidscan.models.classifier import (
     gradcam_target_layer,
     pool_features,
 )
-from covidscan.models.fast import Bf16Verdict, FastClassifier, bf16_supported, bf16_verdict, binary_logits
+from covidscan.models.fast import (
+    PRECISIONS,
+    Bf16Verdict,
+    FastClassifier,
+    Precision,
+    bf16_supported,
+    bf16_verdict,
+    binary_logits,
+    use_bf16,
+)
 from covidscan.models.heads import linear_head, mlp_head, paper_a_head
 from covidscan.models.ood import FeatureDensity, ImageStatsEnvelope, OODDetector
 from covidscan.models.weights import downloads_disabled, read_state_dict, torchvision_checkpoint_path
@@ -27,6 +36,7 @@ __all__ = [
     "BPNN_INPUT_SIZE",
     "DEFAULT_HIDDEN",
     "PIXELS",
+    "PRECISIONS",
     "TORCHVISION_BACKBONES",
     "Backbone",
     "Bf16Verdict",
@@ -36,6 +46,7 @@ __all__ = [
     "ImageStatsEnvelope",
     "ModelConfig",
     "OODDetector",
+    "Precision",
     "bf16_supported",
     "bf16_verdict",
     "binary_logits",
@@ -50,4 +61,5 @@ __all__ = [
     "pool_features",
     "read_state_dict",
     "torchvision_checkpoint_path",
+    "use_bf16",
 ]

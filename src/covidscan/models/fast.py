@@ -1,9 +1,12 @@
 """Fast CPU inference: BatchNorm folded into the convolutions, channels_last memory, bf16 where it is safe.
 
-bf16 policy: bf16 runs only when (1) the CPU has native bf16 instructions (AVX512_BF16 or AMX on x86,
-BF16 on Arm) and (2) the run's own verdict (:func:`bf16_verdict`, measured at training time on the run's
-test split) says bf16 changed at most 0.5% of the fp32 labels. Runs without a verdict stay in fp32. The
-backbone runs in bf16 but the head in fp32, so the logits themselves are not rounded to bf16.
+bf16 policy (:func:`use_bf16`): with precision ``auto``, bf16 runs only when (1) the CPU has native bf16
+instructions (AVX512_BF16 or AMX on x86, BF16 on Arm) and (2) the run's own verdict (:func:`bf16_verdict`,
+measured at training time on the run's test split) says bf16 changed at most 0.5% of the fp32 labels. Runs
+without a verdict stay in fp32. ``fp32`` always gives the fp32 numbers (the same on every CPU: tests and
+comparisons across machines ask for it); ``bf16`` asks for bf16 where the run's verdict allows it, emulated
+(same numbers, slower) on a CPU without native bf16. The backbone runs in bf16 but the head in fp32, so the
+logits themselves are not rounded to bf16.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import re
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -21,10 +25,13 @@ import torch.fx.experimental.optimization as fx_opt
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from covidscan.errors import ConfigError
 from covidscan.models.classifier import Classifier, pool_features
 
 log = logging.getLogger(__name__)
 
+Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 MAX_LABEL_CHANGE = 0.005
 """bf16 is allowed when it changes at most this share of the fp32 labels on the run's test split."""
 
@@ -53,6 +60,31 @@ def bf16_supported() -> bool:
         return False
     flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def use_bf16(precision: str, verdict: Bf16Verdict | None, device: torch.device) -> bool:
+    """Whether a run serves in bf16 under the asked ``precision`` (see the module's bf16 policy).
+
+    Raises ConfigError for an unknown precision, and for ``bf16`` where the run's verdict does not allow
+    it (refused, or never measured) or on a GPU.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32":
+        return False
+    if precision == "auto":
+        return device.type == "cpu" and bf16_supported() and verdict is not None and verdict.allowed
+    if device.type != "cpu":
+        raise ConfigError("precision bf16 is for the CPU; on a GPU use precision auto or fp32")
+    if verdict is None:
+        raise ConfigError("this run's bf16 check was never measured (it was trained on a CPU without native "
+                          "bf16), so bf16 is not allowed for it; use precision auto or fp32")
+    if not verdict.allowed:
+        raise ConfigError(f"this run's bf16 check refused bf16 ({verdict.reason}); "
+                          "use precision auto or fp32")
+    if not bf16_supported():
+        log.warning("this CPU has no native bf16: bf16 is emulated (the same numbers as native, but slower)")
+    return True
 
 
 class FastClassifier(nn.Module):
