@@ -209,7 +209,9 @@ def test_onnx_engine_matches_torch_and_caches_outside_the_run(tiny_run, phantoms
     assert [p.name for p in (tmp_path / "cache" / "onnx").iterdir()] == [f"{sha}.onnx"]
     assert onnx_df.attrs["predict"]["engine"] == "onnx"
     assert np.abs(onnx_df["p_covid"] - torch_df["p_covid"]).max() <= 1e-4
-    assert (onnx_df["label"] == torch_df["label"]).all()
+    # labels agree wherever the two fp32 engines' 1e-4 rounding cannot cross the threshold
+    clear = (torch_df["p_covid"] - load_checkpoint(tiny_run).calibration.threshold).abs() > 1e-4
+    assert clear.sum() >= 4 and (onnx_df["label"] == torch_df["label"])[clear].all()
 
 
 def test_cam_dir_gets_one_overlay_per_image(loaded, phantoms, tmp_path):
