@@ -13,6 +13,7 @@ from pathlib import Path
 import huggingface_hub.constants
 import pytest
 
+import covidscan.training  # imported up front: the timings count the command, not first imports
 from covidscan.models.weights import PROBE_TIMEOUT_S, unreachable
 from test_cli import covidscan
 
