@@ -179,7 +179,10 @@ def test_evaluate_on_several_sets_writes_one_table(tiny_run: Path, site: Path, t
     table = json.loads((tmp_path / "eval" / "table.json").read_text())
     assert [row["set"] for row in table["sets"]] == names
     assert [row["n_images"] for row in table["sets"]] == [32, 16]
-    assert all(row["ood_share"] is None and row["roc_auc"]["ci95"][0] is not None for row in table["sets"])
+    assert all(row["ood_share"] is None for row in table["sets"])
+    # 16 patients get an AUC interval; 8 are too few for one, and the entry says so (with its count)
+    assert [(row["roc_auc"]["ci95"][0] is not None, row["roc_auc"]["ci_method"], row["roc_auc"]["ci_n"])
+            for row in table["sets"]] == [(True, "shifted percentile", 16), (False, "too few", 8)]
     markdown = (tmp_path / "eval" / "table.md").read_text()
     header = "| set | images | patients | accuracy | sensitivity | specificity | ROC AUC | OOD share |"
     assert header in markdown

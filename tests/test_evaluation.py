@@ -29,7 +29,8 @@ from covidscan.evaluation import (
     validate_metrics_schema,
     write_metrics,
 )
-from covidscan.evaluation.metrics import _ResampleStats
+from covidscan.evaluation.metrics import _ResampleStats, confidence_intervals, wilson_interval
+from covidscan.evaluation.report import format_value_ci
 
 # Hand-worked example: threshold 0.5 gives tp=3, fn=1, fp=1, tn=5.
 Y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0, 0])
@@ -117,6 +118,45 @@ def test_cluster_bootstrap_is_wider_for_duplicated_patients():
         assert patient_width > 2 * image_width, name
 
 
+def test_a_perfect_score_on_seven_patients_has_a_real_interval_and_says_its_count():
+    # 3 covid and 4 non_covid patients, 2 slices each, all right: the bootstrap can only draw 100%.
+    groups = np.repeat(np.arange(7), 2)
+    y = np.repeat([1, 1, 1, 0, 0, 0, 0], 2)
+    p = np.repeat([0.9, 0.8, 0.7, 0.3, 0.2, 0.1, 0.25], 2)
+    assert bootstrap_ci(y, p, threshold=0.5, groups=groups)["recall"].low == 1.0  # the old, degenerate one
+    res = evaluate_predictions(y, p, threshold=0.5, groups=groups, n_boot=500)
+    validate_metrics_schema(res)
+    for block in (res, res["patient_level"]):
+        accuracy, recall = block["metrics"]["accuracy"], block["metrics"]["recall"]
+        assert accuracy["value"] == 1.0 and accuracy["ci_method"] == "wilson"
+        assert (accuracy["ci_n"], accuracy["ci_unit"], recall["ci_n"]) == (7, "patients", 3)
+        assert accuracy["ci95"] == pytest.approx([0.646, 1.0], abs=1e-3)  # Wilson 7/7
+        assert recall["ci95"][0] < 0.5  # 3 of 3 says little
+        assert format_value_ci(accuracy) == "1.000 (95% CI 0.646–1.000, 7 patients)"
+        # Too few patients for a bootstrap AUC or ECE: no interval, and it says so.
+        assert block["metrics"]["roc_auc"]["ci95"] == [None, None]
+        assert format_value_ci(block["metrics"]["ece"]).endswith("(no CI: too few, 7 patients)")
+
+
+def test_wilson_interval_matches_the_textbook():
+    assert wilson_interval(0.75, 20) == pytest.approx((0.531, 0.888), abs=1e-3)  # Newcombe (1998)
+    assert wilson_interval(0.0, 10) == pytest.approx((0.0, 0.278), abs=1e-3)
+
+
+def test_ece_interval_holds_its_estimate_inside():
+    # Well calibrated: resampling only adds noise to ECE, so the resamples sit above the estimate.
+    rng = np.random.default_rng(0)
+    p = rng.random(40)
+    y = (rng.random(40) < p).astype(int)
+    value = point_metrics(y, p, threshold=0.5)["ece"]
+    plain = bootstrap_ci(y, p, threshold=0.5, n_boot=1000)["ece"]
+    honest = confidence_intervals(y, p, threshold=0.5, n_boot=1000)["ece"]
+    assert (value - plain.low) / (plain.high - plain.low) < 0.2  # the estimate at the plain interval's edge
+    assert honest.method == "shifted percentile" and honest.n == 40
+    assert 0.3 < (value - honest.low) / (honest.high - honest.low) < 0.7
+    assert honest.high - honest.low == pytest.approx(plain.high - plain.low)  # same spread, moved
+
+
 def test_missing_patient_ids_are_their_own_groups():
     y = np.array([1, 1, 0, 0])
     groups = ["a", None, np.nan, "a2"]
@@ -147,7 +187,8 @@ def test_undefined_resamples_are_skipped_and_counted():
 def test_single_class_set_gives_null_auc_and_strict_json(tmp_path):
     rng = np.random.default_rng(5)
     res = evaluate_predictions(np.zeros(50, int), rng.random(50), threshold=0.5, n_boot=100)
-    assert res["metrics"]["roc_auc"] == {"value": None, "ci95": [None, None]}
+    auc = res["metrics"]["roc_auc"]
+    assert (auc["value"], auc["ci95"], auc["ci_method"]) == (None, [None, None], "none")
     assert res["metrics"]["recall"]["value"] is None
     assert res["metrics"]["specificity"]["value"] is not None
     json.dumps(res, allow_nan=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -99,6 +101,10 @@ def test_make_figures_and_report(tmp_path):
     assert f"T = {metrics['temperature']:.3f}" in text and "resamples of patients" in text
     assert "'youden' rule" in text and "- a note" in text and "lr: 0.0001" in text
     assert "| **true covid** |" in text
+    # Every interval says how many units it rests on, in the tables and in plain words.
+    assert re.search(r"are flagged as COVID \(95% CI \d+–\d+, \d+ patients\)", text)
+    assert re.search(r"\| accuracy \| [\d.]+ \| [\d.]+ – [\d.]+ \((bootstrap|Wilson), 40 patients\) \|", text)
+    assert "Wilson score interval on the units" in text
 
 
 def test_report_for_one_class_set_without_patients(tmp_path):

@@ -43,7 +43,7 @@ def test_the_card_states_the_runs_own_values(run: Path) -> None:
     assert f"| ROC AUC | {format_value_ci(metrics['metrics']['roc_auc'])} |" in text
     assert f"threshold p(covid) >= {checkpoint['calibration']['threshold']:.3f}" in text
     assert checkpoint["weights_sha256"] in text and "timm:resnet18" in text
-    assert "second reader on chest CT slices" in text and "a diagnosis on its own" in text
+    assert "**Not for:** a diagnosis, or any decision about a patient" in text
     splits = pd.read_csv(run / "splits.csv")
     test = splits[splits["split"] == "test"]
     counts = test["label"].value_counts()
@@ -117,3 +117,58 @@ def test_card_command(run: Path, tmp_path: Path) -> None:
     assert "not a covidscan run directory" in result.stderr
     with pytest.raises(RunNotFoundError, match="--out folder"):
         write_model_card(tmp_path)
+
+
+def _intended_use(text: str) -> str:
+    return text.split("## Intended use")[1].split("## Model details")[0]
+
+
+def test_the_phantom_demo_card_says_it_is_a_demonstration_not_for_use(run: Path) -> None:
+    use = _intended_use(render_model_card(run))
+    assert "**A demonstration on synthetic phantoms: not for any clinical or research use.**" in use
+    splits = pd.read_csv(run / "splits.csv")
+    history = json.loads((run / "history.json").read_text())
+    assert f"{len(splits)} images, {splits['patient_id'].nunique()} patients in all splits, from synthetic " \
+        f"phantoms; {len(history)} epochs;" in use
+    assert "no external evaluation" in use and "95% CIs up to" in use
+    assert "research on" not in use and "second reader" not in use
+
+
+def _as_real_data(run: Path, *, ci: tuple[float, float] | None = None) -> None:
+    """Make the run look trained on a hospital's scans: real-looking file names and a source column."""
+    splits = pd.read_csv(run / "splits.csv")
+    splits["path"] = [f"/data/hospital-a/scan{i:04d}.png" for i in range(len(splits))]
+    splits["source"] = "hospital-a"
+    splits.to_csv(run / "splits.csv", index=False)
+    if ci is not None:  # as if the test set were large enough for narrow intervals
+        metrics = json.loads((run / "metrics.json").read_text())
+        for block in (metrics, metrics["patient_level"]):
+            for name in ("recall", "specificity"):
+                block["metrics"][name]["ci95"] = list(ci)
+        (run / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+
+
+def test_a_real_data_card_claims_only_what_its_figures_support(run: Path, phantom_manifest: Path) -> None:
+    _as_real_data(run)
+    use = _intended_use(render_model_card(run))
+    assert "synthetic" not in use and "from hospital-a" in use
+    assert "**An unvalidated research experiment: not for clinical use, and its figures are not evidence " \
+        "of accuracy** (its test intervals are wider than 0.3)" in use  # the tiny run's wide intervals
+
+    _as_real_data(run, ci=(0.85, 0.95))
+    use = _intended_use(render_model_card(run))
+    assert "**Research use; not validated outside hospital-a**, and not for clinical use." in use
+    assert "research on chest CT slices" in use
+
+    audit = json.loads((run / "audit.json").read_text())
+    audit["warnings"] = ["shortcut risk: format differs between classes (TVD 1.00 > 0.3)"]
+    (run / "audit.json").write_text(json.dumps(audit), encoding="utf-8")
+    use = _intended_use(render_model_card(run))
+    assert "(the audit found shortcut risks)" in use and "1 shortcut warning(s) from the audit" in use
+
+    audit["warnings"] = []
+    (run / "audit.json").write_text(json.dumps(audit), encoding="utf-8")
+    evaluate_run(run, phantom_manifest, run / "site-b", allow_overlap=True, progress=False)
+    use = _intended_use(render_model_card(run))
+    assert "**Research use; evaluated outside its training data on site-b**" in use
+    assert "not validated for clinical use" in use and "external evaluation on site-b" in use

@@ -25,6 +25,7 @@ from covidscan.models import (
     gradcam_target_layer,
     torchvision_checkpoint_path,
 )
+from covidscan.models import weights as weights_module
 
 SMALL = 64
 CORAL = "weights/mobilenet_v2_imagenet_coral_dequant.pth"
@@ -226,6 +227,8 @@ def test_offline_without_cached_file_names_the_file_and_torch_home(tmp_path, mon
 
 def test_failed_download_becomes_weights_not_found(monkeypatch):
     monkeypatch.delenv("COVIDSCAN_OFFLINE")
+    # The host answers, then the download fails.
+    monkeypatch.setattr(weights_module, "unreachable", lambda url: None)
 
     def no_network(self, *args, **kwargs):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")

@@ -15,8 +15,8 @@ from covidscan.evaluation.metrics import (
     AGGREGATIONS,
     METRIC_NAMES,
     aggregate_by_patient,
-    bootstrap_ci,
     check_threshold,
+    confidence_intervals,
     confusion,
     point_metrics,
 )
@@ -25,16 +25,15 @@ Array = Sequence[Any] | np.ndarray
 
 
 def _block(y: np.ndarray, p: np.ndarray, groups: Array | None, n_patients: int | None, threshold: float,
-           n_boot: int, seed: int, n_bins: int) -> dict[str, Any]:
+           n_boot: int, seed: int, n_bins: int, unit: str | None = None) -> dict[str, Any]:
     values = point_metrics(y, p, threshold=threshold, n_bins=n_bins)
-    cis = bootstrap_ci(y, p, threshold=threshold, groups=groups, n_boot=n_boot, seed=seed, n_bins=n_bins)
+    cis = confidence_intervals(y, p, threshold=threshold, groups=groups, unit=unit, n_boot=n_boot, seed=seed,
+                               n_bins=n_bins)
     return {
         "n_images": int(y.size),
         "n_patients": n_patients,
         "threshold": threshold,
-        "metrics": {
-            name: {"value": values[name], "ci95": [cis[name].low, cis[name].high]} for name in METRIC_NAMES
-        },
+        "metrics": {name: cis[name].entry(values[name]) for name in METRIC_NAMES},
         "confusion_matrix": confusion(y, p, threshold).tolist(),
         "class_counts": {"non_covid": int((y == 0).sum()), "covid": int(y.sum())},
         "n_bootstrap_used": {name: cis[name].n_used for name in METRIC_NAMES},
@@ -53,7 +52,8 @@ def evaluate_predictions(
     patient_threshold: float | None = None,
     n_bins: int = DEFAULT_BINS,
 ) -> dict[str, Any]:
-    """Image-level (and, with patient ids, patient-level) metrics with patient-bootstrap 95% CIs.
+    """Image-level (and, with patient ids, patient-level) metrics with 95% CIs from the patient bootstrap
+    (see ``confidence_intervals``: Wilson intervals for proportions on few units, each with its count).
 
     ``threshold`` must come from validation data (see ``choose_threshold``). With ``groups`` the bootstrap
     resamples patients and ``patient_level`` holds the metrics of per-patient probabilities combined by
@@ -79,7 +79,7 @@ def evaluate_predictions(
     if groups is not None:
         pat = aggregate_by_patient(y, pv, groups, how=aggregate)
         p_threshold = threshold if patient_threshold is None else check_threshold(patient_threshold)
-        level = _block(pat.y, pat.p, None, len(pat.y), p_threshold, n_boot, seed, n_bins)
+        level = _block(pat.y, pat.p, None, len(pat.y), p_threshold, n_boot, seed, n_bins, "patients")
         level["n_images"] = int(y.size)
         result["patient_level"] = level | {"aggregation": aggregate}
     return result

@@ -1,5 +1,5 @@
-"""Binary metrics for covid (1) vs non_covid (0), patient-level aggregation, threshold choice and the
-patient (cluster) bootstrap behind every confidence interval.
+"""Binary metrics for covid (1) vs non_covid (0), patient-level aggregation, threshold choice, the patient
+(cluster) bootstrap and the confidence intervals reported from it (:func:`confidence_intervals`).
 
 Definitions follow scikit-learn; an image is predicted covid when ``p >= threshold``. A metric that is
 undefined on the data (e.g. sensitivity with no covid cases, ROC AUC with one class) is ``None``.
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -44,6 +45,15 @@ METRIC_NAMES: tuple[str, ...] = (
     "ece",
     "brier",
 )
+PROPORTIONS: tuple[str, ...] = ("accuracy", "precision", "recall", "specificity")
+"""Metrics that are a share of units (images or patients), which get binomial intervals when few."""
+CI_METHODS: tuple[str, ...] = ("percentile", "wilson", "shifted percentile", "too few", "none")
+"""How an interval in metrics.json was made (``ci_method``); see :func:`confidence_intervals`."""
+MIN_BOOTSTRAP_UNITS = 30
+"""A proportion over fewer units than this gets a Wilson interval: the percentile bootstrap is too narrow."""
+MIN_INTERVAL_UNITS = 10
+"""Fewer units than this (fewer than half as many of the smaller class for ROC/PR AUC) and F1, AUCs, ECE and
+Brier get no interval ("too few") rather than one the bootstrap cannot support."""
 THRESHOLD_METHODS: tuple[str, ...] = ("youden", "f1", "fixed")
 AGGREGATIONS: tuple[str, ...] = ("mean", "max", "noisy_or")
 # Bootstrap work is done in chunks of resamples so that no (resamples x images) array exceeds this size.
@@ -174,22 +184,25 @@ class _ResampleStats:
         undefined = (n_pos == 0) | (n_neg == 0)
         return {"roc_auc": np.where(undefined, np.nan, auc), "pr_auc": np.where(undefined, np.nan, ap)}
 
+    def units(self) -> dict[str, int]:
+        """How many units (patients or images) each metric is computed over: its denominator's units."""
+        tn, fp, fn, tp = (self.cells > 0).T
+        every = len(self.cells)
+        return {"accuracy": every, "precision": int((tp | fp).sum()), "recall": int((tp | fn).sum()),
+                "specificity": int((tn | fp).sum()), "f1": int((tp | fp | fn).sum()), "roc_auc": every,
+                "pr_auc": every, "ece": every, "brier": every}
 
-def bootstrap_ci(
-    y_true: Sequence[int] | np.ndarray,
-    p: Sequence[float] | np.ndarray,
-    *,
-    threshold: float,
-    groups: Sequence[object] | np.ndarray | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    n_bins: int = DEFAULT_BINS,
-) -> dict[str, BootstrapCI]:
-    """95% percentile intervals for every metric, resampling patients (all images of a drawn patient).
+    def class_units(self) -> int:
+        """Units in the smaller class (covid or non_covid): what limits ROC and PR AUC."""
+        tn, fp, fn, tp = (self.cells > 0).T
+        return int(min((tp | fn).sum(), (tn | fp).sum()))
 
-    Without ``groups`` the images are the units. Resamples where a metric is undefined (e.g. one class
-    only for ROC AUC) are skipped for that metric; ``n_used`` says how many were left.
-    """
+
+def _resample(
+    y_true: Labels, p: Probs, threshold: float, groups: Sequence[object] | np.ndarray | None, n_boot: int,
+    seed: int, n_bins: int,
+) -> tuple[_ResampleStats, dict[str, np.ndarray]]:
+    """The patient bootstrap: the per-unit sums and every metric's values over the resamples (NaN dropped)."""
     y, pv = _inputs(y_true, p)
     codes, n_groups = group_codes(groups, y.size)
     if not isinstance(n_boot, (int, np.integer)) or n_boot < 0:
@@ -206,15 +219,120 @@ def bootstrap_ci(
         w = np.bincount(drawn.ravel(), minlength=size * n_groups).reshape(size, n_groups).astype(float)
         for name, values in stats.metrics(w).items():
             draws[name].append(values)
+    values = {name: np.concatenate(draws[name]) if draws[name] else np.empty(0) for name in METRIC_NAMES}
+    return stats, {name: v[~np.isnan(v)] for name, v in values.items()}
+
+
+def bootstrap_ci(
+    y_true: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    *,
+    threshold: float,
+    groups: Sequence[object] | np.ndarray | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = DEFAULT_BINS,
+) -> dict[str, BootstrapCI]:
+    """Plain 95% percentile intervals for every metric, resampling patients (all images of a drawn patient).
+
+    Without ``groups`` the images are the units. Resamples where a metric is undefined (e.g. one class
+    only for ROC AUC) are skipped for that metric; ``n_used`` says how many were left. These raw intervals
+    collapse on small sets (a perfect score gives 1.00-1.00); reports use :func:`confidence_intervals`.
+    """
+    _, draws = _resample(y_true, p, threshold, groups, n_boot, seed, n_bins)
+    result = {}
+    for name, values in draws.items():
+        low, high = np.percentile(values, [2.5, 97.5]) if values.size else (None, None)
+        result[name] = BootstrapCI(None if low is None else float(low), None if high is None else float(high),
+                                   int(values.size))
+    return result
+
+
+def wilson_interval(share: float, n: float, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``share`` observed on ``n`` independent units.
+
+    Unlike the percentile bootstrap it has width at 0/n and n/n (7 of 7 gives 0.65-1.00), and it keeps
+    close to its nominal coverage on a handful of units.
+    """
+    z = float(norm.ppf(0.5 + confidence / 2))
+    centre = (share + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
+@dataclass(frozen=True)
+class MetricCI:
+    """The 95% interval reported for one metric: bounds (None when none is given), how it was made
+    (one of CI_METHODS), over how many units (``n``, in ``unit``: "patients" or "images") and how many
+    bootstrap resamples were usable."""
+
+    low: float | None
+    high: float | None
+    method: str
+    n: int
+    unit: str
+    n_used: int
+
+    def entry(self, value: float | None) -> dict[str, object]:
+        """The metrics.json entry of a metric with this interval (see ``covidscan.evaluation.schema``)."""
+        return {"value": value, "ci95": [self.low, self.high], "ci_method": self.method, "ci_n": self.n,
+                "ci_unit": self.unit}
+
+
+def confidence_intervals(
+    y_true: Sequence[int] | np.ndarray,
+    p: Sequence[float] | np.ndarray,
+    *,
+    threshold: float,
+    groups: Sequence[object] | np.ndarray | None = None,
+    unit: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    n_bins: int = DEFAULT_BINS,
+) -> dict[str, MetricCI]:
+    """95% intervals for every metric that stay honest on small sets, each with the count it rests on.
+
+    The units are patients with ``groups`` (the bootstrap draws whole patients), else the rows (images,
+    or patients when the caller passes one row per patient with ``unit="patients"``). Per metric:
+
+    - proportions (PROPORTIONS): the cluster-bootstrap percentile interval, except when its denominator
+      has fewer than MIN_BOOTSTRAP_UNITS units, the share is 0 or 1, or the interval has no width; then
+      the Wilson score interval of the observed share on the denominator's *units* (e.g. the covid
+      patients for sensitivity) -- conservative for image-level shares, since a patient's images count once;
+    - F1, ROC/PR AUC, ECE, Brier: the percentile interval shifted by the bootstrap's median bias
+      (``value + q - median``, clipped to [0, 1]), so an estimate the resamples sit above -- ECE always
+      grows under resampling -- lies inside its interval rather than on its edge; with fewer than
+      MIN_INTERVAL_UNITS units (half that in the smaller class for the AUCs) or a zero-width bootstrap there
+      is no interval, method "too few".
+
+    ``n_boot=0`` switches intervals off, as does an undefined metric (method "none").
+    """
+    stats, draws = _resample(y_true, p, threshold, groups, n_boot, seed, n_bins)
+    unit = unit or ("patients" if groups is not None else "images")
+    values = {name: float(v[0]) for name, v in stats.metrics(np.ones((1, len(stats.cells)))).items()}
+    units = stats.units()
     result = {}
     for name in METRIC_NAMES:
-        values = np.concatenate(draws[name]) if draws[name] else np.empty(0)
-        values = values[~np.isnan(values)]
-        if values.size:
-            low, high = np.percentile(values, [2.5, 97.5])
-            result[name] = BootstrapCI(float(low), float(high), int(values.size))
+        n, boot, value = units[name], draws[name], values[name]
+        if not n_boot or np.isnan(value):  # no resamples asked for, or the metric is undefined here
+            result[name] = MetricCI(None, None, "none", n, unit, int(boot.size))
+            continue
+        q_low, q_mid, q_high = np.percentile(boot, [2.5, 50, 97.5]) if boot.size else (value,) * 3
+        if name in PROPORTIONS:
+            if n < MIN_BOOTSTRAP_UNITS or value in (0.0, 1.0) or q_high <= q_low:
+                low, high, method = *wilson_interval(value, n), "wilson"
+            else:
+                low, high, method = float(q_low), float(q_high), "percentile"
         else:
-            result[name] = BootstrapCI(None, None, 0)
+            few = n < MIN_INTERVAL_UNITS or q_high <= q_low or (
+                name in ("roc_auc", "pr_auc") and stats.class_units() < MIN_INTERVAL_UNITS // 2)
+            if few:
+                low, high, method = None, None, "too few"
+            else:
+                low = float(np.clip(value + q_low - q_mid, 0.0, 1.0))
+                high = float(np.clip(value + q_high - q_mid, 0.0, 1.0))
+                method = "shifted percentile"
+        result[name] = MetricCI(low, high, method, n, unit, int(boot.size))
     return result
 
 

@@ -11,6 +11,7 @@ CLAIM checklist (Checklist for Artificial Intelligence in Medical Imaging, Monga
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,17 +113,120 @@ def _num(value: Any, digits: int = 3) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+_PHANTOM_NAME = re.compile(r"phantom-(?:ct|cxr)-\d+-s\d+\.png$")
+WIDE_CI = 0.3
+"""A test interval on sensitivity or specificity this wide cannot tell a useful model from a poor one."""
+
+
+def _synthetic_share(run: _Run) -> float | None:
+    """Share of the run's images that are covidscan's phantoms (`covidscan data synth`), None when unknown.
+
+    A phantom is known by its file name (``phantom-ct-0007-s1.png``) or a ``source`` of ``synthetic``; a run
+    of the demo preset counts as synthetic even without splits.csv.
+    """
+    if run.splits is None or run.splits.empty:
+        return 1.0 if str((run.config or {}).get("name", "")).startswith("demo-") else None
+    df = run.splits
+    phantom = df["path"].astype(str).str.contains(_PHANTOM_NAME)
+    if "source" in df:
+        phantom |= df["source"].astype(str).str.lower().isin({"synthetic", "phantom", "phantoms"})
+    return float(phantom.mean())
+
+
+def _sources(run: _Run) -> str:
+    """The training data's sources as named in splits.csv, or the folder its images came from."""
+    df = run.splits
+    if df is None or df.empty:
+        return "its unrecorded training data"
+    if "source" in df and df["source"].notna().any():
+        return ", ".join(sorted(df["source"].dropna().astype(str).unique()))
+    folders = sorted({Path(p).parent.parent.name or Path(p).parent.name for p in df["path"].astype(str)})
+    return "the data in " + ", ".join(f"`{f}`" for f in folders[:3]) + (", ..." if len(folders) > 3 else "")
+
+
+def _shortcut_findings(run: _Run) -> list[str]:
+    """The audit's and the probe's shortcut warnings, each once."""
+    lines = [*(run.audit or {}).get("warnings", []), *(run.probe or {}).get("warnings", [])]
+    return list(dict.fromkeys(w for w in lines if "shortcut" in w))
+
+
+def _widest_test_ci(run: _Run) -> tuple[float | None, str]:
+    """Widest 95% interval of test sensitivity/specificity (patient level when present) and its wording."""
+    m = run.metrics
+    if m is None:
+        return None, "no test metrics in the run"
+    block, unit = (m["patient_level"], "patient") if m.get("patient_level") else (m, "image")
+    widths = []
+    for name in ("recall", "specificity"):
+        low, high = block["metrics"][name]["ci95"]
+        if low is None or high is None:
+            return None, f"test {METRIC_LABELS[name]} has no confidence interval ({unit} level)"
+        widths.append(high - low)
+    return max(widths), f"test sensitivity/specificity 95% CIs up to {max(widths):.2f} wide ({unit} level)"
+
+
+def _use_verdict(run: _Run, synthetic: float | None, shortcuts: list[str], width: float | None) -> str:
+    """The one-sentence scope the run's own figures support (never more)."""
+    if synthetic is not None and synthetic >= 1.0:
+        return ("**A demonstration on synthetic phantoms: not for any clinical or research use.** Its "
+                "figures describe phantoms drawn by covidscan, not patients, and say nothing of real scans.")
+    if synthetic:
+        return (f"**Not for any clinical use, nor as research evidence:** {synthetic:.0%} of its images are "
+                "synthetic phantoms, so its figures mix phantoms with real scans.")
+    weak = [why for bad, why in (
+        (run.metrics is None, "it has no test metrics"),
+        (width is None and run.metrics is not None, "its test set is too small for confidence intervals"),
+        (width is not None and width > WIDE_CI, f"its test intervals are wider than {WIDE_CI}"),
+        (bool(shortcuts), "the audit found shortcut risks"),
+    ) if bad]
+    if weak:
+        return ("**An unvalidated research experiment: not for clinical use, and its figures are not "
+                f"evidence of accuracy** ({'; '.join(weak)}).")
+    if run.external:
+        return (f"**Research use; evaluated outside its training data on {', '.join(run.external)}** (see "
+                "*External results*), retrospectively: not validated for clinical use.")
+    return f"**Research use; not validated outside {_sources(run)}**, and not for clinical use."
+
+
 def _intended_use(run: _Run) -> list[str]:
+    """What the run may be used for, derived from its own files: data, epochs, tests, audit, bf16, OOD."""
     what = MODALITY_WORDS.get(run.modality, run.modality)
+    synthetic, shortcuts = _synthetic_share(run), _shortcut_findings(run)
+    width, width_words = _widest_test_ci(run)
+    df = run.splits
+    if df is None or df.empty:
+        data = "training data not recorded (no splits.csv)"
+    else:
+        patients = f", {df['patient_id'].nunique()} patients" if "patient_id" in df else ""
+        kind = ("synthetic phantoms" if synthetic and synthetic >= 1.0 else
+                f"{synthetic:.0%} synthetic phantoms" if synthetic else _sources(run))
+        data = f"{len(df)} images{patients} in all splits, from {kind}"
+    planned = ((run.config or {}).get("train") or {}).get("epochs")
+    ran = len(run.history) if run.history else None
+    of_planned = f" of {planned} planned" if planned and planned != ran else ""
+    epochs = ("adapted from a parent run" if run.checkpoint.get("parent") else
+              "epochs not recorded" if ran is None else f"{ran} epoch{'s' * (ran != 1)}{of_planned}")
+    external = (f"external evaluation on {', '.join(run.external)}" if run.external else
+                "no external evaluation")
+    audit = ("no audit" if run.audit is None and run.probe is None else
+             f"{len(shortcuts)} shortcut warning(s) from the audit" if shortcuts else
+             "no shortcut warnings from the audit")
+    bf16 = run.checkpoint.get("bf16")
+    bf16_words = ("bf16 not measured (served in fp32)" if bf16 is None else
+                  f"bf16 serving {'allowed' if bf16.get('allowed') else 'refused'}")
+    ood = ("out-of-distribution score fitted" if run.checkpoint.get("ood") else
+           "no out-of-distribution score: images unlike the training data get no warning")
     return [
         "## Intended use", "",
-        f"- **For:** research, and use as a second reader on {what}: it flags images (and patients) as "
-        "COVID-19 or not, with a calibrated probability and a Grad-CAM map, for a doctor who reviews every "
-        "case and decides.",
-        "- **Not for:** a diagnosis on its own, or any decision without a doctor's review; "
-        f"images other than {what} (another modality, body part or view); patients, hospitals or scanners "
-        "unlike the training data (see *Training data*) until an external evaluation (`covidscan evaluate`) "
-        "on them says it works; finding any other disease (it only tells COVID-19 from non-COVID).",
+        _use_verdict(run, synthetic, shortcuts, width), "",
+        f"- **What its figures rest on:** {data}; {epochs}; {width_words}; {external}; {audit}; "
+        f"{bf16_words}; {ood}.",
+        f"- **For:** {'nothing beyond trying covidscan out' if synthetic else 'research on ' + what}: it "
+        "flags images (and patients) as COVID-19 or not, with a calibrated probability and a Grad-CAM map.",
+        "- **Not for:** a diagnosis, or any decision about a patient; images other than "
+        f"{what} (another modality, body part or view); patients, hospitals or scanners unlike the training "
+        "data (see *Training data*) until an external evaluation (`covidscan evaluate`) on them says it "
+        "works; finding any other disease (it only tells COVID-19 from non-COVID).",
     ]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from covidscan.evaluation.metrics import METRIC_NAMES
+from covidscan.evaluation.metrics import METRIC_NAMES, MIN_BOOTSTRAP_UNITS, MIN_INTERVAL_UNITS
 from covidscan.evaluation.schema import to_jsonable, validate_metrics_schema
 
 METRIC_LABELS: dict[str, str] = {
@@ -30,23 +30,47 @@ def _num(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def _ci(ci: Sequence[float | None]) -> str:
-    return "n/a" if ci[0] is None or ci[1] is None else f"{ci[0]:.3f} – {ci[1]:.3f}"
+def _count(entry: Mapping[str, Any]) -> str:
+    """``7 patients`` / ``1 image``: the units an interval rests on (empty for files without the count)."""
+    n, unit = entry.get("ci_n"), entry.get("ci_unit", "")
+    return "" if n is None else f"{n} {unit[:-1] if n == 1 else unit}"
+
+
+def _ci(entry: Mapping[str, Any]) -> str:
+    """The interval column: ``0.646 – 1.000 (Wilson, 7 patients)``, ``n/a (too few: 4 patients)`` or n/a."""
+    low, high = entry["ci95"]
+    count = _count(entry)
+    if low is None or high is None:
+        return f"n/a (too few: {count})" if entry.get("ci_method") == "too few" else "n/a"
+    method = {"wilson": "Wilson", "shifted percentile": "bootstrap, bias-shifted",
+              "percentile": "bootstrap"}.get(entry.get("ci_method", ""), "")
+    detail = ", ".join(part for part in (method, count) if part)
+    return f"{low:.3f} – {high:.3f}" + (f" ({detail})" if detail else "")
 
 
 def format_value_ci(entry: Mapping[str, Any]) -> str:
-    """One metrics.json entry as ``0.912 (0.850 – 0.960)``; ``n/a`` when undefined."""
+    """One metrics.json entry as ``1.000 (95% CI 0.646–1.000, 7 patients)``; ``n/a`` when undefined.
+
+    An entry the evaluation gave no interval (too few units) reads ``0.085 (no CI: too few, 4 patients)``;
+    entries of older metrics.json files, which lack the count, read ``0.912 (0.850 – 0.960)``.
+    """
     if entry["value"] is None:
         return "n/a"
     low, high = entry["ci95"]
-    return _num(entry["value"]) + ("" if low is None or high is None else f" ({_ci(entry['ci95'])})")
+    count = _count(entry)
+    if low is None or high is None:
+        return _num(entry["value"]) + (f" (no CI: too few, {count})" if entry.get("ci_method") == "too few"
+                                       else "")
+    if not count:
+        return f"{_num(entry['value'])} ({low:.3f} – {high:.3f})"
+    return f"{_num(entry['value'])} (95% CI {low:.3f}–{high:.3f}, {count})"
 
 
 def _metric_table(block: Mapping[str, Any]) -> str:
     rows = ["| metric | value | 95% CI |", "|---|---|---|"]
     for name in METRIC_NAMES:
         entry = block["metrics"][name]
-        rows.append(f"| {METRIC_LABELS[name]} | {_num(entry['value'])} | {_ci(entry['ci95'])} |")
+        rows.append(f"| {METRIC_LABELS[name]} | {_num(entry['value'])} | {_ci(entry)} |")
     return "\n".join(rows)
 
 
@@ -80,7 +104,9 @@ def format_metrics_table(metrics: Mapping[str, Any]) -> str:
 
 def _per_100(entry: Mapping[str, Any]) -> tuple[int, str]:
     value, (low, high) = entry["value"], entry["ci95"]
-    interval = "" if low is None or high is None else f" (95% CI {round(100 * low)}–{round(100 * high)})"
+    count = _count(entry)
+    interval = "" if low is None or high is None else (
+        f" (95% CI {round(100 * low)}–{round(100 * high)}{', ' + count if count else ''})")
     return round(100 * value), interval
 
 
@@ -122,13 +148,22 @@ def _method_lines(metrics: Mapping[str, Any]) -> list[str]:
     n_boot = metrics.get("n_bootstrap")
     if n_boot:
         if metrics.get("bootstrap_unit", "image") == "patient":
-            lines.append(f"95% confidence intervals: percentile bootstrap with {n_boot} resamples of "
+            lines.append(f"95% confidence intervals come from a bootstrap with {n_boot} resamples of "
                          "patients (all images of a drawn patient are taken together, because images of "
                          "one patient are not independent).")
         else:
-            lines.append(f"95% confidence intervals: percentile bootstrap with {n_boot} resamples of images. "
+            lines.append(f"95% confidence intervals come from a bootstrap with {n_boot} resamples of images. "
                          "No patient ids were given, so if several images come from one patient these "
                          "intervals are too narrow.")
+        if "ci_method" in metrics["metrics"]["accuracy"]:
+            lines.append(
+                "Each interval names the number of units it rests on. Shares (accuracy, sensitivity, "
+                "specificity, precision) use the bootstrap's percentiles, except over fewer than "
+                f"{MIN_BOOTSTRAP_UNITS} units, at 0% or 100%, or when the bootstrap has no spread: there "
+                "they use the Wilson score interval on the units (a patient's images count once), which "
+                "does not collapse to a point. F1, the AUCs, ECE and Brier use the bootstrap's spread around "
+                "the estimate (percentiles shifted by the resamples' median bias, so the estimate is "
+                f"inside), and no interval at all (\"too few\") over fewer than {MIN_INTERVAL_UNITS} units.")
         used = metrics.get("n_bootstrap_used", {})
         skipped = [f"{name} ({used[name]} of {n_boot})" for name in METRIC_NAMES
                    if name in used and used[name] < n_boot]

@@ -3,7 +3,9 @@
 ::
 
     {"n_images": int, "n_patients": int | null, "threshold": float,
-     "metrics": {NAME: {"value": float | null, "ci95": [float | null, float | null]}},  # METRIC_NAMES
+     "metrics": {NAME: {"value": float | null, "ci95": [float | null, float | null],  # METRIC_NAMES
+                        # optional (covidscan >= 0.3): how the interval was made and on how many units
+                        "ci_method": CI_METHODS, "ci_n": int, "ci_unit": "patients" | "images"}},
      "confusion_matrix": [[tn, fp], [fn, tp]],
      "patient_level": {same keys except patient_level} | null,
      ...extra top-level keys (temperature, n_bootstrap, ...) are allowed}
@@ -22,9 +24,12 @@ from typing import Any
 import numpy as np
 
 from covidscan.errors import CovidscanError
-from covidscan.evaluation.metrics import METRIC_NAMES
+from covidscan.evaluation.metrics import CI_METHODS, METRIC_NAMES
 
 _BLOCK_KEYS = ("n_images", "n_patients", "threshold", "metrics", "confusion_matrix")
+_ENTRY_KEYS = {"value", "ci95"}
+_INTERVAL_KEYS = {"ci_method", "ci_n", "ci_unit"}  # together or not at all; older files lack them
+CI_UNITS = ("patients", "images")
 
 
 class MetricsSchemaError(CovidscanError):
@@ -78,9 +83,15 @@ def _block_problems(block: Any, where: str) -> list[str]:
             entry = metrics.get(name)
             if name not in metrics:
                 continue
-            if not isinstance(entry, Mapping) or set(entry) != {"value", "ci95"}:
-                problems.append(f"{where}.metrics.{name} must be exactly {{'value', 'ci95'}}")
+            keys = set(entry) if isinstance(entry, Mapping) else set()
+            if keys not in (_ENTRY_KEYS, _ENTRY_KEYS | _INTERVAL_KEYS):
+                problems.append(f"{where}.metrics.{name} must be exactly {{'value', 'ci95'}}, optionally "
+                                "with 'ci_method', 'ci_n' and 'ci_unit'")
                 continue
+            if keys >= _INTERVAL_KEYS and not (entry["ci_method"] in CI_METHODS and _is_count(entry["ci_n"])
+                                               and entry["ci_unit"] in CI_UNITS):
+                problems.append(f"{where}.metrics.{name}: ci_method must be one of {list(CI_METHODS)}, "
+                                f"ci_n a non-negative integer, ci_unit one of {list(CI_UNITS)}")
             ci = entry["ci95"]
             values = [entry["value"], *(ci if isinstance(ci, list) else [])]
             if not isinstance(ci, list) or len(ci) != 2:

