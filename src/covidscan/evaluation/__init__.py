@@ -7,13 +7,11 @@ Labels are 0/1 with 1 = covid; ``p`` is p(covid); ``z = logit_covid - logit_non_
 from __future__ import annotations
 
 from covidscan.evaluation.calibration import (
+    MIN_CALIBRATION_IMAGES,
+    Calibration,
     apply_temperature,
-    brier_score,
-    expected_calibration_error,
     fit_temperature,
-    reliability_bins,
 )
-from covidscan.evaluation.calibrator import MIN_CALIBRATION_IMAGES, Calibration
 from covidscan.evaluation.evaluate import evaluate_calibrated, evaluate_from_logits, evaluate_predictions
 from covidscan.evaluation.figures import (
     make_figures,
@@ -31,9 +29,12 @@ from covidscan.evaluation.metrics import (
     PatientPredictions,
     aggregate_by_patient,
     bootstrap_ci,
+    brier_score,
     choose_threshold,
     confusion,
+    expected_calibration_error,
     point_metrics,
+    reliability_bins,
 )
 from covidscan.evaluation.model_card import render_model_card, write_model_card
 from covidscan.evaluation.report import format_metrics_table, format_value_ci, write_report

@@ -1,76 +1,27 @@
-"""Calibration: reliability bins, expected calibration error (ECE) and temperature scaling.
+"""Calibration: temperature scaling and the fitted :class:`Calibration` (temperature, thresholds, band).
 
-Everything here treats the model as a binary classifier with ``p = p(covid)``:
-
-* **ECE** uses ``n_bins`` equal-width bins over [0, 1] (bin k holds ``k/n <= p < (k+1)/n``; the last bin
-  also holds ``p == 1``) and is ``sum_k (n_k / N) * |mean(y in bin k) - mean(p in bin k)|``. This is the
-  binary ECE on the covid probability, not the "top-label confidence" ECE of Guo et al. (2017); for two
-  classes the two differ, and this one keeps the direction of the covid probability readable.
-* **Temperature scaling** rescales the binary logit ``z = logit_covid - logit_non_covid`` to ``z / T``.
-  With a 2-way softmax this is exactly the same as dividing both logits by ``T``. ``T`` is fitted on the
-  validation set only (minimum negative log-likelihood) and then applied unchanged to validation and test.
+Temperature scaling rescales the binary logit ``z = logit_covid - logit_non_covid`` to ``z / T``. With a
+2-way softmax this is exactly the same as dividing both logits by ``T``. ``T`` is fitted on the validation
+set only (minimum negative log-likelihood) and then applied unchanged to validation and test. How well a
+model is calibrated (ECE, Brier, reliability bins) is measured in :mod:`covidscan.evaluation.metrics`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
-from sklearn.metrics import brier_score_loss
 
+from covidscan import CLASSES
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation._checks import as_floats, as_labels
+from covidscan.evaluation.metrics import aggregate_by_patient, choose_threshold
 
-DEFAULT_BINS = 15
 TEMPERATURE_BOUNDS: tuple[float, float] = (0.05, 20.0)
-
-
-def check_bins(n_bins: int) -> int:
-    """``n_bins`` as an int >= 1; ConfigError otherwise."""
-    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
-        raise ConfigError(f"n_bins={n_bins!r} must be a positive integer (15 is the usual choice)")
-    return int(n_bins)
-
-
-def bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
-    """Equal-width bin of each probability (0..n_bins-1); ``p == 1`` goes into the last bin."""
-    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
-
-
-def reliability_bins(
-    y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, *, n_bins: int = DEFAULT_BINS
-) -> dict[str, np.ndarray]:
-    """Per-bin ``edges`` (n_bins+1), ``counts``, ``mean_p`` and ``frac_covid`` (NaN for empty bins)."""
-    y = as_labels(y_true)
-    pv = as_floats(p, y.size, "p", unit_interval=True)
-    n_bins = check_bins(n_bins)
-    idx = bin_index(pv, n_bins)
-    counts = np.bincount(idx, minlength=n_bins)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_p = np.bincount(idx, weights=pv, minlength=n_bins) / counts
-        frac = np.bincount(idx, weights=y, minlength=n_bins) / counts
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    return {"edges": edges, "counts": counts, "mean_p": mean_p, "frac_covid": frac}
-
-
-def expected_calibration_error(
-    y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, *, n_bins: int = DEFAULT_BINS
-) -> float:
-    """Binary ECE of ``p(covid)`` with equal-width bins (see the module docstring)."""
-    bins = reliability_bins(y_true, p, n_bins=n_bins)
-    used = bins["counts"] > 0
-    weights = bins["counts"][used] / bins["counts"].sum()
-    return float(np.sum(weights * np.abs(bins["frac_covid"][used] - bins["mean_p"][used])))
-
-
-def brier_score(y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray) -> float:
-    """Mean squared error between ``p(covid)`` and the 0/1 label (sklearn's ``brier_score_loss``)."""
-    y = as_labels(y_true)
-    pv = as_floats(p, y.size, "p", unit_interval=True)
-    # labels=[0, 1] keeps the score defined on one-class sets (e.g. an all-non_covid external check).
-    return float(brier_score_loss(y, pv, labels=[0, 1]))
 
 
 def _nll(z: np.ndarray, y: np.ndarray, temperature: float) -> float:
@@ -117,3 +68,115 @@ def apply_temperature(z: Sequence[float] | np.ndarray, temperature: float) -> np
         )
     zv = as_floats(z, np.size(z), "z", unit_interval=False)
     return expit(zv / temperature)
+
+
+MIN_CALIBRATION_IMAGES = 20
+"""Fewer validation images than this are too few to fit a temperature: probabilities stay unscaled."""
+_BOUND_MARGIN = 0.01  # a fitted temperature within 1% of a search bound is treated as having hit it
+
+
+def _as_array(values: Any) -> np.ndarray:
+    """numpy, torch (any device or dtype) or a sequence -> float64 numpy array."""
+    if hasattr(values, "detach"):
+        values = values.detach().float().cpu().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
+class Calibration(BaseModel):
+    """Temperature scaling plus the operating point, fitted on validation data only.
+
+    ``proba(z)`` is ``sigmoid(z / temperature)`` for binary logits ``z = logit_covid - logit_non_covid``
+    (numpy, torch or ONNX outputs alike); ``label(p)`` thresholds at ``threshold``; ``uncertain(p)`` marks
+    probabilities within ``band / 2`` of it. ``patient_threshold`` applies to the mean probability of a
+    patient or series with more than one image (their ``aggregate``, mean or max). ``notes`` say where
+    fitting fell back to a safe default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(1.0, gt=0)
+    threshold: float = Field(0.5, ge=0, le=1)
+    patient_threshold: float | None = Field(None, ge=0, le=1)
+    band: float = Field(0.1, ge=0, lt=1)
+    aggregate: Literal["mean", "max"] = "mean"
+    method: str = "fixed"
+    notes: tuple[str, ...] = ()
+
+    @classmethod
+    def fit(
+        cls,
+        z_val: Sequence[float] | np.ndarray,
+        y_val: Sequence[int] | np.ndarray,
+        *,
+        groups: Sequence[object] | None = None,
+        calibrate: bool = True,
+        method: str = "youden",
+        fixed_threshold: float = 0.5,
+        aggregate: str = "mean",
+        band: float = 0.1,
+    ) -> Calibration:
+        """Fit the temperature (NLL), then the image and patient thresholds on calibrated validation data.
+
+        Falls back instead of producing nonsense: fewer than ``MIN_CALIBRATION_IMAGES`` images, one class
+        only, or a temperature that ends on its search bound keep ``temperature = 1``; one class only also
+        fixes the threshold at ``fixed_threshold``. Each fallback is recorded in ``notes``.
+        """
+        y = as_labels(y_val, "y_val")
+        z = as_floats(_as_array(z_val), y.size, "z_val", unit_interval=False)
+        notes: list[str] = []
+        one_class = np.unique(y).size < 2
+        temperature = 1.0
+        if calibrate and one_class:
+            notes.append("validation holds one class only: no temperature scaling")
+        elif calibrate and y.size < MIN_CALIBRATION_IMAGES:
+            notes.append(
+                f"validation has {y.size} images (< {MIN_CALIBRATION_IMAGES}): no temperature scaling"
+            )
+        elif calibrate:
+            fitted = fit_temperature(z, y)
+            low, high = TEMPERATURE_BOUNDS
+            if fitted <= low * (1 + _BOUND_MARGIN):
+                notes.append(
+                    f"fitted temperature {fitted:.3g} hit its lower bound {low}: validation is perfectly "
+                    "separated, so no temperature can be estimated from it; no temperature scaling"
+                )
+            elif fitted >= high * (1 - _BOUND_MARGIN):
+                notes.append(
+                    f"fitted temperature {fitted:.3g} hit its upper bound {high}: the validation logits "
+                    "carry almost no information about the labels; no temperature scaling"
+                )
+            else:
+                temperature = fitted
+        if one_class and method != "fixed":
+            notes.append(f"validation holds one class only: threshold fixed at {fixed_threshold}")
+            method = "fixed"
+        p = expit(z / temperature)
+        threshold = choose_threshold(y, p, method, fixed_threshold)
+        patient_threshold = None
+        if groups is not None:
+            patients = aggregate_by_patient(y, p, groups, how=aggregate)
+            patient_threshold = choose_threshold(patients.y, patients.p, method, fixed_threshold)
+        return cls(temperature=temperature, threshold=threshold, patient_threshold=patient_threshold,
+                   band=band, aggregate=aggregate, method=method, notes=tuple(notes))
+
+    def proba(self, z: Any) -> np.ndarray:
+        """Calibrated P(covid) of binary logits (numpy, torch tensor or sequence)."""
+        return expit(_as_array(z) / self.temperature)
+
+    def label(self, p: Any, *, threshold: float | None = None) -> np.ndarray:
+        """Class names (``covid`` where ``p >= threshold``, default the image threshold)."""
+        cut = self.threshold if threshold is None else threshold
+        return np.where(_as_array(p) >= cut, CLASSES[1], CLASSES[0])
+
+    def uncertain(self, p: Any) -> np.ndarray:
+        """True where ``p`` lies within ``band / 2`` of the threshold (never with ``band == 0``)."""
+        return np.abs(_as_array(p) - self.threshold) < self.band / 2
+
+    def group_threshold(self, n_images: int) -> float:
+        """The threshold for a group's mean probability: a single image keeps the image threshold.
+
+        A one-image "patient" is that image, so it must never get a label that contradicts its own.
+        """
+        if n_images > 1 and self.patient_threshold is not None:
+            return self.patient_threshold
+        return self.threshold

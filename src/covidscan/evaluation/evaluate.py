@@ -9,15 +9,16 @@ import numpy as np
 from scipy.special import expit
 
 from covidscan.evaluation._checks import as_floats, as_labels, check_choice, group_codes
-from covidscan.evaluation.calibration import DEFAULT_BINS, expected_calibration_error
-from covidscan.evaluation.calibrator import Calibration
+from covidscan.evaluation.calibration import Calibration
 from covidscan.evaluation.metrics import (
     AGGREGATIONS,
+    DEFAULT_BINS,
     METRIC_NAMES,
     aggregate_by_patient,
     check_threshold,
     confidence_intervals,
     confusion,
+    expected_calibration_error,
     point_metrics,
 )
 

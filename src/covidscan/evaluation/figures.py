@@ -17,8 +17,13 @@ from sklearn.metrics import auc, roc_curve
 from covidscan import CLASSES
 from covidscan.errors import ManifestError
 from covidscan.evaluation._checks import as_floats, as_labels
-from covidscan.evaluation.calibration import DEFAULT_BINS, expected_calibration_error, reliability_bins
-from covidscan.evaluation.metrics import check_threshold, confusion
+from covidscan.evaluation.metrics import (
+    DEFAULT_BINS,
+    check_threshold,
+    confusion,
+    expected_calibration_error,
+    reliability_bins,
+)
 
 DPI = 100
 _CORRECT, _WRONG = "#1a9850", "#d73027"

@@ -15,6 +15,7 @@ from scipy.stats import norm
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
+    brier_score_loss,
     confusion_matrix,
     f1_score,
     precision_recall_curve,
@@ -26,13 +27,62 @@ from sklearn.metrics import (
 
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation._checks import as_floats, as_labels, check_choice, group_codes
-from covidscan.evaluation.calibration import (
-    DEFAULT_BINS,
-    bin_index,
-    brier_score,
-    check_bins,
-    expected_calibration_error,
-)
+
+DEFAULT_BINS = 15
+"""Equal-width bins of the calibration error and the reliability diagram.
+
+The ECE is ``sum_k (n_k / N) * |mean(y in bin k) - mean(p in bin k)|`` over ``n_bins`` equal-width bins of
+[0, 1] (bin k holds ``k/n <= p < (k+1)/n``; the last bin also holds ``p == 1``): the binary ECE on the covid
+probability, not the "top-label confidence" ECE of Guo et al. (2017); for two classes the two differ, and
+this one keeps the direction of the covid probability readable.
+"""
+
+
+def check_bins(n_bins: int) -> int:
+    """``n_bins`` as an int >= 1; ConfigError otherwise."""
+    if not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ConfigError(f"n_bins={n_bins!r} must be a positive integer (15 is the usual choice)")
+    return int(n_bins)
+
+
+def bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
+    """Equal-width bin of each probability (0..n_bins-1); ``p == 1`` goes into the last bin."""
+    return np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+
+
+def reliability_bins(
+    y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, *, n_bins: int = DEFAULT_BINS
+) -> dict[str, np.ndarray]:
+    """Per-bin ``edges`` (n_bins+1), ``counts``, ``mean_p`` and ``frac_covid`` (NaN for empty bins)."""
+    y = as_labels(y_true)
+    pv = as_floats(p, y.size, "p", unit_interval=True)
+    n_bins = check_bins(n_bins)
+    idx = bin_index(pv, n_bins)
+    counts = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_p = np.bincount(idx, weights=pv, minlength=n_bins) / counts
+        frac = np.bincount(idx, weights=y, minlength=n_bins) / counts
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    return {"edges": edges, "counts": counts, "mean_p": mean_p, "frac_covid": frac}
+
+
+def expected_calibration_error(
+    y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray, *, n_bins: int = DEFAULT_BINS
+) -> float:
+    """Binary ECE of ``p(covid)`` with equal-width bins (see ``DEFAULT_BINS``)."""
+    bins = reliability_bins(y_true, p, n_bins=n_bins)
+    used = bins["counts"] > 0
+    weights = bins["counts"][used] / bins["counts"].sum()
+    return float(np.sum(weights * np.abs(bins["frac_covid"][used] - bins["mean_p"][used])))
+
+
+def brier_score(y_true: Sequence[int] | np.ndarray, p: Sequence[float] | np.ndarray) -> float:
+    """Mean squared error between ``p(covid)`` and the 0/1 label (sklearn's ``brier_score_loss``)."""
+    y = as_labels(y_true)
+    pv = as_floats(p, y.size, "p", unit_interval=True)
+    # labels=[0, 1] keeps the score defined on one-class sets (e.g. an all-non_covid external check).
+    return float(brier_score_loss(y, pv, labels=[0, 1]))
+
 
 METRIC_NAMES: tuple[str, ...] = (
     "accuracy",
