@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_edited_normalisation_is_refused(run: Path):
 
 def test_a_config_that_disagrees_with_the_checkpoint_is_refused(run: Path, tmp_path: Path):
     config = yaml.safe_load((run / "config.yaml").read_text())
-    config["preprocess"]["modality"] = "cxr"  # the CT model now claims to be an X-ray model
+    config["modality"] = config["preprocess"]["modality"] = "cxr"  # the CT model now claims to read X-rays
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(StorageError, match=r"checkpoint\.json and config\.yaml disagree on preprocess"):
         load_run(run)
@@ -131,7 +132,7 @@ def _relocate(run: Path, tmp_path: Path) -> tuple[Path, pd.DataFrame]:
     run's records (splits.csv, fingerprints.csv) point to the old one, which no longer exists. Returns the
     new folder and the splits with the new paths."""
     splits = pd.read_csv(run / "splits.csv")
-    root = Path(splits["path"].iloc[0]).parent
+    root = Path(os.path.commonpath(splits["path"].tolist()))
     moved, gone = tmp_path / "moved", tmp_path / "gone"
     shutil.copytree(root, moved)
     for name in ("splits.csv", "fingerprints.csv"):
@@ -141,7 +142,7 @@ def _relocate(run: Path, tmp_path: Path) -> tuple[Path, pd.DataFrame]:
     checkpoint = json.loads((run / "checkpoint.json").read_text())
     checkpoint["fingerprints"]["sha256"] = digest
     (run / "checkpoint.json").write_text(json.dumps(checkpoint))
-    return moved, splits.assign(path=[str(moved / Path(p).name) for p in splits["path"]])
+    return moved, splits.assign(path=[str(moved / Path(p).relative_to(root)) for p in splits["path"]])
 
 
 def _variant(source: str, target: Path, kind: str) -> str:
@@ -168,7 +169,7 @@ def test_evaluate_refuses_training_images_after_the_data_moved(run: Path, tmp_pa
     with pytest.raises(ManifestError, match=r"shares 3 of 7 images.*2 in train \(same pixels\), 1 in val"):
         evaluate_run(run, external, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
-    result = covidscan("evaluate", str(run), "--data", str(external), "--out", str(tmp_path / "out"))
+    result = covidscan("evaluate", str(run), "--data", str(external), "--out", str(tmp_path / "out"), "-q")
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {external} shares 3")
 
@@ -185,7 +186,7 @@ def test_near_identical_copies_of_training_images_are_refused(run: Path, tmp_pat
         evaluate_run(run, tmp_path / "copies.csv", tmp_path / "out", progress=False)
     assert f"within {MATCH_DISTANCE}/256 bits" in str(info.value)
     result = covidscan("evaluate", str(run), "--data", str(tmp_path / "copies.csv"), "--out",
-                       str(tmp_path / "out"))
+                       str(tmp_path / "out"), "-q")
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "near-identical" in result.stderr
     metrics = evaluate_run(run, tmp_path / "copies.csv", tmp_path / "out", allow_overlap=True, progress=False)
     assert sorted(o["path"] for o in metrics["overlap_with_training"]) == sorted(copies)
