@@ -39,6 +39,8 @@ cxr-dev X-rays; distinct patients' images lie 44 bits apart or more on ucsd-ct (
 conflict of known-duplicates.csv, at 10), 22 on cxr-dev (two ieee8023 cases of one 83-year-old man from
 Italy, likely the same patient), and distinct phantoms 36."""
 COLUMNS = ("path", "split", "pixel_hash", "phash")
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+"""Set bits of every byte value: Hamming distances of packed hashes by table look-up."""
 
 
 def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
@@ -54,10 +56,9 @@ def nearest(queries: np.ndarray, references: np.ndarray) -> tuple[np.ndarray, np
     distance = np.full(len(q), HASH_SIZE**2 + 1, dtype=np.int64)
     if len(r) == 0:
         return index, distance
-    block = max(1, (1 << 19) // max(1, r.size))  # keeps each block's unpacked bits around 4 MB
+    block = max(1, (1 << 22) // max(1, r.size))  # keeps each XOR block around 4 MB
     for start in range(0, len(q), block):
-        xor = q[start : start + block, None, :] ^ r[None, :, :]
-        dist = np.unpackbits(xor, axis=2).sum(axis=2, dtype=np.int32)
+        dist = POPCOUNT[q[start : start + block, None, :] ^ r[None, :, :]].sum(axis=2, dtype=np.int32)
         index[start : start + block] = dist.argmin(axis=1)
         distance[start : start + block] = dist.min(axis=1)
     return index, distance
@@ -106,10 +107,10 @@ class Fingerprints:
 
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             found = list(pool.map(decode, paths))
-        kept = [i for i, f in enumerate(found) if f is not None]
-        return cls([_resolved(paths[i]) for i in kept], [str(splits[i]) for i in kept],
-                   [found[i][0] for i in kept],  # type: ignore[index]
-                   np.array([found[i][1] for i in kept], dtype=bool).reshape(len(kept), HASH_SIZE**2))  # type: ignore[index]
+        kept = [(_resolved(path), str(split), *hashes)
+                for path, split, hashes in zip(paths, splits, found, strict=True) if hashes is not None]
+        bits = np.array([k[3] for k in kept], dtype=bool).reshape(len(kept), HASH_SIZE**2)
+        return cls([k[0] for k in kept], [k[1] for k in kept], [k[2] for k in kept], bits)
 
     def to_csv(self) -> str:
         """The CSV text of ``fingerprints.csv`` (phash as 64 hex digits, bits in row-major order)."""
