@@ -337,13 +337,16 @@ def adapt(
     ] = False,
     folds: Annotated[int, typer.Option(help="Patient-grouped cross-validation folds (at most).")] = 5,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+    allow_overlap: Annotated[
+        bool, typer.Option(help="Adapt even on images the parent was trained or validated on (inflated!).")
+    ] = False,
     strict: Strict = False,
 ) -> None:
     """Adapt a run to a new site from its labelled cases; reports what each mode gains, out of fold."""
     from covidscan.training.adapt import adapt_run, format_comparison
 
     result = adapt_run(run, data, out, mode=mode, mix_original=mix_original, folds=folds,
-                       overwrite=overwrite, strict=strict, progress=_progress())
+                       overwrite=overwrite, allow_overlap=allow_overlap, strict=strict, progress=_progress())
     out_console.print(format_comparison(result.compared, result.mode))
     out_console.print(f"run: {result.run_dir}; report: {result.run_dir / 'report.md'}")
 

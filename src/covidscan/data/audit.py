@@ -14,6 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from covidscan.data.checks import label_problems, mixed_label_patients
+from covidscan.data.fingerprints import POPCOUNT
 from covidscan.errors import ImageReadError, ImageRefusedError, InputError, ManifestError
 from covidscan.io import QualityLimits, assess, pixel_hash, read_image, to_uint8
 
@@ -25,7 +26,6 @@ duplicates up to 14 with unrelated images from 20 up, hence 14 rather than the 1
 SHORTCUT_TVD = 0.3
 """A per-class feature is flagged when its class distributions differ by more (total-variation distance)."""
 ORIGINAL_PATH_COLUMNS = ("original_relpath", "original_path", "original_filename")
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
 _EXT_ALIASES = {"jpeg": "jpg", "tif": "tiff", "dicom": "dcm"}
 _FACTS = ["exact", "dhash", "format", "mode", "height", "width"]
 
@@ -76,7 +76,7 @@ def hamming_pairs(bits: np.ndarray, threshold: int) -> list[tuple[int, int, int]
     pairs = []
     for start in range(0, n, block):
         xor = packed[start : start + block, None, :] ^ packed[None, :, :]
-        dist = _POPCOUNT[xor].sum(axis=2, dtype=np.int32)
+        dist = POPCOUNT[xor].sum(axis=2, dtype=np.int32)
         rows, cols = np.nonzero(dist <= threshold)
         upper = cols > rows + start
         rows, cols = rows[upper], cols[upper]

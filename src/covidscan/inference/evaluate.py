@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,8 @@ import pandas as pd
 
 from covidscan.config import load_config
 from covidscan.data import read_manifest
-from covidscan.errors import ConfigError, InputError, ManifestError
+from covidscan.data.fingerprints import describe_overlap
+from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import (
     evaluate_calibrated,
     excluded_notes,
@@ -21,51 +21,24 @@ from covidscan.evaluation import (
     write_evaluation,
 )
 from covidscan.inference.predictor import Predictor
-from covidscan.io import pixel_hash, read_image
 from covidscan.models import Precision
-from covidscan.preprocess import prepare_manifest
+from covidscan.preprocess import PreparedSet, prepare_manifest
+from covidscan.runs import Checkpoint, seen_fingerprints
 
 
-def training_overlap(
-    run_dir: Path, paths: list[str], hashes: list[str | None], *, workers: int = 2
-) -> list[dict[str, str]]:
-    """Images among ``paths`` that the run was trained or validated on, by path or by identical pixels.
-
-    ``hashes`` are the decoded-pixel hashes of ``paths`` (:func:`covidscan.io.pixel_hash`); the run's
-    own train and validation images (its ``splits.csv``) are decoded here to compare. One dict per
-    shared image: ``path``, ``split`` (train or val), ``match`` (path or pixels) and ``run_path``.
-    """
-    splits = pd.read_csv(run_dir / "splits.csv", dtype=str, keep_default_na=False)
-    seen = splits[splits["split"].isin(["train", "val"])]
-    by_path = {str(Path(p).resolve()): (p, s) for p, s in zip(seen["path"], seen["split"], strict=True)}
-
-    def decoded_hash(path: str) -> str | None:
-        try:
-            return pixel_hash(read_image(path).pixels)
-        except InputError:
-            return None  # a training file since deleted or damaged cannot match anything
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        seen_hashes = list(pool.map(decoded_hash, seen["path"]))
-    by_hash = {h: (p, s) for h, p, s in zip(seen_hashes, seen["path"], seen["split"], strict=True) if h}
-    found = []
-    for path, digest in zip(paths, hashes, strict=True):
-        if (hit := by_path.get(str(Path(path).resolve()))) is not None:
-            found.append({"path": path, "split": hit[1], "match": "path", "run_path": hit[0]})
-        elif digest is not None and (hit := by_hash.get(digest)) is not None:
-            found.append({"path": path, "split": hit[1], "match": "pixels", "run_path": hit[0]})
-    return found
+def training_overlap(run_dir: Path, checkpoint: Checkpoint, prepared: PreparedSet) -> list[dict[str, Any]]:
+    """Images of ``prepared`` (prepared with ``fingerprint=True``) that the run was trained or validated
+    on, by the fingerprints stored in the run (so they are found after the data moved or were re-saved):
+    same path, same decoded pixels, or near-identical pixels (perceptual hash). One dict per shared image
+    (:meth:`~covidscan.data.fingerprints.Fingerprints.matches`)."""
+    return seen_fingerprints(run_dir, checkpoint).matches(prepared)
 
 
-def _overlap_error(data: str | Path, overlap: list[dict[str, str]], n: int) -> ManifestError:
-    counts = pd.DataFrame(overlap).groupby(["split", "match"]).size()
-    detail = ", ".join(f"{k} in {split} (same {match})" for (split, match), k in counts.items())
-    first = overlap[0]
+def _overlap_error(data: str | Path, overlap: list[dict[str, Any]], n: int) -> ManifestError:
     return ManifestError(
         f"{data} shares {len(overlap)} of {n} images with the run's own training/validation data "
-        f"({detail}; e.g. {first['path']} = {first['run_path']} [{first['split']}]). Evaluating on images "
-        "the model has seen inflates every figure: evaluate on images it never saw, or pass "
-        "--allow-overlap if you mean it"
+        f"({describe_overlap(overlap)}). Evaluating on images the model has seen inflates every figure: "
+        "evaluate on images it never saw, or pass --allow-overlap if you mean it"
     )
 
 
@@ -105,7 +78,7 @@ def evaluate_run(
     checkpoint = predictor.checkpoint
     prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress,
                                 fingerprint=True, strict=strict)
-    overlap = training_overlap(predictor.run_dir, prepared.paths, prepared.pixel_hashes or [])
+    overlap = training_overlap(predictor.run_dir, checkpoint, prepared)
     if overlap and not allow_overlap:
         raise _overlap_error(data, overlap, len(prepared))
     z, features = predictor.logits_and_features(prepared.images)

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from covidscan import CLASSES
+from covidscan.data.fingerprints import perceptual_hash
 from covidscan.errors import ImageRefusedError, InputError, ManifestError
 from covidscan.io import ImageMeta, LoadedImage, assess, image_stats, pixel_hash, read_image
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
@@ -42,6 +43,7 @@ class PreparedImage:
     lung_mask: np.ndarray | None = None
     warnings: tuple[str, ...] = ()
     pixel_hash: str | None = None  # of the decoded image (io.pixel_hash), when asked for
+    perceptual_hash: np.ndarray | None = None  # 256-bit pHash of the decoded image, when asked for
     stats: np.ndarray | None = None
 
 
@@ -55,6 +57,7 @@ class PreparedSet:
     paths: list[str]
     lungs_found: list[bool | None]
     pixel_hashes: list[str | None] | None = None
+    perceptual_hashes: np.ndarray | None = None  # bool (N, 256): each decoded image's pHash
     stats: np.ndarray | None = None  # float32 (N, len(STAT_NAMES)): each decoded image's image_stats
     rows: np.ndarray | None = None  # positions of these images in the manifest they came from
     excluded: list[dict[str, str]] = field(default_factory=list)  # manifest rows left out, and why
@@ -77,6 +80,7 @@ class PreparedSet:
             paths=[self.paths[i] for i in idx],
             lungs_found=[self.lungs_found[i] for i in idx],
             pixel_hashes=None if self.pixel_hashes is None else [self.pixel_hashes[i] for i in idx],
+            perceptual_hashes=None if self.perceptual_hashes is None else self.perceptual_hashes[idx],
             stats=None if self.stats is None else self.stats[idx],
             rows=None if self.rows is None else self.rows[idx],
         )
@@ -92,7 +96,8 @@ def prepare_image(
 ) -> PreparedImage:
     """Preprocess a decoded image (CLAHE, lung crop, masking as configured), resize it to ``size`` = (H, W).
 
-    ``fingerprint`` also records the decoded image's :func:`~covidscan.io.pixel_hash`. When the masked mode
+    ``fingerprint`` also records the decoded image's :func:`~covidscan.io.pixel_hash` and perceptual hash
+    (:mod:`covidscan.data.fingerprints`). When the masked mode
     finds no lungs, the whole unmasked image is used and ``warnings`` say so.
     """
     pixels, meta = (image.pixels, image.meta) if isinstance(image, LoadedImage) else (image, None)
@@ -115,6 +120,7 @@ def prepare_image(
         lung_mask=result.input_mask(pixels.shape[:2]) if keep_original else None,
         warnings=notes,
         pixel_hash=pixel_hash(pixels) if fingerprint else None,
+        perceptual_hash=perceptual_hash(pixels) if fingerprint else None,
         stats=image_stats(pixels, meta),
     )
 
@@ -178,7 +184,8 @@ def prepare_manifest(
     ``excluded`` (``path``, ``status``: unreadable or refused, ``reason``); ``strict`` makes any of them an
     error listing them all. ``rows`` are the kept rows' positions in ``df``.
 
-    ``fingerprint`` keeps each decoded image's pixel hash (to compare data sets without decoding again).
+    ``fingerprint`` keeps each decoded image's pixel and perceptual hash (to compare data sets without
+    decoding again).
     """
     paths = df["path"].astype(str).tolist()
     labels = df["label"].map({name: i for i, name in enumerate(CLASSES)})
@@ -211,6 +218,7 @@ def prepare_manifest(
         paths=[paths[i] for i in rows],
         lungs_found=[p.lungs_found for p in images],
         pixel_hashes=[p.pixel_hash for p in images] if fingerprint else None,
+        perceptual_hashes=np.stack([p.perceptual_hash for p in images]) if fingerprint else None,
         stats=np.stack([p.stats for p in images]),
         rows=rows,
         excluded=excluded,

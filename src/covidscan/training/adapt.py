@@ -30,6 +30,7 @@ from torch import nn
 from covidscan import CLASSES
 from covidscan.config import ExperimentConfig
 from covidscan.data import check_trainable, read_manifest
+from covidscan.data.fingerprints import Fingerprints, describe_overlap
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import (
     Calibration,
@@ -41,7 +42,7 @@ from covidscan.evaluation import (
 )
 from covidscan.models import OODDetector
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
-from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run
+from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run, seen_fingerprints
 from covidscan.training.engine import CachedFeatures, embed, fit, predict_outputs
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
@@ -137,7 +138,7 @@ def _prepare_local(df: pd.DataFrame, data: Path, parent: LoadedRun, strict: bool
     them with its frozen backbone."""
     checkpoint = parent.checkpoint
     prepared = prepare_manifest(df, checkpoint.preprocess, checkpoint.input_size, progress=progress,
-                                strict=strict)
+                                strict=strict, fingerprint=True)
     kept = df.iloc[prepared.rows].reset_index(drop=True)
     if prepared.excluded:
         _check_patients(kept, data)
@@ -365,6 +366,7 @@ def adapt_run(
     folds: int = 5,
     seed: int = 0,
     overwrite: bool = False,
+    allow_overlap: bool = False,
     strict: bool = False,
     progress: bool = True,
 ) -> AdaptResult:
@@ -375,8 +377,11 @@ def adapt_run(
     ``auto`` (patient-grouped ``folds``-fold cross-validation picks among the parent as is, recalibrate,
     head and, when the parent's training images are readable, head+original). Every mode compared is
     reported out of fold with patient-bootstrap CIs (metrics.json, report.md); the chosen one is then
-    fitted on all local cases. The new run records its parent and the local data (``checkpoint.parent``).
-    Images the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error).
+    fitted on all local cases. The new run records its parent and the local data (``checkpoint.parent``),
+    and stores the fingerprints of the local cases and of the parent's own images, so that ``evaluate``
+    refuses both. Local cases that are the parent's training or validation images (same path, pixels or
+    near-identical pixels) are refused, unless ``allow_overlap`` (then the report says so). Images the
+    quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error).
     """
     if mode not in ("auto", "recalibrate", "head"):
         raise ConfigError(f"mode must be auto, recalibrate or head, got {mode!r}")
@@ -392,10 +397,12 @@ def adapt_run(
     if out.resolve() == parent.path.resolve():
         raise ConfigError(f"--out {out} is the parent run itself; write the adapted run to a new folder")
     df = _read_local(data, parent)
-    prepare_run_dir(out, overwrite)
     local = _prepare_local(df, data, parent, strict, progress)
+    parent_seen = seen_fingerprints(parent.path, parent.checkpoint)
+    notes = excluded_notes(local.prepared.excluded) + _check_overlap(
+        parent_seen.matches(local.prepared), data, len(local.labels), allow_overlap)
+    prepare_run_dir(out, overwrite)
 
-    notes = excluded_notes(local.prepared.excluded)
     original = None
     if mix_original or mode == "auto":
         try:
@@ -431,7 +438,8 @@ def adapt_run(
     )
     verdict = measure_bf16(model, local.prepared, calibration, cfg.train.batch_size)
     save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage,
-             ood=_extended_ood(parent, local.prepared, cfg.train.batch_size))
+             ood=_extended_ood(parent, local.prepared, cfg.train.batch_size),
+             fingerprints=parent_seen + Fingerprints.of(local.prepared, "train"))
     _write_splits(parent, local, out)
     if local.prepared.excluded:
         pd.DataFrame(local.prepared.excluded).to_csv(out / "excluded.csv", index=False)
@@ -445,6 +453,21 @@ def adapt_run(
     report.write_text(report.read_text(encoding="utf-8") + comparison, encoding="utf-8")
     write_model_card(out)
     return AdaptResult(out, chosen, compared)
+
+
+def _check_overlap(overlap: list[dict[str, Any]], data: Path, n: int, allow_overlap: bool) -> list[str]:
+    """Refuse local cases the parent was trained or validated on (``allow_overlap``: a report warning)."""
+    if not overlap:
+        return []
+    if not allow_overlap:
+        raise ManifestError(
+            f"{data} shares {len(overlap)} of {n} local cases with the parent run's own training/validation "
+            f"data ({describe_overlap(overlap)}). Images the parent has seen make every out-of-fold figure "
+            "look better than it will be at your site: adapt on cases it never saw, or pass --allow-overlap "
+            "if you mean it"
+        )
+    return [f"WARNING: {len(overlap)} of {n} local cases were in the parent run's own training or validation "
+            "data (adapted anyway, --allow-overlap): the out-of-fold figures below are inflated."]
 
 
 def _write_splits(parent: LoadedRun, local: _Local, out: Path) -> None:

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from covidscan.config import ExperimentConfig
 from covidscan.data import audit_manifest, check_trainable, read_manifest, split_manifest
+from covidscan.data.fingerprints import Fingerprints
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import (
     Calibration,
@@ -107,7 +108,8 @@ def train_experiment(
     model = build_model(cfg.model)
     prepare_run_dir(out, overwrite)
     train_t, eval_t = _transforms(cfg, model)
-    prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict)
+    prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict,
+                                fingerprint=True)
     if prepared.excluded:
         log.warning("%d of %d images left out by the quality gate (listed in %s)", len(prepared.excluded),
                     len(df), out / "excluded.csv")
@@ -180,7 +182,9 @@ def train_experiment(
         metrics["ood_share"] = ood_share(ood[0], f_test, test_set)
     model.cpu()
     verdict = measure_bf16(model, test_set, calibration, bs)
-    save_run(out, cfg, model, calibration, bf16=verdict, ood=ood)
+    # What evaluate and adapt recognise as this run's own images, wherever they are moved or re-saved.
+    seen = Fingerprints.of(train_set, "train") + Fingerprints.of(val_set, "val")
+    save_run(out, cfg, model, calibration, bf16=verdict, ood=ood, fingerprints=seen)
     (out / "history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
     write_evaluation(
         out,
