@@ -24,6 +24,11 @@ from covidscan.io.stats import STAT_NAMES
 
 Method = Literal["knn", "mahalanobis"]
 _FORMAT = "covidscan-ood/1"
+REFUSAL_FACTOR = 3.0
+"""An OOD score above this many times the run's threshold is a refusal (no probability, no label), not a
+warning. Chosen with ``benchmarks/measure_ood_far.py`` (offline MobileNetV2 features, detector fitted on
+ucsd-ct, resp. cxr-dev): see README for the table; images of the run's own modality from another hospital
+stay below it and are only warned about, images of the other modality lie above it."""
 
 
 def _matrix(x: Any, name: str, dims: int | None = None, minimum: int = 1) -> np.ndarray:
@@ -266,6 +271,14 @@ class OODDetector:
             raise _not_fitted(self)
         flagged = np.asarray(score) > self.threshold_
         return bool(flagged) if flagged.ndim == 0 else flagged
+
+    def refuses(self, score: float | np.ndarray) -> bool | np.ndarray:
+        """Whether ``score`` lies so far above the threshold (``REFUSAL_FACTOR`` times) that the image must
+        get no probability at all."""
+        if self.threshold_ is None:
+            raise _not_fitted(self)
+        refused = np.asarray(score) > REFUSAL_FACTOR * max(self.threshold_, 0.0)
+        return bool(refused) if refused.ndim == 0 else refused
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one safetensors file (arrays, with the settings as JSON metadata)."""
