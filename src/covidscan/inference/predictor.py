@@ -40,6 +40,7 @@ OOD_WARNING = "unlike_training_data"
 _OOD_PARTS = ("its content (backbone features)", "its intensities, size or format")
 Source = str | Path | bytes | tuple[str, bytes] | BinaryIO
 """A path, raw bytes, ``(name, bytes)`` (an upload) or a binary file object."""
+_OODScores = tuple[np.ndarray, np.ndarray, np.ndarray]  # score, highest part, refused (see ood_scores)
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _END = object()
@@ -256,14 +257,14 @@ class Predictor:
 
     def ood_scores(
         self, features: np.ndarray | None, stats: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per image, the OOD score and the index of the part that scored highest (see ``_OOD_PARTS``),
-        from pooled features and :func:`~covidscan.io.image_stats`; None when the run has no detector or
-        the engine gives no features."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per image, the OOD score, the index of the part that scored highest (see ``_OOD_PARTS``) and
+        whether it is refused (``OODDetector.refuses``), from pooled features and
+        :func:`~covidscan.io.image_stats`; None when the run has no detector or the engine gives none."""
         if self.ood is None or features is None or stats is None:
             return None
         parts = self.ood.score_parts(features, stats)
-        return parts.max(axis=1), parts.argmax(axis=1)
+        return parts.max(axis=1), parts.argmax(axis=1), self.ood.refuses(parts)
 
     def score(
         self, prepared: Sequence[PreparedImage], *, group_ids: Sequence[str | None] | None = None
@@ -295,22 +296,24 @@ class Predictor:
             ))
         return predictions
 
-    def _ood_text(self, ood: tuple[np.ndarray, np.ndarray], i: int) -> str:
+    def _ood_text(self, ood: _OODScores, i: int) -> str:
         assert self.ood is not None and self.ood.threshold_ is not None
         return (f"OOD score {ood[0][i]:.2f} is above the run's threshold {self.ood.threshold_:.2f}; the "
                 f"image is unlike the training images in {_OOD_PARTS[int(ood[1][i])]}")
 
-    def _ood_warning(self, ood: tuple[np.ndarray, np.ndarray] | None, i: int) -> tuple[str, ...]:
+    def _ood_warning(self, ood: _OODScores | None, i: int) -> tuple[str, ...]:
         if ood is None or self.ood is None or not self.ood.flag(ood[0][i]):
             return ()
         return (f"{OOD_WARNING}: {self._ood_text(ood, i)}, so its probability may be meaningless",)
 
-    def _ood_refusal(self, ood: tuple[np.ndarray, np.ndarray] | None, i: int, source: str) -> str | None:
+    def _ood_refusal(self, ood: _OODScores | None, i: int, source: str) -> str | None:
         """The error of an image scoring more than ``REFUSAL_FACTOR`` times the threshold: a refusal."""
-        if ood is None or self.ood is None or not self.ood.refuses(ood[0][i]):
+        if ood is None or not ood[2][i]:
             return None
-        reason = (f"{OOD_WARNING}: {self._ood_text(ood, i)}, over {REFUSAL_FACTOR:g} times the threshold, so "
-                  "the model cannot judge it")
+        assert self.ood is not None and self.ood.threshold_ is not None
+        reason = (f"{OOD_WARNING}: the image's content (backbone features) lies over {REFUSAL_FACTOR:g} "
+                  f"times the run's threshold {self.ood.threshold_:.2f} from the training images (OOD score "
+                  f"{ood[0][i]:.2f}), so the model cannot judge it")
         hint = ("give the run images like those it was trained on (modality, hospital, export), or adapt "
                 "it to them with `covidscan adapt`")
         return str(ImageRefusedError(source, [reason], hint))

@@ -223,7 +223,7 @@ def assess(
         if meta.format != "DICOM":  # a DICOM file's Modality says what it holds; other files need a look
             refusals += judge_content(loaded, model)
         lungs, middle = inverted_contrast(pixels)
-        if model == "ct" and lungs - middle > limits.inverted_margin:
+        if model == "ct" and not refusals and lungs - middle > limits.inverted_margin:
             warnings.append(f"inverted: lung zones brighter than the mediastinum ({lungs:.2f} vs "
                             f"{middle:.2f}), lungs and air should be dark (inverted gray scale?)")
     return QualityReport(meta.path, tuple(refusals), tuple(warnings))

@@ -25,10 +25,12 @@ from covidscan.io.stats import STAT_NAMES
 Method = Literal["knn", "mahalanobis"]
 _FORMAT = "covidscan-ood/1"
 REFUSAL_FACTOR = 3.0
-"""An OOD score above this many times the run's threshold is a refusal (no probability, no label), not a
-warning. Chosen with ``benchmarks/measure_ood_far.py`` (offline MobileNetV2 features, detector fitted on
-ucsd-ct, resp. cxr-dev): see README for the table; images of the run's own modality from another hospital
-stay below it and are only warned about, images of the other modality lie above it."""
+"""An image whose content score (k-NN on backbone features, ``score_parts`` column 0) is above this many
+times the run's threshold is refused (no probability, no label) instead of warned about. Chosen with
+``benchmarks/measure_ood_far.py`` (offline MobileNetV2 features, fitted on ucsd-ct resp. cxr-dev; table in
+README): every real image of the run's own modality, another hospital's included, stays below it, the
+other modality lies above. The image-statistics part never refuses: a 16-bit, DICOM or colour file given
+to a run trained on 8-bit gray PNGs scores very high there, yet is a chest image the model can judge."""
 
 
 def _matrix(x: Any, name: str, dims: int | None = None, minimum: int = 1) -> np.ndarray:
@@ -272,13 +274,12 @@ class OODDetector:
         flagged = np.asarray(score) > self.threshold_
         return bool(flagged) if flagged.ndim == 0 else flagged
 
-    def refuses(self, score: float | np.ndarray) -> bool | np.ndarray:
-        """Whether ``score`` lies so far above the threshold (``REFUSAL_FACTOR`` times) that the image must
-        get no probability at all."""
+    def refuses(self, parts: np.ndarray) -> np.ndarray:
+        """Per image, whether the content part of ``score_parts`` (N, 2) lies ``REFUSAL_FACTOR`` times above
+        the threshold: the backbone sees nothing like its training images, so no probability is given."""
         if self.threshold_ is None:
             raise _not_fitted(self)
-        refused = np.asarray(score) > REFUSAL_FACTOR * max(self.threshold_, 0.0)
-        return bool(refused) if refused.ndim == 0 else refused
+        return np.asarray(parts)[:, 0] > REFUSAL_FACTOR * max(self.threshold_, 0.0)
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one safetensors file (arrays, with the settings as JSON metadata)."""
