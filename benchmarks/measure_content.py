@@ -53,8 +53,8 @@ OTHER = {"ct": "cxr", "cxr": "ct"}
 def _noise_field(rng: np.random.Generator, h: int, w: int, exponent: float) -> np.ndarray:
     """1/f^exponent noise in [0, 1]: the spectrum of natural photos."""
     fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij")
-    spectrum = (rng.normal(size=(h, w)) + 1j * rng.normal(size=(h, w))) / np.maximum(np.hypot(fx, fy), 1 / h) ** (
-        exponent / 2)
+    white = rng.normal(size=(h, w)) + 1j * rng.normal(size=(h, w))
+    spectrum = white / np.maximum(np.hypot(fx, fy), 1 / h) ** (exponent / 2)
     field = np.fft.ifft2(spectrum).real
     return ((field - field.min()) / (np.ptp(field) + 1e-9)).astype(np.float32)
 
@@ -212,7 +212,8 @@ def augment(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         pixels = 1 - pixels
     if rng.random() < 0.3:
         side = int(rng.integers(48, 160))
-        pixels = cv2.resize(np.ascontiguousarray(pixels, np.float32), (side, side), interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(np.ascontiguousarray(pixels, np.float32), (side, side),
+                            interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(pixels, np.float32)
 
 
@@ -256,7 +257,8 @@ def fit(data: Path) -> ContentModel:
 
     def add(pixels: np.ndarray, kind: str, copies: int = 1) -> None:
         for _ in range(copies):
-            rows.append(content_features(augment(pixels, rng) if copies > 1 or rng.random() < 0.7 else pixels))
+            varied = copies > 1 or rng.random() < 0.7
+            rows.append(content_features(augment(pixels, rng) if varied else pixels))
             labels.append(CONTENT_KINDS.index(kind))
 
     for kind in ("ct", "cxr"):
@@ -318,15 +320,16 @@ def main() -> None:
         rng = np.random.default_rng(7)
         fresh = [_loaded(augment(p, rng), f"{kind}-phantom.png")
                  for p in phantoms(kind, 50 if kind == "ct" else 60, 200)]
-        figures[f"{kind}-phantoms"] = {
-            "false_refusals": f"{sum(refused(img, kind) for img in fresh)}/{len(fresh)}",
-            "refused_for_the_other_modality": f"{sum(refused(img, OTHER[kind]) for img in fresh)}/{len(fresh)}",
-        }
+        false = sum(refused(img, kind) for img in fresh)
+        true = sum(refused(img, OTHER[kind]) for img in fresh)
+        figures[f"{kind}-phantoms"] = {"false_refusals": f"{false}/{len(fresh)}",
+                                       "refused_for_the_other_modality": f"{true}/{len(fresh)}"}
     fresh_negatives = list(negatives(99, 600))
     for kind in NEGATIVES:
         group = [img for k, img in fresh_negatives if k == kind]
-        figures[f"generated-{kind}"] = {f"refused_for_{m}": f"{sum(refused(img, m) for img in group)}/{len(group)}"
-                                        for m in ("ct", "cxr")}
+        figures[f"generated-{kind}"] = {
+            f"refused_for_{m}": f"{sum(refused(img, m) for img in group)}/{len(group)}" for m in ("ct", "cxr")
+        }
     print(f"min_p {model.min_p:.4g}; lowest probability of their own kind among real images {min(own):.4g}")
     for name, row in figures.items():
         print(f"{name:22s} " + "  ".join(f"{k} {v}" for k, v in row.items()))

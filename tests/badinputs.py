@@ -165,7 +165,7 @@ def _hu_tiff(name: str, dtype: type) -> Callable[[Path], Path]:
 
     def write(folder: Path) -> Path:
         hu = _hu(_ct())
-        if dtype is np.int16:  # PIL writes no int16 mode: the bits as uint16, declared signed (SampleFormat 2)
+        if dtype is np.int16:  # no int16 mode in PIL: the bits as uint16, declared signed (SampleFormat 2)
             Image.fromarray(hu.view(np.uint16)).save(folder / name, tiffinfo={339: 2})
         else:
             Image.fromarray(hu.astype(dtype)).save(folder / name)
