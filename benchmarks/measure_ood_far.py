@@ -22,6 +22,7 @@ import torch
 from measure_ood import SHARED, WEIGHTS, Extractor, extract, manifest_sets, part
 
 from covidscan.models import OODDetector
+from covidscan.models.ood import REFUSAL_FACTOR
 
 
 def main() -> None:
@@ -34,8 +35,8 @@ def main() -> None:
     extractor = Extractor(args.shared / WEIGHTS)
     runs = [("ct", "ucsd-ct", ["ct-ext-luna16", "CT phantoms"], ["cxr-dev", "X-ray phantoms"]),
             ("cxr", "cxr-dev", ["cxr-ext-figure1", "X-ray phantoms"], ["ucsd-ct", "CT phantoms"])]
-    print("| run | set | modality | images | 1st percentile | median | 99th percentile | max |\n"
-          "|---|---|---|---|---|---|---|---|")
+    print(f"| run | set | modality | images | 1st percentile | median | 99th percentile | max | above "
+          f"{REFUSAL_FACTOR:g} |\n|---|---|---|---|---|---|---|---|---|")
     for pipeline, home, same, other in runs:
         feats = {s: extract(extractor, sets[s]["path"].tolist(), pipeline, args.cache / f"{s}-{pipeline}.npz")
                  for s in [home, *same, *other]}
@@ -49,8 +50,8 @@ def main() -> None:
         for name, (data, kind) in groups.items():
             ratio = ood.score_parts(data["pooled"], data["stats"])[:, 0] / ood.threshold_
             print(f"| {home} | {name} | {kind} | {len(ratio)} | {np.quantile(ratio, 0.01):.2f} | "
-                  f"{np.median(ratio):.2f} | {np.quantile(ratio, 0.99):.2f} | {ratio.max():.2f} |",
-                  flush=True)
+                  f"{np.median(ratio):.2f} | {np.quantile(ratio, 0.99):.2f} | {ratio.max():.2f} | "
+                  f"{(ratio > REFUSAL_FACTOR).mean():.0%} |", flush=True)
 
 
 if __name__ == "__main__":
