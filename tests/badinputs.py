@@ -151,6 +151,56 @@ def _blank() -> np.ndarray:
     return (128 + noise).astype(np.uint8)
 
 
+def _tiff_pages(name: str, pages: list[np.ndarray]) -> Callable[[Path], Path]:
+    def write(folder: Path) -> Path:
+        first, *rest = (Image.fromarray(_u8(page)) for page in pages)
+        first.save(folder / name, save_all=True, append_images=rest)
+        return folder / name
+
+    return write
+
+
+def _hu_tiff(name: str, dtype: type) -> Callable[[Path], Path]:
+    """A CT slice in Hounsfield units (negative values) as a signed 16- or 32-bit integer TIFF."""
+
+    def write(folder: Path) -> Path:
+        hu = _hu(_ct())
+        if dtype is np.int16:  # no int16 mode in PIL: the bits as uint16, declared signed (SampleFormat 2)
+            Image.fromarray(hu.view(np.uint16)).save(folder / name, tiffinfo={339: 2})
+        else:
+            Image.fromarray(hu.astype(dtype)).save(folder / name)
+        return folder / name
+
+    return write
+
+
+def photo() -> np.ndarray:
+    """A colour snapshot: sky, grass and an orange cat-like shape, with sensor noise."""
+    img = np.zeros((240, 320, 3), np.uint8)
+    img[:] = (90, 140, 60)
+    img[:80] = (150, 190, 235)
+    cv2.ellipse(img, (160, 150), (70, 55), 0, 0, 360, (200, 120, 40), -1)
+    cv2.circle(img, (215, 105), 35, (210, 130, 50), -1)
+    return np.clip(img + np.random.default_rng(1).normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+
+
+def screenshot() -> np.ndarray:
+    """A listing window: title bar and lines of text on white."""
+    img = np.full((300, 400, 3), 245, np.uint8)
+    cv2.rectangle(img, (0, 0), (400, 30), (60, 60, 70), -1)
+    for i, y in enumerate(range(60, 290, 22)):
+        cv2.putText(img, f"Patient list  item {i}  status OK  2020-03-{i + 1:02d}", (12, y),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.45, (20, 20, 20), 1, cv2.LINE_AA)
+    return img
+
+
+def framed_black() -> np.ndarray:
+    """A black picture in a white frame."""
+    img = np.zeros((256, 256), np.uint8)
+    cv2.rectangle(img, (0, 0), (255, 255), 255, 12)
+    return img
+
+
 def _rgba(pixels: np.ndarray) -> np.ndarray:
     gray = _u8(pixels)
     return np.dstack([gray, gray, gray, np.full_like(gray, 255)])
@@ -220,6 +270,28 @@ CASES: tuple[Case, ...] = (
          _dicom("ct-to-cxr.dcm")),
     Case("dicom_multiframe", "a 2-frame CT DICOM", "unreadable", "multi-frame", "ct",
          _dicom("multiframe.dcm", np.zeros((512, 256), np.int16), Rows=256, NumberOfFrames=2)),
+    Case("cxr_png_for_ct", "a chest X-ray PNG given to a CT model", "refused", "wrong_content", "ct",
+         _png("xray.png", _cxr())),
+    Case("ct_png_for_cxr", "a CT slice PNG given to an X-ray model", "refused", "wrong_content", "cxr",
+         _png("ct-to-cxr.png", _ct())),
+    Case("photo_colour", "a colour photo (a cat on grass) as JPEG", "refused", "wrong_content", "ct",
+         _png("cat.jpg", photo())),
+    Case("photo_gray", "the same photo in gray", "refused", "wrong_content", "ct",
+         lambda folder: _save(Image.fromarray(photo()).convert("L"), folder / "cat-gray.jpg")),
+    Case("screenshot", "a screenshot of a patient list", "refused", "wrong_content", "ct",
+         _png("screenshot.png", screenshot())),
+    Case("framed_black", "a black image with a white frame", "refused", "wrong_content", "ct",
+         _png("framed.png", framed_black())),
+    Case("tiff_multipage", "a 2-page TIFF of two CT slices", "unreadable", "multi-frame", "ct",
+         _tiff_pages("pages.tif", [_ct(), _ct()[::-1]])),
+    Case("tiff_multipage_black_first", "a 2-page TIFF whose first page is black", "unreadable", "multi-frame",
+         "ct", _tiff_pages("black-first.tif", [np.zeros((256, 256), np.float32), _ct()])),
+    Case("png_12bit", "12-bit data (0..4095) in a 16-bit PNG CT slice", "handled", None, "ct",
+         _png("twelve.png", np.rint(_ct() * 4095).astype(np.uint16))),
+    Case("tiff_int16_hu", "a CT slice in Hounsfield units as an int16 TIFF", "handled", None, "ct",
+         _hu_tiff("hu16.tif", np.int16)),
+    Case("tiff_int32_hu", "a CT slice in Hounsfield units as an int32 TIFF", "handled", None, "ct",
+         _hu_tiff("hu32.tif", np.int32)),
     Case("dicom_cr_monochrome1", "a MONOCHROME1 CR radiograph", "handled", None, "cxr",
          _dicom("cr.dcm", np.rint((1 - _cxr()) * 4095).astype(np.uint16), modality="CR",
                 photometric="MONOCHROME1", BodyPartExamined="CHEST")),

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from covidscan import __version__
 from covidscan.cli import app
+from covidscan.data.synthetic import make_phantom
 
 
 @dataclass
@@ -53,12 +54,13 @@ def test_console_entry_point_in_a_real_process(tmp_path: Path):
 
 
 def _tree(root: Path, per_class: int = 6) -> Path:
-    rng = np.random.default_rng(0)
+    """A folder per class of small CT phantom slices (the quality gate judges content: no noise images)."""
     for label in ("COVID", "normal"):
         folder = root / label
         folder.mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / f"{label}{i}.png")
+            pixels = make_phantom(i, modality="ct", covid=label == "COVID", size=64).image
+            Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(folder / f"{label}{i}.png")
     return root
 
 

@@ -82,10 +82,14 @@ def test_a_masked_run_says_when_it_could_not_mask(tiny_run, tmp_path):
     predictor = Predictor.from_run(tiny_run)
     masked = predictor.checkpoint.preprocess.model_copy(update={"mask_outside_lungs": True})
     predictor.checkpoint = predictor.checkpoint.model_copy(update={"preprocess": masked})
-    rng = np.random.default_rng(0)
-    texture = np.clip(128 + 30 * rng.standard_normal((128, 128)), 0, 255).astype(np.uint8)
-    Image.fromarray(texture).save(tmp_path / "texture.png")  # no lungs in it
-    prepared = predictor.prepare(predictor.load(tmp_path / "texture.png"))
+    from covidscan.data.synthetic import make_phantom
+
+    phantom = make_phantom(0, modality="ct", covid=False, size=128)
+    body = phantom.image.copy()
+    lungs = phantom.lung_mask.astype(bool)
+    body[lungs] = np.median(body[(body > 0.3) & ~lungs])  # a CT slice whose lungs are filled with tissue
+    Image.fromarray(np.rint(body * 255).astype(np.uint8)).save(tmp_path / "no-lungs.png")
+    prepared = predictor.prepare(predictor.load(tmp_path / "no-lungs.png"))
     assert prepared.lungs_found is False
     assert any(w.startswith("unmasked:") for w in prepared.warnings)
     assert any(w.startswith("no_lungs:") for w in prepared.warnings)

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from covidscan.data import audit_manifest, format_audit, hamming_pairs, read_manifest
+from covidscan.data.synthetic import make_phantom
 from covidscan.errors import ManifestError
 
 
@@ -20,6 +21,12 @@ def _smooth(seed: int, size: int = 64) -> np.ndarray:
     coarse = np.random.default_rng(seed).normal(size=(6, 6)).astype(np.float32)
     fine = cv2.resize(coarse, (size, size), interpolation=cv2.INTER_CUBIC)
     return cv2.normalize(fine, None, 20, 235, cv2.NORM_MINMAX).astype(np.uint8)
+
+
+def _ct(seed: int, size: int) -> np.ndarray:
+    """A CT phantom slice as uint8."""
+    pixels = make_phantom(seed, modality="ct", covid=bool(seed % 2), size=size).image
+    return np.rint(pixels * 255).astype(np.uint8)
 
 
 def _save(pixels: np.ndarray, path: Path) -> str:
@@ -159,9 +166,9 @@ def test_real_ucsd_ct_label_conflict_is_found(ucsd_report: dict) -> None:
 def test_audit_quality_section_and_label_problems(tmp_path: Path) -> None:
     from badinputs import bomb_png
 
-    good = [_save(_smooth(i, size=160), tmp_path / f"g{i}.png") for i in (1, 2, 3)]  # 0 looks inverted
+    good = [_save(_ct(i, 160), tmp_path / f"g{i}.png") for i in (1, 2, 3)]  # the gate judges content: CT
     black = _save(np.zeros((160, 160), np.uint8), tmp_path / "black.png")
-    small = _save(_smooth(7), tmp_path / "small.png")  # 64 px: doubtful, kept
+    small = _save(_ct(7, 64), tmp_path / "small.png")  # 64 px: doubtful, kept
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(bomb_png())
     df = pd.DataFrame({

@@ -10,14 +10,16 @@ import pytest
 from PIL import Image
 
 from covidscan.data import normalize_label, read_manifest, scan_dataset, write_manifest, write_quality
+from covidscan.data.synthetic import make_phantom
 from covidscan.errors import ConfigError, ManifestError
 from dicom_files import write_dicom
 
 
-def _png(path: Path, seed: int = 0) -> Path:
-    """A 128x128 noise image: passes the quality gate without a warning."""
+def _png(path: Path, seed: int = 0, size: int = 128) -> Path:
+    """A CT phantom slice (128x128 by default): passes the quality gate, content check included, silently."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (128, 128), dtype=np.uint8)).save(path)
+    pixels = make_phantom(seed, modality="ct", covid=False, size=size).image
+    Image.fromarray(np.rint(pixels * 255).astype(np.uint8)).save(path)
     return path
 
 
@@ -243,8 +245,7 @@ def test_scan_patient_from_dicom(tmp_path: Path) -> None:
 
 def test_scan_gate_leaves_refused_out_and_lists_everything(tmp_path: Path) -> None:
     good = _png(tmp_path / "covid" / "good.png")
-    small = tmp_path / "covid" / "small.png"
-    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8)).save(small)
+    small = _png(tmp_path / "covid" / "small.png", seed=1, size=64)
     black = tmp_path / "normal" / "black.png"
     black.parent.mkdir()
     Image.fromarray(np.zeros((128, 128), np.uint8)).save(black)

@@ -25,16 +25,13 @@ MARKER = (slice(6, 14), slice(6, 14))
 pulls the hull into the corner and changes the lung masks, which would leak the mark into the lungs view)."""
 
 
-@pytest.fixture(scope="module")
-def marker_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Non-COVID CT phantoms only, half of the patients labelled covid and marked in a corner: the label
-    lies outside the lungs and nowhere else."""
-    root = tmp_path_factory.mktemp("marker")
+def _marked(root: Path, modality: str) -> Path:
     rows = []
     for patient in range(N_PATIENTS):
         covid = patient % 2 == 1
         for s in range(2):
-            image = make_phantom(1000 + 10 * patient + s, covid=False, size=128, anatomy_seed=patient).image
+            image = make_phantom(1000 + 10 * patient + s, modality=modality, covid=False, size=128,
+                                 anatomy_seed=patient).image
             pixels = np.round(image * 255).astype(np.uint8)
             if covid:
                 pixels[MARKER] = 255
@@ -45,6 +42,19 @@ def marker_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     manifest = root / "manifest.csv"
     pd.DataFrame(rows).to_csv(manifest, index=False)
     return manifest
+
+
+@pytest.fixture(scope="module")
+def marker_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Non-COVID CT phantoms only, half of the patients labelled covid and marked in a corner: the label
+    lies outside the lungs and nowhere else."""
+    return _marked(tmp_path_factory.mktemp("marker"), "ct")
+
+
+@pytest.fixture(scope="module")
+def xray_marker_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with X-ray phantoms (the quality gate refuses CT slices given as X-rays)."""
+    return _marked(tmp_path_factory.mktemp("xray-marker"), "cxr")
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +96,11 @@ def test_unusable_images_are_left_out_and_counted(
     df = pd.read_csv(marker_manifest).drop(columns="patient_id")[:16]  # no ids: images are the units
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
-    flat = tmp_path / "no-lungs.png"  # a smooth ramp: readable, not refused, no lung-like region
-    cv2.imwrite(str(flat), np.tile(np.linspace(60, 200, 128, dtype=np.uint8), (128, 1)))
+    flat = tmp_path / "no-lungs.png"  # a CT slice whose lungs are filled with tissue: not refused, no lungs
+    phantom = make_phantom(0, modality="ct", covid=False, size=128)
+    body, lungs = phantom.image.copy(), phantom.lung_mask.astype(bool)
+    body[lungs] = np.median(body[(body > 0.3) & ~lungs])
+    cv2.imwrite(str(flat), np.rint(body * 255).astype(np.uint8))
     extra = pd.DataFrame({"path": [str(broken), str(flat)], "label": ["covid", "non_covid"]})
     result = shortcut_probe(pd.concat([df, extra], ignore_index=True), modality="ct", weights=weights,
                             size=64, n_boot=50)
@@ -98,7 +111,7 @@ def test_unusable_images_are_left_out_and_counted(
     assert "images (50 resamples)" in result.to_dict()["ci_method"]
 
 
-def test_the_mask_comes_from_one_swappable_function(marker_manifest: Path, weights: Path) -> None:
+def test_the_mask_comes_from_one_swappable_function(xray_marker_manifest: Path, weights: Path) -> None:
     seen = []
 
     def nothing_found(gray: np.ndarray, modality: str) -> None:
@@ -106,7 +119,7 @@ def test_the_mask_comes_from_one_swappable_function(marker_manifest: Path, weigh
 
     method = MaskMethod("none-found", "finds nothing", nothing_found)
     with pytest.raises(ManifestError, match="0 usable images hold 0 non_covid and 0 covid"):
-        shortcut_probe(pd.read_csv(marker_manifest)[:8], modality="cxr", weights=weights, size=64,
+        shortcut_probe(pd.read_csv(xray_marker_manifest)[:8], modality="cxr", weights=weights, size=64,
                        mask=method)
     assert seen == ["cxr"] * 8
 
@@ -185,12 +198,13 @@ def test_the_audit_still_imports_without_torch() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_the_unet_mask_uses_the_xray_lung_model_or_names_the_command(marker_manifest: Path, weights: Path,
-                                                                     tmp_path: Path, monkeypatch) -> None:
+def test_the_unet_mask_uses_the_xray_lung_model_or_names_the_command(
+    xray_marker_manifest: Path, weights: Path, tmp_path: Path, monkeypatch
+) -> None:
     from covidscan.preprocess.lungseg import LungSegmenter, UNet, default_lung_model
 
     monkeypatch.setenv("COVIDSCAN_CACHE", str(tmp_path / "cache"))
-    df = pd.read_csv(marker_manifest)
+    df = pd.read_csv(xray_marker_manifest)
     with pytest.raises(ConfigError, match="covidscan lungseg train"):
         shortcut_probe(df, modality="cxr", weights=weights, size=64, mask="unet")
     model = UNet()  # a lung model whose head calls every pixel lung

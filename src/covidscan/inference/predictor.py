@@ -21,11 +21,12 @@ from typing import Any, BinaryIO, Literal, TypeVar
 import numpy as np
 import torch
 
-from covidscan.errors import ConfigError, InputError
+from covidscan.errors import ConfigError, ImageRefusedError, InputError
 from covidscan.evaluation import Calibration
 from covidscan.io import LoadedImage, QualityLimits, assess, read_image
 from covidscan.io.quality import MODEL_MODALITIES
 from covidscan.models import Classifier, FastClassifier, OODDetector, Precision, use_bf16
+from covidscan.models.ood import REFUSAL_FACTOR
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
 from covidscan.runs import Checkpoint, load_ood, load_run
 from covidscan.system import cache_dir, resolve_device
@@ -39,6 +40,7 @@ OOD_WARNING = "unlike_training_data"
 _OOD_PARTS = ("its content (backbone features)", "its intensities, size or format")
 Source = str | Path | bytes | tuple[str, bytes] | BinaryIO
 """A path, raw bytes, ``(name, bytes)`` (an upload) or a binary file object."""
+_OODScores = tuple[np.ndarray, np.ndarray, np.ndarray]  # score, highest part, refused (see ood_scores)
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 _END = object()
@@ -263,14 +265,14 @@ class Predictor:
 
     def ood_scores(
         self, features: np.ndarray | None, stats: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray] | None:
-        """Per image, the OOD score and the index of the part that scored highest (see ``_OOD_PARTS``),
-        from pooled features and :func:`~covidscan.io.image_stats`; None when the run has no detector or
-        the engine gives no features."""
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Per image, the OOD score, the index of the part that scored highest (see ``_OOD_PARTS``) and
+        whether it is refused (``OODDetector.refuses``), from pooled features and
+        :func:`~covidscan.io.image_stats`; None when the run has no detector or the engine gives none."""
         if self.ood is None or features is None or stats is None:
             return None
         parts = self.ood.score_parts(features, stats)
-        return parts.max(axis=1), parts.argmax(axis=1)
+        return parts.max(axis=1), parts.argmax(axis=1), self.ood.refuses(parts)
 
     def score(
         self, prepared: Sequence[PreparedImage], *, group_ids: Sequence[str | None] | None = None
@@ -284,26 +286,45 @@ class Predictor:
         labels, uncertain = cal.label(p), cal.uncertain(p)
         has_stats = prepared and all(prep.stats is not None for prep in prepared)
         ood = self.ood_scores(features, np.stack([prep.stats for prep in prepared]) if has_stats else None)
-        return [
-            Prediction(
-                source=str(prep.meta.path) if prep.meta is not None else f"<image {i}>",
-                p_covid=float(p[i]),
-                label=str(labels[i]),
-                uncertain=bool(uncertain[i]),
-                lungs_found=prep.lungs_found,
-                warnings=prep.warnings + self._ood_warning(ood, i),
-                group_id=(group_ids[i] if group_ids is not None else None) or _meta_group(prep),
-                ood_score=None if ood is None else round(float(ood[0][i]), 4),
-            )
-            for i, prep in enumerate(prepared)
-        ]
+        predictions = []
+        for i, prep in enumerate(prepared):
+            source = str(prep.meta.path) if prep.meta is not None else f"<image {i}>"
+            group = (group_ids[i] if group_ids is not None else None) or _meta_group(prep)
+            ood_score = None if ood is None else round(float(ood[0][i]), 4)
+            refusal = self._ood_refusal(ood, i, source)
+            if refusal is not None:
+                predictions.append(Prediction(source=source, lungs_found=prep.lungs_found,
+                                              warnings=prep.warnings, error=refusal, group_id=group,
+                                              ood_score=ood_score))
+                continue
+            predictions.append(Prediction(
+                source=source, p_covid=float(p[i]), label=str(labels[i]), uncertain=bool(uncertain[i]),
+                lungs_found=prep.lungs_found, warnings=prep.warnings + self._ood_warning(ood, i),
+                group_id=group, ood_score=ood_score,
+            ))
+        return predictions
 
-    def _ood_warning(self, ood: tuple[np.ndarray, np.ndarray] | None, i: int) -> tuple[str, ...]:
+    def _ood_text(self, ood: _OODScores, i: int) -> str:
+        assert self.ood is not None and self.ood.threshold_ is not None
+        return (f"OOD score {ood[0][i]:.2f} is above the run's threshold {self.ood.threshold_:.2f}; the "
+                f"image is unlike the training images in {_OOD_PARTS[int(ood[1][i])]}")
+
+    def _ood_warning(self, ood: _OODScores | None, i: int) -> tuple[str, ...]:
         if ood is None or self.ood is None or not self.ood.flag(ood[0][i]):
             return ()
-        return (f"{OOD_WARNING}: OOD score {ood[0][i]:.2f} is above the run's threshold "
-                f"{self.ood.threshold_:.2f}; the image is unlike the training images in "
-                f"{_OOD_PARTS[int(ood[1][i])]}, so its probability may be meaningless",)
+        return (f"{OOD_WARNING}: {self._ood_text(ood, i)}, so its probability may be meaningless",)
+
+    def _ood_refusal(self, ood: _OODScores | None, i: int, source: str) -> str | None:
+        """The error of an image scoring more than ``REFUSAL_FACTOR`` times the threshold: a refusal."""
+        if ood is None or not ood[2][i]:
+            return None
+        assert self.ood is not None and self.ood.threshold_ is not None
+        reason = (f"{OOD_WARNING}: the image's content (backbone features) lies over {REFUSAL_FACTOR:g} "
+                  f"times the run's threshold {self.ood.threshold_:.2f} from the training images (OOD score "
+                  f"{ood[0][i]:.2f}), so the model cannot judge it")
+        hint = ("give the run images like those it was trained on (modality, hospital, export), or adapt "
+                "it to them with `covidscan adapt`")
+        return str(ImageRefusedError(source, [reason], hint))
 
     def aggregate(
         self, predictions: Sequence[Prediction], key: Callable[[Prediction], str | None] | None = None
@@ -396,11 +417,15 @@ class Predictor:
     def _with_cams(
         self, scored: list[Prediction], prepared: list[PreparedImage], index: list[int], out: Path
     ) -> list[Prediction]:
-        names = [out / f"{i:05d}_{Path(pred.source).stem}.png" for i, pred in zip(index, scored, strict=True)]
-        titles = [f"p(covid) {pred.p_covid:.2f}: {pred.label}" + (", uncertain" if pred.uncertain else "")
-                  for pred in scored]
-        explained = self.explain(prepared, names, titles=titles)
-        return [replace(pred, cam_png=row["cam_png"]) for pred, row in zip(scored, explained, strict=True)]
+        keep = [k for k, pred in enumerate(scored) if pred.p_covid is not None]  # refused ones get no map
+        names = [out / f"{index[k]:05d}_{Path(scored[k].source).stem}.png" for k in keep]
+        titles = [f"p(covid) {scored[k].p_covid:.2f}: {scored[k].label}"
+                  + (", uncertain" if scored[k].uncertain else "") for k in keep]
+        explained = self.explain([prepared[k] for k in keep], names, titles=titles) if keep else []
+        out_preds = list(scored)
+        for k, row in zip(keep, explained, strict=True):
+            out_preds[k] = replace(scored[k], cam_png=row["cam_png"])
+        return out_preds
 
 
 def _meta_group(prepared: PreparedImage) -> str | None:

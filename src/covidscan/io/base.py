@@ -27,6 +27,7 @@ class ImageMeta:
     instance_number: int | None = None
     slice_position: float | None = None  # position along the slice normal (z for axial slices)
     body_part: str | None = None  # DICOM BodyPartExamined ("CHEST", "HEAD", ...)
+    colour: float = 0.0  # fraction of visibly coloured pixels before conversion to gray (0 for gray files)
 
 
 @dataclass(frozen=True)

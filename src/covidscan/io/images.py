@@ -15,7 +15,8 @@ from PIL import Image, ImageOps
 
 from covidscan.errors import ImageReadError, ImageRefusedError, InputError
 
-from .base import ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
+from .base import LUNG_WINDOW, ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
+from .content import colour_fraction
 from .dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom_path, read_dicom, read_dicom_header
 from .quality import QualityLimits, QualityReport, assess, check_pixel_count
 
@@ -32,6 +33,9 @@ _FORMAT_NAMES = {"MPO": "JPEG"}  # PIL's JPEG opener says MPO for phone JPEGs wi
 _SIGNATURES = {b"%PDF": "a PDF document", b"PK\x03\x04": "a ZIP archive", b"GIF8": "a GIF image",
                b"RIFF": "a RIFF/WebP file", b"<": "an HTML/XML text file"}
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_HU_LOWEST = (-3100.0, -500.0)  # where the darkest value of a CT slice in Hounsfield units lies
+_HU_HIGHEST = 31000.0
+_REDUCED_IMAGE = 1  # TIFF NewSubfileType bit: a thumbnail or preview of another page, not an image of its own
 
 
 def is_image_path(path: str | Path) -> bool:
@@ -123,18 +127,65 @@ def _open_pil(label: Path, opened: Path | io.BytesIO, limits: QualityLimits | No
         yield im
 
 
-def _integer_range(im: Image.Image) -> tuple[float, float]:
-    """The value range of a 32-bit integer ("I") image: the file's declared bits, else 16-bit (PNG)."""
-    tags = getattr(im, "tag_v2", {})
-    bits = tags.get(258, (16,))  # TIFF BitsPerSample
-    bits = int(bits[0] if isinstance(bits, tuple) else bits)
-    signed = tags.get(339, (1,)) in (2, (2,))  # TIFF SampleFormat 2 = signed integer
-    low = -(2.0 ** (bits - 1)) if signed else 0.0
-    return low, low + 2.0**bits - 1
+def _count_pages(label: Path, im: Image.Image) -> int:
+    """How many full images a TIFF holds (thumbnails and previews of a page are not counted); 1 otherwise."""
+    if im.format != "TIFF" or getattr(im, "n_frames", 1) == 1:
+        return 1
+    try:
+        pages = 0
+        for index in range(im.n_frames):
+            im.seek(index)
+            pages += not int(im.tag_v2.get(254, 0)) & _REDUCED_IMAGE
+        im.seek(0)
+    except Exception as exc:  # a page directory PIL cannot parse
+        raise _corrupt(label, exc) from exc
+    return pages
 
 
-def _pil_to_gray(im: Image.Image) -> np.ndarray:
-    """Any PIL mode -> float32 (H, W) in [0, 1]; alpha composited onto black, colour to luminance."""
+def _refuse_pages(label: Path, im: Image.Image) -> None:
+    """Refuse a multi-page TIFF as multi-frame DICOM is refused: which page to judge is not ours to guess."""
+    pages = _count_pages(label, im)
+    if pages > 1:
+        raise ImageReadError(label, f"multi-frame TIFF ({pages} pages): export single slices",
+                             "save each page as its own image file")
+
+
+def _declared_bits(im: Image.Image) -> int:
+    """Bits per sample the file declares (TIFF BitsPerSample), else 16 (a 16-bit PNG opened as "I")."""
+    bits = getattr(im, "tag_v2", {}).get(258, (16,))
+    return int(bits[0] if isinstance(bits, tuple) else bits)
+
+
+def _looks_like_hu(low: float, high: float) -> bool:
+    """Whether a signed image's value range is that of a CT slice in Hounsfield units.
+
+    Air is -1000 HU and scanners pad outside the field of view with -1024 to -3024, so the darkest value
+    of a chest slice lies in [-3100, -500]; the brightest (bone, contrast, metal) stays below 31000.
+    """
+    return _HU_LOWEST[0] <= low <= _HU_LOWEST[1] and _HU_LOWEST[1] < high <= _HU_HIGHEST
+
+
+def _data_range(arr: np.ndarray, declared_bits: int) -> tuple[float, float]:
+    """The (low, high) that map to black and white for integer or float pixels, from the values themselves.
+
+    Hounsfield units (negative values, see ``_looks_like_hu``) get the CT lung window, as CT DICOM does;
+    other data with negative values is stretched min..max. Non-negative data is scaled by the bit depth it
+    actually uses (12-bit data in a 16-bit PNG by 4095, not 65535, which left it nearly black and refused
+    as blank), never beyond what the file declares: a dark 16-bit image stays dark.
+    """
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0:
+        if _looks_like_hu(low, high):
+            width, level = LUNG_WINDOW
+            return level - width / 2, level + width / 2
+        return low, high
+    bits = min(declared_bits, max(8, int(np.ceil(np.log2(high + 1)))))
+    return 0.0, 2.0**bits - 1
+
+
+def _pil_to_gray(im: Image.Image) -> tuple[np.ndarray, float]:
+    """Any PIL mode -> float32 (H, W) in [0, 1] (alpha composited onto black, colour to luminance) and the
+    fraction of coloured pixels (``colour_fraction``; 0 for gray modes)."""
     mode = im.mode
     if mode in ("P", "PA") or (mode in ("L", "RGB") and "transparency" in im.info):
         im = im.convert("RGBA")  # palette lookup, applying a tRNS transparent colour as alpha
@@ -144,36 +195,44 @@ def _pil_to_gray(im: Image.Image) -> np.ndarray:
         mode = "RGB"
     arr = np.asarray(im)
     if mode in ("1", "L"):
-        return scale_to_unit(arr, 0.0, 1.0 if mode == "1" else 255.0)
+        return scale_to_unit(arr, 0.0, 1.0 if mode == "1" else 255.0), 0.0
     if mode in _SIXTEEN_BIT_MODES:
-        return scale_to_unit(arr, 0.0, 65535.0)
+        return scale_to_unit(arr, *_data_range(arr, 16)), 0.0
     if mode == "I":
-        return scale_to_unit(arr, *_integer_range(im))
+        return scale_to_unit(arr, *_data_range(arr, _declared_bits(im))), 0.0
     if mode == "F":
         if not np.isfinite(arr).all():
             raise ValueError("floating-point image contains NaN or infinite values")
         low, high = float(arr.min()), float(arr.max())
-        # Float images have no fixed range: keep values already in [0, 1], stretch anything else.
-        return scale_to_unit(arr, *((0.0, 1.0) if low >= 0.0 and high <= 1.0 else (low, high)))
-    gray = scale_to_unit(arr[..., 0], 0.0, 255.0) if mode == "LA" else rgb_to_gray(arr, 255.0)
+        # Float images have no fixed range: keep values already in [0, 1]; Hounsfield units get the lung
+        # window; anything else is stretched min..max.
+        if low >= 0.0 and high <= 1.0:
+            return arr.astype(np.float32), 0.0
+        return scale_to_unit(arr, *(_data_range(arr, 32) if low < 0 else (low, high))), 0.0
+    if mode == "LA":
+        gray, colour = scale_to_unit(arr[..., 0], 0.0, 255.0), 0.0
+    else:
+        gray, colour = rgb_to_gray(arr, 255.0), colour_fraction(arr, 255.0)
     if mode in ("LA", "RGBA"):
         gray *= arr[..., -1] / np.float32(255.0)  # composite onto black: transparent areas become dark
-    return gray
+    return gray, colour
 
 
 def _read_pil(label: Path, opened: Path | io.BytesIO, limits: QualityLimits | None) -> LoadedImage:
     with _open_pil(label, opened, limits) as im:
         fmt, mode = _FORMAT_NAMES.get(im.format or "", im.format or "?"), im.mode
+        _refuse_pages(label, im)
         try:
             # PIL raises on truncated data as long as ImageFile.LOAD_TRUNCATED_IMAGES is False (the default),
             # which keeps half-decoded grey images out of training and prediction.
             im.load()
             ImageOps.exif_transpose(im, in_place=True)  # phone photos of films: show them upright
-            pixels = _pil_to_gray(im)
+            pixels, colour = _pil_to_gray(im)
         except Exception as exc:  # OSError, SyntaxError, ValueError, struct.error... on corrupt data
             raise _corrupt(label, exc) from exc
     size = (int(pixels.shape[0]), int(pixels.shape[1]))
-    meta = ImageMeta(path=label, format=fmt, mode=mode, original_size=size, modality=None, patient_id=None)
+    meta = ImageMeta(path=label, format=fmt, mode=mode, original_size=size, modality=None, patient_id=None,
+                     colour=colour)
     return LoadedImage(pixels=pixels, meta=meta)
 
 
@@ -236,7 +295,8 @@ def check_header(
         return header
     with _open_pil(label, opened, limits) as im:
         fmt = _FORMAT_NAMES.get(im.format or "", im.format or "?")
-        return ImageHeader(path=label, format=fmt, height=im.height, width=im.width)
+        return ImageHeader(path=label, format=fmt, height=im.height, width=im.width,
+                           frames=_count_pages(label, im))
 
 
 def list_images(root: str | Path, *, recursive: bool = True) -> list[Path]:

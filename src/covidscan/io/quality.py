@@ -4,10 +4,12 @@ Two stages. ``check_pixel_count`` runs on the header, before any pixel is decode
 declares a huge image (a decompression bomb) costs nothing; ``read_image`` applies it to every file.
 ``assess`` runs on the decoded image and returns a ``QualityReport``: *refusals* (the image must get no
 label and no probability: tiny, elongated, constant, blank, wrong or missing DICOM modality, a body part
-that is not the chest) and *warnings* (doubtful but usable: small, rather elongated, a DICOM modality or
-body part that cannot be confirmed, an inverted CT gray scale). Each entry is ``"code: details"`` with no
-``;`` inside, so a ``;``-joined list splits back cleanly. The same code may appear as a refusal or a
-warning depending on how far past the limit an image is (``tiny``, ``elongated``, ``body_part``).
+that is not the chest, an image file whose content is not the run's kind of chest image: ``wrong_content``,
+see :mod:`covidscan.io.content`) and *warnings* (doubtful but usable: small, rather elongated, a DICOM
+modality or body part that cannot be confirmed, an inverted CT gray scale). Each entry is
+``"code: details"`` with no ``;`` inside, so a ``;``-joined list splits back cleanly. The same code may
+appear as a refusal or a warning depending on how far past the limit an image is (``tiny``, ``elongated``,
+``body_part``).
 
 Whether the lungs can be found is not judged here: that needs the lung finder (``covidscan.preprocess``).
 """
@@ -24,6 +26,7 @@ import numpy as np
 from covidscan.errors import ConfigError, ImageRefusedError
 
 from .base import LoadedImage
+from .content import judge_content
 
 MAX_PIXELS_ENV = "COVIDSCAN_MAX_PIXELS"
 """Environment variable that sets the default ``QualityLimits.max_pixels``."""
@@ -192,8 +195,10 @@ def assess(
     """Judge a decoded image for a run on ``modality`` (``"ct"``, ``"cxr"``, or ``None``: either).
 
     Size first: a refused size ends the assessment (nothing else means anything on a sliver). Then the
-    DICOM Modality and BodyPartExamined, then the pixels: constant and blank images are refused, and for
-    CT an inverted gray scale is warned about.
+    DICOM Modality and BodyPartExamined, then the pixels: constant and blank images are refused; any
+    other file without a DICOM Modality is refused when its content is not a chest CT slice or X-ray of
+    the run's kind (``wrong_content``, :func:`covidscan.io.content.judge_content`); for CT an inverted gray
+    scale is warned about.
     """
     limits = limits or QualityLimits()
     model = _check_modality(modality)
@@ -214,9 +219,11 @@ def assess(
         refusals.append(f"constant: every pixel is {low:.2f} ({shade})")
     elif std < limits.blank_std:
         refusals.append(f"blank: nearly uniform image (gray std {std:.3f} < {limits.blank_std})")
-    elif model == "ct":
+    else:
+        if meta.format != "DICOM":  # a DICOM file's Modality says what it holds; other files need a look
+            refusals += judge_content(loaded, model)
         lungs, middle = inverted_contrast(pixels)
-        if lungs - middle > limits.inverted_margin:
+        if model == "ct" and not refusals and lungs - middle > limits.inverted_margin:
             warnings.append(f"inverted: lung zones brighter than the mediastinum ({lungs:.2f} vs "
                             f"{middle:.2f}), lungs and air should be dark (inverted gray scale?)")
     return QualityReport(meta.path, tuple(refusals), tuple(warnings))

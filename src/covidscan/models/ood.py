@@ -24,6 +24,17 @@ from covidscan.io.stats import STAT_NAMES
 
 Method = Literal["knn", "mahalanobis"]
 _FORMAT = "covidscan-ood/1"
+REFUSAL_FACTOR = 3.0
+"""An image whose content score (k-NN on backbone features, ``score_parts`` column 0) is above this many
+times the run's threshold is refused (no probability, no label) instead of warned about.
+
+Chosen with ``benchmarks/measure_ood_far.py`` (offline MobileNetV2 ImageNet features, detector fitted on
+ucsd-ct resp. cxr-dev train, threshold from val): the largest content score of any real image of the run's
+own modality is 2.23 times the threshold (ct-ext-luna16, another hospital's CT; cxr-ext-figure1: 1.56), so
+3 leaves a third of headroom and refuses none of them, while 82% of the cxr-dev X-rays given to the CT run
+(1st percentile 2.25, median 3.41) and 96% of the ucsd-ct slices given to the X-ray run lie above it. The
+image-statistics part never refuses: a 16-bit, DICOM or colour file given to a run trained on 8-bit gray
+PNGs scores very high there, yet is a chest image the model can judge."""
 
 
 def _matrix(x: Any, name: str, dims: int | None = None, minimum: int = 1) -> np.ndarray:
@@ -266,6 +277,13 @@ class OODDetector:
             raise _not_fitted(self)
         flagged = np.asarray(score) > self.threshold_
         return bool(flagged) if flagged.ndim == 0 else flagged
+
+    def refuses(self, parts: np.ndarray) -> np.ndarray:
+        """Per image, whether the content part of ``score_parts`` (N, 2) lies ``REFUSAL_FACTOR`` times above
+        the threshold: the backbone sees nothing like its training images, so no probability is given."""
+        if self.threshold_ is None:
+            raise _not_fitted(self)
+        return np.asarray(parts)[:, 0] > REFUSAL_FACTOR * max(self.threshold_, 0.0)
 
     def save(self, path: str | Path) -> Path:
         """Write the fitted detector to one safetensors file (arrays, with the settings as JSON metadata)."""
