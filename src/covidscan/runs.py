@@ -33,6 +33,7 @@ from covidscan.config import ExperimentConfig, dump_config, load_config
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.models import Bf16Verdict, Classifier, ModelConfig, OODDetector, build_model
+from covidscan.outputs import writing
 from covidscan.preprocess import PreprocessConfig
 from covidscan.preprocess.lungseg import lung_model_path
 
@@ -155,11 +156,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file."""
+def write_atomic(path: Path, text: str, *, errors: str = "strict") -> Path:
+    """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file.
+
+    ``errors`` is the UTF-8 encoder's error handler (CSV files write undecodable file names as their bytes).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", errors=errors) as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -181,13 +185,18 @@ def save_run(
     """Write config.yaml, model.safetensors, checkpoint.json (and ood.safetensors) into ``out``.
 
     ``parent`` records where an adapted run came from (see :class:`ParentRun`); ``ood`` is a fitted
-    detector with the numbers of training and validation images it saw. Returns the checkpoint.
+    detector with the numbers of training and validation images it saw. Returns the checkpoint. A write
+    that fails (a full disk) is a StorageError naming the file; callers write into a staged folder
+    (:func:`covidscan.outputs.staged_folder`), so nothing half-written is left behind.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with writing(out / "config.yaml"):
+        dump_config(cfg, out / "config.yaml")
     weights = out / "model.safetensors"
-    # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    with writing(weights):
+        # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     lung_sha = None
     if cfg.preprocess.mask_outside_lungs and cfg.preprocess.modality == "cxr":
         lung_sha = file_sha256(lung_model_path(cfg.preprocess.lung_model))
@@ -195,7 +204,8 @@ def save_run(
     if ood is not None:
         detector, n_train, n_val = ood
         assert detector.threshold_ is not None and detector.quantile_ is not None
-        ood_file = detector.save(out / OOD_FILE)
+        with writing(out / OOD_FILE):
+            ood_file = detector.save(out / OOD_FILE)
         ood_info = OODInfo(sha256=file_sha256(ood_file), threshold=detector.threshold_,
                            quantile=detector.quantile_, n_train=n_train, n_val=n_val)
     checkpoint = Checkpoint(
@@ -213,7 +223,8 @@ def save_run(
         ood=ood_info,
         lung_model_sha256=lung_sha,
     )
-    write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
+    with writing(out / "checkpoint.json"):
+        write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
     return checkpoint
 
 

@@ -22,6 +22,7 @@ from covidscan.evaluation import (
 )
 from covidscan.inference.predictor import Predictor
 from covidscan.io import pixel_hash, read_image
+from covidscan.outputs import check_output, run_files, run_inputs, write_csv
 from covidscan.preprocess import prepare_manifest
 
 
@@ -85,11 +86,13 @@ def evaluate_run(
     otherwise every row). Data that share images (same path or same decoded pixels) with the run's
     training or validation split are refused, unless ``allow_overlap`` (then the report says so). Images
     the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error instead).
-    Writes metrics.json, predictions.csv, figures and report.md into ``out``.
+    Writes metrics.json, predictions.csv, figures and report.md into ``out``, which may not be or hold
+    the run, its files, the data or the images (outputs never replace inputs).
     """
     predictor = Predictor.from_run(run_dir, engine="torch")
     cfg = load_config(predictor.run_dir / "config.yaml")
     df = read_manifest(data, patient_column=cfg.data.patient_column)
+    check_output(out, [*run_inputs(predictor.run_dir), data, *df["path"]])
     if split is None and "split" in df and df["split"].notna().all():
         split = "test"
     if split is not None:
@@ -124,7 +127,7 @@ def evaluate_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if prepared.excluded:
-        pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
+        write_csv(pd.DataFrame(prepared.excluded), out / "excluded.csv")
     title = f"{cfg.name} on {data}" + (f" ({split})" if split else "")
     write_evaluation(out, metrics, prepared, predictor.calibration.proba(z), title=title,
                      config=cfg.model_dump(mode="json"), notes=notes)
@@ -180,7 +183,7 @@ def evaluate_many(
     paths = [Path(d) for d in datasets]
     if not paths:
         raise ConfigError("give at least one --data set to evaluate on")
-    out = Path(out)
+    out = check_output(out, [*run_files(run_dir), *paths])
     rows = [
         _table_row(name, data, evaluate_run(run_dir, data, out / name, split=split,
                                             allow_overlap=allow_overlap, strict=strict, progress=progress))
