@@ -73,11 +73,15 @@ def _text_columns(table: pd.DataFrame) -> list[Any]:
 
 
 def csv_text(table: pd.DataFrame) -> str:
-    """The table as CSV text (no index), its text cells escaped against formula injection."""
+    """The table as CSV text (no index), its text cells escaped against formula injection.
+
+    Lines end in CRLF (RFC 4180): the CSV writer then quotes a cell holding a carriage return (a file name
+    may), which it leaves bare, splitting the row, with LF line ends.
+    """
     safe = table.copy()
     for column in _text_columns(safe):
         safe[column] = safe[column].map(escape_cell)
-    return safe.to_csv(index=False, lineterminator="\n")
+    return safe.to_csv(index=False, lineterminator="\r\n")
 
 
 def storage_error(path: str | Path, exc: OSError | SafetensorError, what: str = "") -> StorageError:
@@ -85,8 +89,8 @@ def storage_error(path: str | Path, exc: OSError | SafetensorError, what: str = 
     be written, and what to do."""
     if isinstance(exc, OSError):
         code, reason = exc.errno, exc.strerror or str(exc)
-    else:  # safetensors reports the OS error inside its message: "... Os { code: 28, ..."
-        found = re.search(r"code: (\d+)", str(exc))
+    else:  # safetensors reports the OS error inside its message: "... (os error 28)" or "Os { code: 28"
+        found = re.search(r"(?:os error |code: )(\d+)", str(exc))
         code = int(found.group(1)) if found else None
         reason = os.strerror(code) if code else str(exc).strip().splitlines()[0]
     todo = ("free disk space (or raise the file-size limit) and run again" if code in FULL
@@ -141,6 +145,17 @@ def replaced_file(path: str | Path, what: str = "") -> Iterator[Path]:
             os.replace(side, path)
     finally:
         side.unlink(missing_ok=True)
+
+
+def _readable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", ENCODING_ERRORS).decode("utf-8", "backslashreplace")
+    return value
+
+
+def readable(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with the bytes of undecodable file names shown as ``\\xNN``: valid UTF-8 (e.g. for JSON)."""
+    return table.assign(**{str(c): table[c].map(_readable) for c in _text_columns(table)})
 
 
 def read_csv(path: str | Path, **options: Any) -> pd.DataFrame:
@@ -245,6 +260,7 @@ __all__ = [
     "csv_text",
     "escape_cell",
     "read_csv",
+    "readable",
     "replaced_file",
     "run_files",
     "run_inputs",

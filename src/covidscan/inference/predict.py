@@ -20,7 +20,7 @@ from covidscan.errors import ConfigError
 from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
 from covidscan.io import list_images
 from covidscan.outputs import check_output as check_not_input
-from covidscan.outputs import run_files, write_csv, writing
+from covidscan.outputs import readable, run_files, write_csv, writing
 from covidscan.runs import write_atomic
 
 OUTPUT_SUFFIXES = (".csv", ".json")
@@ -177,22 +177,25 @@ def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
                      group_id, group_n, group_p_covid, group_label, [cam_png]}, ...],
          "groups": [{group_id, n_images, p_covid, label}, ...]}
 
-    Missing values (the probability of an unreadable file, the group of an ungrouped image) are ``null``.
-    The file is written whole or not at all; CSV cells are escaped as :func:`covidscan.outputs.write_csv`
-    says. It may not replace the run's files or an image predicted.
+    Missing values (the probability of an unreadable file, the group of an ungrouped image) are ``null``;
+    in JSON, the bytes of a file name that is not valid UTF-8 are written as ``\\xNN``. The file is written
+    whole or not at all; CSV cells are escaped as :func:`covidscan.outputs.write_csv` says. It may not
+    replace the run's files or an image predicted.
     """
     out = check_output(out, df.attrs.get("predict", {}).get("run"), df["path"].tolist())
     if out.suffix.lower() == ".csv":
         return write_csv(df, out, "predictions to ")
     with writing(out, "predictions to "):
         out.parent.mkdir(parents=True, exist_ok=True)
+        settings = df.attrs.get("predict", {})
+        df = readable(df)  # JSON is UTF-8 text: the bytes of an undecodable file name are shown as \xNN
         groups = (
             df.loc[df["group_n"].notna(), ["group_id", "group_n", "group_p_covid", "group_label"]]
             .drop_duplicates("group_id")
             .rename(columns={"group_n": "n_images", "group_p_covid": "p_covid", "group_label": "label"})
         )
         doc: dict[str, Any] = {
-            "settings": df.attrs.get("predict", {}),
+            "settings": settings,
             "images": json.loads(df.to_json(orient="records")),
             "groups": json.loads(groups.to_json(orient="records")),
         }
