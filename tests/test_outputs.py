@@ -79,6 +79,16 @@ def test_train_refuses_an_out_holding_its_config_file(user_data: Path, tmp_path:
     assert snapshot(tmp_path) == before
 
 
+def test_demo_and_reproduce_refuse_a_folder_of_the_users(user_data: Path, tmp_path: Path):
+    (tmp_path / "notes.txt").write_text("the user's own notes")
+    before = snapshot(tmp_path)
+    demo = covidscan("demo", "--out", str(tmp_path))  # holds D/ and notes.txt: not an earlier demo
+    assert demo.returncode == 2 and "not an earlier demo's (D, notes.txt" in demo.stderr
+    reproduce = covidscan("reproduce", "paper-a", "--data", str(user_data), "--out", str(user_data.parent))
+    assert reproduce.returncode == 2 and "holds the input" in reproduce.stderr
+    assert snapshot(tmp_path) == before
+
+
 def test_adapt_out_may_not_hold_the_parent_run_or_the_local_cases(parent_run: Path, tmp_path: Path):
     site = write_phantom_dataset(tmp_path / "site", n=32, modality="ct", seed=7, slices_per_patient=2,
                                  site="scanner-b")
