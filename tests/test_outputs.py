@@ -257,6 +257,18 @@ def test_a_file_name_that_is_not_utf8_is_predicted_written_and_read_back(parent_
     assert all(Path(p).is_file() for p in read_manifest(tmp_path / "m.csv")["path"])
 
 
+def test_a_run_trained_on_a_file_name_that_is_not_utf8_is_complete(phantom_manifest: Path, tmp_path: Path):
+    rows = read_manifest(phantom_manifest)[["path", "label", "patient_id"]]
+    odd = _write_undecodable(tmp_path / "odd", Path(rows.loc[0, "path"]))
+    rows.loc[0, "path"] = str(odd)
+    write_csv(rows, tmp_path / "m.csv")
+    result = covidscan("train", "paper-a-resnet50", "--data", str(tmp_path / "m.csv"), "--out",
+                       str(tmp_path / "run"), *TINY)
+    assert result.returncode == 0, result.stderr
+    assert str(odd) in read_csv(tmp_path / "run" / "splits.csv")["path"].tolist()
+    assert (tmp_path / "run" / "model_card.md").is_file()
+
+
 def test_a_full_disk_is_one_error_line_and_no_partial_file(phantom_manifest: Path, tmp_path: Path):
     assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
     with pytest.raises(StorageError, match="cannot write /dev/full: No space left on device; free disk"):
@@ -291,5 +303,5 @@ def test_a_full_disk_during_train_is_a_clear_error_and_keeps_the_old_run(parent_
     result = _limited_run(["train", "paper-a-resnet50", "--data", str(phantom_manifest), "--out",
                            str(parent_run), "--overwrite", *TINY], 1 << 20)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert "model.safetensors: File too large; free disk space" in result.stderr
+    assert f"cannot write {parent_run / 'model.safetensors'}: File too large; free disk" in result.stderr
     assert snapshot(parent_run) == before and os.listdir(parent_run.parent) == ["parent"]

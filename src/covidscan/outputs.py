@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 from safetensors import SafetensorError
 
-from covidscan.errors import ConfigError, StorageError
+from covidscan.errors import ConfigError, CovidscanError, StorageError
 
 FORMULA = re.compile(r"'*[=+\-@\t\r]")
 """Cells a spreadsheet would run as formulas (OWASP), optionally behind ``'`` already: those get one more."""
@@ -244,10 +244,12 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
             if os.path.lexists(out):
                 out.rename(old)
             stage.rename(out)
-    except BaseException:
+    except BaseException as exc:
         if os.path.lexists(old) and not os.path.lexists(out):
             old.rename(out)  # the second rename failed: put the old folder back
         shutil.rmtree(stage, ignore_errors=True)
+        if isinstance(exc, CovidscanError) and len(exc.args) == 1:
+            exc.args = (str(exc).replace(str(stage), str(out)),)  # name the folder the user gave
         raise
     _remove(old)
 
