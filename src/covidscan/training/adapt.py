@@ -378,6 +378,8 @@ def adapt_run(
     reported out of fold with patient-bootstrap CIs (metrics.json, report.md); the chosen one is then
     fitted on all local cases. The new run records its parent and the local data (``checkpoint.parent``).
     Images the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error).
+    ``out`` may not be or hold the parent run, its images or the local cases; the adapted run is written
+    beside it and replaces it (``overwrite``) only when complete.
     """
     if mode not in ("auto", "recalibrate", "head"):
         raise ConfigError(f"mode must be auto, recalibrate or head, got {mode!r}")
