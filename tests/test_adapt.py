@@ -159,7 +159,7 @@ def test_bad_local_data_and_outputs_are_refused(tiny_run: Path, site: Path, sign
     mixed.to_csv(tmp_path / "mixed.csv", index=False)
     with pytest.raises(ManifestError, match="carry both labels"):
         adapt_run(tiny_run, tmp_path / "mixed.csv", tmp_path / "out", progress=False)
-    with pytest.raises(ConfigError, match="the parent run itself"):
+    with pytest.raises(ConfigError, match=r"is the input .*tiny_run"):
         adapt_run(tiny_run, site, tiny_run, overwrite=True, progress=False)
     with pytest.raises(ConfigError, match="is a folder"):
         adapt_run(tiny_run, site.parent, tmp_path / "out", progress=False)

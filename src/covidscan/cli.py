@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -203,6 +202,7 @@ def data_audit(
 ) -> None:
     """Audit leakage (patients across splits, duplicates), labels, shortcut signals and image quality."""
     from covidscan.data import audit_manifest, format_audit, read_manifest
+    from covidscan.data.audit import write_audit
 
     df = read_manifest(manifest, patient_column=patient_column)
     report = audit_manifest(df, near_threshold=near_threshold, progress=_progress(), modality=modality)
@@ -212,8 +212,7 @@ def data_audit(
         result = shortcut_probe(df, modality=modality, backbone=probe_backbone, weights=probe_weights,
                                 size=probe_size, mask=probe_mask, progress=_progress())
         report = add_probe(report, result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    write_audit(report, out, [manifest, *df["path"]])
     out_console.print(format_audit(report))
     out_console.print(f"wrote {out}")
 
@@ -277,7 +276,8 @@ def train(
     from covidscan.training import train_experiment
 
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out, overwrite=overwrite, strict=strict, progress=_progress())
+    result = train_experiment(cfg, data, out, overwrite=overwrite, strict=strict, progress=_progress(),
+                              inputs=[Path(config)])
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 
@@ -394,7 +394,7 @@ def predict(
     from covidscan.inference import check_output, write_predictions
     from covidscan.inference import predict as run_predict
 
-    check_output(out)
+    check_output(out, run, [*inputs, onnx])
     df = run_predict(
         run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
         batch_size=batch_size, precision=precision, progress=_progress(),

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -39,6 +38,7 @@ from covidscan.data.fingerprints import Fingerprints
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.models import Bf16Verdict, Classifier, ModelConfig, OODDetector, build_model
+from covidscan.outputs import read_csv, write_text, writing
 from covidscan.preprocess import PreprocessConfig
 from covidscan.preprocess.lungseg import lung_model_path
 
@@ -179,11 +179,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file."""
+def write_atomic(path: Path, text: str, *, errors: str = "strict") -> Path:
+    """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file.
+
+    ``errors`` is the UTF-8 encoder's error handler (CSV files write undecodable file names as their bytes).
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        with os.fdopen(fd, "w", encoding="utf-8", errors=errors) as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -208,13 +211,18 @@ def save_run(
 
     ``parent`` records where an adapted run came from (see :class:`ParentRun`); ``ood`` is a fitted
     detector with the numbers of training and validation images it saw; ``fingerprints`` those of the
-    images the run was trained and validated on. Returns the checkpoint.
+    images the run was trained and validated on. Returns the checkpoint. A write that fails (a full disk)
+    is a StorageError naming the file; callers write into a staged folder
+    (:func:`covidscan.outputs.staged_folder`), so nothing half-written is left behind.
     """
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+    with writing(out / "config.yaml"):
+        dump_config(cfg, out / "config.yaml")
     weights = out / "model.safetensors"
-    # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    with writing(weights):
+        # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     lung_sha = None
     if cfg.preprocess.mask_outside_lungs and cfg.preprocess.modality == "cxr":
         lung_sha = file_sha256(lung_model_path(cfg.preprocess.lung_model))
@@ -223,7 +231,8 @@ def save_run(
     if ood is not None:
         detector, n_train, n_val = ood
         assert detector.threshold_ is not None and detector.quantile_ is not None
-        ood_file = detector.save(out / OOD_FILE)
+        with writing(out / OOD_FILE):
+            ood_file = detector.save(out / OOD_FILE)
         ood_info = OODInfo(sha256=file_sha256(ood_file), threshold=detector.threshold_,
                            quantile=detector.quantile_, n_train=n_train, n_val=n_val)
     checkpoint = Checkpoint(
@@ -242,13 +251,14 @@ def save_run(
         lung_model_sha256=lung_sha,
         fingerprints=fingerprint_info,
     )
-    write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
+    with writing(out / "checkpoint.json"):
+        write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
     return checkpoint
 
 
 def save_fingerprints(out: Path, fingerprints: Fingerprints) -> FingerprintInfo:
     """Write ``out/fingerprints.csv``; returns what the checkpoint records of it."""
-    file = write_atomic(out / FINGERPRINTS_FILE, fingerprints.to_csv())
+    file = write_text(out / FINGERPRINTS_FILE, fingerprints.to_csv())
     return FingerprintInfo(sha256=file_sha256(file), n_images=len(fingerprints))
 
 
@@ -267,8 +277,8 @@ def load_fingerprints(run: str | Path, checkpoint: Checkpoint) -> Fingerprints |
             "directory is damaged: copy the run again from where it was trained, or train again"
         )
     try:
-        return Fingerprints.from_csv(data.decode("utf-8"))
-    except (ValueError, KeyError, UnicodeDecodeError) as exc:
+        return Fingerprints.from_csv(data)
+    except (ValueError, KeyError) as exc:
         raise StorageError(f"{file} is not a covidscan fingerprint table ({exc}); train again") from None
 
 
@@ -284,7 +294,7 @@ def seen_fingerprints(run: str | Path, checkpoint: Checkpoint, *, workers: int =
                 "store them", run)
     splits = Path(run) / "splits.csv"
     try:
-        table = pd.read_csv(splits, dtype=str, keep_default_na=False)
+        table = read_csv(splits, dtype=str, keep_default_na=False)
         seen = table[table["split"].isin(["train", "val"])]
         paths, names = seen["path"].tolist(), seen["split"].tolist()
     except (OSError, KeyError, ValueError) as exc:

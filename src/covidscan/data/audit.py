@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import imagehash
 import numpy as np
@@ -17,6 +19,7 @@ from covidscan.data.checks import label_problems, mixed_label_patients
 from covidscan.data.fingerprints import POPCOUNT
 from covidscan.errors import ImageReadError, ImageRefusedError, InputError, ManifestError
 from covidscan.io import QualityLimits, assess, pixel_hash, read_image, to_uint8
+from covidscan.outputs import check_output, write_text
 
 HASH_SIZE = 16
 """dhash of 16x16 = 256 bits, the size of known-duplicates.csv's ``dhash_hamming_of_256``."""
@@ -295,6 +298,12 @@ def audit_manifest(
     }
     report["warnings"] = _warnings(report)
     return report
+
+
+def write_audit(report: dict, out: str | os.PathLike[str], inputs: Iterable[str | os.PathLike[str]]) -> Path:
+    """Write the audit ``report`` as JSON to ``out``, which may not replace the manifest or an image audited
+    (``inputs``); all or nothing."""
+    return write_text(check_output(out, inputs), json.dumps(report, indent=2), "the audit ")
 
 
 def _warnings(report: dict) -> list[str]:

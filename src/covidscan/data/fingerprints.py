@@ -25,6 +25,7 @@ from PIL import Image
 
 from covidscan.errors import InputError
 from covidscan.io import pixel_hash, read_image, to_uint8
+from covidscan.outputs import csv_text, read_csv
 
 if TYPE_CHECKING:
     from covidscan.preprocess import PreparedSet
@@ -117,12 +118,12 @@ class Fingerprints:
         hexes = [row.tobytes().hex() for row in np.packbits(self.phashes, axis=1)]
         frame = pd.DataFrame({"path": self.paths, "split": self.splits, "pixel_hash": self.pixel_hashes,
                               "phash": hexes}, columns=list(COLUMNS))
-        return frame.to_csv(index=False, lineterminator="\n")
+        return csv_text(frame)  # the one CSV writer: escaped cells, file names that are not UTF-8 kept
 
     @classmethod
-    def from_csv(cls, text: str) -> Fingerprints:
-        """Parse :meth:`to_csv` text; ValueError (or KeyError) when it is not that."""
-        frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
+    def from_csv(cls, data: bytes) -> Fingerprints:
+        """Parse the bytes of a :meth:`to_csv` file; ValueError (or KeyError) when it is not that."""
+        frame = read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
         missing = [c for c in COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"missing columns {missing}")

@@ -20,6 +20,7 @@ from covidscan.data.labels import (
 )
 from covidscan.errors import ConfigError, ImageRefusedError, InputError, ManifestError
 from covidscan.io import LoadedImage, QualityLimits, is_image_path, list_images, read_checked
+from covidscan.outputs import check_output, read_csv, write_csv
 
 PATH_ALIASES = ("path", "relpath", "filename", "file")
 LABEL_COLUMNS = ("label", "class")
@@ -85,7 +86,7 @@ def read_manifest(
     if not source.is_file():
         raise ManifestError(f"{where} does not exist; give a manifest CSV or a folder of class subfolders")
     try:
-        raw = pd.read_csv(source, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
+        raw = read_csv(source, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
     except pd.errors.EmptyDataError as exc:
         raise ManifestError(
             f"{where} is empty; it needs a header line `path,label[,patient_id][,split]`"
@@ -297,18 +298,14 @@ def write_quality(entries: list[dict], path: str | os.PathLike[str]) -> Path:
     """Write the quality gate's list (``scan_dataset``'s ``attrs["quality"]``) as a CSV, worst first.
 
     Paths are stored like ``write_manifest`` stores them: relative to the CSV's folder when under it.
+    The list may not replace one of the files it lists.
     """
     order = {"unreadable": 0, "refused": 1, "doubtful": 2}
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_output(Path(path).expanduser(), [e["path"] for e in entries])
     table = pd.DataFrame(entries, columns=list(QUALITY_COLUMNS))
     table["path"] = [_portable(p, out.resolve().parent) for p in table["path"]]
     table = table.sort_values(["status", "path"], key=lambda c: c.map(order) if c.name == "status" else c)
-    try:
-        table.to_csv(out, index=False)
-    except OSError as exc:
-        raise ManifestError(f"cannot write quality list {out}: {exc.strerror}") from exc
-    return out
+    return write_csv(table, out, "quality list ")
 
 
 def _portable(path: str, base: Path) -> str:
@@ -318,16 +315,17 @@ def _portable(path: str, base: Path) -> str:
 
 
 def write_manifest(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
-    """Write a manifest CSV; paths under its folder are stored relative to it so the folder can move."""
+    """Write a manifest CSV; paths under its folder are stored relative to it so the folder can move.
+
+    The manifest may not replace the manifest or folder it was read from, nor an image it lists; it is
+    written whole or not at all, with cells escaped against formula injection (``read_manifest`` reads
+    them back as they were).
+    """
     missing = [c for c in ("path", "label") if c not in df.columns]
     if missing:
         raise ManifestError(f"cannot write manifest {path}: the DataFrame has no {', '.join(missing)} column")
-    out = Path(path).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    sources = [df.attrs[key] for key in ("manifest", "root") if key in df.attrs]
+    out = check_output(Path(path).expanduser(), [*sources, *df["path"]])
     base = out.resolve().parent
     table = _ordered(df.copy()).assign(path=[_portable(p, base) for p in df["path"]])
-    try:
-        table.to_csv(out, index=False)
-    except OSError as exc:
-        raise ManifestError(f"cannot write manifest {out}: {exc.strerror}") from exc
-    return out
+    return write_csv(table, out, "manifest ")

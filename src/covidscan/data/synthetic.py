@@ -26,6 +26,7 @@ import pandas as pd
 from covidscan import CLASSES
 from covidscan.errors import ConfigError
 from covidscan.io import to_uint8
+from covidscan.outputs import write_csv
 
 MODALITIES: tuple[str, str] = ("ct", "cxr")
 MIN_SIZE = 64
@@ -540,5 +541,5 @@ def write_phantom_dataset(
             if stale not in written:
                 stale.unlink()
     manifest = out / "manifest.csv"
-    pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)).to_csv(manifest, index=False)
+    write_csv(pd.DataFrame(rows, columns=list(MANIFEST_COLUMNS)), manifest, "manifest ")
     return manifest

@@ -24,6 +24,7 @@ from covidscan.errors import RunNotFoundError, StorageError
 from covidscan.evaluation.metrics import METRIC_NAMES
 from covidscan.evaluation.report import METRIC_LABELS, format_value_ci
 from covidscan.evaluation.schema import MetricsSchemaError, read_metrics
+from covidscan.outputs import read_csv
 
 CARD_NAME = "model_card.md"
 SMALL_TEST = 100
@@ -90,7 +91,7 @@ def _read_run(run_dir: str | Path) -> _Run:
     for name, attr in (("splits.csv", "splits"), ("excluded.csv", "excluded")):
         if (path / name).is_file():
             try:
-                table = pd.read_csv(path / name)
+                table = read_csv(path / name)  # as written: escaped cells, undecodable file names
             except (OSError, ValueError) as exc:
                 raise StorageError(f"cannot read {path / name}: {exc}") from None
             if attr == "splits":

@@ -12,6 +12,7 @@ from covidscan import CLASSES
 from covidscan.evaluation.figures import make_figures
 from covidscan.evaluation.report import write_report
 from covidscan.evaluation.schema import write_metrics
+from covidscan.outputs import write_csv
 
 if TYPE_CHECKING:
     from covidscan.preprocess import PreparedSet
@@ -35,15 +36,18 @@ def write_evaluation(
     ``config`` is the experiment config as a dict (shown in the report); ``p`` the test probabilities.
     """
     write_metrics(metrics, out / "metrics.json")
-    pd.DataFrame(
-        {
-            "path": prepared.paths,
-            "label": [CLASSES[i] for i in prepared.labels],
-            "patient_id": prepared.patient_ids,
-            "p_covid": p,
-            "lungs_found": prepared.lungs_found,
-        }
-    ).to_csv(out / "predictions.csv", index=False)
+    write_csv(
+        pd.DataFrame(
+            {
+                "path": prepared.paths,
+                "label": [CLASSES[i] for i in prepared.labels],
+                "patient_id": prepared.patient_ids,
+                "p_covid": p,
+                "lungs_found": prepared.lungs_found,
+            }
+        ),
+        out / "predictions.csv",
+    )
     # A fixed, class-balanced sample of test images with their probabilities (paper A's Fig. 7).
     rng = np.random.default_rng(0)
     picks = np.concatenate(

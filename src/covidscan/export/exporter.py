@@ -16,6 +16,7 @@ import torch
 from covidscan import __version__
 from covidscan.errors import ConfigError, CovidscanError, StorageError
 from covidscan.export.runtime import METADATA_KEY
+from covidscan.outputs import check_output, run_files
 from covidscan.runs import LoadedRun, load_run
 
 MIN_OPSET = 18
@@ -44,6 +45,7 @@ def export_onnx(
             f"opset {opset} is not supported: the ONNX exporter writes opset {MIN_OPSET} or newer"
         )
     run = load_run(run_dir)
+    check_output(out, run_files(run.path), option="--onnx")
     weight_bytes = sum(t.nbytes for t in run.model.state_dict().values())
     if weight_bytes > _MAX_WEIGHT_BYTES:
         raise CovidscanError(

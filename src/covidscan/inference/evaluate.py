@@ -22,6 +22,7 @@ from covidscan.evaluation import (
 )
 from covidscan.inference.predictor import Predictor
 from covidscan.models import Precision
+from covidscan.outputs import check_output, run_files, run_inputs, write_csv
 from covidscan.preprocess import PreparedSet, prepare_manifest
 from covidscan.runs import Checkpoint, seen_fingerprints
 
@@ -62,11 +63,13 @@ def evaluate_run(
     the quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error instead).
     ``precision`` is the torch engine's (see :meth:`Predictor.from_run`; ``fp32`` reproduces the
     training-time scores of the test split). Writes metrics.json, predictions.csv, figures and report.md
-    into ``out``.
+    into ``out``, which may not be or hold the run, its files, the data or the images (outputs never
+    replace inputs).
     """
     predictor = Predictor.from_run(run_dir, engine="torch", precision=precision)
     cfg = load_config(predictor.run_dir / "config.yaml")
     df = read_manifest(data, patient_column=cfg.data.patient_column)
+    check_output(out, [*run_inputs(predictor.run_dir), data, *df["path"]])
     if split is None and "split" in df and df["split"].notna().all():
         split = "test"
     if split is not None:
@@ -102,7 +105,7 @@ def evaluate_run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if prepared.excluded:
-        pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
+        write_csv(pd.DataFrame(prepared.excluded), out / "excluded.csv")
     title = f"{cfg.name} on {data}" + (f" ({split})" if split else "")
     write_evaluation(out, metrics, prepared, predictor.calibration.proba(z), title=title,
                      config=cfg.model_dump(mode="json"), notes=notes)
@@ -159,7 +162,7 @@ def evaluate_many(
     paths = [Path(d) for d in datasets]
     if not paths:
         raise ConfigError("give at least one --data set to evaluate on")
-    out = Path(out)
+    out = check_output(out, [*run_files(run_dir), *paths])
     rows = [
         _table_row(name, data, evaluate_run(run_dir, data, out / name, split=split,
                                             allow_overlap=allow_overlap, strict=strict, precision=precision,

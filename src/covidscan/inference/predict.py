@@ -16,10 +16,13 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidscan.data import read_manifest
-from covidscan.errors import ConfigError, StorageError
+from covidscan.errors import ConfigError
 from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
 from covidscan.io import list_images
 from covidscan.models import Precision
+from covidscan.outputs import check_output as check_not_input
+from covidscan.outputs import readable, run_files, write_csv, writing
+from covidscan.runs import write_atomic
 
 OUTPUT_SUFFIXES = (".csv", ".json")
 
@@ -55,12 +58,17 @@ def collect_inputs(inputs: str | Path | Sequence[str | Path]) -> list[InputItem]
     return items
 
 
-def check_output(out: str | Path) -> Path:
-    """The predictions file name, checked before any work: ``.csv`` or ``.json``."""
+def check_output(
+    out: str | Path, run: str | Path | None = None, inputs: Sequence[str | Path | None] = ()
+) -> Path:
+    """The predictions file name, checked before any work: ``.csv`` or ``.json``, and neither the ``run``'s
+    files nor one of the ``inputs`` (images, folders, manifests, an ONNX file): outputs never replace inputs.
+    """
     out = Path(out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
         raise ConfigError(f"cannot write predictions to {out}: use a .csv or .json file name")
-    return out
+    given = [*(run_files(run) if run is not None else []), *(p for p in inputs if p is not None)]
+    return check_not_input(out, given)
 
 
 def predict(
@@ -101,6 +109,10 @@ def predict(
         predictor = Predictor.from_run(run_dir, engine=engine, onnx_path=onnx_path, band=band, fast=fast,
                                        precision=precision, batch_size=batch_size, workers=workers)
     items = collect_inputs(inputs)
+    if cam_dir is not None:
+        raw = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+        check_not_input(cam_dir, [*run_files(predictor.run_dir), *raw, *(item.path for item in items)],
+                        option="--cam")
     known = {i: item.error for i, item in enumerate(items) if item.error}
     todo = [i for i in range(len(items)) if i not in known]
     with tqdm(total=len(items), desc="predict", disable=not progress, leave=False) as bar:
@@ -167,25 +179,27 @@ def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
                      group_id, group_n, group_p_covid, group_label, [cam_png]}, ...],
          "groups": [{group_id, n_images, p_covid, label}, ...]}
 
-    Missing values (the probability of an unreadable file, the group of an ungrouped image) are ``null``.
+    Missing values (the probability of an unreadable file, the group of an ungrouped image) are ``null``;
+    in JSON, the bytes of a file name that is not valid UTF-8 are written as ``\\xNN``. The file is written
+    whole or not at all; CSV cells are escaped as :func:`covidscan.outputs.write_csv` says. It may not
+    replace the run's files or an image predicted.
     """
-    out = check_output(out)
-    try:
+    out = check_output(out, df.attrs.get("predict", {}).get("run"), df["path"].tolist())
+    if out.suffix.lower() == ".csv":
+        return write_csv(df, out, "predictions to ")
+    with writing(out, "predictions to "):
         out.parent.mkdir(parents=True, exist_ok=True)
-        if out.suffix.lower() == ".csv":
-            df.to_csv(out, index=False)
-            return out
+        settings = df.attrs.get("predict", {})
+        df = readable(df)  # JSON is UTF-8 text: the bytes of an undecodable file name are shown as \xNN
         groups = (
             df.loc[df["group_n"].notna(), ["group_id", "group_n", "group_p_covid", "group_label"]]
             .drop_duplicates("group_id")
             .rename(columns={"group_n": "n_images", "group_p_covid": "p_covid", "group_label": "label"})
         )
         doc: dict[str, Any] = {
-            "settings": df.attrs.get("predict", {}),
+            "settings": settings,
             "images": json.loads(df.to_json(orient="records")),
             "groups": json.loads(groups.to_json(orient="records")),
         }
-        out.write_text(json.dumps(doc, indent=2), encoding="utf-8")
-    except OSError as exc:
-        raise StorageError(f"cannot write predictions to {out}: {exc.strerror or exc}") from exc
+        write_atomic(out, json.dumps(doc, indent=2))
     return out

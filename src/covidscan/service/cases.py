@@ -3,17 +3,17 @@ the verdict export that ``covidscan adapt`` reads, and doctor-model agreement.""
 
 from __future__ import annotations
 
-import csv
-import io
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
+import pandas as pd
 from sqlalchemy import Select, select
 from sqlalchemy import case as sql_case
 from sqlalchemy.orm import Session, selectinload
 
 from covidscan.errors import ConfigError
+from covidscan.outputs import csv_text
 from covidscan.service.audit import record
 from covidscan.service.models import FINDINGS, Case, CaseImage, Job, Review, User, utcnow
 from covidscan.service.scoring import UploadInfo, UploadRejected, inspect_upload
@@ -276,13 +276,11 @@ def export_verdicts(db: Session, store: BlobStore) -> str:
             if path in rows and rows[path][0] != review.finding:
                 conflicting.add(path)
             rows.setdefault(path, (review.finding, case.patient_id or f"case-{case.id}"))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["path", "label", "patient_id"])
-    writer.writerows(
-        [path, label, patient] for path, (label, patient) in rows.items() if path not in conflicting
+    table = pd.DataFrame(
+        [(path, label, patient) for path, (label, patient) in rows.items() if path not in conflicting],
+        columns=["path", "label", "patient_id"], dtype=object,
     )
-    return buf.getvalue()
+    return csv_text(table)  # patient ids are typed by users: escaped against spreadsheet formula injection
 
 
 def agreement_by_month(db: Session) -> list[dict[str, Any]]:

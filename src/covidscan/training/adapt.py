@@ -41,6 +41,7 @@ from covidscan.evaluation import (
     write_model_card,
 )
 from covidscan.models import OODDetector
+from covidscan.outputs import read_csv, run_inputs, staged_folder, write_csv
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
 from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run, seen_fingerprints
 from covidscan.training.engine import CachedFeatures, embed, fit, predict_outputs
@@ -381,7 +382,9 @@ def adapt_run(
     and stores the fingerprints of the local cases and of the parent's own images, so that ``evaluate``
     refuses both. Local cases that are the parent's training or validation images (same path, pixels or
     near-identical pixels) are refused, unless ``allow_overlap`` (then the report says so). Images the
-    quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error).
+    quality gate refuses are left out and listed in ``excluded.csv`` (``strict``: an error). ``out`` may not
+    be or hold the parent run, its images or the local cases; the adapted run is written beside it and
+    replaces it (``overwrite``) only when complete.
     """
     if mode not in ("auto", "recalibrate", "head"):
         raise ConfigError(f"mode must be auto, recalibrate or head, got {mode!r}")
@@ -394,14 +397,12 @@ def adapt_run(
         raise ConfigError(f"--data {data} is a folder; give the manifest CSV (path,label,patient_id), whose "
                           "checksum the adapted run records (`covidscan data scan` writes one)")
     parent = load_run(run_dir)
-    if out.resolve() == parent.path.resolve():
-        raise ConfigError(f"--out {out} is the parent run itself; write the adapted run to a new folder")
     df = _read_local(data, parent)
     local = _prepare_local(df, data, parent, strict, progress)
     parent_seen = seen_fingerprints(parent.path, parent.checkpoint)
     notes = excluded_notes(local.prepared.excluded) + _check_overlap(
         parent_seen.matches(local.prepared), data, len(local.labels), allow_overlap)
-    prepare_run_dir(out, overwrite)
+    prepare_run_dir(out, overwrite, [*run_inputs(parent.path), data, *df["path"]])
 
     original = None
     if mix_original or mode == "auto":
@@ -437,21 +438,22 @@ def adapt_run(
         cross_validation={m: _summary(metrics) for m, metrics in compared.items()},
     )
     verdict = measure_bf16(model, local.prepared, calibration, cfg.train.batch_size)
-    save_run(out, cfg, model, calibration, bf16=verdict, parent=lineage,
-             ood=_extended_ood(parent, local.prepared, cfg.train.batch_size),
-             fingerprints=parent_seen + Fingerprints.of(local.prepared, "train"))
-    _write_splits(parent, local, out)
-    if local.prepared.excluded:
-        pd.DataFrame(local.prepared.excluded).to_csv(out / "excluded.csv", index=False)
     notes += _notes(local, len(splits), chosen, mode, compared, calibration)
     report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared},
                                          "excluded": len(local.prepared.excluded)}
-    report = write_evaluation(out, report_metrics, local.prepared, p_oof[chosen],
-                              title=f"{cfg.name}: {chosen}, out of fold on {data}",
-                              config=cfg.model_dump(mode="json"), notes=notes)
-    comparison = f"\n## Modes compared (out of fold, 95% CIs)\n\n{format_comparison(compared, chosen)}\n"
-    report.write_text(report.read_text(encoding="utf-8") + comparison, encoding="utf-8")
-    write_model_card(out)
+    with staged_folder(out) as stage:
+        save_run(stage, cfg, model, calibration, bf16=verdict, parent=lineage,
+                 ood=_extended_ood(parent, local.prepared, cfg.train.batch_size),
+                 fingerprints=parent_seen + Fingerprints.of(local.prepared, "train"))
+        _write_splits(parent, local, stage)
+        if local.prepared.excluded:
+            write_csv(pd.DataFrame(local.prepared.excluded), stage / "excluded.csv")
+        report = write_evaluation(stage, report_metrics, local.prepared, p_oof[chosen],
+                                  title=f"{cfg.name}: {chosen}, out of fold on {data}",
+                                  config=cfg.model_dump(mode="json"), notes=notes)
+        comparison = f"\n## Modes compared (out of fold, 95% CIs)\n\n{format_comparison(compared, chosen)}\n"
+        report.write_text(report.read_text(encoding="utf-8") + comparison, encoding="utf-8")
+        write_model_card(stage)
     return AdaptResult(out, chosen, compared)
 
 
@@ -476,8 +478,8 @@ def _write_splits(parent: LoadedRun, local: _Local, out: Path) -> None:
                          "patient_id": local.prepared.patient_ids, "split": "train"})
     previous = parent.path / "splits.csv"
     if previous.is_file():
-        rows = pd.concat([pd.read_csv(previous, dtype=str, keep_default_na=False), rows], ignore_index=True)
-    rows.to_csv(out / "splits.csv", index=False)
+        rows = pd.concat([read_csv(previous, dtype=str, keep_default_na=False), rows], ignore_index=True)
+    write_csv(rows, out / "splits.csv")
 
 
 def _notes(local: _Local, n_folds: int, chosen: str, mode: str, compared: dict[str, dict[str, Any]],

@@ -36,8 +36,9 @@ from tqdm.auto import tqdm
 
 from covidscan.data import read_manifest
 from covidscan.data.synthetic import make_phantom
-from covidscan.errors import ConfigError, InputError, StorageError
+from covidscan.errors import ConfigError, InputError
 from covidscan.io import IMAGE_SUFFIXES, read_image
+from covidscan.outputs import check_output, replaced_file
 from covidscan.preprocess import AugmentParams, apply_clahe, find_lungs, photometric_steps
 from covidscan.preprocess.lungseg import SIZE, WIDTHS, LungSegmenter, UNet, model_input
 
@@ -286,6 +287,7 @@ def train_lung_model(
 
     ``val_fraction`` of the patients (of the images, without patient ids) are held out; with phantoms only
     (``images`` None), held-out phantoms are measured. ``size`` is the U-Net's input side (a multiple of 16).
+    ``out`` may not replace ``images`` or ``masks``; it is replaced only by a complete file.
     """
     start = time.perf_counter()
     if not str(out).endswith(".safetensors"):
@@ -294,6 +296,7 @@ def train_lung_model(
         raise ConfigError(f"val_fraction must lie between 0 and 1, got {val_fraction}")
     if images is None and phantoms < 2:
         raise ConfigError("give images (with their lung masks) or at least 2 phantoms to train on")
+    check_output(out, [p for p in (images, masks) if p is not None])
     skipped: list[str] = []
     if images is not None:
         samples, skipped, by_patient = match_masks(images, read_lung_masks(masks))
@@ -317,10 +320,8 @@ def train_lung_model(
         baseline_iou=float(np.mean(baseline)), epochs=epochs, seconds=time.perf_counter() - start,
         split="patient" if by_patient else "image", skipped=skipped,
     )
-    try:
-        segmenter.save(out, val_iou=f"{result.val_iou:.4f}", n_train=str(result.n_train),
+    with replaced_file(out, "the lung model ") as side:
+        segmenter.save(side, val_iou=f"{result.val_iou:.4f}", n_train=str(result.n_train),
                        n_val=str(result.n_val), split=result.split, seed=str(seed), epochs=str(epochs),
                        masks_license=MASKS_LICENSE)
-    except OSError as exc:
-        raise StorageError(f"cannot write the lung model {out}: {exc.strerror or exc}") from None
     return result

@@ -7,6 +7,7 @@ from typing import Any
 
 from covidscan.config import load_config
 from covidscan.errors import ConfigError
+from covidscan.outputs import check_output, write_text
 from covidscan.training.run import train_experiment
 
 PAPER_ROWS: dict[str, tuple[str, ...]] = {
@@ -61,10 +62,13 @@ def reproduce_paper(
     *,
     progress: bool = True,
 ) -> Path:
-    """Train every row of ``paper`` under both protocols into ``out/<row>/<protocol>``; write table.md."""
+    """Train every row of ``paper`` under both protocols into ``out/<row>/<protocol>``; write table.md.
+
+    ``out`` may not be or hold the data (each row's run folder must be new or empty).
+    """
     if paper not in PAPER_ROWS:
         raise ConfigError(f"unknown paper {paper!r}; choose one of {', '.join(PAPER_ROWS)}")
-    out = Path(out)
+    out = check_output(out, [data])
     rows = []
     for preset in PAPER_ROWS[paper]:
         for protocol, protocol_overrides in PROTOCOLS.items():
@@ -89,6 +93,4 @@ def reproduce_paper(
         "can sit in train and test. `patient` = patient-disjoint splits, threshold and calibration chosen "
         "on validation.\n\n" + format_table(rows) + "\n"
     )
-    path = out / "table.md"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return write_text(out / "table.md", text)

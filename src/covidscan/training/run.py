@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from covidscan.config import ExperimentConfig
 from covidscan.data import audit_manifest, check_trainable, read_manifest, split_manifest
 from covidscan.data.fingerprints import Fingerprints
-from covidscan.errors import ConfigError, ManifestError
+from covidscan.errors import ManifestError
 from covidscan.evaluation import (
     Calibration,
     evaluate_calibrated,
@@ -26,6 +26,7 @@ from covidscan.evaluation import (
 )
 from covidscan.evaluation.metrics import point_metrics
 from covidscan.models import Bf16Verdict, Classifier, OODDetector, bf16_supported, bf16_verdict, build_model
+from covidscan.outputs import check_folder, check_output, staged_folder, write_csv
 from covidscan.preprocess import (
     PreparedSet,
     eval_transform,
@@ -33,6 +34,7 @@ from covidscan.preprocess import (
     to_model_batch,
     train_transform,
 )
+from covidscan.preprocess.lungseg import lung_model_path
 from covidscan.runs import save_run
 from covidscan.system import resolve_device
 from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit, predict_outputs
@@ -72,16 +74,19 @@ def _transforms(cfg: ExperimentConfig, model: Classifier):
     return train, evaluate
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to mix a new run into a folder that already holds files, unless asked to replace them."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file; give a folder for the run")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"run folder {out} is not empty; choose another --out, or pass --overwrite to replace it"
-            )
-        shutil.rmtree(out)
+def prepare_run_dir(out: Path, overwrite: bool, inputs: Iterable[str | Path]) -> None:
+    """Refuse an ``out`` that is or holds one of the ``inputs``, and a non-empty one unless ``overwrite``.
+
+    Nothing is deleted here: the run is written beside ``out`` and swapped in when complete
+    (:func:`covidscan.outputs.staged_folder`).
+    """
+    check_output(out, inputs)
+    check_folder(out, overwrite)
+
+
+def config_inputs(cfg: ExperimentConfig) -> list[Path]:
+    """Files a config reads besides the data (pretrained weights, the X-ray lung model), where they exist."""
+    return [Path(cfg.model.weights).expanduser(), lung_model_path(cfg.preprocess.lung_model)]
 
 
 def train_experiment(
@@ -92,13 +97,16 @@ def train_experiment(
     overwrite: bool = False,
     strict: bool = False,
     progress: bool = True,
+    inputs: Iterable[str | Path] = (),
 ) -> TrainResult:
     """Split, preprocess, train, calibrate on validation, evaluate on test; write the run directory.
 
-    Everything that can fail early (the data, the split, the weights) is checked before ``out`` is created,
-    so a failed start leaves no half-written run folder behind. Images the quality gate refuses (or that
-    cannot be read) are left out and listed in ``excluded.csv`` and the report; ``strict`` makes any of
-    them an error instead.
+    Everything that can fail early (the data, the split, the weights) is checked before ``out`` is created.
+    ``out`` may not be or hold the data, the images, the weights or any of ``inputs`` (e.g. the config
+    file); the run is written beside it and only then replaces it (``overwrite``), so a failed run leaves
+    no half-written folder and an earlier run intact. Images the quality gate refuses (or that cannot be
+    read) are left out and listed in ``excluded.csv`` and the report; ``strict`` makes any of them an error
+    instead.
     """
     out = Path(out)
     torch.manual_seed(cfg.train.seed)
@@ -106,23 +114,33 @@ def train_experiment(
     df = load_dataset(data, cfg)
     _check_splits(df, data)
     model = build_model(cfg.model)
-    prepare_run_dir(out, overwrite)
+    prepare_run_dir(out, overwrite, [data, *df["path"], *config_inputs(cfg), *inputs])
+    with staged_folder(out) as stage:
+        result = _train_into(stage, cfg, df, data, model, device, strict=strict, progress=progress)
+    return replace(result, run_dir=out)
+
+
+def _train_into(
+    out: Path, cfg: ExperimentConfig, df: pd.DataFrame, data: str | Path, model: Classifier,
+    device: torch.device, *, strict: bool, progress: bool,
+) -> TrainResult:
+    """The body of :func:`train_experiment`, writing the run into the (staged) folder ``out``."""
     train_t, eval_t = _transforms(cfg, model)
     prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict,
                                 fingerprint=True)
     if prepared.excluded:
-        log.warning("%d of %d images left out by the quality gate (listed in %s)", len(prepared.excluded),
-                    len(df), out / "excluded.csv")
+        log.warning("%d of %d images left out by the quality gate (listed in the run's excluded.csv)",
+                    len(prepared.excluded), len(df))
         df = df.iloc[prepared.rows].reset_index(drop=True)
         _check_splits(df, data)
     splits = df["split"].to_numpy()
     out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "splits.csv", index=False)
+    write_csv(df, out / "splits.csv")
     # Leakage, duplicates and shortcuts of the very splits trained on, for the model card.
     audit = audit_manifest(df, modality=cfg.preprocess.modality, progress=progress)
     (out / "audit.json").write_text(json.dumps(audit, indent=2), encoding="utf-8")
     if prepared.excluded:
-        pd.DataFrame(prepared.excluded).to_csv(out / "excluded.csv", index=False)
+        write_csv(pd.DataFrame(prepared.excluded), out / "excluded.csv")
     train_set, val_set, test_set = (prepared.subset(splits == s) for s in ("train", "val", "test"))
     has_val = len(val_set) > 0
     bs, seed = cfg.train.batch_size, cfg.train.seed
