@@ -305,3 +305,12 @@ def test_a_full_disk_during_train_is_a_clear_error_and_keeps_the_old_run(parent_
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert f"cannot write {parent_run / 'model.safetensors'}: File too large; free disk" in result.stderr
     assert snapshot(parent_run) == before and os.listdir(parent_run.parent) == ["parent"]
+
+
+def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path):
+    # mkstemp makes owner-only files: predictions and reports written through it were unreadable to a group
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    written = write_csv(pd.DataFrame({"a": [1]}), tmp_path / "t.csv")
+    assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
+    assert written.read_bytes() == b"a\r\n1\r\n"  # newline="": CRLF stays CRLF on every platform

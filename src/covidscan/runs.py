@@ -179,14 +179,25 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
 def write_atomic(path: Path, text: str, *, errors: str = "strict") -> Path:
     """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file.
 
     ``errors`` is the UTF-8 encoder's error handler (CSV files write undecodable file names as their bytes).
+    The file gets the permissions a plain ``open`` would give it (mkstemp's are owner-only).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors=errors) as handle:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="") as handle:
             handle.write(text)
         os.replace(tmp, path)
     except BaseException:
