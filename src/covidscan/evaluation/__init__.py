@@ -37,8 +37,13 @@ from covidscan.evaluation.metrics import (
     reliability_bins,
 )
 from covidscan.evaluation.model_card import render_model_card, write_model_card
-from covidscan.evaluation.report import format_metrics_table, format_value_ci, write_report
-from covidscan.evaluation.reporting import excluded_notes, write_evaluation
+from covidscan.evaluation.report import (
+    excluded_notes,
+    format_metrics_table,
+    format_value_ci,
+    write_evaluation,
+    write_report,
+)
 from covidscan.evaluation.schema import (
     MetricsSchemaError,
     read_metrics,
