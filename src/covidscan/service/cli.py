@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
+from covidscan.console import labelled
+from covidscan.console import stdout as out
 from covidscan.errors import ConfigError
 
 if TYPE_CHECKING:  # the service's modules load only when a command runs: `covidscan --help` stays fast
     from covidscan.service.db import Database
     from covidscan.service.storage import BlobStore
 
-out = Console()
 users_app = typer.Typer(help="Accounts of the review service and their API tokens.", no_args_is_help=True)
 audit_app = typer.Typer(help="The review service's audit trail.", no_args_is_help=True)
 
@@ -101,7 +101,7 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
     db, store = open_service(config)
     accounts = seed_demo(db, store, cases, max_pixels=config.max_pixels)
     db.dispose()
-    out.print(f"\n[bold]Demo[/bold]: open http://{host}:{port}/ and log in as")
+    out.print(labelled("\nDemo:", "bold", f"open http://{host}:{port}/ and log in as"))
     for name, password in accounts.passwords.items():
         out.print(f"  {name:<10} password {password}")
     out.print(
@@ -224,7 +224,7 @@ def audit_verify(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
     if report.ok:
         out.print(f"audit log intact: {report.n_events} events")
         return
-    out.print(f"[bold red]audit log broken[/bold red] at event {report.bad_seq}: {report.reason}")
+    out.print(labelled("audit log broken", "bold red", f"at event {report.bad_seq}: {report.reason}"))
     raise typer.Exit(1)
 
 
