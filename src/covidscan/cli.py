@@ -9,18 +9,16 @@ from typing import Annotated, Any
 
 import click
 import typer
-from rich.console import Console
-from rich.logging import RichHandler
 from typer.core import TyperGroup
 
 from covidscan import __version__
+from covidscan.console import PlainRichHandler, labelled
+from covidscan.console import stderr as console
+from covidscan.console import stdout as out_console
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.system import keep_freed_memory
 
 _QUIET = ("-q", "--quiet")
-# soft_wrap: an error or warning stays one line in a log file or a pipe (no hard wrap at 80 columns).
-console = Console(stderr=True, soft_wrap=True)
-out_console = Console(soft_wrap=True)
 
 
 class _Commands(TyperGroup):
@@ -40,13 +38,16 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except CovidscanError as exc:
-            console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
-            ctx.exit(2)
+            _error(exc)
         except OSError as exc:  # a folder that cannot be written, a full disk: the file and why, no traceback
             where = f" {exc.filename}" if exc.filename else ""
-            console.print(f"[bold red]error:[/bold red] cannot write or read{where}: {exc.strerror or exc}; "
-                          "check the path and its permissions", highlight=False)
-            ctx.exit(2)
+            _error(f"cannot write or read{where}: {exc.strerror or exc}; check the path and its permissions")
+        ctx.exit(2)
+
+
+def _error(message: object) -> None:
+    """The one ``error: ...`` line (user text in it is printed as given, see covidscan.console)."""
+    console.print(labelled("error:", "bold red", message))
 
 
 app = typer.Typer(
@@ -83,7 +84,7 @@ def _version(value: bool) -> None:
 
 def _show_warning(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
     """Python warnings as ``warning: ...`` lines, not ``file.py:76: UserWarning`` source dumps."""
-    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False)
+    console.print(labelled("warning:", "yellow", message))
 
 
 @app.callback()
@@ -224,12 +225,13 @@ def data_synth(
     modality: Annotated[str, typer.Option(help="ct or cxr.")] = "ct",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     slices_per_patient: Annotated[int, typer.Option(help="Images per synthetic patient.")] = 4,
+    size: Annotated[int, typer.Option(help="Image side in pixels (64 to 4096).")] = 256,
 ) -> None:
     """Generate a synthetic phantom dataset with lung and lesion masks."""
     from covidscan.data.synthetic import write_phantom_dataset
 
     path = write_phantom_dataset(
-        out, n=n, modality=modality, seed=seed, slices_per_patient=slices_per_patient
+        out, n=n, modality=modality, seed=seed, slices_per_patient=slices_per_patient, size=size
     )
     out_console.print(f"wrote {n} {modality} phantoms; manifest: {path}")
 
@@ -258,7 +260,7 @@ def presets() -> None:
     from covidscan.config import list_presets, load_config
 
     for name in list_presets():
-        out_console.print(f"[bold]{name}[/bold]: {load_config(name).description}")
+        out_console.print(labelled(f"{name}:", "bold", load_config(name).description))
 
 
 @app.command("train")
@@ -409,7 +411,7 @@ def predict(
         f"{warned} with warnings; not predicted: {refused} refused, {int((~ok).sum()) - refused} unreadable"
     )
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
-        console.print(f"[yellow]skipped[/yellow] {path}: {error}", highlight=False)
+        console.print(labelled("skipped", "yellow", f"{path}: {error}"))
     out_console.print(f"wrote {out}")
 
 
@@ -503,7 +505,7 @@ def main() -> None:
     """Console entry point: library errors become one clear line and exit code 2, never a traceback."""
     logging.basicConfig(
         level=logging.INFO, format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        handlers=[PlainRichHandler(console=console, show_path=False, show_time=False)],
     )
     warnings.showwarning = _show_warning
     keep_freed_memory()

@@ -6,6 +6,9 @@ the evaluation picks its threshold — so a run directory's ``config.yaml`` re-c
 
 from __future__ import annotations
 
+import difflib
+import math
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +22,7 @@ from covidscan.preprocess import PreprocessConfig
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # lr: inf would pass gt=0
 
 
 class DataConfig(_Strict):
@@ -108,6 +111,11 @@ def list_presets() -> list[str]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # a file saved as Latin-1 / Windows-1252 from an old editor
+        raise ConfigError(
+            f"config {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); "
+            "save it as UTF-8"
+        ) from None
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config {path}: {exc}") from None
     if not isinstance(data, dict):
@@ -118,20 +126,64 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 def _apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {override!r} must look like key.sub=value, e.g. train.epochs=5")
+        raise ConfigError(f"--set {override!r} must look like key.sub=value, e.g. train.epochs=5")
     *parents, leaf = key.strip().split(".")
     node = data
     for part in parents:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+            raise ConfigError(f"--set {override!r}: {part!r} is not a section")
         node = child
     # YAML parsing turns "5" into 5, "null" into None and "[0.8, 0.2]" into a list.
     node[leaf] = yaml.safe_load(raw)
 
 
-def load_config(preset_or_path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Load a preset by name (``paper-a-resnet50``) or a YAML file, then apply ``key=value`` overrides."""
+def setting_names(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted setting of an experiment (``train.epochs``, ``model.backbone``, ...) and its sections."""
+    names: list[str] = []
+    for name, field in (model or ExperimentConfig).model_fields.items():
+        names.append(prefix + name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += setting_names(field.annotation, f"{prefix}{name}.")
+    return names
+
+
+def _non_finite(values: Any, key: str = "") -> Iterator[str]:
+    """Dotted keys of the infinite or NaN numbers in a config dump (``lr: inf`` passes ``gt=0``)."""
+    if isinstance(values, dict):
+        for name, value in values.items():
+            yield from _non_finite(value, f"{key}.{name}" if key else str(name))
+    elif isinstance(values, (list, tuple)):
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            yield key
+    elif isinstance(values, float) and not math.isfinite(values):
+        yield key
+
+
+def _blame(path: Path, overrides: Sequence[str], problems: list[tuple[str, str, str]]) -> str:
+    """One message for ``(key, type, message)`` problems, each blamed on its --set or else on the file."""
+    given = {o.partition("=")[0].strip(): o for o in overrides}
+    from_file, from_set = [], []
+    for key, kind, msg in problems:
+        override = next((o for k, o in given.items() if k == key or key.startswith(k + ".")
+                         or k.startswith(key + ".")), None)
+        if kind == "extra_forbidden":  # a typo: name the key as typed, and the setting it resembles
+            typo = override.partition("=")[0].strip() if override else key
+            close = difflib.get_close_matches(typo, setting_names(), n=1)
+            text = f"{typo} is not a setting" + (f"; did you mean {close[0]}?" if close else "")
+        else:
+            text = f"{key}: {msg}" if key else msg
+        if override is None:
+            from_file.append(text)
+        else:
+            from_set.append(f"--set {override}: {text}")
+    if from_file:
+        from_set.insert(0, f"invalid config {path}: {'; '.join(from_file)}")
+    return "; ".join(from_set)
+
+
+def _config_path(preset_or_path: str | Path) -> Path:
+    """The YAML file of a preset name or a config path, with an error that says what is wrong with it."""
     path = Path(preset_or_path)
     if not path.suffix and not path.exists():
         path = preset_dir() / f"{preset_or_path}.yaml"
@@ -139,18 +191,35 @@ def load_config(preset_or_path: str | Path, overrides: list[str] | tuple[str, ..
             raise ConfigError(
                 f"no preset or config file named {preset_or_path!r}; presets: {', '.join(list_presets())}"
             )
+    elif path.is_dir():
+        inside = path / "config.yaml"
+        hint = f"give {inside} (a run's config)" if inside.is_file() else "give a YAML file or a preset name"
+        raise ConfigError(f"config {path} is a folder; {hint}")
     elif not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    return path
+
+
+def load_config(preset_or_path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Load a preset by name (``paper-a-resnet50``) or a YAML file, then apply ``key=value`` overrides.
+
+    Errors name the setting, and the ``--set`` that gave it when one did (with a close match for a typo).
+    """
+    path = _config_path(preset_or_path)
     data = _read_yaml(path)
     for override in overrides:
         _apply_override(data, override)
     try:
-        return ExperimentConfig.model_validate(data)
+        cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid config {path}: {problems}") from None
+        problems = [(".".join(map(str, err["loc"])), err["type"], err["msg"].removeprefix("Value error, "))
+                    for err in exc.errors()]
+    else:
+        problems = [(key, "finite_number", "must be a finite number, not inf or nan")
+                    for key in _non_finite(cfg.model_dump(mode="python"))]
+    if problems:
+        raise ConfigError(_blame(path, overrides, problems))
+    return cfg
 
 
 def dump_config(cfg: ExperimentConfig, path: Path) -> Path:

@@ -56,7 +56,8 @@ def resolve_device(name: str = "cpu") -> torch.device:
     if name not in ("cpu", "cuda"):
         raise ConfigError(f"device must be 'cpu', 'cuda' or 'auto', got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; use --device cpu")
+        raise ConfigError("device 'cuda' was asked for but PyTorch sees no CUDA GPU; use the CPU "
+                          "(--set train.device=cpu, or train.device: cpu in the config) or auto")
     return torch.device(name)
 
 

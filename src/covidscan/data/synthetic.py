@@ -16,6 +16,7 @@ other field of view, resolution, window and noise -- a synthetic "new hospital" 
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +25,18 @@ import numpy as np
 import pandas as pd
 
 from covidscan import CLASSES
-from covidscan.errors import ConfigError
+from covidscan.errors import ConfigError, StorageError
 from covidscan.io import to_uint8
 from covidscan.outputs import write_csv
 
 MODALITIES: tuple[str, str] = ("ct", "cxr")
 MIN_SIZE = 64
+MAX_SIZE = 4096  # a digital radiograph's side; beyond it a phantom only costs memory and disk
+MAX_IMAGES = 1_000_000  # a day of CPU time and tens of GB: more is a typo, not an experiment
+# Bytes a phantom's three PNGs (image, lung and lesion masks) take at most, per pixel of the image side
+# squared, plus its manifest row: measured 0.25-0.86 per pixel (CT 512 px to X-ray 64 px).
+_BYTES_PER_PIXEL, _BYTES_PER_ROW = 1.0, 1024
+_SIZE_HINT = f"phantoms need {MIN_SIZE} px to show anatomy; {MAX_SIZE} px is a radiograph's full resolution"
 MANIFEST_COLUMNS: tuple[str, ...] = ("path", "label", "patient_id", "lung_mask", "lesion_mask")
 
 # OpenCV draws with integer coordinates; 4 fractional bits keep small shapes smooth at 64 px.
@@ -418,10 +425,24 @@ def _cxr(
 
 
 # ------------------------------------------------------------------------------------------------ public
-def _check_int(name: str, value, minimum: int, hint: str) -> int:
+def _check_int(name: str, value, minimum: int, hint: str, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ConfigError(f"{name}={value!r} is invalid: must be an integer >= {minimum} ({hint})")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={value!r} is too large: at most {maximum} ({hint})")
     return int(value)
+
+
+def _check_disk_space(out: Path, n: int, size: int) -> None:
+    """Refuse before the first write when the disk under ``out`` cannot hold the dataset."""
+    need = int(n * (size * size * _BYTES_PER_PIXEL + _BYTES_PER_ROW))
+    existing = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if need > free:
+        raise StorageError(
+            f"{n} phantoms of {size} px need about {need / 2**20:,.0f} MiB but the disk of {existing} has "
+            f"{free / 2**20:,.0f} MiB free; ask for fewer images or write them to another disk"
+        )
 
 
 def _check_modality(modality) -> str:
@@ -444,7 +465,7 @@ def make_phantom(
     seed = _check_int("seed", seed, 0, "pass a non-negative integer")
     anatomy_seed = seed if anatomy_seed is None else _check_int(
         "anatomy_seed", anatomy_seed, 0, "pass a non-negative integer or None")
-    size = _check_int("size", size, MIN_SIZE, f"phantoms need at least {MIN_SIZE} px to show anatomy")
+    size = _check_int("size", size, MIN_SIZE, _SIZE_HINT, MAX_SIZE)
     draw = {"ct": _ct, "cxr": _cxr}[_check_modality(modality)]
     lesion_rng = np.random.default_rng([seed, _LESION]) if covid else None
     style = _site_style(site)
@@ -468,8 +489,15 @@ def _derived_seed(*key: int) -> int:
 
 
 def _write_png(path: Path, pixels: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), pixels):
-        raise ConfigError(f"cannot write {path}: check that the output folder is writable")
+    # Encoded here and written by Python: cv2.imwrite crashes the process on a path that is not UTF-8.
+    ok, png = cv2.imencode(".png", pixels)
+    if not ok:
+        raise ConfigError(f"cannot encode {path} as PNG")
+    try:
+        path.write_bytes(png.tobytes())
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc.strerror or exc}; check that the output folder is "
+                           "writable and has free space") from None
 
 
 def write_phantom_dataset(
@@ -491,15 +519,16 @@ def write_phantom_dataset(
     lesion_mask; paths relative to the manifest's folder). Phantom files left from an earlier run with
     other settings are removed so that folder scans see only this dataset.
     """
-    n = _check_int("n", n, 2, "a dataset needs at least one image per class")
+    n = _check_int("n", n, 2, "a dataset needs at least one image per class", MAX_IMAGES)
     modality = _check_modality(modality)
     seed = _check_int("seed", seed, 0, "pass a non-negative integer")
     per_patient = _check_int("slices_per_patient", slices_per_patient, 1, "each patient needs a slice")
-    size = _check_int("size", size, MIN_SIZE, f"phantoms need at least {MIN_SIZE} px to show anatomy")
+    size = _check_int("size", size, MIN_SIZE, _SIZE_HINT, MAX_SIZE)
     style = _site_style(site)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {out} is an existing file: choose a folder path")
+    _check_disk_space(out, n, size)
     subfolders = ("images/covid", "images/non_covid", "masks/lung", "masks/lesion")
     folders = {name: out / name for name in subfolders}
     try:

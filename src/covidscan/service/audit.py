@@ -104,7 +104,9 @@ def verify_chain(db: Session) -> ChainReport:
             return ChainReport(False, n, event.seq, "its content was changed after it was written")
         prev, expected_seq = event.hash, expected_seq + 1
     head = db.get(AuditHead, 1)
-    if head is not None and (head.seq != expected_seq - 1 or head.hash != prev):
+    if head is None:  # it holds the newest hash: without it, a cut tail would pass unseen
+        return ChainReport(False, n, expected_seq - 1, "the log's head row (the newest hash) was deleted")
+    if head.seq != expected_seq - 1 or head.hash != prev:
         return ChainReport(
             False,
             n,

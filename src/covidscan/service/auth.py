@@ -31,21 +31,26 @@ def sha256_hex(text: str) -> str:
 
 
 def hash_password(password: str) -> str:
-    """Argon2id hash of a password; refuses passwords shorter than ``MIN_PASSWORD``."""
-    if len(password) < MIN_PASSWORD:
-        raise ConfigError(f"password too short: use at least {MIN_PASSWORD} characters")
+    """Argon2id hash of a password; refuses passwords shorter than ``MIN_PASSWORD`` or only blanks."""
+    if len(password) < MIN_PASSWORD or not password.strip():
+        raise ConfigError(f"password too short: use at least {MIN_PASSWORD} characters, not only spaces")
     return _hasher.hash(password)
 
 
 def add_user(db: Session, name: str, role: str, password: str | None) -> User:
-    """Create an account; names are unique, roles are admin, doctor or submitter."""
+    """Create an account; names are unique, roles are admin, doctor or submitter.
+
+    Admins and doctors log in with a password; a submitter may have none (it uses API tokens only).
+    """
     if role not in ROLES:
         raise ConfigError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
     if not name or len(name) > 64 or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise ConfigError(f"user name {name!r}: use 1-64 letters, digits, '.', '-' or '_'")
     if db.scalar(select(User).where(User.name == name)):
         raise ConfigError(f"user {name!r} already exists; pick another name")
-    user = User(name=name, role=role, password_hash=hash_password(password) if password else None)
+    if password is None and role != "submitter":
+        raise ConfigError(f"a {role} logs in with a password: give one of at least {MIN_PASSWORD} characters")
+    user = User(name=name, role=role, password_hash=None if password is None else hash_password(password))
     db.add(user)
     db.flush()
     return user

@@ -12,15 +12,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.console import Console
 
+from covidscan.console import labelled
+from covidscan.console import stdout as out
 from covidscan.errors import ConfigError
 
 if TYPE_CHECKING:  # the service's modules load only when a command runs: `covidscan --help` stays fast
     from covidscan.service.db import Database
     from covidscan.service.storage import BlobStore
 
-out = Console()
 users_app = typer.Typer(help="Accounts of the review service and their API tokens.", no_args_is_help=True)
 audit_app = typer.Typer(help="The review service's audit trail.", no_args_is_help=True)
 
@@ -31,10 +31,15 @@ DatabaseUrl = Annotated[
 ]
 
 
-def _open(data_dir: Path, database_url: str | None) -> tuple[Database, BlobStore]:
+def _open(data_dir: Path, database_url: str | None, *, create: bool = False) -> tuple[Database, BlobStore]:
+    """The service's database and files; only first setup (``create``) may make a new data folder."""
+    from covidscan.service.db import require_database
     from covidscan.service.settings import ServiceConfig, open_service
 
-    return open_service(ServiceConfig(data_dir=data_dir, database_url=database_url))
+    config = ServiceConfig(data_dir=data_dir, database_url=database_url)
+    if not create:
+        require_database(config.url, data_dir)
+    return open_service(config)
 
 
 def serve(
@@ -54,12 +59,18 @@ def serve(
         typer.Option("--worker/--no-worker", help="Predict in this process (else run `covidscan worker`)."),
     ] = True,
 ) -> None:
-    """Run the review service: doctors read, correct and sign the model's results."""
+    """Run the review service: doctors read, correct and sign the model's results.
+
+    A new --data-dir is set up on first start (as `covidscan users add` does); the other service commands
+    need an existing one.
+    """
     import uvicorn
 
     from covidscan.service.app import create_app
     from covidscan.service.settings import ServiceConfig, active_run, open_service
 
+    if not 1 <= port <= 65535:  # checked before the demo trains a model, not when uvicorn binds
+        raise ConfigError(f"--port {port} is not a TCP port: give a number from 1 to 65535")
     if demo:
         data_dir, run = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
     if data_dir is None:
@@ -101,7 +112,7 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
     db, store = open_service(config)
     accounts = seed_demo(db, store, cases, max_pixels=config.max_pixels)
     db.dispose()
-    out.print(f"\n[bold]Demo[/bold]: open http://{host}:{port}/ and log in as")
+    out.print(labelled("\nDemo:", "bold", f"open http://{host}:{port}/ and log in as"))
     for name, password in accounts.passwords.items():
         out.print(f"  {name:<10} password {password}")
     out.print(
@@ -137,7 +148,10 @@ def users_add(
         bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
     ] = False,
 ) -> None:
-    """Create an account (asks for the password on a terminal; none for a token-only submitter)."""
+    """Create an account (asks for the password on a terminal; none for a token-only submitter).
+
+    Sets up a new --data-dir when there is none yet: the first admin is how a service begins.
+    """
     from covidscan.service.audit import record
     from covidscan.service.auth import add_user
 
@@ -149,7 +163,7 @@ def users_add(
         password = None
     else:
         raise ConfigError(f"a {role} logs in with a password: pass --password-stdin or run on a terminal")
-    db, _ = _open(data_dir, database_url)
+    db, _ = _open(data_dir, database_url, create=True)
     with db.session() as s:
         add_user(s, name, role, password)
         record(s, "user_add", actor="covidscan users add", target=f"user:{name}", role=role)
@@ -224,7 +238,7 @@ def audit_verify(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
     if report.ok:
         out.print(f"audit log intact: {report.n_events} events")
         return
-    out.print(f"[bold red]audit log broken[/bold red] at event {report.bad_seq}: {report.reason}")
+    out.print(labelled("audit log broken", "bold red", f"at event {report.bad_seq}: {report.reason}"))
     raise typer.Exit(1)
 
 

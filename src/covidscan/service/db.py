@@ -8,18 +8,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy import Engine, create_engine, event, inspect, make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
-from covidscan.errors import ConfigError
+from covidscan.errors import ConfigError, CovidscanError, StorageError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
 
+SQLITE_FILE = "service.sqlite3"
+
+
 def default_database_url(data_dir: Path) -> str:
     """SQLite file ``service.sqlite3`` inside the data folder."""
-    return f"sqlite:///{Path(data_dir).resolve() / 'service.sqlite3'}"
+    return f"sqlite:///{Path(data_dir).resolve() / SQLITE_FILE}"
 
 
 def _sqlite_serialised(engine: Engine) -> None:
@@ -56,6 +59,67 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+def _shown(url: str) -> str:
+    """The database as a user knows it: SQLite's file path, a server URL without its password."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        return parsed.database
+    return parsed.render_as_string(hide_password=True)
+
+
+def _damaged(exc: BaseException) -> bool:
+    """SQLite's "file is not a database" and "database disk image is malformed" (plain DatabaseError)."""
+    return type(exc) is DatabaseError
+
+
+def database_fault(url: str, exc: DatabaseError) -> CovidscanError:
+    """What a failed connection means to the user: a damaged file, or a database that cannot be reached."""
+    if _damaged(exc):
+        return StorageError(
+            f"the database {_shown(url)} is damaged or is not a covidscan database ({exc.orig}); restore it "
+            "from a backup, or move it away and set the service up again"
+        )
+    if url.startswith("sqlite"):
+        return ConfigError(
+            f"cannot open the database {_shown(url)}: {exc.orig}; check that its folder exists and is "
+            "writable"
+        )
+    return ConfigError(
+        f"cannot reach the database {_shown(url)}: {exc.orig}; check --database-url and that the server is "
+        "running"
+    )
+
+
+def require_database(url: str, data_dir: Path) -> None:
+    """Refuse a database that covidscan never set up, without creating one (SQLite makes a file on connect).
+
+    Only first setup (`covidscan serve`, `covidscan users add`) creates the data folder and the database;
+    the commands that read or manage an existing service call this first, so a mistyped ``--data-dir`` is
+    an error rather than a new, empty service ("audit log intact: 0 events").
+    """
+    setup = "(`covidscan users add` or `covidscan serve --run RUN` sets a service up)"
+    if url == default_database_url(data_dir):
+        if not Path(data_dir).is_dir():
+            raise ConfigError(f"--data-dir {data_dir} does not exist; check the path {setup}")
+        if not (Path(data_dir) / SQLITE_FILE).is_file():
+            raise ConfigError(f"--data-dir {data_dir} holds no service database ({SQLITE_FILE}); check the "
+                              f"path {setup}")
+    elif url.startswith("sqlite") and not Path(make_url(url).database or "").is_file():
+        raise ConfigError(f"the database file of --database-url {_shown(url)} does not exist; check it "
+                          f"{setup}")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            set_up = inspect(conn).has_table("alembic_version")
+    except DatabaseError as exc:
+        raise database_fault(url, exc) from None
+    finally:
+        engine.dispose()
+    if not set_up:
+        raise ConfigError(f"the database {_shown(url)} holds no covidscan tables; check --data-dir and "
+                          f"--database-url {setup}")
+
+
 def migrate(engine: Engine) -> None:
     """Bring the schema to the newest Alembic revision (idempotent; runs at every start)."""
     # Alembic logs every plugin (at import) and revision at INFO; at each start that is noise, not news.
@@ -69,11 +133,8 @@ def migrate(engine: Engine) -> None:
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
             command.upgrade(cfg, "head")
-    except OperationalError as exc:
-        raise ConfigError(
-            f"cannot reach the database {engine.url.render_as_string(hide_password=True)}: {exc.orig}; "
-            "check --database-url and that the server is running"
-        ) from None
+    except DatabaseError as exc:
+        raise database_fault(engine.url.render_as_string(hide_password=False), exc) from None
 
 
 class Database:
@@ -86,9 +147,17 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed when the block ends, rolled back on an exception."""
-        with self.sessions.begin() as s:
-            yield s
+        """A session in one transaction: committed when the block ends, rolled back on an exception.
+
+        A damaged database file becomes a :class:`StorageError` that names it; other errors pass unchanged.
+        """
+        try:
+            with self.sessions.begin() as s:
+                yield s
+        except DatabaseError as exc:
+            if _damaged(exc):
+                raise database_fault(self.url, exc) from None
+            raise
 
     def dispose(self) -> None:
         """Close every pooled connection."""
