@@ -248,6 +248,12 @@ def test_a_file_name_that_is_not_utf8_is_predicted_written_and_read_back(parent_
     preds = read_csv(tmp_path / "preds.csv")
     assert preds["path"].tolist() == [str(odd)] and Path(preds["path"][0]).is_file()
     assert preds["p_covid"].notna().all() and preds["error"].isna().all()
+    # Grad-CAM overlays into a folder whose name is not UTF-8 (cv2.imwrite killed the process there)
+    cams = Path(os.fsdecode(bytes(tmp_path / "cams") + b"-\xfe"))
+    result = covidscan("predict", str(parent_run), str(odd), "--out", str(tmp_path / "c.csv"),
+                       "--cam", str(cams))
+    assert result.returncode == 0, result.stderr
+    assert len(list(cams.glob("*.png"))) == 1
 
     tree = tmp_path / "tree"
     _write_undecodable(tree / "covid", images[0])

@@ -26,7 +26,7 @@ import pandas as pd
 
 from covidscan import CLASSES
 from covidscan.errors import ConfigError, StorageError
-from covidscan.io import to_uint8
+from covidscan.io import to_uint8, write_png
 from covidscan.outputs import write_csv
 
 MODALITIES: tuple[str, str] = ("ct", "cxr")
@@ -488,16 +488,6 @@ def _derived_seed(*key: int) -> int:
     return int(np.random.SeedSequence(list(key)).generate_state(1)[0])
 
 
-def _write_png(path: Path, pixels: np.ndarray) -> None:
-    # Encoded here and written by Python: cv2.imwrite crashes the process on a path that is not UTF-8.
-    ok, png = cv2.imencode(".png", pixels)
-    if not ok:
-        raise ConfigError(f"cannot encode {path} as PNG")
-    try:
-        path.write_bytes(png.tobytes())
-    except OSError as exc:
-        raise StorageError(f"cannot write {path}: {exc.strerror or exc}; check that the output folder is "
-                           "writable and has free space") from None
 
 
 def write_phantom_dataset(
@@ -557,9 +547,9 @@ def write_phantom_dataset(
                 image = to_uint8(phantom.image)
                 paths = {"path": f"images/{label}/{name}", "lung_mask": f"masks/lung/{name}",
                          "lesion_mask": f"masks/lesion/{name}"}
-                _write_png(out / paths["path"], image)
-                _write_png(out / paths["lung_mask"], phantom.lung_mask.astype(np.uint8) * 255)
-                _write_png(out / paths["lesion_mask"], phantom.lesion_mask.astype(np.uint8) * 255)
+                write_png(out / paths["path"], image)
+                write_png(out / paths["lung_mask"], phantom.lung_mask.astype(np.uint8) * 255)
+                write_png(out / paths["lesion_mask"], phantom.lesion_mask.astype(np.uint8) * 255)
                 rows.append({**paths, "label": label, "patient_id": patient_id})
             remaining[label] -= slices
             patient += 1

@@ -9,6 +9,7 @@ import numpy as np
 from pytorch_grad_cam.utils.image import show_cam_on_image
 
 from covidscan.errors import CovidscanError
+from covidscan.io import write_png
 
 REGION_COLOR = (255, 255, 255)  # RGB; white stays visible on every part of the JET colormap
 MIN_SIDE = 512
@@ -72,12 +73,4 @@ def save_overlay(
         for color, extra in (((0, 0, 0), 2), (REGION_COLOR, 0)):
             cv2.putText(picture, title, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness + extra,
                         cv2.LINE_AA)
-    reason = ""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        written = cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
-    except (OSError, cv2.error) as err:
-        written, reason = False, f" ({err})"
-    if not written:
-        raise CovidscanError(f"cannot write overlay {path}{reason}: use a writable folder and a .png name")
-    return path
+    return write_png(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))

@@ -14,6 +14,7 @@ from .images import (
     read_checked,
     read_image,
     scan_images,
+    write_png,
 )
 from .quality import MAX_PIXELS_ENV, QualityLimits, QualityReport, assess, check_pixel_count
 from .stats import STAT_NAMES, image_stats
@@ -45,4 +46,5 @@ __all__ = [
     "read_image",
     "scan_images",
     "to_uint8",
+    "write_png",
 ]

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from covidscan.errors import ImageReadError, ImageRefusedError, InputError
+from covidscan.errors import ImageReadError, ImageRefusedError, InputError, StorageError
 
 from .base import LUNG_WINDOW, ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
 from .content import colour_fraction
@@ -340,3 +340,23 @@ def scan_images(
     for item in iter_images(paths_or_root, window=window):
         (errors if isinstance(item, InputError) else images).append(item)  # type: ignore[arg-type]
     return images, errors
+
+
+def write_png(path: str | Path, pixels: np.ndarray) -> Path:
+    """Write a gray or BGR uint8 array as a PNG, parent folders created.
+
+    Encoded by OpenCV and written by Python: ``cv2.imwrite`` crashes the whole process on a path that is not
+    valid UTF-8. A write that fails (a full disk, a folder that is a file) is a StorageError naming ``path``.
+    """
+    import cv2  # PIL reads; OpenCV encodes faster and is imported by every caller anyway
+
+    from covidscan.outputs import writing
+
+    path = Path(path)
+    ok, png = cv2.imencode(".png", pixels)
+    if not ok:
+        raise StorageError(f"cannot encode {path} as PNG ({pixels.dtype}, shape {pixels.shape})")
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png.tobytes())
+    return path
