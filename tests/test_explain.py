@@ -236,7 +236,7 @@ def test_save_overlay_writes_a_png_with_the_region_outlined(tmp_path):
     assert (b[160, 170:310] == 255).all() and not (a[160, 170:310] == 255).all()
     large = save_overlay(tmp_path / "large.png", np.full((600, 700), 0.5), np.zeros((600, 700)))
     assert cv2.imread(str(large)).shape == (600, 700, 3)
-    with pytest.raises(CovidscanError, match="cannot write overlay"):
+    with pytest.raises(CovidscanError, match=r"give the PNG a \.png name"):
         save_overlay(tmp_path / "cam.notanimage", image, cam)
 
 

@@ -13,7 +13,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-from covidscan.errors import ImageReadError, ImageRefusedError, InputError, StorageError
+from covidscan.errors import ConfigError, ImageReadError, ImageRefusedError, InputError, StorageError
 
 from .base import LUNG_WINDOW, ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
 from .content import colour_fraction
@@ -353,6 +353,8 @@ def write_png(path: str | Path, pixels: np.ndarray) -> Path:
     from covidscan.outputs import writing
 
     path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"cannot write {path}: give the PNG a .png name")
     ok, png = cv2.imencode(".png", pixels)
     if not ok:
         raise StorageError(f"cannot encode {path} as PNG ({pixels.dtype}, shape {pixels.shape})")
