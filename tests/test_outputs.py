@@ -320,3 +320,33 @@ def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path):
     written = write_csv(pd.DataFrame({"a": [1]}), tmp_path / "t.csv")
     assert stat.S_IMODE(written.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode)
     assert written.read_bytes() == b"a\r\n1\r\n"  # newline="": CRLF stays CRLF on every platform
+
+
+def test_synth_never_writes_over_a_users_dataset(phantom_manifest: Path, tmp_path: Path):
+    data = tmp_path / "mine"
+    (data / "images" / "covid").mkdir(parents=True)
+    (data / "images" / "covid" / "scan.png").write_bytes(b"my scan")
+    (data / "manifest.csv").write_text("path,label\nimages/covid/scan.png,covid\n")
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    result = covidscan("data", "synth", "--out", str(data), "--n", "4", "--size", "64")
+    assert result.returncode == 2 and "not part of an earlier phantom dataset" in result.stderr
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
+    # an earlier phantom dataset may be written again (the demo does so)
+    again = tmp_path / "phantoms"
+    for _ in range(2):
+        assert covidscan("data", "synth", "--out", str(again), "--n", "4", "--size", "64").returncode == 0
+
+
+def test_preview_sheet_never_replaces_an_image_it_shows(phantom_manifest: Path, tmp_path: Path):
+    image = sorted(phantom_manifest.parent.glob("images/*/*.png"))[0]
+    before = image.read_bytes()
+    result = covidscan("preprocess", "preview", str(phantom_manifest), "--out", str(image))
+    assert result.returncode == 2 and str(image) in result.stderr and image.read_bytes() == before
+
+
+def test_predict_that_predicts_nothing_fails_and_keeps_the_reasons(parent_run: Path, tmp_path: Path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "p.csv"
+    result = covidscan("predict", str(parent_run), str(tmp_path / "empty"), "--out", str(out))
+    assert result.returncode == 2 and "none of the 1 input could be predicted" in result.stderr
+    assert "no images found" in read_csv(out)["error"].iloc[0]

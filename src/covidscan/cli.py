@@ -15,7 +15,7 @@ from covidscan import __version__
 from covidscan.console import PlainRichHandler, labelled
 from covidscan.console import stderr as console
 from covidscan.console import stdout as out_console
-from covidscan.errors import ConfigError, CovidscanError
+from covidscan.errors import ConfigError, CovidscanError, ManifestError
 from covidscan.system import keep_freed_memory
 
 _QUIET = ("-q", "--quiet")
@@ -247,8 +247,10 @@ def preprocess_preview(
 ) -> None:
     """Draw images with their lung-mask outlines and crop boxes, to check the lung crop by eye."""
     from covidscan.data import read_manifest
+    from covidscan.outputs import check_output
     from covidscan.preprocess import preview_sheet
 
+    check_output(out, [manifest])
     stats = preview_sheet(read_manifest(manifest), out, n=n, modality=modality, seed=seed)
     out_console.print(f"wrote {out}; lungs found in {stats['found']} of {stats['n']} images")
 
@@ -413,6 +415,10 @@ def predict(
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
         console.print(labelled("skipped", "yellow", f"{path}: {error}"))
     out_console.print(f"wrote {out}")
+    if not ok.any():  # a run that predicted nothing is a failure, not a result (exit 2, reasons in the file)
+        first = f"{df['path'].iloc[0]}: {df['error'].iloc[0]}"
+        raise ManifestError(f"none of the {_n(len(df), 'input')} could be predicted (first: {first}); every "
+                         f"reason is in {out}")
 
 
 @app.command("export")

@@ -16,6 +16,7 @@ other field of view, resolution, window and noise -- a synthetic "new hospital" 
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -490,6 +491,31 @@ def _derived_seed(*key: int) -> int:
 
 
 
+_PHANTOM_LAYOUT = re.compile(r"(images/(covid|non_covid)|masks/(lung|lesion))/phantom-(ct|cxr)-\d+-s\d+\.png")
+
+
+def _check_only_phantoms(out: Path) -> None:
+    """Refuse a folder whose manifest.csv is not an earlier phantom dataset's (it would be replaced) or
+    whose images/ or masks/ hold other files (phantoms would mix with them)."""
+    manifest = out / "manifest.csv"
+    foreign: Path | None = None
+    if manifest.is_file():
+        try:
+            paths = pd.read_csv(manifest, usecols=["path"], dtype=str)["path"]
+            if not paths.map(lambda p: bool(_PHANTOM_LAYOUT.fullmatch(str(p)))).all():
+                foreign = manifest
+        except (ValueError, OSError, UnicodeDecodeError, pd.errors.ParserError):
+            foreign = manifest
+    others = (p for sub in ("images", "masks") for p in (out / sub).rglob("*")
+              if p.is_file() and not _PHANTOM_LAYOUT.fullmatch(p.relative_to(out).as_posix()))
+    foreign = foreign or next(others, None)
+    if foreign is not None:
+        raise ConfigError(
+            f"output folder {out} holds {foreign}, which is not part of an earlier phantom dataset: writing "
+            "phantoms there would replace its manifest.csv or mix with its images; choose a new folder"
+        )
+
+
 def write_phantom_dataset(
     out_dir: str | Path,
     *,
@@ -518,6 +544,7 @@ def write_phantom_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {out} is an existing file: choose a folder path")
+    _check_only_phantoms(out)
     _check_disk_space(out, n, size)
     subfolders = ("images/covid", "images/non_covid", "masks/lung", "masks/lesion")
     folders = {name: out / name for name in subfolders}

@@ -15,6 +15,7 @@ from matplotlib.patches import Rectangle
 
 from covidscan.errors import ConfigError, CovidscanError, ManifestError, StorageError
 from covidscan.io import IMAGE_SUFFIXES, read_image
+from covidscan.outputs import check_output
 from covidscan.preprocess.lungs import MODALITIES
 from covidscan.preprocess.lungseg import lung_segmenter
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
@@ -63,6 +64,7 @@ def preview_sheet(
         raise ConfigError(f"preview modality must be one of {', '.join(MODALITIES)}, got {modality!r}")
     if manifest_df.empty:
         raise ManifestError("manifest has no rows to preview")
+    check_output(out_png, manifest_df["path"])  # a sheet never replaces one of the images it shows
     if Path(out_png).suffix.lower() not in ("", ".png"):
         raise ConfigError(f"the preview sheet is a PNG image: name it .png, not {Path(out_png).name}")
     cfg = (cfg or PreprocessConfig()).model_copy(update={"modality": modality, "lung_crop": True})
