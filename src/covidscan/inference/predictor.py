@@ -128,7 +128,8 @@ class Predictor:
         ood: OODDetector | None = None,
     ) -> None:
         if batch_size < 1 or workers < 1:
-            raise ConfigError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+            raise ConfigError(f"batch size (--batch-size) and workers (--workers) must be >= 1, got "
+                              f"{batch_size} and {workers}")
         self.run_dir = run_dir
         self.checkpoint = checkpoint
         self.model = model
@@ -175,8 +176,8 @@ class Predictor:
         checkpoint.check_lung_model()
         if band is not None:
             if not 0.0 <= band < 1.0:
-                raise ConfigError(f"band (width of the uncertain zone around the threshold) must be in "
-                                  f"[0, 1), got {band}")
+                raise ConfigError(f"band (--band, width of the uncertain zone around the threshold) must "
+                                  f"be in [0, 1), got {band}")
             calibration = checkpoint.calibration.model_copy(update={"band": band})
             checkpoint = checkpoint.model_copy(update={"calibration": calibration})
         target = resolve_device(device)
