@@ -419,8 +419,11 @@ def honest_intervals(name: str) -> Check:
 
 def card_is_specific(ws: Workspace, ran: Ran) -> str | None:
     text = ws.path("myrun", "model_card.md").read_text(encoding="utf-8").lower()
-    missing = [w for w in ("synthetic", "not") if w not in text]
-    return f"model card never says {', '.join(missing)!s} (a phantom-trained run)" if missing else None
+    if "synthetic" not in text and "phantom" not in text:
+        return "the model card never says the run was trained on synthetic phantoms"
+    if "must not" not in text and "not for" not in text and "do not use" not in text:
+        return "the model card never says what the run must not be used for"
+    return None
 
 
 def stderr_lines(at_most: int) -> Check:
@@ -640,8 +643,8 @@ def _all_correct_test_rows(ws: Workspace) -> Path:
     ws.data()
     preds = pd.read_csv(ws.base.run / "predictions.csv")
     threshold = json.loads((ws.base.run / "checkpoint.json").read_text())["calibration"]["threshold"]
-    right = preds[(preds["p_covid"] >= threshold + 0.01) == (preds["label"] == "covid")]
-    right = right[(right["p_covid"] - threshold).abs() > 0.01]
+    right = preds[(preds["p_covid"] >= threshold) == (preds["label"] == "covid")]
+    right = right[(right["p_covid"] - threshold).abs() > 0.001]
     if right["label"].nunique() < 2 or len(right) < 4:
         raise Skip("the tiny run labels too few test images correctly for a degenerate-bootstrap set")
     rows = [
@@ -752,8 +755,8 @@ SCENARIOS: tuple[Scenario, ...] = (
     _error(
         "train-out-is-class-tree-overwrite",
         G1,
-        "train --data TREE --out TREE --overwrite",
-        lambda ws: train(ws, t := ws.tree(), t, "--overwrite"),
+        "train --data TREE --out TREE --overwrite (a class-folder tree, split by image)",
+        lambda ws: train(ws, t := ws.tree(per_class=6), t, "--overwrite", sets=(*TINY, "data.split_by=image")),
         "tree",
     ),
     _error(
@@ -778,7 +781,6 @@ SCENARIOS: tuple[Scenario, ...] = (
             ws.data(),
             ws.path("cfgdir"),
             "--overwrite",
-            sets=(),
             config=str(ws.text("cfgdir/tiny.yaml", _preset_text())),
             inputs=[ws.path("cfgdir")],
         ),
@@ -1008,22 +1010,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "phantom-ct-0001-s0.png",
     ),
     _error(
-        "lungseg-preview-out-is-input",
-        G1,
-        "lungseg preview x.png --out x.png",
-        lambda ws: simple(
-            "lungseg", "preview", x := ws.image("x.png", cxr()), "--out", x, "--n", "1", inputs=[x]
-        ),
-        "x.png",
-    ),
-    _error(
         "demo-out-holds-user-data",
         G1,
         "demo --out = a folder holding the user's data (overwrite is the "
         "default): refused before anything is replaced",
         lambda ws: simple("demo", "--out", (m := ws.data()).parent, inputs=[m.parent]),
         "site-data",
-        timeout=150,
+        timeout=40,
     ),
     # ------------------------------------------------ 2. never label what the model cannot judge
     _refused(
@@ -1750,7 +1743,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "data synth --n 1000000000000 (would fill the disk): refused at once",
         lambda ws: simple("data", "synth", "--out", ws.path("s"), "--n", "1000000000000"),
         "--n",
-        timeout=60,
+        timeout=30,
     ),
     _error(
         "synth-negative-n",
