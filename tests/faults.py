@@ -756,7 +756,9 @@ SCENARIOS: tuple[Scenario, ...] = (
         "train-out-is-class-tree-overwrite",
         G1,
         "train --data TREE --out TREE --overwrite (a class-folder tree, split by image)",
-        lambda ws: train(ws, t := ws.tree(per_class=6), t, "--overwrite", sets=(*TINY, "data.split_by=image")),
+        lambda ws: train(
+            ws, t := ws.tree(per_class=6), t, "--overwrite", sets=(*TINY, "data.split_by=image")
+        ),
         "tree",
     ),
     _error(
