@@ -644,7 +644,7 @@ def _all_correct_test_rows(ws: Workspace) -> Path:
     preds = pd.read_csv(ws.base.run / "predictions.csv")
     threshold = json.loads((ws.base.run / "checkpoint.json").read_text())["calibration"]["threshold"]
     right = preds[(preds["p_covid"] >= threshold) == (preds["label"] == "covid")]
-    right = right[(right["p_covid"] - threshold).abs() > 0.001]
+    right = right[(right["p_covid"] - threshold).abs() > 2e-4]  # clear of bf16 differences (3e-5)
     if right["label"].nunique() < 2 or len(right) < 4:
         raise Skip("the tiny run labels too few test images correctly for a degenerate-bootstrap set")
     rows = [

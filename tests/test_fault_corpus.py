@@ -18,7 +18,6 @@ REPRESENTATIVE = (
     "xray-phantom-png",  # 2: a radiograph given to a CT run
     "run-edited-hash",  # 3: a run directory edited by hand
     "markup-name-missing-manifest",  # 4: rich markup in a file name
-    "set-typo-suggests",
     "audit-verify-typo",
     "csv-injection-scan-patient-ids",
     "card-phantom-run",  # 5: a model card that says what its figures support
