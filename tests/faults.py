@@ -627,7 +627,8 @@ def _first_page_black_ok(ws: Workspace, ran: Ran) -> str | None:
     return None
 
 
-def _unreachable(ws: Workspace) -> str:
+def _closed_port() -> str:
+    """The URL of a local port nothing listens on."""
     return f"http://127.0.0.1:{free_port()}"
 
 
@@ -1632,7 +1633,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "send-closed-port",
         G4,
         "send to a closed local port",
-        lambda ws: simple("send", ws.ct("x.png"), "--to", _unreachable(ws), "--token", "t"),
+        lambda ws: simple("send", ws.ct("x.png"), "--to", _closed_port(), "--token", "t"),
         ("127.0.0.1", "reach"),
         timeout=60,
     ),
@@ -1648,21 +1649,21 @@ SCENARIOS: tuple[Scenario, ...] = (
         "send-missing-file",
         G4,
         "send a file that does not exist",
-        lambda ws: simple("send", ws.path("nope.png"), "--to", _unreachable(ws), "--token", "t"),
+        lambda ws: simple("send", ws.path("nope.png"), "--to", _closed_port(), "--token", "t"),
         "nope.png",
     ),
     _error(
         "send-empty-folder",
         G4,
         "send an empty folder",
-        lambda ws: simple("send", _folder(ws, "empty"), "--to", _unreachable(ws), "--token", "t"),
+        lambda ws: simple("send", _folder(ws, "empty"), "--to", _closed_port(), "--token", "t"),
         "empty",
     ),
     _error(
         "send-negative-wait",
         G4,
         "send --wait -5",
-        lambda ws: simple("send", ws.ct("x.png"), "--to", _unreachable(ws), "--token", "t", "--wait", "-5"),
+        lambda ws: simple("send", ws.ct("x.png"), "--to", _closed_port(), "--token", "t", "--wait", "-5"),
         "--wait",
     ),
     _ok(
