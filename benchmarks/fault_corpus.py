@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=2, help="scenarios run at once (default 2)")
     parser.add_argument("--json", type=Path, help="write every scenario's result to this file")
     parser.add_argument("--source", type=Path, default=REPO / "src", help="source tree under test")
-    parser.add_argument("--work", type=Path, help="folder for the scenarios' files (default: a temporary one)")
+    parser.add_argument("--work", type=Path, help="folder for the scenarios' files (default: temporary)")
     parser.add_argument("--keep", action="store_true", help="keep every scenario's folder (with --work)")
     args = parser.parse_args(argv)
     sys.path[:0] = [str(args.source.resolve()), str(REPO / "tests")]
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
 
     def show(r) -> None:
-        print(f"{r.seconds:6.1f}s  {r.verdict:<13} {r.id}" + (f": {r.detail}" if r.detail else ""), flush=True)
+        detail = f": {r.detail}" if r.detail else ""
+        print(f"{r.seconds:6.1f}s  {r.verdict:<13} {r.id}{detail}", flush=True)
 
     results = run_corpus(scenarios, jobs=args.jobs, work=args.work, source=args.source.resolve(),
                          keep=args.keep, progress=show)

@@ -327,8 +327,15 @@ def refused_row(key: str, out: str = "preds.csv") -> Check:
     return check
 
 
-def scored(*keys: str, out: str = "preds.csv", same: float | None = None) -> Check:
-    """Every ``key`` has a probability and no error; ``same``: their probabilities agree within it."""
+UNLIKE_TRAINING = ("training", "ood", "out-of-distribution")
+
+
+def scored(*keys: str, out: str = "preds.csv", same: float | None = None, unlike_ok: bool = False) -> Check:
+    """Every ``key`` has a probability and no error; ``same``: their probabilities agree within it.
+
+    ``unlike_ok``: a refusal because the image is unlike the run's training data is right too (a real CT
+    slice given to a phantom-trained run); any other refusal (not a CT, blank, ...) is a wrong refusal.
+    """
 
     def check(ws: Workspace, ran: Ran) -> str | None:
         ps = []
@@ -337,10 +344,12 @@ def scored(*keys: str, out: str = "preds.csv", same: float | None = None) -> Che
             if problem:
                 return problem
             row = rows.iloc[0]
+            if unlike_ok and any(w in row["error"].lower() for w in UNLIKE_TRAINING):
+                continue
             if row["error"] or not row["p_covid"]:
                 return f"{REFUSED}{key}: {row['error'][:160]}"
             ps.append(float(row["p_covid"]))
-        if same is not None and max(ps) - min(ps) > same:
+        if same is not None and ps and max(ps) - min(ps) > same:
             return f"the same image gives p = {', '.join(f'{p:.3f}' for p in ps)} ({', '.join(keys)})"
         return None
 
@@ -419,8 +428,11 @@ def honest_intervals(name: str) -> Check:
 
 def card_is_specific(ws: Workspace, ran: Ran) -> str | None:
     text = ws.path("myrun", "model_card.md").read_text(encoding="utf-8").lower()
-    missing = [w for w in ("synthetic", "not") if w not in text]
-    return f"model card never says {', '.join(missing)!s} (a phantom-trained run)" if missing else None
+    if "synthetic" not in text and "phantom" not in text:
+        return "the model card never says the run was trained on synthetic phantoms"
+    if "must not" not in text and "not for" not in text and "do not use" not in text:
+        return "the model card never says what the run must not be used for"
+    return None
 
 
 def stderr_lines(at_most: int) -> Check:
@@ -624,7 +636,8 @@ def _first_page_black_ok(ws: Workspace, ran: Ran) -> str | None:
     return None
 
 
-def _unreachable(ws: Workspace) -> str:
+def _closed_port() -> str:
+    """The URL of a local port nothing listens on."""
     return f"http://127.0.0.1:{free_port()}"
 
 
@@ -640,8 +653,8 @@ def _all_correct_test_rows(ws: Workspace) -> Path:
     ws.data()
     preds = pd.read_csv(ws.base.run / "predictions.csv")
     threshold = json.loads((ws.base.run / "checkpoint.json").read_text())["calibration"]["threshold"]
-    right = preds[(preds["p_covid"] >= threshold + 0.01) == (preds["label"] == "covid")]
-    right = right[(right["p_covid"] - threshold).abs() > 0.01]
+    right = preds[(preds["p_covid"] >= threshold) == (preds["label"] == "covid")]
+    right = right[(right["p_covid"] - threshold).abs() > 2e-4]  # clear of bf16 differences (3e-5)
     if right["label"].nunique() < 2 or len(right) < 4:
         raise Skip("the tiny run labels too few test images correctly for a degenerate-bootstrap set")
     rows = [
@@ -752,8 +765,10 @@ SCENARIOS: tuple[Scenario, ...] = (
     _error(
         "train-out-is-class-tree-overwrite",
         G1,
-        "train --data TREE --out TREE --overwrite",
-        lambda ws: train(ws, t := ws.tree(), t, "--overwrite"),
+        "train --data TREE --out TREE --overwrite (a class-folder tree, split by image)",
+        lambda ws: train(
+            ws, t := ws.tree(per_class=6), t, "--overwrite", sets=(*TINY, "data.split_by=image")
+        ),
         "tree",
     ),
     _error(
@@ -778,7 +793,6 @@ SCENARIOS: tuple[Scenario, ...] = (
             ws.data(),
             ws.path("cfgdir"),
             "--overwrite",
-            sets=(),
             config=str(ws.text("cfgdir/tiny.yaml", _preset_text())),
             inputs=[ws.path("cfgdir")],
         ),
@@ -1008,22 +1022,13 @@ SCENARIOS: tuple[Scenario, ...] = (
         "phantom-ct-0001-s0.png",
     ),
     _error(
-        "lungseg-preview-out-is-input",
-        G1,
-        "lungseg preview x.png --out x.png",
-        lambda ws: simple(
-            "lungseg", "preview", x := ws.image("x.png", cxr()), "--out", x, "--n", "1", inputs=[x]
-        ),
-        "x.png",
-    ),
-    _error(
         "demo-out-holds-user-data",
         G1,
         "demo --out = a folder holding the user's data (overwrite is the "
         "default): refused before anything is replaced",
         lambda ws: simple("demo", "--out", (m := ws.data()).parent, inputs=[m.parent]),
         "site-data",
-        timeout=150,
+        timeout=40,
     ),
     # ------------------------------------------------ 2. never label what the model cannot judge
     _refused(
@@ -1079,7 +1084,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         lambda ws: ws.image("white.png", np.full((256, 256), 255, np.uint8)),
     ),
     _refused(
-        "xray-dicom-cr-no-modality-png",
+        "xray-16bit-png",
         G2,
         "an X-ray saved as 16-bit PNG",
         "xray16.png",
@@ -1165,7 +1170,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     _ok(
         "ct-real-ucsd",
         G2,
-        "real CT slices from ../shared ucsd-ct: scored, never refused",
+        "real CT slices from ../shared ucsd-ct: scored, or refused only as unlike the training data",
         lambda ws: predict(
             ws,
             *[
@@ -1173,12 +1178,12 @@ SCENARIOS: tuple[Scenario, ...] = (
                 for i, p in enumerate(sorted(_shared("ucsd-ct").rglob("*.png"))[::150][:4])
             ],
         ),
-        scored("ucsd0.png", "ucsd1.png", "ucsd2.png"),
+        scored("ucsd0.png", "ucsd1.png", "ucsd2.png", unlike_ok=True),
     ),
     _ok(
         "ct-real-luna16",
         G2,
-        "real CT slices from ../shared ct-ext-luna16: scored, never refused",
+        "real CT slices from ../shared ct-ext-luna16: scored, or refused only as unlike the training data",
         lambda ws: predict(
             ws,
             *[
@@ -1186,7 +1191,7 @@ SCENARIOS: tuple[Scenario, ...] = (
                 for i, p in enumerate(sorted(_shared("ct-ext-luna16").rglob("*.png"))[::60][:3])
             ],
         ),
-        scored("luna0.png", "luna1.png"),
+        scored("luna0.png", "luna1.png", unlike_ok=True),
     ),
     _error(
         "evaluate-strict-xray-in-manifest",
@@ -1637,7 +1642,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "send-closed-port",
         G4,
         "send to a closed local port",
-        lambda ws: simple("send", ws.ct("x.png"), "--to", _unreachable(ws), "--token", "t"),
+        lambda ws: simple("send", ws.ct("x.png"), "--to", _closed_port(), "--token", "t"),
         ("127.0.0.1", "reach"),
         timeout=60,
     ),
@@ -1653,21 +1658,21 @@ SCENARIOS: tuple[Scenario, ...] = (
         "send-missing-file",
         G4,
         "send a file that does not exist",
-        lambda ws: simple("send", ws.path("nope.png"), "--to", _unreachable(ws), "--token", "t"),
+        lambda ws: simple("send", ws.path("nope.png"), "--to", _closed_port(), "--token", "t"),
         "nope.png",
     ),
     _error(
         "send-empty-folder",
         G4,
         "send an empty folder",
-        lambda ws: simple("send", _folder(ws, "empty"), "--to", _unreachable(ws), "--token", "t"),
+        lambda ws: simple("send", _folder(ws, "empty"), "--to", _closed_port(), "--token", "t"),
         "empty",
     ),
     _error(
         "send-negative-wait",
         G4,
         "send --wait -5",
-        lambda ws: simple("send", ws.ct("x.png"), "--to", _unreachable(ws), "--token", "t", "--wait", "-5"),
+        lambda ws: simple("send", ws.ct("x.png"), "--to", _closed_port(), "--token", "t", "--wait", "-5"),
         "--wait",
     ),
     _ok(
@@ -1750,7 +1755,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         "data synth --n 1000000000000 (would fill the disk): refused at once",
         lambda ws: simple("data", "synth", "--out", ws.path("s"), "--n", "1000000000000"),
         "--n",
-        timeout=60,
+        timeout=30,
     ),
     _error(
         "synth-negative-n",
@@ -2135,14 +2140,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         G6,
         "data split --ratios 0.7,0.7,0.2",
         lambda ws: simple("data", "split", ws.data(), "--ratios", "0.7,0.7,0.2", "--out", ws.path("s.csv")),
-        "--ratios",
+        ("--ratios", "split ratios"),
     ),
     _error(
         "split-ratios-negative",
         G6,
         "data split --ratios 1.2,-0.2",
         lambda ws: simple("data", "split", ws.data(), "--ratios", "1.2,-0.2", "--out", ws.path("s.csv")),
-        "--ratios",
+        ("--ratios", "split ratios"),
     ),
     _error(
         "split-patient-column-missing",
@@ -2205,14 +2210,14 @@ SCENARIOS: tuple[Scenario, ...] = (
         G6,
         "data audit --near-threshold -1",
         lambda ws: simple("data", "audit", ws.data(), "--near-threshold", "-1", "--out", ws.path("a.json")),
-        "--near-threshold",
+        ("--near-threshold", "near_threshold"),
     ),
     _error(
         "audit-near-threshold-huge",
         G6,
         "data audit --near-threshold 300 (of 256 bits)",
         lambda ws: simple("data", "audit", ws.data(), "--near-threshold", "300", "--out", ws.path("a.json")),
-        "--near-threshold",
+        ("--near-threshold", "near_threshold"),
     ),
     _error(
         "audit-probe-no-modality",
@@ -2233,7 +2238,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         G6,
         "preprocess preview --n 0",
         lambda ws: simple("preprocess", "preview", ws.data(), "--n", "0", "--out", ws.path("s.png")),
-        "--n",
+        ("--n", "preview n"),
     ),
     _error(
         "preview-bad-modality",
@@ -2337,7 +2342,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         G6,
         "adapt --folds 1",
         lambda ws: adapt(ws, _local_cases(ws), ws.path("a"), "--folds", "1"),
-        "--folds",
+        ("--folds", "folds"),
     ),
     _error(
         "adapt-missing-data",
@@ -2366,28 +2371,28 @@ SCENARIOS: tuple[Scenario, ...] = (
         G6,
         "predict --band -0.5",
         lambda ws: predict(ws, ws.ct("x.png"), extra=["--band", "-0.5"]),
-        "--band",
+        ("--band", "band"),
     ),
     _error(
         "predict-band-over-one",
         G6,
         "predict --band 3",
         lambda ws: predict(ws, ws.ct("x.png"), extra=["--band", "3"]),
-        "--band",
+        ("--band", "band"),
     ),
     _error(
         "predict-workers-zero",
         G6,
         "predict --workers 0",
         lambda ws: predict(ws, ws.ct("x.png"), extra=["--workers", "0"]),
-        "--workers",
+        ("--workers", "workers"),
     ),
     _error(
         "predict-batch-zero",
         G6,
         "predict --batch-size 0",
         lambda ws: predict(ws, ws.ct("x.png"), extra=["--batch-size", "0"]),
-        "--batch-size",
+        ("--batch-size", "batch_size"),
     ),
     _error(
         "predict-bad-engine",
@@ -2530,7 +2535,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             "--epochs",
             "1",
         ),
-        "missing",
+        ("missing", "--masks"),
         timeout=60,
     ),
     _error(
@@ -2556,7 +2561,7 @@ SCENARIOS: tuple[Scenario, ...] = (
             "--size",
             "100",
         ),
-        "--size",
+        ("--size", "input size"),
         timeout=90,
     ),
     _error(
@@ -2579,7 +2584,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         G6,
         "lungseg preview a missing file",
         lambda ws: simple("lungseg", "preview", ws.path("nope.png"), "--out", ws.path("s.png")),
-        "nope.png",
+        ("nope.png", "cxr_lungs"),
     ),
     _error(
         "worker-corrupt-db",
