@@ -21,7 +21,7 @@ from covidscan.inference import predictor as predictor_module
 from covidscan.io import read_image
 from covidscan.models import Bf16Verdict, bf16_supported, bf16_verdict
 from covidscan.preprocess import PreparedImage, to_model_batch
-from covidscan.runs import load_checkpoint, load_run
+from covidscan.runs import load_checkpoint, load_run, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,7 @@ def test_missing_run_is_a_not_found_error(tmp_path: Path):
 def _run_with_verdict(tiny_run: Path, folder: Path, verdict: Bf16Verdict | None) -> Path:
     """A copy of the tiny run whose checkpoint carries ``verdict`` as its bf16 check."""
     shutil.copytree(tiny_run, folder)
-    checkpoint = load_checkpoint(folder).model_copy(update={"bf16": verdict})
-    (folder / "checkpoint.json").write_text(checkpoint.model_dump_json(indent=2))
+    write_checkpoint(folder, load_checkpoint(folder).model_copy(update={"bf16": verdict}))
     return folder
 
 

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from covidscan.data.fingerprints import MATCH_DISTANCE, Fingerprints
 from covidscan.errors import ManifestError, StorageError
 from covidscan.inference import evaluate_run
-from covidscan.runs import load_checkpoint, load_fingerprints, load_run
+from covidscan.runs import checkpoint_seal, load_checkpoint, load_fingerprints, load_run, write_checkpoint
 from covidscan.training.adapt import adapt_run
 from test_cli import covidscan
 
@@ -139,9 +139,9 @@ def _relocate(run: Path, tmp_path: Path) -> tuple[Path, pd.DataFrame]:
         file = run / name
         file.write_text(file.read_text().replace(str(root), str(gone)))
     digest = hashlib.sha256((run / "fingerprints.csv").read_bytes()).hexdigest()
-    checkpoint = json.loads((run / "checkpoint.json").read_text())
-    checkpoint["fingerprints"]["sha256"] = digest
-    (run / "checkpoint.json").write_text(json.dumps(checkpoint))
+    checkpoint = load_checkpoint(run)
+    write_checkpoint(run, checkpoint.model_copy(
+        update={"fingerprints": checkpoint.fingerprints.model_copy(update={"sha256": digest})}))
     return moved, splits.assign(path=[str(moved / Path(p).relative_to(root)) for p in splits["path"]])
 
 
@@ -194,9 +194,7 @@ def test_near_identical_copies_of_training_images_are_refused(run: Path, tmp_pat
 
 
 def test_a_run_without_fingerprints_falls_back_to_its_recorded_paths(run: Path, tmp_path: Path, caplog):
-    checkpoint = json.loads((run / "checkpoint.json").read_text())
-    del checkpoint["fingerprints"]
-    (run / "checkpoint.json").write_text(json.dumps(checkpoint))
+    write_checkpoint(run, load_checkpoint(run).model_copy(update={"fingerprints": None}))
     (run / "fingerprints.csv").unlink()
     splits = pd.read_csv(run / "splits.csv")
     seen = splits[splits["split"] == "train"].head(1)
@@ -246,3 +244,17 @@ def test_an_adapted_run_keeps_its_parents_fingerprints(run: Path, tmp_path: Path
     val.to_csv(tmp_path / "val.csv", index=False)
     with pytest.raises(ManifestError, match=f"shares {len(val)} of {len(val)} images"):
         evaluate_run(adapted.run_dir, tmp_path / "val.csv", tmp_path / "out", progress=False)
+
+
+def test_a_checkpoint_edited_by_hand_is_refused(run: Path):
+    meta = json.loads((run / "checkpoint.json").read_text())
+    assert meta["seal"] == checkpoint_seal(meta)
+    meta["calibration"]["threshold"] = 0.01  # every image would be called covid
+    (run / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    with pytest.raises(StorageError, match="changed after covidscan wrote it"):
+        load_run(run)
+    result = covidscan("predict", str(run), str(run / "figures"), "--out", str(run.parent / "p.csv"))
+    assert result.returncode == 2 and "checkpoint.json was changed after covidscan wrote it" in result.stderr
+    del meta["seal"]  # a run written before checkpoints were sealed still loads
+    (run / "checkpoint.json").write_text(json.dumps(meta, indent=2))
+    assert load_run(run).calibration.threshold == 0.01

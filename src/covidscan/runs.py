@@ -129,6 +129,9 @@ class Checkpoint(BaseModel):
     """SHA-256 of the X-ray lung U-Net the run was trained with (masked ``cxr`` runs only)."""
     fingerprints: FingerprintInfo | None = None
     """None on runs written before covidscan stored fingerprints: their splits.csv paths are re-read."""
+    seal: str | None = Field(None, pattern=SHA256)
+    """SHA-256 of this file's other keys (:func:`checkpoint_seal`): a threshold or temperature edited by
+    hand is caught on load. None on runs written before covidscan sealed its checkpoints."""
 
     def check_lung_model(self) -> None:
         """Refuse to serve a masked X-ray run with a lung model other than the one it was trained with."""
@@ -262,9 +265,39 @@ def save_run(
         lung_model_sha256=lung_sha,
         fingerprints=fingerprint_info,
     )
+    return write_checkpoint(out, checkpoint)
+
+
+def checkpoint_seal(meta: dict[str, Any]) -> str:
+    """SHA-256 of a checkpoint's keys other than ``seal``, as canonical JSON (sorted keys, no spaces), so
+    that keys added by later covidscan versions never break an older run's seal."""
+    rest = {k: v for k, v in meta.items() if k != "seal"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def write_checkpoint(out: Path, checkpoint: Checkpoint) -> Checkpoint:
+    """Write ``out/checkpoint.json`` sealed (:func:`checkpoint_seal`); returns the sealed checkpoint.
+
+    Every deliberate rewrite of a checkpoint goes through here; an edit by hand breaks the seal.
+    """
+    meta = json.loads(checkpoint.model_dump_json(exclude={"seal"}))
+    sealed = checkpoint.model_copy(update={"seal": checkpoint_seal(meta)})
     with writing(out / "checkpoint.json"):
-        write_atomic(out / "checkpoint.json", checkpoint.model_dump_json(indent=2))
-    return checkpoint
+        write_atomic(out / "checkpoint.json", sealed.model_dump_json(indent=2))
+    return sealed
+
+
+def _check_seal(run: Path) -> None:
+    """The checkpoint as written by covidscan: its seal, where it has one, matches its other keys."""
+    file = run / "checkpoint.json"
+    meta = json.loads(file.read_text(encoding="utf-8"))  # read and validated by load_checkpoint already
+    seal = meta.get("seal")
+    if seal is not None and seal != checkpoint_seal(meta):
+        raise StorageError(
+            f"{file} was changed after covidscan wrote it (its seal no longer matches: a threshold, "
+            "temperature or other value edited by hand?); copy the run again from where it was trained, "
+            "or train again"
+        )
 
 
 def save_fingerprints(out: Path, fingerprints: Fingerprints) -> FingerprintInfo:
@@ -445,6 +478,7 @@ def load_run(path: str | Path) -> LoadedRun:
     # The saved weights replace any pretrained ones, so never look for ImageNet files when loading.
     model = build_model(checkpoint.model.model_copy(update={"weights": "none"}))
     _check_model_inputs(run, checkpoint, model)
+    _check_seal(run)
     weights = run / "model.safetensors"
     try:
         model.load_state_dict(load_file(str(weights)))
@@ -466,6 +500,7 @@ __all__ = [
     "OODInfo",
     "ParentRun",
     "check_run_dir",
+    "checkpoint_seal",
     "file_sha256",
     "load_checkpoint",
     "load_fingerprints",
@@ -475,4 +510,5 @@ __all__ = [
     "save_run",
     "seen_fingerprints",
     "write_atomic",
+    "write_checkpoint",
 ]
