@@ -630,7 +630,7 @@ def _first_page_black_ok(ws: Workspace, ran: Ran) -> str | None:
     rows, problem = _rows(ws, "blackfirst.tif")
     if problem:
         return problem
-    errors = " ".join(rows["error"]).lower().replace("blackfirst.tif", "")  # the name says black, not the reason
+    errors = " ".join(rows["error"]).lower().replace("blackfirst.tif", "")  # the name is not a reason
     if any(w in errors for w in ("constant", "blank", "black")):
         return f"{REFUSED}a TIFF whose first page is black was refused as blank: {errors[:120]}"
     return None
