@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import legacy_checkpoint
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.inference import GroupPrediction, Prediction, Predictor
@@ -125,12 +126,7 @@ def test_runs_written_by_covidscan_0_1_still_load(tiny_run: Path, phantoms: list
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
     new = load_checkpoint(tiny_run)
-    legacy = {
-        "format": 1, "covidscan_version": "0.1.0", "classes": ["non_covid", "covid"], "modality": "ct",
-        "preprocess": new.preprocess.model_dump(mode="json"), "input_size": list(new.input_size),
-        "mean": list(new.mean), "std": list(new.std), "threshold": new.calibration.threshold,
-        "temperature": new.calibration.temperature, "patient_threshold": new.calibration.patient_threshold,
-    }
+    legacy = legacy_checkpoint(new)
     (old / "checkpoint.json").write_text(json.dumps(legacy))
     before = tree_digest(old)
     converted = load_checkpoint(old)

@@ -21,6 +21,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from conftest import legacy_checkpoint
 from covidscan.data.fingerprints import MATCH_DISTANCE, Fingerprints
 from covidscan.errors import ManifestError, StorageError
 from covidscan.inference import evaluate_run
@@ -99,12 +100,7 @@ def test_a_config_that_disagrees_with_the_checkpoint_is_refused(run: Path, tmp_p
 
 def test_runs_written_by_covidscan_0_1_still_load_and_are_checked(run: Path, tiny_run: Path):
     new = load_checkpoint(tiny_run)
-    legacy = {
-        "format": 1, "covidscan_version": "0.1.0", "classes": ["non_covid", "covid"], "modality": "ct",
-        "preprocess": new.preprocess.model_dump(mode="json"), "input_size": list(new.input_size),
-        "mean": list(new.mean), "std": list(new.std), "threshold": new.calibration.threshold,
-        "temperature": new.calibration.temperature, "patient_threshold": new.calibration.patient_threshold,
-    }
+    legacy = legacy_checkpoint(new)
     (run / "checkpoint.json").write_text(json.dumps(legacy))
     (run / "fingerprints.csv").unlink()  # covidscan 0.1 wrote none
     before = tree_digest(run)
