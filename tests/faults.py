@@ -1303,7 +1303,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         lambda ws: predict(
             ws,
             ws.ct("x.png"),
-            run=_damaged(ws, "ood.safetensors", lambda f: f.write_bytes(f.read_bytes()[:-8] + b"\x00" * 8)),
+            run=_damaged(ws, "ood.safetensors", lambda f: f.write_bytes(f.read_bytes()[:-8] + b"\xa5" * 8)),
         ),
         "ood",
     ),

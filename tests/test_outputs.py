@@ -329,12 +329,16 @@ def test_synth_never_writes_over_a_users_dataset(phantom_manifest: Path, tmp_pat
     (data / "manifest.csv").write_text("path,label\nimages/covid/scan.png,covid\n")
     before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
     result = covidscan("data", "synth", "--out", str(data), "--n", "4", "--size", "64")
+    assert result.returncode == 2 and "not empty" in result.stderr
+    result = covidscan("data", "synth", "--out", str(data), "--n", "4", "--size", "64", "--overwrite")
     assert result.returncode == 2 and "not part of an earlier phantom dataset" in result.stderr
     assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before
-    # an earlier phantom dataset may be written again (the demo does so)
+    # an earlier phantom dataset is replaced only when asked (the demo does so)
     again = tmp_path / "phantoms"
-    for _ in range(2):
-        assert covidscan("data", "synth", "--out", str(again), "--n", "4", "--size", "64").returncode == 0
+    assert covidscan("data", "synth", "--out", str(again), "--n", "4", "--size", "64").returncode == 0
+    assert covidscan("data", "synth", "--out", str(again), "--n", "4", "--size", "64").returncode == 2
+    result = covidscan("data", "synth", "--out", str(again), "--n", "6", "--size", "64", "--overwrite")
+    assert result.returncode == 0 and len(read_csv(again / "manifest.csv")) == 6
 
 
 def test_preview_sheet_never_replaces_an_image_it_shows(phantom_manifest: Path, tmp_path: Path):

@@ -140,7 +140,9 @@ def test_write_phantom_dataset_is_byte_identical_per_seed(tmp_path: Path) -> Non
 
 def test_rewriting_a_smaller_dataset_removes_stale_phantoms(tmp_path: Path) -> None:
     write_phantom_dataset(tmp_path, n=8, size=64)
-    write_phantom_dataset(tmp_path, n=4, size=64)
+    with pytest.raises(ConfigError, match="not empty"):
+        write_phantom_dataset(tmp_path, n=4, size=64)
+    write_phantom_dataset(tmp_path, n=4, size=64, overwrite=True)
     assert len(list((tmp_path / "images").rglob("*.png"))) == 4
     assert len(list((tmp_path / "masks").rglob("*.png"))) == 8
 

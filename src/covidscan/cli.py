@@ -226,12 +226,16 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
     slices_per_patient: Annotated[int, typer.Option(help="Images per synthetic patient.")] = 4,
     size: Annotated[int, typer.Option(help="Image side in pixels (64 to 4096).")] = 256,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an earlier phantom dataset in --out (never other files).")
+    ] = False,
 ) -> None:
     """Generate a synthetic phantom dataset with lung and lesion masks."""
     from covidscan.data.synthetic import write_phantom_dataset
 
     path = write_phantom_dataset(
-        out, n=n, modality=modality, seed=seed, slices_per_patient=slices_per_patient, size=size
+        out, n=n, modality=modality, seed=seed, slices_per_patient=slices_per_patient, size=size,
+        overwrite=overwrite,
     )
     out_console.print(f"wrote {n} {modality} phantoms; manifest: {path}")
 

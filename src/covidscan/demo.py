@@ -49,7 +49,7 @@ def run_demo(
     """
     out = Path(out)
     check_demo_folder(out)
-    manifest = write_phantom_dataset(out / "data", n=n, modality="ct", seed=seed)
+    manifest = write_phantom_dataset(out / "data", n=n, modality="ct", seed=seed, overwrite=True)
     log.info("wrote %d phantom CT slices to %s", n, manifest.parent)
     # Split by patient first, so the audit checks the very splits the model is trained and tested on.
     split = split_manifest(read_manifest(manifest), by="patient", seed=seed)

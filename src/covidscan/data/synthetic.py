@@ -525,6 +525,7 @@ def write_phantom_dataset(
     slices_per_patient: int = 4,
     size: int = 256,
     site: str | SiteStyle = "default",
+    overwrite: bool = False,
 ) -> Path:
     """Write ``n`` phantoms (balanced classes, ``slices_per_patient`` per patient); return the manifest path.
 
@@ -532,8 +533,9 @@ def write_phantom_dataset(
 
     Layout under ``out_dir``: ``images/{covid,non_covid}/NAME.png``, ``masks/lung/NAME.png`` and
     ``masks/lesion/NAME.png`` (0/255), and ``manifest.csv`` (path, label, patient_id, lung_mask,
-    lesion_mask; paths relative to the manifest's folder). Phantom files left from an earlier run with
-    other settings are removed so that folder scans see only this dataset.
+    lesion_mask; paths relative to the manifest's folder). A folder that is not empty is refused unless
+    ``overwrite``, and even then unless it holds an earlier phantom dataset alone; phantom files left from
+    an earlier run with other settings are then removed so that folder scans see only this dataset.
     """
     n = _check_int("n", n, 2, "a dataset needs at least one image per class", MAX_IMAGES)
     modality = _check_modality(modality)
@@ -544,7 +546,11 @@ def write_phantom_dataset(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output folder {out} is an existing file: choose a folder path")
-    _check_only_phantoms(out)
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output folder {out} is not empty; choose a new folder, or pass --overwrite "
+                              "to replace an earlier phantom dataset there")
+        _check_only_phantoms(out)
     _check_disk_space(out, n, size)
     subfolders = ("images/covid", "images/non_covid", "masks/lung", "masks/lesion")
     folders = {name: out / name for name in subfolders}

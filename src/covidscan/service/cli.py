@@ -104,7 +104,7 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
         run_demo(data_dir / "demo", progress=False)
         run = data_dir / "demo" / "run"
     manifest = write_phantom_dataset(
-        data_dir / "phantom-cases", n=8, modality="ct", seed=7, slices_per_patient=2
+        data_dir / "phantom-cases", n=8, modality="ct", seed=7, slices_per_patient=2, overwrite=True
     )
     images = sorted(manifest.parent.glob("images/**/*.png"))
     cases = [(f"demo-patient-{i // 2 + 1}", images[i : i + 2]) for i in range(0, len(images), 2)]
