@@ -352,5 +352,5 @@ def test_predict_that_predicts_nothing_fails_and_keeps_the_reasons(parent_run: P
     (tmp_path / "empty").mkdir()
     out = tmp_path / "p.csv"
     result = covidscan("predict", str(parent_run), str(tmp_path / "empty"), "--out", str(out))
-    assert result.returncode == 2 and "none of the 1 input could be predicted" in result.stderr
+    assert result.returncode == 2 and "none of the 1 input could be read" in result.stderr
     assert "no images found" in read_csv(out)["error"].iloc[0]

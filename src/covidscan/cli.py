@@ -419,10 +419,11 @@ def predict(
     for path, error in df.loc[~ok, ["path", "error"]].itertuples(index=False):
         console.print(labelled("skipped", "yellow", f"{path}: {error}"))
     out_console.print(f"wrote {out}")
-    if not ok.any():  # a run that predicted nothing is a failure, not a result (exit 2, reasons in the file)
+    if not ok.any() and not refused:
+        # nothing found or nothing readable is a failure, not a result (a refusal is an answer: kept at exit 0)
         first = f"{df['path'].iloc[0]}: {df['error'].iloc[0]}"
-        raise ManifestError(f"none of the {_n(len(df), 'input')} could be predicted (first: {first}); every "
-                         f"reason is in {out}")
+        raise ManifestError(f"none of the {_n(len(df), 'input')} could be read (first: {first}); every "
+                            f"reason is in {out}")
 
 
 @app.command("export")
