@@ -420,7 +420,7 @@ def predict(
         console.print(labelled("skipped", "yellow", f"{path}: {error}"))
     out_console.print(f"wrote {out}")
     if not ok.any() and not refused:
-        # nothing found or nothing readable is a failure, not a result (a refusal is an answer: kept at exit 0)
+        # nothing found or readable is a failure, not a result (a refusal is an answer: exit 0)
         first = f"{df['path'].iloc[0]}: {df['error'].iloc[0]}"
         raise ManifestError(f"none of the {_n(len(df), 'input')} could be read (first: {first}); every "
                             f"reason is in {out}")
