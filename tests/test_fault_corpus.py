@@ -1,7 +1,7 @@
 """The held-out fault corpus (tests/faults.py) through the real command line.
 
 The test runs a few scenarios, one or more of each class of defect; ``benchmarks/fault_corpus.py`` runs
-them all (about 15 minutes on 2 cores: too long for CI) and prints the verdicts as a table. Neither may see
+them all (587 s on 2 cores: too long for CI) and prints the verdicts as a table. Neither may see
 a wrong refusal, a traceback, a silently wrong result, lost data or a hang.
 """
 
