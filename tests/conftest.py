@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from covidscan.runs import Checkpoint
-
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COVIDSCAN_SHARED", REPO.parent / "shared"))
 
@@ -78,12 +76,3 @@ def tiny_run(phantom_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -
     train_experiment(cfg, phantom_manifest, out, progress=False)
     return out
 
-
-def legacy_checkpoint(new: Checkpoint) -> dict:
-    """``new`` as covidscan 0.1 wrote it (checkpoint format 1), to test that old runs still load."""
-    return {
-        "format": 1, "covidscan_version": "0.1.0", "classes": ["non_covid", "covid"], "modality": "ct",
-        "preprocess": new.preprocess.model_dump(mode="json"), "input_size": list(new.input_size),
-        "mean": list(new.mean), "std": list(new.std), "threshold": new.calibration.threshold,
-        "temperature": new.calibration.temperature, "patient_threshold": new.calibration.patient_threshold,
-    }

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import legacy_checkpoint
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.inference import GroupPrediction, Prediction, Predictor
@@ -23,6 +22,7 @@ from covidscan.io import read_image
 from covidscan.models import Bf16Verdict, bf16_supported, bf16_verdict
 from covidscan.preprocess import PreparedImage, to_model_batch
 from covidscan.runs import load_checkpoint, load_run, write_checkpoint
+from legacy_runs import legacy_checkpoint
 
 
 @pytest.fixture(scope="module")

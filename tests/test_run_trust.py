@@ -21,12 +21,12 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import legacy_checkpoint
 from covidscan.data.fingerprints import MATCH_DISTANCE, Fingerprints
 from covidscan.errors import ManifestError, StorageError
 from covidscan.inference import evaluate_run
 from covidscan.runs import checkpoint_seal, load_checkpoint, load_fingerprints, load_run, write_checkpoint
 from covidscan.training.adapt import adapt_run
+from legacy_runs import legacy_checkpoint
 from test_cli import covidscan
 
 
