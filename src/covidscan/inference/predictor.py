@@ -128,7 +128,7 @@ class Predictor:
         ood: OODDetector | None = None,
     ) -> None:
         if batch_size < 1 or workers < 1:
-            raise ConfigError(f"batch size (--batch-size) and workers (--workers) must be >= 1, got "
+            raise ConfigError(f"batch_size (--batch-size) and workers (--workers) must be >= 1, got "
                               f"{batch_size} and {workers}")
         self.run_dir = run_dir
         self.checkpoint = checkpoint
