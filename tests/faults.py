@@ -238,9 +238,9 @@ class Workspace:
 
     def service(self, name: str = "service") -> Path:
         """A fresh review-service data folder (database created)."""
-        from covidscan.service.settings import ServiceConfig, open_service
+        from covidscan.service.settings import ServiceSettings, open_service
 
-        db, _ = open_service(ServiceConfig(data_dir=self.path(name)))
+        db, _ = open_service(ServiceSettings(data_dir=self.path(name)))
         db.dispose()
         return self.path(name)
 

@@ -99,9 +99,9 @@ ACCOUNTS = {
 def add_accounts(data_dir: Path, database_url: str) -> dict[str, str]:
     """The test accounts (password ``PASSWORD``) and one API token each."""
     from covidscan.service.auth import add_user, new_token
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
-    db, _ = open_service(ServiceConfig(data_dir=data_dir, database_url=database_url))
+    db, _ = open_service(ServiceSettings(data_dir=data_dir, database_url=database_url))
     with db.session() as s:
         tokens = {name: new_token(s, add_user(s, name, role, PASSWORD)) for name, role in ACCOUNTS.items()}
     db.dispose()
@@ -114,17 +114,17 @@ def service(database_url: str, tiny_run: Path, tmp_path_factory: pytest.TempPath
     from fastapi.testclient import TestClient
 
     from covidscan.service.app import create_app
-    from covidscan.service.settings import ServiceConfig
+    from covidscan.service.settings import ServiceSettings
 
     data_dir = tmp_path_factory.mktemp("service")
     tokens = add_accounts(data_dir, database_url)
-    config = ServiceConfig(
+    settings = ServiceSettings(
         data_dir=data_dir,
         database_url=database_url,
-        run_dir=tiny_run,
+        run=tiny_run,
         max_upload_bytes=2_000_000,
         max_pixels=4_000_000,
         poll_seconds=0.05,
     )
-    with TestClient(create_app(config), base_url="http://127.0.0.1") as client:
+    with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         yield Service(client, data_dir, database_url, tokens)

@@ -27,15 +27,15 @@ def free_port() -> int:
 
 
 @contextmanager
-def uvicorn_server(config: object) -> Iterator[str]:
-    """A real Uvicorn server for ``config`` (a ServiceConfig) on 127.0.0.1 in a thread; yields its URL."""
+def uvicorn_server(settings: object) -> Iterator[str]:
+    """A real Uvicorn server for ``settings`` (ServiceSettings) on 127.0.0.1 in a thread; yields its URL."""
     import uvicorn
 
     from covidscan.service.app import create_app
 
     port = free_port()
     server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning")
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -141,9 +141,9 @@ def test_hostile_file_name_is_stored_by_content_and_escaped(service, ct_slices) 
 
 def test_revoked_token_stops_working(service) -> None:
     from covidscan.service.auth import add_user, new_token, revoke_tokens
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
-    db, _ = open_service(ServiceConfig(data_dir=service.data_dir, database_url=service.database_url))
+    db, _ = open_service(ServiceSettings(data_dir=service.data_dir, database_url=service.database_url))
     with db.session() as s:
         user = add_user(s, "script", "submitter", None)
         token = new_token(s, user)
@@ -215,9 +215,9 @@ def test_every_action_is_in_the_audit_log(service) -> None:
     from covidscan.service.audit import verify_chain
     from covidscan.service.cases import agreement_by_month
     from covidscan.service.models import AuditEvent
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
-    db, _ = open_service(ServiceConfig(data_dir=service.data_dir, database_url=service.database_url))
+    db, _ = open_service(ServiceSettings(data_dir=service.data_dir, database_url=service.database_url))
     with db.session() as s:
         actions = set(s.scalars(select(AuditEvent.action)))
         assert verify_chain(s).ok

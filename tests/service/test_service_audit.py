@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import PG_ENV, PG_MISSING, fresh_postgres_database
 from covidscan.cli import app
 from covidscan.service.audit import record, verify_chain
-from covidscan.service.settings import ServiceConfig, open_service
+from covidscan.service.settings import ServiceSettings, open_service
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -25,7 +25,7 @@ def fresh(request: pytest.FixtureRequest, tmp_path: Path):
         pytest.skip(PG_MISSING)
     else:
         url = fresh_postgres_database(os.environ[PG_ENV])
-    db, _ = open_service(ServiceConfig(data_dir=tmp_path, database_url=url))
+    db, _ = open_service(ServiceSettings(data_dir=tmp_path, database_url=url))
     yield db, tmp_path, url
     db.dispose()
 

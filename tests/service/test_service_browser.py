@@ -30,13 +30,13 @@ ARGS = [
 @pytest.fixture(scope="module")
 def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, ct_slices):
     """A real server on SQLite with one predicted two-slice case; yields (url, case id)."""
-    from covidscan.service.settings import ServiceConfig
+    from covidscan.service.settings import ServiceSettings
 
     data_dir = tmp_path_factory.mktemp("browser-service")
     url_db = f"sqlite:///{data_dir / 'service.sqlite3'}"
     tokens = add_accounts(data_dir, url_db)
-    config = ServiceConfig(data_dir=data_dir, database_url=url_db, run_dir=tiny_run, poll_seconds=0.05)
-    with uvicorn_server(config) as url:
+    settings = ServiceSettings(data_dir=data_dir, database_url=url_db, run=tiny_run, poll_seconds=0.05)
+    with uvicorn_server(settings) as url:
         headers = {"Authorization": f"Bearer {tokens['lab']}"}
         files = [("files", (name, data)) for name, data in ct_slices[:2]]
         case_id = httpx.post(

@@ -24,7 +24,7 @@ def covidscan(*args: str, stdin: str | None = None) -> subprocess.CompletedProce
 @pytest.mark.slow
 def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
     from covidscan.service.auth import user_for_token
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
     d = ["--data-dir", str(tmp_path)]
     added = covidscan(
@@ -44,7 +44,7 @@ def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
     token = covidscan("users", "token", "dr-who", *d)
     assert token.returncode == 0
     secret = token.stdout.strip()
-    db, _ = open_service(ServiceConfig(data_dir=tmp_path))
+    db, _ = open_service(ServiceSettings(data_dir=tmp_path))
     with db.session() as s:
         assert user_for_token(s, secret).name == "dr-who"
         stored = s.execute(text("SELECT token_hash FROM api_tokens")).scalars().all()
@@ -64,7 +64,7 @@ def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
 def test_send_makes_one_case_per_dicom_series_and_one_for_the_other_images(
     tiny_run: Path, ct_slices, tmp_path: Path
 ) -> None:
-    from covidscan.service.settings import ServiceConfig
+    from covidscan.service.settings import ServiceSettings
 
     inbox = tmp_path / "inbox"
     (inbox / "series").mkdir(parents=True)
@@ -84,8 +84,8 @@ def test_send_makes_one_case_per_dicom_series_and_one_for_the_other_images(
     data_dir = tmp_path / "service"
     db_url = f"sqlite:///{data_dir / 'service.sqlite3'}"
     tokens = add_accounts(data_dir, db_url)
-    config = ServiceConfig(data_dir=data_dir, database_url=db_url, run_dir=tiny_run, poll_seconds=0.05)
-    with uvicorn_server(config) as url:
+    settings = ServiceSettings(data_dir=data_dir, database_url=db_url, run=tiny_run, poll_seconds=0.05)
+    with uvicorn_server(settings) as url:
         sent = covidscan("send", str(inbox), "--to", url, "--token", tokens["lab"], "--wait", "60")
         assert sent.returncode == 0, sent.stderr
         lines = [line for line in sent.stdout.splitlines() if line.startswith("case ")]
@@ -110,11 +110,11 @@ def test_demo_seeds_accounts_and_phantom_cases_on_a_fresh_folder(tiny_run: Path,
     from covidscan.service.auth import check_password
     from covidscan.service.cli import _prepare_demo
     from covidscan.service.models import Case, Job
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
     data_dir, run = _prepare_demo(tmp_path / "demo", tiny_run, "127.0.0.1", 8123)
     assert run == tiny_run
-    db, _ = open_service(ServiceConfig(data_dir=data_dir))
+    db, _ = open_service(ServiceSettings(data_dir=data_dir))
     with db.session() as s:
         assert s.scalar(select(func.count()).select_from(Case)) == 4
         assert s.scalar(select(func.count()).select_from(Job).where(Job.state == "queued")) == 4

@@ -80,12 +80,12 @@ def test_commands_that_manage_a_service_never_create_one(tmp_path: Path, command
 
 
 def test_audit_verify_of_an_intact_log_still_passes_and_a_lost_head_row_does_not(tmp_path: Path) -> None:
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
     set_up(tmp_path)
     verify = covidscan("audit-log", "verify", "--data-dir", str(tmp_path))
     assert verify.returncode == 0 and "intact: 2 events" in verify.stdout
-    db, _ = open_service(ServiceConfig(data_dir=tmp_path))
+    db, _ = open_service(ServiceSettings(data_dir=tmp_path))
     with db.session() as s:  # the newest event and the head row that would tell it was there
         s.execute(text("DELETE FROM audit_events WHERE seq = 2"))
         s.execute(text("DELETE FROM audit_head"))
@@ -107,9 +107,9 @@ def test_users_add_refuses_an_empty_or_short_password(tmp_path: Path, password: 
 def test_a_doctor_always_gets_a_password_but_a_submitter_may_have_none(tmp_path: Path) -> None:
     from covidscan.errors import ConfigError
     from covidscan.service.auth import add_user
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
-    db, _ = open_service(ServiceConfig(data_dir=tmp_path))
+    db, _ = open_service(ServiceSettings(data_dir=tmp_path))
     with db.session() as s:
         assert add_user(s, "lab", "submitter", None).password_hash is None
         with pytest.raises(ConfigError, match="a doctor logs in with a password"):

@@ -57,7 +57,7 @@ def test_fifty_concurrent_uploads_then_kill_9_and_restart_complete_every_case_on
     from covidscan.service.audit import verify_chain
     from covidscan.service.db import default_database_url
     from covidscan.service.models import AuditEvent, Case, Job
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import ServiceSettings, open_service
 
     data_dir, port, log = tmp_path / "service", free_port(), tmp_path / "server.log"
     tokens = add_accounts(data_dir, default_database_url(data_dir))
@@ -88,7 +88,7 @@ def test_fifty_concurrent_uploads_then_kill_9_and_restart_complete_every_case_on
             server.kill()
     assert queued > 0, "every case was predicted before the kill: nothing left to recover"
 
-    db, _ = open_service(ServiceConfig(data_dir=data_dir))
+    db, _ = open_service(ServiceSettings(data_dir=data_dir))
     with db.session() as s:
         unfinished = s.scalars(select(Job).where(Job.state != "done")).all()
         assert unfinished, "the kill should have left jobs queued or running"

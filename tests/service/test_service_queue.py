@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from covidscan.service.auth import add_user
 from covidscan.service.cases import Upload, check_uploads, create_case
 from covidscan.service.models import AuditEvent, Case, Job
-from covidscan.service.settings import ServiceConfig, open_service
+from covidscan.service.settings import ServiceSettings, open_service
 from covidscan.service.worker import HOST, Worker
 
 
@@ -23,7 +23,7 @@ from covidscan.service.worker import HOST, Worker
 def queue(database_url: str, tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """(Database, BlobStore, submitter id) of a fresh service with ``tiny_run`` active."""
     data_dir = tmp_path_factory.mktemp("queue")
-    db, store = open_service(ServiceConfig(data_dir=data_dir, database_url=database_url, run_dir=tiny_run))
+    db, store = open_service(ServiceSettings(data_dir=data_dir, database_url=database_url, run=tiny_run))
     with db.session() as s:
         user = add_user(s, "lab", "submitter", None)
     yield db, store, user

@@ -2,48 +2,51 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import PlainTextResponse
-from pydantic import BaseModel, Field
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
+from covidscan.errors import CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import (
     Upload,
-    case_view,
     check_uploads,
     create_case,
     export_verdicts,
     get_case,
-    review_view,
     submit_review,
     worklist,
 )
-from covidscan.service.deps import api_principal
-from covidscan.service.models import Job
-from covidscan.service.scoring import UploadRejected
-from covidscan.service.settings import active_run
+from covidscan.service.deps import (
+    AdminUser,
+    CurrentUser,
+    DoctorUser,
+    Principal,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    SubmitterUser,
+)
+from covidscan.service.errors import ErrorCode, NotFound, UploadRejected
+from covidscan.service.models import Case, Job
+from covidscan.service.schemas import (
+    CaseCreated,
+    CaseOut,
+    ErrorBody,
+    Health,
+    ReviewIn,
+    ReviewOut,
+    ReviewResult,
+    WorklistItem,
+)
+from covidscan.service.settings import active_run, run_label
 
-router = APIRouter()
-
-
-class CaseCreated(BaseModel):
-    """Answer to an upload: the new case and its status (``queued``)."""
-
-    id: int
-    status: str
-
-
-class ReviewIn(BaseModel):
-    """A doctor's verdict; ``sign`` locks it; changing a signed one needs ``amendment_reason``."""
-
-    agree: bool
-    finding: Literal["covid", "non_covid", "indeterminate"]
-    comment: str = Field("", max_length=5000)
-    sign: bool = False
-    amendment_reason: str | None = Field(None, max_length=2000)
+# Every error the API answers has this body; listed so /openapi.json shows it for each route.
+ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
+router = APIRouter(responses=ERRORS)
 
 
 def read_uploads(files: list[UploadFile], max_bytes: int) -> list[Upload]:
@@ -53,101 +56,106 @@ def read_uploads(files: list[UploadFile], max_bytes: int) -> list[Upload]:
         data = f.file.read(max_bytes - total + 1)
         total += len(data)
         if total > max_bytes:
-            raise UploadRejected(f.filename or "upload", f"request too large: at most {max_bytes} bytes", 413)
+            raise UploadRejected(
+                f.filename or "upload",
+                f"request too large: at most {max_bytes} bytes",
+                ErrorCode.UPLOAD_TOO_LARGE,
+            )
         uploads.append(Upload(f.filename or "upload", data))
     return uploads
 
 
+def visible_case(db: Session, who: Principal, case_id: int) -> Case:
+    """The case ``case_id`` if this user may see it; 404 otherwise (no hint that it exists)."""
+    case = get_case(db, who.user, case_id)
+    if case is None:
+        raise NotFound(f"no case {case_id}")
+    return case
+
+
 @router.get("/healthz", tags=["service"])
-def healthz(request: Request) -> dict[str, Any]:
-    """Liveness and queue depth: ``{"status": "ok", "run", "queued"}``."""
-    db = request.app.state.db
-    with db.session() as s:
-        queued = s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running"))))
-        return {"status": "ok", "run": active_run(s), "queued": queued}
+def healthz(db: SessionDep) -> Health:
+    """Liveness, the active run (by name and weights digest, never a path) and the queue depth."""
+    queued = db.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running"))))
+    run = active_run(db)
+    try:
+        label = run_label(run) if run else None
+    except CovidscanError:  # the run's files went missing or were damaged since it was made active
+        return Health(status="degraded", run=None, queued=queued)
+    return Health(status="ok", run=label, queued=queued)
 
 
-@router.post("/api/v1/cases", status_code=201, response_model=CaseCreated, tags=["cases"])
+@router.post("/api/v1/cases", status_code=201, tags=["cases"])
 def post_case(
+    db: SessionDep,
+    who: SubmitterUser,
+    settings: SettingsDep,
+    store: StoreDep,
     request: Request,
     files: Annotated[list[UploadFile], File(description="Images of one patient or series")],
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
 ) -> CaseCreated:
     """Create a case from uploaded images (422 naming a non-image; 413 when too large); predicted later."""
-    config, app_state = request.app.state.config, request.app.state
-    with app_state.db.session() as s:
-        user = api_principal(request, s, "submitter", "admin").user
     # Decoding happens between two short transactions: SQLite would otherwise hold its write lock meanwhile.
-    checked = check_uploads(read_uploads(files, config.max_upload_bytes), max_pixels=config.max_pixels)
-    with app_state.db.session() as s:
-        case = create_case(s, app_state.store, user, checked, patient_id)
-        created = CaseCreated(id=case.id, status=case.status)
-    if app_state.worker is not None:
-        app_state.worker.wake()
-    return created
+    db.commit()
+    checked = check_uploads(read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels)
+    case = create_case(db, store, who.user, checked, patient_id)
+    db.commit()  # before the worker is woken: it must find the job
+    wake_worker(request)
+    return CaseCreated(id=case.id, status=case.status)
+
+
+def wake_worker(request: Request) -> None:
+    """Tell this process's worker thread (if it runs one) that a case was queued."""
+    if request.app.state.worker is not None:
+        request.app.state.worker.wake()
 
 
 @router.get("/api/v1/cases/{case_id}", tags=["cases"])
-def get_case_api(request: Request, case_id: int) -> dict[str, Any]:
+def get_case_api(db: SessionDep, who: CurrentUser, case_id: int) -> CaseOut:
     """A case: status (queued, running, ready, failed, signed), predictions, warnings, review."""
-    with request.app.state.db.session() as s:
-        who = api_principal(request, s)
-        case = get_case(s, who.user, case_id)
-        if case is None:
-            raise HTTPException(404, f"no case {case_id}")
-        record(s, "view", actor=who.user.name, target=f"case:{case_id}", via="api")
-        return case_view(case)
+    case = visible_case(db, who, case_id)
+    record(db, "view", actor=who.user.name, target=f"case:{case_id}", via="api")
+    return CaseOut.from_case(case)
 
 
 @router.post("/api/v1/cases/{case_id}/review", tags=["cases"])
-def post_review(request: Request, case_id: int, body: ReviewIn) -> dict[str, Any]:
+def post_review(db: SessionDep, who: DoctorUser, case_id: int, body: ReviewIn) -> ReviewResult:
     """Record (and with ``sign`` lock) a doctor's verdict; doctors only."""
-    with request.app.state.db.session() as s:
-        who = api_principal(request, s, "doctor")
-        case = get_case(s, who.user, case_id)
-        if case is None:
-            raise HTTPException(404, f"no case {case_id}")
-        review = submit_review(
-            s,
-            case,
-            who.user,
-            agree=body.agree,
-            finding=body.finding,
-            comment=body.comment,
-            sign=body.sign,
-            amendment_reason=body.amendment_reason,
-        )
-        return {"case": case_id, "status": case.status, "review": review_view(review)}
+    case = visible_case(db, who, case_id)
+    review = submit_review(
+        db,
+        case,
+        who.user,
+        agree=body.agree,
+        finding=body.finding,
+        comment=body.comment,
+        sign=body.sign,
+        amendment_reason=body.amendment_reason,
+    )
+    return ReviewResult(case=case_id, status=case.status, review=ReviewOut.from_review(review))
 
 
 @router.get("/api/v1/worklist", tags=["cases"])
 def get_worklist(
-    request: Request, filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending"
-) -> list[dict[str, Any]]:
+    db: SessionDep,
+    who: CurrentUser,
+    filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending",
+) -> list[WorklistItem]:
     """Cases in review order: pending first, uncertain and high-probability on top."""
-    with request.app.state.db.session() as s:
-        who = api_principal(request, s)
-        return [
-            {
-                "id": c.id,
-                "status": c.status,
-                "patient_id": c.patient_id,
-                "n_images": len(c.images),
-                "p_covid": c.group["p_covid"] if c.group else None,
-                "uncertain": any(im.uncertain for im in c.images),
-                "created_at": c.created_at.isoformat(),
-            }
-            for c in worklist(s, who.user, filter)
-        ]
+    return [WorklistItem.from_case(c) for c in worklist(db, who.user, filter)]
 
 
-@router.get("/api/v1/export/verdicts.csv", response_class=PlainTextResponse, tags=["admin"])
-def get_export(request: Request) -> PlainTextResponse:
+@router.get(
+    "/api/v1/export/verdicts.csv",
+    response_class=PlainTextResponse,
+    tags=["admin"],
+    responses={200: {"content": {"text/csv": {}}, "description": "path,label,patient_id rows"}},
+)
+def get_export(db: SessionDep, who: AdminUser, store: StoreDep) -> PlainTextResponse:
     """Signed verdicts as a manifest (``path,label,patient_id``) for ``covidscan adapt``; admins only."""
-    with request.app.state.db.session() as s:
-        who = api_principal(request, s, "admin")
-        text = export_verdicts(s, request.app.state.store)
-        record(s, "export", actor=who.user.name, target="verdicts.csv", rows=text.count("\n") - 1)
+    text = export_verdicts(db, store)
+    record(db, "export", actor=who.user.name, target="verdicts.csv", rows=text.count("\n") - 1)
     return PlainTextResponse(
         text, media_type="text/csv", headers={"Content-Disposition": 'attachment; filename="verdicts.csv"'}
     )

@@ -1,4 +1,4 @@
-"""The review service's FastAPI application: configuration, start-up (migrations, worker), headers."""
+"""The review service's FastAPI application: settings, start-up (migrations, worker), headers, errors."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
-from covidscan.service.deps import LoginRequired, http_status
-from covidscan.service.settings import ServiceConfig, active_run, open_service
+from covidscan.service.errors import AuthRequired, ErrorCode, LoginRequired, error_code, status_code
+from covidscan.service.schemas import ErrorBody
+from covidscan.service.settings import ServiceSettings, active_run, open_service
 from covidscan.service.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -30,19 +33,34 @@ CSP = (
 DOCS_CSP = "default-src 'self'; img-src 'self' data:; script-src 'self' 'unsafe-inline'; style-src 'self'"
 
 
-def create_app(config: ServiceConfig) -> FastAPI:
+def error_response(
+    status: int, detail: str, code: ErrorCode, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The one shape of every JSON error: ``{"detail": ..., "code": ...}``."""
+    return JSONResponse(ErrorBody(detail=detail, code=code).model_dump(), status_code=status, headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    """FastAPI's list of validation errors as one line: ``body.finding: Input should be ...; ...``."""
+    return (
+        "; ".join(f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors())
+        or "invalid request"
+    )
+
+
+def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        db, store = open_service(config)
+        db, store = open_service(settings)
         with db.session() as s:
             current = active_run(s)
         if current is None:
-            raise ConfigError(f"no run is active in {config.data_dir}; start with --run RUN")
+            raise ConfigError(f"no run is active in {settings.data_dir}; start with --run RUN")
         app.state.db, app.state.store = db, store
-        worker = Worker(db, store, poll_seconds=config.poll_seconds) if config.worker else None
+        worker = Worker(db, store, poll_seconds=settings.poll_seconds) if settings.worker else None
         app.state.worker = worker
         if worker is not None:
             worker.scorer()  # load the model now: the first case should not wait for it
@@ -57,7 +75,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app = FastAPI(
         title="covidscan review service", lifespan=lifespan, docs_url=None, redoc_url=None, version="1"
     )
-    app.state.config = config
+    app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=HERE / "templates")  # autoescape is on for .html
     # a metric as "0.912 (95% CI 0.850–0.960, 40 patients)", or without an interval where too few to have one
     app.state.templates.env.filters["value_ci"] = format_value_ci
@@ -79,9 +97,11 @@ def create_app(config: ServiceConfig) -> FastAPI:
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > config.max_upload_bytes:
-            return JSONResponse(
-                {"detail": f"request too large: at most {config.max_upload_bytes} bytes"}, status_code=413
+        if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
+            return error_response(
+                413,
+                f"request too large: at most {settings.max_upload_bytes} bytes",
+                ErrorCode.UPLOAD_TOO_LARGE,
             )
         response: Response = await call_next(request)
         response.headers["Content-Security-Policy"] = DOCS_CSP if request.url.path == "/docs" else CSP
@@ -98,6 +118,15 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.exception_handler(CovidscanError)
     async def covidscan_error(_request: Request, exc: CovidscanError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=http_status(exc))
+        headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthRequired) else None
+        return error_response(exc.http_status, str(exc), error_code(exc), headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(422, _validation_detail(exc), ErrorCode.INVALID_REQUEST)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), status_code(exc.status_code), exc.headers)
 
     return app

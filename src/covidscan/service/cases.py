@@ -15,19 +15,12 @@ from sqlalchemy.orm import Session, selectinload
 from covidscan.errors import ConfigError
 from covidscan.outputs import csv_text
 from covidscan.service.audit import record
+from covidscan.service.errors import Conflict, ErrorCode, NotAllowed, UploadRejected
 from covidscan.service.models import FINDINGS, Case, CaseImage, Job, Review, User, utcnow
-from covidscan.service.scoring import UploadInfo, UploadRejected, inspect_upload
+from covidscan.service.scoring import UploadInfo, inspect_upload
 from covidscan.service.storage import BlobStore
 
 WORKLIST_FILTERS = ("pending", "reviewed", "all")
-
-
-class NotAllowed(ConfigError):
-    """The user may not do this (HTTP 403)."""
-
-
-class Conflict(ConfigError):
-    """The case is not in a state that allows this (HTTP 409)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +43,7 @@ def check_uploads(uploads: list[Upload], *, max_pixels: int) -> list[CheckedUplo
     """Decode every upload in full (no database transaction is open meanwhile); the first bad file raises
     :class:`UploadRejected` naming it, so a rejected request leaves no trace."""
     if not uploads:
-        raise UploadRejected("files", "no files were sent; attach at least one image")
+        raise UploadRejected("files", "no files were sent; attach at least one image", ErrorCode.NO_FILES)
     return [CheckedUpload(up, inspect_upload(up.data, up.name, max_pixels=max_pixels)) for up in uploads]
 
 
@@ -131,57 +124,6 @@ def current_review(case: Case) -> Review | None:
     return case.reviews[-1] if case.reviews else None
 
 
-def case_view(case: Case) -> dict[str, Any]:
-    """The API's JSON for a case: status, per-image predictions, group prediction, warnings, review."""
-    review = current_review(case)
-    return {
-        "id": case.id,
-        "status": case.status,
-        "patient_id": case.patient_id,
-        "created_at": case.created_at.isoformat(),
-        "predicted_at": case.predicted_at.isoformat() if case.predicted_at else None,
-        "error": case.error,
-        "model": case.model,
-        "group": case.group,
-        "images": [
-            {
-                "position": im.position,
-                "name": im.original_name,
-                "sha256": im.sha256,
-                "size": im.size,
-                "width": im.width,
-                "height": im.height,
-                "p_covid": im.p_covid,
-                "label": im.label,
-                "uncertain": im.uncertain,
-                "lungs_found": im.lungs_found,
-                "warnings": im.warnings or [],
-                "error": im.error,
-                "group_id": im.group_id,
-                "has_cam": im.cam_sha256 is not None,
-            }
-            for im in case.images
-        ],
-        "warnings": sorted({w for im in case.images for w in (im.warnings or [])}),
-        "review": review_view(review) if review else None,
-        "versions": len(case.reviews),
-    }
-
-
-def review_view(review: Review) -> dict[str, Any]:
-    """A verdict as JSON."""
-    return {
-        "version": review.version,
-        "reviewer": review.reviewer.name,
-        "agree": review.agree,
-        "finding": review.finding,
-        "comment": review.comment,
-        "signed": review.signed_at is not None,
-        "signed_at": review.signed_at.isoformat() if review.signed_at else None,
-        "amendment_reason": review.amendment_reason,
-    }
-
-
 def submit_review(
     db: Session,
     case: Case,
@@ -200,13 +142,19 @@ def submit_review(
     if finding not in FINDINGS:
         raise ConfigError(f"finding must be one of {', '.join(FINDINGS)}, got {finding!r}")
     if case.status not in ("ready", "signed"):
-        raise Conflict(f"case {case.id} is {case.status}: it can be reviewed once its prediction is ready")
+        raise Conflict(
+            f"case {case.id} is {case.status}: it can be reviewed once its prediction is ready",
+            ErrorCode.NOT_READY,
+        )
     latest = current_review(case)
     amending = latest is not None and latest.signed_at is not None
     if amending and not (amendment_reason and amendment_reason.strip()):
-        raise Conflict(f"case {case.id} is signed and locked; an amendment needs a reason")
+        raise Conflict(
+            f"case {case.id} is signed and locked; an amendment needs a reason",
+            ErrorCode.ALREADY_SIGNED,
+        )
     if amending and not sign:
-        raise Conflict("an amendment must be signed")
+        raise Conflict("an amendment must be signed", ErrorCode.AMENDMENT_UNSIGNED)
     comment = comment[:5000]
     if latest is not None and not amending:  # a draft: edit it in place
         review = latest

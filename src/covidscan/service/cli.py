@@ -1,7 +1,8 @@
 """Commands of the review service: ``serve``, ``worker``, ``users``, ``send`` and ``audit-log``.
 
 They only parse arguments and call the service's library functions; ``register`` adds them to the main
-``covidscan`` application.
+``covidscan`` application. Every setting can also come from a ``COVIDSCAN_*`` environment variable
+(:class:`covidscan.service.settings.ServiceSettings`); a flag that is given wins over the environment.
 """
 
 from __future__ import annotations
@@ -24,29 +25,38 @@ if TYPE_CHECKING:  # the service's modules load only when a command runs: `covid
 users_app = typer.Typer(help="Accounts of the review service and their API tokens.", no_args_is_help=True)
 audit_app = typer.Typer(help="The review service's audit trail.", no_args_is_help=True)
 
-DataDir = Annotated[Path, typer.Option("--data-dir", help="The service's data folder (database, files).")]
+DataDir = Annotated[
+    Path | None,
+    typer.Option("--data-dir", help="The service's data folder (database, files) [env: COVIDSCAN_DATA_DIR]."),
+]
 DatabaseUrl = Annotated[
     str | None,
-    typer.Option("--database-url", help="Default: SQLite in the data folder; or postgresql+psycopg://..."),
+    typer.Option(
+        "--database-url",
+        help="Default: SQLite in the data folder; or postgresql+psycopg://... [env: COVIDSCAN_DATABASE_URL]",
+    ),
 ]
 
 
-def _open(data_dir: Path, database_url: str | None, *, create: bool = False) -> tuple[Database, BlobStore]:
+def _open(
+    data_dir: Path | None, database_url: str | None, *, create: bool = False
+) -> tuple[Database, BlobStore]:
     """The service's database and files; only first setup (``create``) may make a new data folder."""
     from covidscan.service.db import require_database
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import load_settings, open_service
 
-    config = ServiceConfig(data_dir=data_dir, database_url=database_url)
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
     if not create:
-        require_database(config.url, data_dir)
-    return open_service(config)
+        require_database(settings.url, settings.data_dir)
+    return open_service(settings)
 
 
 def serve(
     run: Annotated[
-        Path | None, typer.Option("--run", help="Run directory whose model predicts new cases.")
+        Path | None,
+        typer.Option("--run", help="Run directory whose model predicts new cases [env: COVIDSCAN_RUN]."),
     ] = None,
-    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="The service's data folder.")] = None,
+    data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -55,9 +65,12 @@ def serve(
         typer.Option("--demo", help="Fresh data folder, the demo run, phantom cases, printed passwords."),
     ] = False,
     worker: Annotated[
-        bool,
-        typer.Option("--worker/--no-worker", help="Predict in this process (else run `covidscan worker`)."),
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--worker/--no-worker",
+            help="Predict in this process (else run `covidscan worker`) [env: COVIDSCAN_WORKER].",
+        ),
+    ] = None,
 ) -> None:
     """Run the review service: doctors read, correct and sign the model's results.
 
@@ -67,30 +80,31 @@ def serve(
     import uvicorn
 
     from covidscan.service.app import create_app
-    from covidscan.service.settings import ServiceConfig, active_run, open_service
+    from covidscan.service.settings import active_run, load_settings, open_service
 
     if not 1 <= port <= 65535:  # checked before the demo trains a model, not when uvicorn binds
         raise ConfigError(f"--port {port} is not a TCP port: give a number from 1 to 65535")
+    flags = {"data_dir": data_dir, "database_url": database_url, "run": run, "worker": worker}
     if demo:
-        data_dir, run = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
-    if data_dir is None:
-        raise ConfigError("give --data-dir DIR (where the service keeps its database and files), or --demo")
-    config = ServiceConfig(data_dir=data_dir, database_url=database_url, run_dir=run, worker=worker)
-    db, _ = open_service(config)  # bad URLs, runs or folders end here with one clear line, not in uvicorn
+        flags["data_dir"], flags["run"] = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
+    settings = load_settings(**flags)
+    db, _ = open_service(settings)  # bad URLs, runs or folders end here with one clear line, not in uvicorn
     with db.session() as s:
         in_use = active_run(s)
     db.dispose()
     if in_use is None:
-        raise ConfigError(f"no run is active in {data_dir}; pass --run RUN (a `covidscan train` folder)")
-    out.print(f"covidscan review service on http://{host}:{port}/  (data: {data_dir})")
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+        raise ConfigError(
+            f"no run is active in {settings.data_dir}; pass --run RUN (a `covidscan train` folder)"
+        )
+    out.print(f"covidscan review service on http://{host}:{port}/  (data: {settings.data_dir})")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
 
 
 def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tuple[Path, Path]:
     """Train the demo run unless --run is given, seed accounts and phantom cases, print the logins."""
     from covidscan.data.synthetic import write_phantom_dataset
     from covidscan.service.demo import seed_demo
-    from covidscan.service.settings import ServiceConfig, open_service
+    from covidscan.service.settings import load_settings, open_service
 
     if data_dir.exists() and any(data_dir.iterdir()):
         raise ConfigError(
@@ -108,9 +122,9 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
     )
     images = sorted(manifest.parent.glob("images/**/*.png"))
     cases = [(f"demo-patient-{i // 2 + 1}", images[i : i + 2]) for i in range(0, len(images), 2)]
-    config = ServiceConfig(data_dir=data_dir / "service", run_dir=run)
-    db, store = open_service(config)
-    accounts = seed_demo(db, store, cases, max_pixels=config.max_pixels)
+    settings = load_settings(data_dir=data_dir / "service", run=run)
+    db, store = open_service(settings)
+    accounts = seed_demo(db, store, cases, max_pixels=settings.max_pixels)
     db.dispose()
     out.print(labelled("\nDemo:", "bold", f"open http://{host}:{port}/ and log in as"))
     for name, password in accounts.passwords.items():
@@ -122,14 +136,14 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
     return data_dir / "service", run
 
 
-def worker(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
+def worker(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Predict queued cases in this process (next to `covidscan serve --no-worker`) until Ctrl-C."""
     from covidscan.service.worker import Worker
 
     db, store = _open(data_dir, database_url)
     w = Worker(db, store)
     w.scorer()
-    out.print(f"worker {w.owner} waiting for cases in {data_dir}")
+    out.print(f"worker {w.owner} waiting for cases in {store.root.parent}")
     try:
         w.loop()
     except KeyboardInterrupt:
@@ -142,7 +156,7 @@ def worker(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
 def users_add(
     name: Annotated[str, typer.Argument(help="Account name.")],
     role: Annotated[str, typer.Option("--role", help="admin, doctor or submitter.")],
-    data_dir: DataDir,
+    data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
     password_stdin: Annotated[
         bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
@@ -173,7 +187,7 @@ def users_add(
 @users_app.command("token")
 def users_token(
     name: Annotated[str, typer.Argument(help="Account name.")],
-    data_dir: DataDir,
+    data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Print a new API token for NAME (shown once; only its hash is stored)."""
@@ -190,7 +204,7 @@ def users_token(
 @users_app.command("revoke")
 def users_revoke(
     name: Annotated[str, typer.Argument(help="Account name.")],
-    data_dir: DataDir,
+    data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
     """Revoke every API token of NAME."""
@@ -228,7 +242,7 @@ def send(
 
 
 @audit_app.command("verify")
-def audit_verify(data_dir: DataDir, database_url: DatabaseUrl = None) -> None:
+def audit_verify(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Check the audit chain: exit 0 when intact, 1 when a row was edited or deleted."""
     from covidscan.service.audit import verify_chain
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -102,11 +103,13 @@ def require_database(url: str, data_dir: Path) -> None:
         if not Path(data_dir).is_dir():
             raise ConfigError(f"--data-dir {data_dir} does not exist; check the path {setup}")
         if not (Path(data_dir) / SQLITE_FILE).is_file():
-            raise ConfigError(f"--data-dir {data_dir} holds no service database ({SQLITE_FILE}); check the "
-                              f"path {setup}")
+            raise ConfigError(
+                f"--data-dir {data_dir} holds no service database ({SQLITE_FILE}); check the path {setup}"
+            )
     elif url.startswith("sqlite") and not Path(make_url(url).database or "").is_file():
-        raise ConfigError(f"the database file of --database-url {_shown(url)} does not exist; check it "
-                          f"{setup}")
+        raise ConfigError(
+            f"the database file of --database-url {_shown(url)} does not exist; check it {setup}"
+        )
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
@@ -116,12 +119,32 @@ def require_database(url: str, data_dir: Path) -> None:
     finally:
         engine.dispose()
     if not set_up:
-        raise ConfigError(f"the database {_shown(url)} holds no covidscan tables; check --data-dir and "
-                          f"--database-url {setup}")
+        raise ConfigError(
+            f"the database {_shown(url)} holds no covidscan tables; check --data-dir and "
+            f"--database-url {setup}"
+        )
+
+
+_migrated: set[str] = set()  # the databases this process has brought to the newest revision
+_migrating = threading.Lock()
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (idempotent; runs at every start)."""
+    """Bring the schema to the newest Alembic revision, once per process and database.
+
+    Migrations run once per process start: :func:`covidscan.service.settings.open_service` calls this,
+    and every command (`covidscan serve`, `worker`, `users`, `audit-log`) and the server's start-up (the
+    app's lifespan) get their database from it; requests, sessions and later calls in the same process
+    (`serve` opens the database to check it, then again when Uvicorn starts the app) find it done.
+    """
+    key = engine.url.render_as_string(hide_password=False)
+    with _migrating:
+        if key not in _migrated:
+            _upgrade(engine)
+            _migrated.add(key)
+
+
+def _upgrade(engine: Engine) -> None:
     # Alembic logs every plugin (at import) and revision at INFO; at each start that is noise, not news.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     from alembic import command
@@ -138,7 +161,7 @@ def migrate(engine: Engine) -> None:
 
 
 class Database:
-    """An engine plus its session factory; ``session()`` is a transaction that commits on success."""
+    """An engine plus its session factory; ``session()`` commits on success."""
 
     def __init__(self, url: str) -> None:
         self.url = url
@@ -147,13 +170,15 @@ class Database:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session in one transaction: committed when the block ends, rolled back on an exception.
+        """A session: committed when the block ends, rolled back on an exception, then closed.
 
+        The block may ``commit()`` midway to end a transaction early (the next statement begins a new one).
         A damaged database file becomes a :class:`StorageError` that names it; other errors pass unchanged.
         """
         try:
-            with self.sessions.begin() as s:
+            with self.sessions() as s:
                 yield s
+                s.commit()
         except DatabaseError as exc:
             if _damaged(exc):
                 raise database_fault(self.url, exc) from None

@@ -1,25 +1,53 @@
-"""Who is asking: a bearer token (API clients) or the session cookie (browser pages), and their role."""
+"""FastAPI dependencies: the request's database session, who is asking (a bearer token for API clients,
+the session cookie for browsers), their role, the settings and the file store.
+
+Route handlers declare what they need as ``Annotated`` aliases (``SessionDep``, ``CurrentUser``,
+``DoctorUser``, ``PageUser``, ...) instead of looking it up themselves.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import HTTPException, Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.auth import csrf_ok, session_for_cookie, user_for_token
-from covidscan.service.cases import Conflict, NotAllowed
+from covidscan.service.errors import AuthRequired, CsrfRejected, LoginRequired, NotAllowed
 from covidscan.service.models import User, WebSession
-from covidscan.service.scoring import UploadRejected
+from covidscan.service.settings import ServiceSettings
+from covidscan.service.storage import BlobStore
 
 SESSION_COOKIE = "covidscan_session"
 LOGIN_CSRF_COOKIE = "covidscan_login_csrf"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-class LoginRequired(Exception):
-    """A page was asked for without a live session: answered with a redirect to the login page."""
+def get_session(request: Request) -> Iterator[Session]:
+    """One database session per request: committed when the handler returns (before the answer is sent),
+    rolled back when it raises, then closed."""
+    with request.app.state.db.session() as s:
+        yield s
+
+
+# scope="function": the commit happens before the response goes out, so a failed commit is the answer.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def get_settings(request: Request) -> ServiceSettings:
+    """The settings the application was created with."""
+    return request.app.state.settings
+
+
+def get_store(request: Request) -> BlobStore:
+    """The content-addressed file store."""
+    return request.app.state.store
+
+
+SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
+StoreDep = Annotated[BlobStore, Depends(get_store)]
 
 
 @dataclass(frozen=True)
@@ -29,70 +57,80 @@ class Principal:
     user: User
     session: WebSession | None = None
 
+    @property
+    def csrf(self) -> str | None:
+        """The session's CSRF token that pages put in their forms (None for bearer tokens)."""
+        return self.session.csrf_token if self.session else None
+
 
 def _bearer(request: Request) -> str | None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def identify(request: Request, db: Session) -> Principal | None:
-    """The bearer token's user, else the session cookie's, else None."""
+def _cookie_session(request: Request, db: Session) -> WebSession | None:
+    sid = request.cookies.get(SESSION_COOKIE)
+    return session_for_cookie(db, sid) if sid else None
+
+
+def api_principal(request: Request, db: SessionDep) -> Principal:
+    """For ``/api``: the bearer token's user, else the session cookie's (401 without either); a
+    cookie-authenticated state-changing call must carry the session's CSRF token in ``X-CSRF-Token``."""
     token = _bearer(request)
     if token is not None:
         user = user_for_token(db, token)
-        return Principal(user) if user is not None else None
-    sid = request.cookies.get(SESSION_COOKIE)
-    session = session_for_cookie(db, sid) if sid else None
-    return Principal(session.user, session) if session is not None else None
-
-
-def api_principal(request: Request, db: Session, *roles: str) -> Principal:
-    """For ``/api``: 401 without credentials, 403 for a role not in ``roles``; a cookie-authenticated
-    state-changing call must carry the session's CSRF token in ``X-CSRF-Token``."""
-    who = identify(request, db)
+        who = Principal(user) if user is not None else None
+    else:
+        session = _cookie_session(request, db)
+        who = Principal(session.user, session) if session is not None else None
     if who is None:
-        raise HTTPException(
-            401,
-            "authentication required: send 'Authorization: Bearer TOKEN'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise AuthRequired("authentication required: send 'Authorization: Bearer TOKEN'")
     if (
         who.session is not None
         and request.method in UNSAFE_METHODS
         and not csrf_ok(who.session.csrf_token, request.headers.get("x-csrf-token"))
     ):
-        raise HTTPException(403, "missing or wrong CSRF token (X-CSRF-Token header)")
-    _require_role(who.user, roles)
+        raise CsrfRejected("missing or wrong CSRF token (X-CSRF-Token header)")
     return who
 
 
-def page_principal(request: Request, db: Session, *roles: str) -> Principal:
-    """For HTML pages: a redirect to the login page without a session, 403 for a role not in ``roles``."""
-    sid = request.cookies.get(SESSION_COOKIE)
-    session = session_for_cookie(db, sid) if sid else None
+def page_principal(request: Request, db: SessionDep) -> Principal:
+    """For HTML pages: the session cookie's user and session; a redirect to the login page without one."""
+    session = _cookie_session(request, db)
     if session is None:
         raise LoginRequired()
-    _require_role(session.user, roles)
     return Principal(session.user, session)
+
+
+def check_role(user: User, roles: tuple[str, ...]) -> None:
+    """403 (``forbidden_role``) unless ``user`` has one of ``roles``."""
+    if user.role not in roles:
+        raise NotAllowed(f"{user.role} accounts cannot do this (needs {' or '.join(roles)})")
+
+
+def require_role(*roles: str, page: bool = False) -> Callable[[Principal], Principal]:
+    """A dependency: the API's (or with ``page`` the pages') principal, 403 unless it has one of ``roles``."""
+    principal = page_principal if page else api_principal
+
+    def dependency(who: Annotated[Principal, Depends(principal)]) -> Principal:
+        check_role(who.user, roles)
+        return who
+
+    return dependency
 
 
 def check_form_csrf(who: Principal, given: str | None) -> None:
     """403 unless a page form carried its session's CSRF token."""
-    if who.session is None or not csrf_ok(who.session.csrf_token, given):
-        raise HTTPException(403, "missing or wrong CSRF token; reload the page and try again")
+    if not csrf_ok(who.csrf, given):
+        raise CsrfRejected("missing or wrong CSRF token; reload the page and try again")
 
 
-def _require_role(user: User, roles: tuple[str, ...]) -> None:
-    if roles and user.role not in roles:
-        raise HTTPException(403, f"{user.role} accounts cannot do this (needs {' or '.join(roles)})")
+CurrentUser = Annotated[Principal, Depends(api_principal)]
+SubmitterUser = Annotated[Principal, Depends(require_role("submitter", "admin"))]
+DoctorUser = Annotated[Principal, Depends(require_role("doctor"))]
+AdminUser = Annotated[Principal, Depends(require_role("admin"))]
 
-
-def http_status(exc: CovidscanError) -> int:
-    """The HTTP status for a library error: 422/413 for refused uploads, 403, 409, else its own or 400."""
-    if isinstance(exc, UploadRejected):
-        return exc.status
-    if isinstance(exc, NotAllowed):
-        return 403
-    if isinstance(exc, Conflict):
-        return 409
-    return getattr(exc, "http_status", 400 if isinstance(exc, ConfigError) else 500)
+PageUser = Annotated[Principal, Depends(page_principal)]
+PageSubmitter = Annotated[Principal, Depends(require_role("submitter", "admin", page=True))]
+PageDoctor = Annotated[Principal, Depends(require_role("doctor", page=True))]
+PageAdmin = Annotated[Principal, Depends(require_role("admin", page=True))]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import secrets
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile
+from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from covidscan.errors import CovidscanError
-from covidscan.service.api import read_uploads
+from covidscan.service.api import read_uploads, wake_worker
 from covidscan.service.audit import record, verify_chain
 from covidscan.service.auth import (
     add_user,
@@ -35,11 +35,17 @@ from covidscan.service.cases import (
 from covidscan.service.deps import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
+    PageAdmin,
+    PageDoctor,
+    PageSubmitter,
+    PageUser,
     Principal,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
     check_form_csrf,
-    http_status,
-    page_principal,
 )
+from covidscan.service.errors import CsrfRejected, NotFound
 from covidscan.service.models import AuditEvent, Case, User
 from covidscan.service.settings import active_run
 from covidscan.service.worker import set_active_run
@@ -60,9 +66,9 @@ def _render(
     request: Request, name: str, who: Principal | None, status_code: int = 200, **context: Any
 ) -> HTMLResponse:
     templates = request.app.state.templates
-    csrf = who.session.csrf_token if who and who.session else None
+    user, csrf = (who.user, who.csrf) if who else (None, None)
     return templates.TemplateResponse(
-        request, name, {"user": who.user if who else None, "csrf": csrf, **context}, status_code=status_code
+        request, name, {"user": user, "csrf": csrf, **context}, status_code=status_code
     )
 
 
@@ -96,42 +102,42 @@ def login_page(request: Request, next: str = "/worklist") -> HTMLResponse:
 @router.post("/login")
 def login(
     request: Request,
+    s: SessionDep,
     name: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=1024)],
     csrf: Annotated[str, Form()] = "",
     next: Annotated[str, Form()] = "/worklist",
 ) -> Response:
     if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE), csrf):
-        raise HTTPException(403, "missing or wrong CSRF token; reload the login page")
-    with request.app.state.db.session() as s:
-        if throttled(s, name):
-            record(s, "login_throttled", actor=name)
-            return _render(
-                request,
-                "login.html",
-                None,
-                status_code=429,
-                next=_safe_next(next),
-                login_csrf=csrf,
-                error="Too many failed attempts. Wait 15 minutes and try again.",
-            )
-        user = check_password(s, name, password)
-        if user is None:
-            record(s, "login_failed", actor=name)
-            return _render(
-                request,
-                "login.html",
-                None,
-                status_code=401,
-                next=_safe_next(next),
-                login_csrf=csrf,
-                error="Wrong name or password.",
-            )
-        old = request.cookies.get(SESSION_COOKIE)
-        if old:
-            end_session(s, old)  # never keep (or adopt) a session id from before the login
-        sid = start_session(s, user)
-        record(s, "login", actor=user.name)
+        raise CsrfRejected("missing or wrong CSRF token; reload the login page")
+    if throttled(s, name):
+        record(s, "login_throttled", actor=name)
+        return _render(
+            request,
+            "login.html",
+            None,
+            status_code=429,
+            next=_safe_next(next),
+            login_csrf=csrf,
+            error="Too many failed attempts. Wait 15 minutes and try again.",
+        )
+    user = check_password(s, name, password)
+    if user is None:
+        record(s, "login_failed", actor=name)
+        return _render(
+            request,
+            "login.html",
+            None,
+            status_code=401,
+            next=_safe_next(next),
+            login_csrf=csrf,
+            error="Wrong name or password.",
+        )
+    old = request.cookies.get(SESSION_COOKIE)
+    if old:
+        end_session(s, old)  # never keep (or adopt) a session id from before the login
+    sid = start_session(s, user)
+    record(s, "login", actor=user.name)
     response = RedirectResponse(_safe_next(next), status_code=303)
     _set_cookie(response, SESSION_COOKIE, sid, request)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
@@ -139,12 +145,12 @@ def login(
 
 
 @router.post("/logout")
-def logout(request: Request, csrf: Annotated[str, Form()] = "") -> RedirectResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s)
-        check_form_csrf(who, csrf)
-        end_session(s, request.cookies[SESSION_COOKIE])
-        record(s, "logout", actor=who.user.name)
+def logout(
+    request: Request, s: SessionDep, who: PageUser, csrf: Annotated[str, Form()] = ""
+) -> RedirectResponse:
+    check_form_csrf(who, csrf)
+    end_session(s, request.cookies[SESSION_COOKIE])
+    record(s, "logout", actor=who.user.name)
     response = RedirectResponse("/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -152,12 +158,12 @@ def logout(request: Request, csrf: Annotated[str, Form()] = "") -> RedirectRespo
 
 @router.get("/worklist")
 def worklist_page(
-    request: Request, filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending"
+    request: Request,
+    s: SessionDep,
+    who: PageUser,
+    filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending",
 ) -> HTMLResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s)
-        cases = worklist(s, who.user, filter)
-        return _render(request, "worklist.html", who, cases=cases, filter=filter)
+    return _render(request, "worklist.html", who, cases=worklist(s, who.user, filter), filter=filter)
 
 
 def _case_page(
@@ -170,7 +176,7 @@ def _case_page(
 ) -> HTMLResponse:
     case = get_case(s, who.user, case_id)
     if case is None:
-        raise HTTPException(404, f"no case {case_id}")
+        raise NotFound(f"no case {case_id}")
     review = current_review(case)
     unlike = [w for im in case.images for w in im.warnings or [] if w.startswith("unlike_training_data")]
     return _render(
@@ -187,17 +193,17 @@ def _case_page(
 
 
 @router.get("/cases/{case_id}")
-def case_page(request: Request, case_id: int) -> HTMLResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s)
-        response = _case_page(request, s, who, case_id)
-        record(s, "view", actor=who.user.name, target=f"case:{case_id}", via="page")
-        return response
+def case_page(request: Request, s: SessionDep, who: PageUser, case_id: int) -> HTMLResponse:
+    response = _case_page(request, s, who, case_id)
+    record(s, "view", actor=who.user.name, target=f"case:{case_id}", via="page")
+    return response
 
 
 @router.post("/cases/{case_id}/review")
 def review_form(
     request: Request,
+    s: SessionDep,
+    who: PageDoctor,
     case_id: int,
     agree: Annotated[Literal["yes", "no"], Form()],
     finding: Annotated[str, Form()],
@@ -206,48 +212,49 @@ def review_form(
     amendment_reason: Annotated[str | None, Form(max_length=2000)] = None,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
-    db = request.app.state.db
-    with db.session() as s:
-        who = page_principal(request, s, "doctor")
-        check_form_csrf(who, csrf)
-        case = get_case(s, who.user, case_id)
-        if case is None:
-            raise HTTPException(404, f"no case {case_id}")
-        try:
-            with s.begin_nested():
-                submit_review(
-                    s,
-                    case,
-                    who.user,
-                    agree=agree == "yes",
-                    finding=finding,
-                    comment=comment,
-                    sign=sign is not None,
-                    amendment_reason=amendment_reason,
-                )
-        except CovidscanError as exc:
-            s.expire_all()
-            return _case_page(request, s, who, case_id, status_code=http_status(exc), error=str(exc))
+    check_form_csrf(who, csrf)
+    case = get_case(s, who.user, case_id)
+    if case is None:
+        raise NotFound(f"no case {case_id}")
+    try:
+        with s.begin_nested():
+            submit_review(
+                s,
+                case,
+                who.user,
+                agree=agree == "yes",
+                finding=finding,
+                comment=comment,
+                sign=sign is not None,
+                amendment_reason=amendment_reason,
+            )
+    except CovidscanError as exc:
+        s.expire_all()
+        return _case_page(request, s, who, case_id, status_code=exc.http_status, error=str(exc))
     return RedirectResponse(f"/cases/{case_id}", status_code=303)
 
 
 @router.get("/cases/{case_id}/files/{position}/{kind}")
 def case_file(
-    request: Request, case_id: int, position: int, kind: Literal["original", "display", "cam"]
+    s: SessionDep,
+    who: PageUser,
+    store: StoreDep,
+    case_id: int,
+    position: int,
+    kind: Literal["original", "display", "cam"],
 ) -> Response:
     """An image of a case, by position: never by the name the sender gave it."""
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s)
-        case = get_case(s, who.user, case_id)
-        image = next((im for im in case.images if im.position == position), None) if case else None
-        digest = (
-            None
-            if image is None
-            else {"original": image.sha256, "display": image.display_sha256, "cam": image.cam_sha256}[kind]
-        )
-        if digest is None:
-            raise HTTPException(404, "no such image")
-    data = request.app.state.store.read(digest)
+    case = get_case(s, who.user, case_id)
+    image = next((im for im in case.images if im.position == position), None) if case else None
+    digest = (
+        None
+        if image is None
+        else {"original": image.sha256, "display": image.display_sha256, "cam": image.cam_sha256}[kind]
+    )
+    if digest is None:
+        raise NotFound("no such image")
+    s.commit()  # the file is read outside a transaction: SQLite would hold its write lock meanwhile
+    data = store.read(digest)
     if kind != "original":
         return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
     filename = f"case{case_id}-image{position}{image.suffix}"
@@ -259,35 +266,33 @@ def case_file(
 
 
 @router.get("/upload")
-def upload_page(request: Request) -> HTMLResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s, "submitter", "admin")
-        return _render(request, "upload.html", who)
+def upload_page(request: Request, who: PageSubmitter) -> HTMLResponse:
+    return _render(request, "upload.html", who)
 
 
 @router.post("/upload")
 def upload_form(
     request: Request,
+    s: SessionDep,
+    who: PageSubmitter,
+    settings: SettingsDep,
+    store: StoreDep,
     files: Annotated[list[UploadFile], File()],
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
-    state = request.app.state
-    with state.db.session() as s:
-        who = page_principal(request, s, "submitter", "admin")
-        check_form_csrf(who, csrf)
+    check_form_csrf(who, csrf)
+    s.commit()  # decoding happens outside a transaction: SQLite would hold its write lock meanwhile
     try:
         checked = check_uploads(
-            read_uploads(files, state.config.max_upload_bytes), max_pixels=state.config.max_pixels
+            read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels
         )
-        with state.db.session() as s:
-            case_id = create_case(s, state.store, who.user, checked, patient_id).id
+        case_id = create_case(s, store, who.user, checked, patient_id).id
     except CovidscanError as exc:
-        with state.db.session() as s:
-            who = page_principal(request, s, "submitter", "admin")
-            return _render(request, "upload.html", who, status_code=http_status(exc), error=str(exc))
-    if state.worker is not None:
-        state.worker.wake()
+        s.rollback()
+        return _render(request, "upload.html", who, status_code=exc.http_status, error=str(exc))
+    s.commit()  # before the worker is woken: it must find the job
+    wake_worker(request)
     return RedirectResponse(f"/cases/{case_id}", status_code=303)
 
 
@@ -319,62 +324,60 @@ def _admin_page(
 
 
 @router.get("/admin")
-def admin_page(request: Request) -> HTMLResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s, "admin")
-        return _admin_page(request, s, who)
+def admin_page(request: Request, s: SessionDep, who: PageAdmin) -> HTMLResponse:
+    return _admin_page(request, s, who)
 
 
 @router.post("/admin/users")
 def admin_add_user(
     request: Request,
+    s: SessionDep,
+    who: PageAdmin,
     name: Annotated[str, Form(max_length=64)],
     role: Annotated[str, Form()],
     password: Annotated[str, Form(max_length=1024)] = "",
     csrf: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s, "admin")
-        check_form_csrf(who, csrf)
-        try:
-            with s.begin_nested():
-                add_user(s, name, role, password or None)
-                record(s, "user_add", actor=who.user.name, target=f"user:{name}", role=role)
-        except CovidscanError as exc:
-            return _admin_page(request, s, who, status_code=http_status(exc), error=str(exc))
-        return _admin_page(request, s, who, message=f"added {role} {name}")
+    check_form_csrf(who, csrf)
+    try:
+        with s.begin_nested():
+            add_user(s, name, role, password or None)
+            record(s, "user_add", actor=who.user.name, target=f"user:{name}", role=role)
+    except CovidscanError as exc:
+        return _admin_page(request, s, who, status_code=exc.http_status, error=str(exc))
+    return _admin_page(request, s, who, message=f"added {role} {name}")
 
 
 @router.post("/admin/tokens/revoke")
 def admin_revoke(
-    request: Request, name: Annotated[str, Form(max_length=64)], csrf: Annotated[str, Form()] = ""
+    request: Request,
+    s: SessionDep,
+    who: PageAdmin,
+    name: Annotated[str, Form(max_length=64)],
+    csrf: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
-    with request.app.state.db.session() as s:
-        who = page_principal(request, s, "admin")
-        check_form_csrf(who, csrf)
-        try:
-            n = revoke_tokens(s, get_user(s, name))
-        except CovidscanError as exc:
-            return _admin_page(request, s, who, status_code=http_status(exc), error=str(exc))
-        record(s, "token_revoke", actor=who.user.name, target=f"user:{name}", n=n)
-        return _admin_page(request, s, who, message=f"revoked {n} token(s) of {name}")
+    check_form_csrf(who, csrf)
+    try:
+        n = revoke_tokens(s, get_user(s, name))
+    except CovidscanError as exc:
+        return _admin_page(request, s, who, status_code=exc.http_status, error=str(exc))
+    record(s, "token_revoke", actor=who.user.name, target=f"user:{name}", n=n)
+    return _admin_page(request, s, who, message=f"revoked {n} token(s) of {name}")
 
 
 @router.post("/admin/model")
 def admin_model(
-    request: Request, run: Annotated[str, Form(max_length=4096)], csrf: Annotated[str, Form()] = ""
+    request: Request,
+    s: SessionDep,
+    who: PageAdmin,
+    run: Annotated[str, Form(max_length=4096)],
+    csrf: Annotated[str, Form()] = "",
 ) -> HTMLResponse:
-    db = request.app.state.db
-    with db.session() as s:
-        who = page_principal(request, s, "admin")
-        check_form_csrf(who, csrf)
-        actor = who.user.name
+    check_form_csrf(who, csrf)
+    s.commit()  # set_active_run loads the model and writes in a transaction of its own
     try:
-        path = set_active_run(db, run, actor=actor)
+        path = set_active_run(request.app.state.db, run, actor=who.user.name)
         message, error, code = f"new cases are now predicted by {path}", None, 200
     except CovidscanError as exc:
-        message, error, code = None, str(exc), http_status(exc)
-    with db.session() as s:
-        return _admin_page(
-            request, s, page_principal(request, s, "admin"), status_code=code, message=message, error=error
-        )
+        message, error, code = None, str(exc), exc.http_status
+    return _admin_page(request, s, who, status_code=code, message=message, error=error)

@@ -16,21 +16,14 @@ from typing import Any
 
 from PIL import Image
 
-from covidscan.errors import CovidscanError, ImageRefusedError, InputError
+from covidscan.errors import ImageRefusedError, InputError
 from covidscan.inference import Predictor
 from covidscan.io import QualityLimits, read_image, to_uint8
+from covidscan.service.errors import ErrorCode, UploadRejected
 
 DISPLAY_MAX_SIDE = 1024  # the PNG shown in the browser; the original is kept untouched
 _METRICS_SHOWN = ("accuracy", "recall", "specificity", "roc_auc", "f1")
 _DECODER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-
-
-class UploadRejected(CovidscanError):
-    """An uploaded file cannot become part of a case; ``status`` is the HTTP status to answer with."""
-
-    def __init__(self, name: str, reason: str, status: int = 422) -> None:
-        self.name, self.reason, self.status = name, reason, status
-        super().__init__(f"{name}: {reason}")
 
 
 @dataclass(frozen=True)
@@ -59,11 +52,13 @@ def inspect_upload(data: bytes, name: str, *, max_pixels: int) -> UploadInfo:
     try:
         loaded = read_image(data, name=name, limits=QualityLimits(max_pixels=max_pixels))
     except ImageRefusedError as exc:
-        status = 413 if "too_large" in exc.codes else 422
-        raise UploadRejected(name, exc.reason, status) from None
+        code = ErrorCode.TOO_MANY_PIXELS if "too_large" in exc.codes else ErrorCode.IMAGE_REFUSED
+        raise UploadRejected(name, exc.reason, code) from None
     except InputError as exc:
         raise UploadRejected(
-            name, f"not a readable image ({exc.reason}); send PNG, JPEG, BMP, TIFF or DICOM files"
+            name,
+            f"not a readable image ({exc.reason}); send PNG, JPEG, BMP, TIFF or DICOM files",
+            ErrorCode.NOT_AN_IMAGE,
         ) from None
     height, width = loaded.pixels.shape
     shown = Image.fromarray(to_uint8(loaded.pixels))

@@ -1,19 +1,27 @@
-"""What every service command needs first: its configuration, a migrated database and the file store.
+"""What every service command needs first: its settings, a migrated database and the file store.
 
-Kept free of the model code, so `covidscan users` and `covidscan audit-log` start without loading torch.
+Settings come from ``COVIDSCAN_*`` environment variables (:class:`ServiceSettings`); a command's flags
+override them (:func:`load_settings`). Kept free of the model code, so `covidscan users` and
+`covidscan audit-log` start without loading torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError
 from covidscan.service.db import Database, default_database_url, migrate
 from covidscan.service.models import Setting
 from covidscan.service.storage import BlobStore
+
+ENV_PREFIX = "COVIDSCAN_"
+# The flag that sets each field, for error messages (fields without one are set by environment only).
+FLAGS = {"data_dir": "--data-dir", "database_url": "--database-url", "run": "--run", "worker": "--worker"}
 
 
 def active_run(s: Session) -> str | None:
@@ -22,17 +30,27 @@ def active_run(s: Session) -> str | None:
     return row.value if row else None
 
 
-@dataclass(frozen=True)
-class ServiceConfig:
-    """Where the service keeps its data and what it accepts."""
+def run_label(run_dir: str) -> str:
+    """A run as shown outside the server: its folder name and the first 12 hex digits of its weights'
+    SHA-256 (``NAME@0123456789ab``), never its path; a missing or damaged run raises its CovidscanError."""
+    from covidscan.runs import load_checkpoint  # imports torch: only where a model is in use anyway
 
-    data_dir: Path
-    database_url: str | None = None  # default: SQLite in data_dir
-    run_dir: Path | None = None  # made the active run at start (else the one already active)
-    max_upload_bytes: int = 200 * 1024 * 1024  # per request
-    max_pixels: int = 60_000_000  # per image, checked from the header before decoding
-    worker: bool = True  # run a worker thread in the server process
-    poll_seconds: float = 0.5
+    return f"{Path(run_dir).name}@{load_checkpoint(run_dir).weights_sha256[:12]}"
+
+
+class ServiceSettings(BaseSettings):
+    """Where the service keeps its data and what it accepts: ``COVIDSCAN_<FIELD>`` in the environment
+    (``COVIDSCAN_DATA_DIR``, ``COVIDSCAN_MAX_PIXELS``, ...), or keyword arguments, which win."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True)
+
+    data_dir: Path = Field(description="The data folder: database (SQLite by default) and files")
+    database_url: str | None = Field(None, description="Default: SQLite in data_dir")
+    run: Path | None = Field(None, description="Made the active run at start (else the one already active)")
+    max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Per request")
+    max_pixels: int = Field(60_000_000, gt=0, description="Per image, checked from the header first")
+    worker: bool = Field(True, description="Run a worker thread in the server process")
+    poll_seconds: float = Field(0.5, gt=0, description="How often an idle worker looks for jobs")
 
     @property
     def url(self) -> str:
@@ -40,19 +58,38 @@ class ServiceConfig:
         return self.database_url or default_database_url(self.data_dir)
 
 
-def open_service(config: ServiceConfig) -> tuple[Database, BlobStore]:
+def load_settings(**flags: Any) -> ServiceSettings:
+    """The settings from the environment, overridden by the ``flags`` that were given (not None).
+
+    A bad or missing value is one :class:`ConfigError` naming the flag and the environment variable.
+    """
+    try:
+        return ServiceSettings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            where = " or ".join(w for w in (FLAGS.get(field), ENV_PREFIX + field.upper()) if w)
+            if err["type"] == "missing":
+                problems.append(f"give {where}")
+            else:
+                problems.append(f"{where} {err['input']!r}: {err['msg'].lower()}")
+        raise ConfigError("; ".join(problems)) from None
+
+
+def open_service(settings: ServiceSettings) -> tuple[Database, BlobStore]:
     """Create the data folder, migrate the database and set the active run; what every command needs."""
-    data_dir = Path(config.data_dir)
+    data_dir = Path(settings.data_dir)
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create data folder {data_dir}: {exc.strerror}") from None
-    db = Database(config.url)
+    db = Database(settings.url)
     migrate(db.engine)
     with db.session() as s:
         current = active_run(s)
-    if config.run_dir is not None and current != str(Path(config.run_dir).resolve()):
+    if settings.run is not None and current != str(Path(settings.run).resolve()):
         from covidscan.service.worker import set_active_run  # loads the model: only when switching
 
-        set_active_run(db, config.run_dir, actor="covidscan serve")
+        set_active_run(db, settings.run, actor="covidscan serve")
     return db, BlobStore(data_dir / "blobs")

@@ -1,0 +1,140 @@
+"""What the service answers when it refuses: an :class:`ErrorCode` and the typed errors that carry one.
+
+Every JSON error body is ``{"detail": "<one line for a person>", "code": "<ErrorCode>"}``; clients and tests
+branch on ``code``, never on the wording of ``detail``.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from covidscan.errors import (
+    ConfigError,
+    CovidscanError,
+    InputError,
+    ManifestError,
+    ResourceNotFoundError,
+    StorageError,
+)
+
+
+class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer supported
+    """The machine-readable reason of an error answer."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    AUTH_REQUIRED = "auth_required"  # 401: no or an unknown/revoked token or session
+    CSRF = "csrf"  # 403: a state-changing call without its session's CSRF token
+    FORBIDDEN_ROLE = "forbidden_role"  # 403: the account's role may not do this
+    NOT_FOUND = "not_found"  # 404: no such case, image or route (or not visible to this account)
+    METHOD_NOT_ALLOWED = "method_not_allowed"  # 405
+    NOT_READY = "not_ready"  # 409: the case's prediction is not ready for a verdict
+    ALREADY_SIGNED = "already_signed"  # 409: a signed verdict is locked; changing it needs an amendment
+    AMENDMENT_UNSIGNED = "amendment_unsigned"  # 409: an amendment must be signed
+    NO_FILES = "no_files"  # 422: an upload without files
+    NOT_AN_IMAGE = "not_an_image"  # 422: a file that no image decoder reads
+    IMAGE_REFUSED = "image_refused"  # 422: read, but refused by the quality gate
+    TOO_MANY_PIXELS = "too_many_pixels"  # 413: an image over the pixel limit (checked before decoding)
+    UPLOAD_TOO_LARGE = "upload_too_large"  # 413: a request over the byte limit
+    INVALID_REQUEST = "invalid_request"  # 422: a parameter or body field of the wrong form
+    BAD_REQUEST = "bad_request"  # 400: a value the library refuses (a setting, a name, a filter)
+    STORAGE = "storage"  # 500: the database or file store failed
+    INTERNAL = "internal"  # 500: a bug
+
+
+class ServiceError(CovidscanError):
+    """An error the service answers with ``http_status`` and ``code``."""
+
+    http_status = 400
+    code = ErrorCode.BAD_REQUEST
+
+    def __init__(self, message: str, code: ErrorCode | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class AuthRequired(ServiceError):
+    """No valid bearer token or session (HTTP 401)."""
+
+    http_status = 401
+    code = ErrorCode.AUTH_REQUIRED
+
+
+class CsrfRejected(ServiceError):
+    """A cookie-authenticated change without the session's CSRF token (HTTP 403)."""
+
+    http_status = 403
+    code = ErrorCode.CSRF
+
+
+class NotAllowed(ServiceError):
+    """The user may not do this (HTTP 403)."""
+
+    http_status = 403
+    code = ErrorCode.FORBIDDEN_ROLE
+
+
+class NotFound(ServiceError):
+    """Nothing by that id that this user may see (HTTP 404)."""
+
+    http_status = 404
+    code = ErrorCode.NOT_FOUND
+
+
+class Conflict(ServiceError):
+    """The case is not in a state that allows this (HTTP 409); ``code`` says which state."""
+
+    http_status = 409
+
+    def __init__(self, message: str, code: ErrorCode) -> None:
+        super().__init__(message, code)
+
+
+# 413 for what is too big, 422 for what is not an acceptable image.
+_UPLOAD_STATUS = {ErrorCode.TOO_MANY_PIXELS: 413, ErrorCode.UPLOAD_TOO_LARGE: 413}
+
+
+class UploadRejected(ServiceError):
+    """An uploaded file cannot become part of a case; the message names it."""
+
+    def __init__(self, name: str, reason: str, code: ErrorCode) -> None:
+        self.name, self.reason = name, reason
+        self.http_status = _UPLOAD_STATUS.get(code, 422)
+        super().__init__(f"{name}: {reason}", code)
+
+
+class LoginRequired(Exception):
+    """A page was asked for without a live session: answered with a redirect to the login page."""
+
+
+# The library's own errors, by class (the first match wins).
+_LIBRARY_CODES: tuple[tuple[type[CovidscanError], ErrorCode], ...] = (
+    (InputError, ErrorCode.NOT_AN_IMAGE),
+    (ConfigError, ErrorCode.BAD_REQUEST),
+    (ManifestError, ErrorCode.BAD_REQUEST),
+    (ResourceNotFoundError, ErrorCode.NOT_FOUND),
+    (StorageError, ErrorCode.STORAGE),
+)
+# Errors FastAPI and Starlette raise themselves (unknown routes, wrong methods), by status.
+_STATUS_CODES = {
+    401: ErrorCode.AUTH_REQUIRED,
+    403: ErrorCode.FORBIDDEN_ROLE,
+    404: ErrorCode.NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_ALLOWED,
+    413: ErrorCode.UPLOAD_TOO_LARGE,
+    422: ErrorCode.INVALID_REQUEST,
+}
+
+
+def error_code(exc: CovidscanError) -> ErrorCode:
+    """The code of any covidscan error: its own for service errors, else by its class."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    return next((code for cls, code in _LIBRARY_CODES if isinstance(exc, cls)), ErrorCode.INTERNAL)
+
+
+def status_code(status: int) -> ErrorCode:
+    """The code of an HTTP error raised by the framework rather than by covidscan."""
+    return _STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
