@@ -5,8 +5,6 @@ Route handlers declare what they need as ``Annotated`` aliases (``SessionDep``, 
 ``DoctorUser``, ``PageUser``, ...) instead of looking it up themselves.
 """
 
-from __future__ import annotations
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
@@ -110,6 +108,7 @@ def check_role(user: User, roles: tuple[str, ...]) -> None:
 
 def require_role(*roles: str, page: bool = False) -> Callable[[Principal], Principal]:
     """A dependency: the API's (or with ``page`` the pages') principal, 403 unless it has one of ``roles``."""
+    # (deps.py has no `from __future__ import annotations`: FastAPI must resolve this local name.)
     principal = page_principal if page else api_principal
 
     def dependency(who: Annotated[Principal, Depends(principal)]) -> Principal:
