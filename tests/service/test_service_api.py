@@ -7,6 +7,15 @@ from pathlib import Path
 
 from service_helpers import png_bytes
 
+from covidscan.service.errors import ErrorCode
+
+
+def code(response) -> str:
+    """The error code of a JSON error answer (every one has exactly a detail line and a code)."""
+    body = response.json()
+    assert set(body) == {"detail", "code"} and isinstance(body["detail"], str), body
+    return body["code"]
+
 
 def test_healthz_and_openapi_docs_work_offline(service) -> None:
     assert service.client.get("/healthz").json()["status"] == "ok"
@@ -39,8 +48,10 @@ def test_upload_is_predicted_with_cams_group_and_model_identity(service, ct_slic
 
 def test_unauthenticated_and_bad_tokens_get_401(service) -> None:
     c = service.client
-    assert c.get("/api/v1/worklist").status_code == 401
-    assert c.get("/api/v1/cases/1", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = c.get("/api/v1/worklist")
+    assert r.status_code == 401 and code(r) == ErrorCode.AUTH_REQUIRED
+    r = c.get("/api/v1/cases/1", headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401 and code(r) == ErrorCode.AUTH_REQUIRED
     r = c.post("/api/v1/cases", files=[("files", ("a.png", png_bytes()))])
     assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer"
 
@@ -49,7 +60,8 @@ def test_submitter_sees_only_its_own_cases_and_cannot_review(service, ct_slices)
     mine = service.upload("lab", ct_slices[:1]).json()["id"]
     theirs = service.upload("lab2", ct_slices[1:2]).json()["id"]
     service.wait(mine)
-    assert service.client.get(f"/api/v1/cases/{theirs}", headers=service.auth("lab")).status_code == 404
+    hidden = service.client.get(f"/api/v1/cases/{theirs}", headers=service.auth("lab"))
+    assert hidden.status_code == 404 and code(hidden) == ErrorCode.NOT_FOUND
     listed = {
         c["id"] for c in service.client.get("/api/v1/worklist?filter=all", headers=service.auth("lab")).json()
     }
@@ -59,13 +71,12 @@ def test_submitter_sees_only_its_own_cases_and_cannot_review(service, ct_slices)
         headers=service.auth("lab"),
         json={"agree": True, "finding": "covid", "sign": True},
     )
-    assert r.status_code == 403
+    assert r.status_code == 403 and code(r) == ErrorCode.FORBIDDEN_ROLE
 
 
 def test_doctor_cannot_export_or_manage_users(service) -> None:
-    assert (
-        service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("doctor")).status_code == 403
-    )
+    r = service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("doctor"))
+    assert r.status_code == 403 and code(r) == ErrorCode.FORBIDDEN_ROLE
     assert service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("admin")).status_code == 200
 
 
@@ -83,7 +94,11 @@ def test_signed_case_is_locked_and_amendment_keeps_the_old_version(service, ct_s
     assert signed.status_code == 200 and signed.json()["status"] == "signed"
     assert signed.json()["review"]["version"] == 1  # the draft became the signed version
     locked = service.client.post(url, headers=doctor, json={"agree": True, "finding": "covid", "sign": True})
-    assert locked.status_code == 409 and "amendment" in locked.json()["detail"]
+    assert locked.status_code == 409 and code(locked) == ErrorCode.ALREADY_SIGNED
+    unsigned = service.client.post(
+        url, headers=doctor, json={"agree": True, "finding": "covid", "amendment_reason": "unsigned"}
+    )
+    assert unsigned.status_code == 409 and code(unsigned) == ErrorCode.AMENDMENT_UNSIGNED
     amended = service.client.post(
         url,
         headers=service.auth("doctor2"),
@@ -101,7 +116,8 @@ def test_review_before_prediction_or_with_bad_finding_is_refused(service, ct_sli
         headers=service.auth("doctor"),
         json={"agree": True, "finding": "maybe", "sign": True},
     )
-    assert bad.status_code == 422
+    assert bad.status_code == 422 and code(bad) == ErrorCode.INVALID_REQUEST
+    assert "finding" in bad.json()["detail"]  # the field at fault is named for a person
     service.wait(case_id)
 
 
@@ -113,18 +129,19 @@ def test_non_image_is_refused_naming_the_file_and_nothing_is_stored(service, ct_
     before_blobs = _blobs(service.data_dir)
     before = service.client.get("/api/v1/worklist?filter=all", headers=service.auth("lab")).json()
     r = service.upload("lab", [ct_slices[0], ("notes.png", b"this is not an image at all")])
-    assert r.status_code == 422 and "notes.png" in r.json()["detail"]
+    assert r.status_code == 422 and code(r) == ErrorCode.NOT_AN_IMAGE
+    assert "notes.png" in r.json()["detail"]  # the file at fault is named for a person
     assert service.client.get("/api/v1/worklist?filter=all", headers=service.auth("lab")).json() == before
     assert _blobs(service.data_dir) == before_blobs
 
 
 def test_size_and_pixel_limits(service) -> None:
     too_big = service.upload("lab", [("big.png", b"\0" * 2_100_000)])
-    assert too_big.status_code == 413
+    assert too_big.status_code == 413 and code(too_big) == ErrorCode.UPLOAD_TOO_LARGE
     bomb = png_bytes((2500, 2500), 0)  # 6.25 Mpx in a few kB: over the 4 Mpx limit of the fixture
     assert len(bomb) < 100_000
     r = service.upload("lab", [("bomb.png", bomb)])
-    assert r.status_code == 413 and "bomb.png" in r.json()["detail"]
+    assert r.status_code == 413 and code(r) == ErrorCode.TOO_MANY_PIXELS and "bomb.png" in r.json()["detail"]
 
 
 def test_hostile_file_name_is_stored_by_content_and_escaped(service, ct_slices) -> None:

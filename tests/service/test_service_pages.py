@@ -9,6 +9,7 @@ from fastapi.testclient import TestClient
 from service_helpers import png_bytes as service_png
 
 from conftest import PASSWORD
+from covidscan.service.errors import ErrorCode
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 
@@ -61,7 +62,7 @@ def test_login_sets_a_fresh_httponly_samesite_session_and_logout_revokes_it(brow
 def test_login_needs_its_csrf_token(browser) -> None:
     browser.get("/login")
     r = browser.post("/login", data={"name": "doctor", "password": PASSWORD, "csrf": "forged"})
-    assert r.status_code == 403
+    assert r.status_code == 403 and r.json()["code"] == ErrorCode.CSRF
 
 
 def test_repeated_failures_are_throttled_with_429(browser) -> None:
@@ -76,15 +77,13 @@ def test_state_changing_forms_need_the_session_csrf_token(service, browser, ct_s
     service.wait(case_id)
     login(browser, "doctor")
     r = browser.post(f"/cases/{case_id}/review", data={"agree": "yes", "finding": "covid", "sign": "on"})
-    assert r.status_code == 403
-    assert browser.post("/logout").status_code == 403
+    assert r.status_code == 403 and r.json()["code"] == ErrorCode.CSRF
+    r = browser.post("/logout")
+    assert r.status_code == 403 and r.json()["code"] == ErrorCode.CSRF
     # the API with the session cookie needs the token in a header, too
-    assert (
-        browser.post(
-            f"/api/v1/cases/{case_id}/review", json={"agree": True, "finding": "covid", "sign": True}
-        ).status_code
-        == 403
-    )
+    verdict = {"agree": True, "finding": "covid", "sign": True}
+    r = browser.post(f"/api/v1/cases/{case_id}/review", json=verdict)
+    assert r.status_code == 403 and r.json()["code"] == ErrorCode.CSRF
 
 
 def test_doctor_signs_in_the_form_then_the_case_is_locked(service, browser, ct_slices) -> None:
@@ -141,8 +140,9 @@ def test_pages_send_a_strict_content_security_policy(browser) -> None:
 
 def test_roles_on_pages(service, browser) -> None:
     login(browser, "doctor")
-    assert browser.get("/admin").status_code == 403
-    assert browser.get("/upload").status_code == 403
+    for page in ("/admin", "/upload"):
+        r = browser.get(page)
+        assert r.status_code == 403 and r.json()["code"] == ErrorCode.FORBIDDEN_ROLE
     login(browser, "lab")
     assert browser.get("/upload").status_code == 200
     login(browser, "admin")
