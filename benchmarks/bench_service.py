@@ -30,7 +30,7 @@ import httpx
 
 from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.service.auth import add_user, new_token
-from covidscan.service.settings import ServiceConfig, open_service
+from covidscan.service.settings import ServiceSettings, open_service
 
 
 def _serve(run: Path, data_dir: Path, port: int) -> subprocess.Popen:
@@ -97,7 +97,7 @@ def main() -> None:
         manifest = write_phantom_dataset(Path(tmp) / "phantoms", n=8, modality="ct", seed=3)
         images = [(p.name, p.read_bytes()) for p in sorted(manifest.parent.glob("images/**/*.png"))]
         data_dir = Path(tmp) / "service"
-        db, _ = open_service(ServiceConfig(data_dir=data_dir))
+        db, _ = open_service(ServiceSettings(data_dir=data_dir))
         with db.session() as s:
             token = new_token(s, add_user(s, "bench", "submitter", None))
         db.dispose()
