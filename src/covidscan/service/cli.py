@@ -27,13 +27,15 @@ audit_app = typer.Typer(help="The review service's audit trail.", no_args_is_hel
 
 DataDir = Annotated[
     Path | None,
-    typer.Option("--data-dir", help="The service's data folder (database, files) [env: COVIDSCAN_DATA_DIR]."),
+    typer.Option(
+        "--data-dir", help="The service's data folder: database, files (or env COVIDSCAN_DATA_DIR)."
+    ),
 ]
 DatabaseUrl = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        help="Default: SQLite in the data folder; or postgresql+psycopg://... [env: COVIDSCAN_DATABASE_URL]",
+        help="Default: SQLite in the data folder, or postgresql+psycopg://... (env COVIDSCAN_DATABASE_URL)",
     ),
 ]
 
@@ -54,7 +56,7 @@ def _open(
 def serve(
     run: Annotated[
         Path | None,
-        typer.Option("--run", help="Run directory whose model predicts new cases [env: COVIDSCAN_RUN]."),
+        typer.Option("--run", help="Run directory whose model predicts new cases (or env COVIDSCAN_RUN)."),
     ] = None,
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
@@ -68,7 +70,7 @@ def serve(
         bool | None,
         typer.Option(
             "--worker/--no-worker",
-            help="Predict in this process (else run `covidscan worker`) [env: COVIDSCAN_WORKER].",
+            help="Predict in this process, else run `covidscan worker` (or env COVIDSCAN_WORKER).",
         ),
     ] = None,
 ) -> None:
