@@ -134,3 +134,16 @@ def test_error_codes_are_distinct_snake_case_words() -> None:
     values = [c.value for c in ErrorCode]
     assert len(set(values)) == len(values) and all(re.fullmatch(r"[a-z_]+", v) for v in values)
     assert str(ErrorCode.CSRF) == "csrf" and f"{ErrorCode.NOT_FOUND}" == "not_found"
+
+
+def test_a_bug_is_a_json_500_with_the_internal_code_and_no_traceback(service) -> None:
+    from fastapi.testclient import TestClient
+
+    def boom() -> None:
+        raise RuntimeError("secret internals at /srv/covidscan")
+
+    service.client.app.add_api_route("/test-boom", boom, include_in_schema=False)
+    client = TestClient(service.client.app, base_url="http://127.0.0.1", raise_server_exceptions=False)
+    r = client.get("/test-boom")
+    assert r.status_code == 500 and r.json()["code"] == ErrorCode.INTERNAL
+    assert "secret" not in r.text and "Traceback" not in r.text

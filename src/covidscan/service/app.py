@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
-from covidscan.service.errors import AuthRequired, ErrorCode, LoginRequired, error_code, status_code
+from covidscan.service.errors import AuthRequired, ErrorCode, LoginRequired, code_for_status, error_code
 from covidscan.service.schemas import ErrorBody
 from covidscan.service.settings import ServiceSettings, active_run, open_service
 from covidscan.service.worker import Worker
@@ -127,6 +127,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), status_code(exc.status_code), exc.headers)
+        return error_response(exc.status_code, str(exc.detail), code_for_status(exc.status_code), exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+        # Starlette logs the traceback (it re-raises after answering); the client gets no internals.
+        return error_response(500, "internal error; the server log has the details", ErrorCode.INTERNAL)
 
     return app

@@ -135,6 +135,6 @@ def error_code(exc: CovidscanError) -> ErrorCode:
     return next((code for cls, code in _LIBRARY_CODES if isinstance(exc, cls)), ErrorCode.INTERNAL)
 
 
-def status_code(status: int) -> ErrorCode:
+def code_for_status(status: int) -> ErrorCode:
     """The code of an HTTP error raised by the framework rather than by covidscan."""
     return _STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
