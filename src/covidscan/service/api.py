@@ -96,7 +96,8 @@ def post_case(
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
 ) -> CaseCreated:
     """Create a case from uploaded images (422 naming a non-image; 413 when too large); predicted later."""
-    # Decoding happens between two short transactions: SQLite would otherwise hold its write lock meanwhile.
+    # Decoding happens between two short transactions: SQLite would otherwise hold its write lock meanwhile
+    # (the look-up of `who` ended its own; this commit keeps the rule whatever ran before).
     db.commit()
     checked = check_uploads(read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels)
     case = create_case(db, store, who.user, checked, patient_id)

@@ -71,6 +71,13 @@ def _cookie_session(request: Request, db: Session) -> WebSession | None:
     return session_for_cookie(db, sid) if sid else None
 
 
+def _end_lookup(db: Session) -> None:
+    """End the look-up's transaction before the handler runs: on SQLite every transaction holds the write
+    lock, and the handler runs in another threadpool thread; a lock held across that hand-over stalls
+    (until "database is locked") once every thread is busy waiting for it, as under 50 concurrent uploads."""
+    db.commit()
+
+
 def api_principal(request: Request, db: SessionDep) -> Principal:
     """For ``/api``: the bearer token's user, else the session cookie's (401 without either); a
     cookie-authenticated state-changing call must carry the session's CSRF token in ``X-CSRF-Token``."""
@@ -81,6 +88,7 @@ def api_principal(request: Request, db: SessionDep) -> Principal:
     else:
         session = _cookie_session(request, db)
         who = Principal(session.user, session) if session is not None else None
+    _end_lookup(db)
     if who is None:
         raise AuthRequired("authentication required: send 'Authorization: Bearer TOKEN'")
     if (
@@ -95,6 +103,7 @@ def api_principal(request: Request, db: SessionDep) -> Principal:
 def page_principal(request: Request, db: SessionDep) -> Principal:
     """For HTML pages: the session cookie's user and session; a redirect to the login page without one."""
     session = _cookie_session(request, db)
+    _end_lookup(db)
     if session is None:
         raise LoginRequired()
     return Principal(session.user, session)
