@@ -211,7 +211,7 @@ def test_export_lists_signed_covid_and_non_covid_originals_for_adapt(service, ct
     export = service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("admin"))
     assert export.headers["content-type"].startswith("text/csv")
     lines = export.text.splitlines()
-    assert lines[0] == "path,label,patient_id"
+    assert lines[0] == "path,label,patient_id,site"
     rows = [line.split(",") for line in lines[1:]]
     assert [r for r in rows if r[2] == "p-exp-1"] and all(r[1] == "covid" for r in rows if r[2] == "p-exp-1")
     assert len([r for r in rows if r[2] == "p-exp-2"]) == 2

@@ -18,7 +18,7 @@ def test_patient_ids_typed_as_formulas_are_escaped_and_read_back(service, ct_sli
     assert signed.status_code == 200
     export = service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("admin"))
     rows = list(csv.reader(io.StringIO(export.text)))
-    assert rows[0] == ["path", "label", "patient_id"]
+    assert rows[0] == ["path", "label", "patient_id", "site"]
     assert [r[2] for r in rows[1:]] == ["'" + PATIENT]  # a spreadsheet shows it as text, never runs it
     manifest = service.data_dir / "verdicts.csv"
     manifest.write_text(export.text, encoding="utf-8")

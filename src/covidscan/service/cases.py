@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import pandas as pd
@@ -16,7 +17,7 @@ from covidscan.errors import ConfigError
 from covidscan.outputs import csv_text
 from covidscan.service.audit import record
 from covidscan.service.errors import Conflict, ErrorCode, NotAllowed, UploadRejected
-from covidscan.service.models import FINDINGS, Case, CaseImage, Job, Review, User, utcnow
+from covidscan.service.models import FINDINGS, Case, CaseImage, Job, Review, Site, User, utcnow
 from covidscan.service.scoring import UploadInfo, inspect_upload
 from covidscan.service.storage import BlobStore
 
@@ -48,12 +49,31 @@ def check_uploads(uploads: list[Upload], *, max_pixels: int) -> list[CheckedUplo
 
 
 def create_case(
-    db: Session, store: BlobStore, user: User, checked: list[CheckedUpload], patient_id: str | None
+    db: Session,
+    store: BlobStore,
+    user: User,
+    checked: list[CheckedUpload],
+    patient_id: str | None,
+    *,
+    site: str | None = None,
 ) -> Case:
-    """Store checked uploads (content-addressed) as a new case and queue its prediction job."""
+    """Store checked uploads (content-addressed) as a new case and queue its prediction job.
+
+    The case's site is ``site`` (the name the sender gave), else the first DICOM upload's InstitutionName
+    or StationName, else the submitter account's (:func:`covidscan.service.sites.resolve_site`).
+    """
+    from covidscan.service.sites import resolve_site  # sites builds on this module
+
     if user.role not in ("submitter", "admin"):
         raise NotAllowed(f"user {user.name} ({user.role}) cannot submit cases")
-    case = Case(patient_id=(patient_id or None) and patient_id[:128], submitted_by=user.id, status="queued")
+    dicom = next((item.info.dicom for item in checked if item.info.dicom), None)
+    case_site = resolve_site(db, explicit=site, submitter=user, dicom=dicom)
+    case = Case(
+        patient_id=(patient_id or None) and patient_id[:128],
+        submitted_by=user.id,
+        site_id=case_site.id,
+        status="queued",
+    )
     db.add(case)
     db.flush()
     for position, item in enumerate(checked):
@@ -79,6 +99,7 @@ def create_case(
         target=f"case:{case.id}",
         n_files=len(checked),
         patient_id=case.patient_id,
+        site=case_site.name,
     )
     return case
 
@@ -94,16 +115,25 @@ def get_case(db: Session, user: User, case_id: int) -> Case | None:
     query = (
         visible_cases(user)
         .where(Case.id == case_id)
-        .options(selectinload(Case.images), selectinload(Case.reviews).selectinload(Review.reviewer))
+        .options(
+            selectinload(Case.images),
+            selectinload(Case.reviews).selectinload(Review.reviewer),
+            selectinload(Case.site),
+        )
     )
     return db.scalar(query)
 
 
-def worklist(db: Session, user: User, which: str = "pending", limit: int = 200) -> list[Case]:
-    """Pending cases first (ready before still-predicting), uncertain and high-probability ones on top."""
+def worklist(
+    db: Session, user: User, which: str = "pending", limit: int = 200, *, site: Site | None = None
+) -> list[Case]:
+    """Pending cases first (ready before still-predicting), uncertain and high-probability ones on top;
+    with ``site``, only that site's cases."""
     if which not in WORKLIST_FILTERS:
         raise ConfigError(f"worklist filter must be one of {', '.join(WORKLIST_FILTERS)}, got {which!r}")
-    query = visible_cases(user).options(selectinload(Case.images))
+    query = visible_cases(user).options(selectinload(Case.images), selectinload(Case.site))
+    if site is not None:
+        query = query.where(Case.site_id == site.id)
     if which == "pending":
         query = query.where(Case.status.in_(("queued", "running", "ready", "failed")))
     elif which == "reviewed":
@@ -190,14 +220,22 @@ def submit_review(
     return review
 
 
-def _signed_latest(db: Session) -> list[tuple[Case, Review]]:
-    """Every signed case with its newest signed verdict."""
-    cases = db.scalars(
+def signed_latest(
+    db: Session, *, site: Site | None = None, since: datetime | None = None
+) -> list[tuple[Case, Review]]:
+    """Every signed case with its newest signed verdict, by case id; with ``site``, only that site's, and
+    with ``since``, only cases predicted at or after that time (e.g. since the site's run was switched)."""
+    query = (
         select(Case)
         .where(Case.status == "signed")
         .order_by(Case.id)
-        .options(selectinload(Case.images), selectinload(Case.reviews))
+        .options(selectinload(Case.images), selectinload(Case.reviews), selectinload(Case.site))
     )
+    if site is not None:
+        query = query.where(Case.site_id == site.id)
+    if since is not None:
+        query = query.where(Case.predicted_at >= since)
+    cases = db.scalars(query)
     out = []
     for case in cases:
         signed = [r for r in case.reviews if r.signed_at is not None]
@@ -206,27 +244,30 @@ def _signed_latest(db: Session) -> list[tuple[Case, Review]]:
     return out
 
 
-def export_verdicts(db: Session, store: BlobStore) -> str:
-    """A manifest CSV ``path,label,patient_id`` of signed verdicts, one row per stored original.
+def export_verdicts(
+    db: Session, store: BlobStore, *, site: Site | None = None, since: datetime | None = None
+) -> str:
+    """A manifest CSV ``path,label,patient_id,site`` of signed verdicts, one row per stored original.
 
     ``label`` is the doctor's finding (``covid``/``non_covid``); indeterminate verdicts are left out.
     ``patient_id`` is the case's, else ``case-N``, so a later patient split keeps a case together. The
     store keeps identical bytes once, so an image sent in two cases is one row; when its signed findings
-    disagree it is left out rather than given either label.
+    disagree it is left out rather than given either label. ``site`` is the case's site name (the first
+    case's, for an image sent from two sites); ``site`` and ``since`` filter as in :func:`signed_latest`.
     """
-    rows: dict[str, tuple[str, str]] = {}
+    rows: dict[str, tuple[str, str, str]] = {}
     conflicting: set[str] = set()
-    for case, review in _signed_latest(db):
+    for case, review in signed_latest(db, site=site, since=since):
         if review.finding == "indeterminate":
             continue
         for im in case.images:
             path = str(store.path(im.sha256))
             if path in rows and rows[path][0] != review.finding:
                 conflicting.add(path)
-            rows.setdefault(path, (review.finding, case.patient_id or f"case-{case.id}"))
+            rows.setdefault(path, (review.finding, case.patient_id or f"case-{case.id}", case.site.name))
     table = pd.DataFrame(
-        [(path, label, patient) for path, (label, patient) in rows.items() if path not in conflicting],
-        columns=["path", "label", "patient_id"], dtype=object,
+        [(path, *row) for path, row in rows.items() if path not in conflicting],
+        columns=["path", "label", "patient_id", "site"], dtype=object,
     )
     return csv_text(table)  # patient ids are typed by users: escaped against spreadsheet formula injection
 
@@ -234,7 +275,7 @@ def export_verdicts(db: Session, store: BlobStore) -> str:
 def agreement_by_month(db: Session) -> list[dict[str, Any]]:
     """Per month of signature: signed cases, how many the doctor agreed with, and the rate."""
     months: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for _case, review in _signed_latest(db):
+    for _case, review in signed_latest(db):
         month = review.signed_at.strftime("%Y-%m")
         months[month][0] += 1
         months[month][1] += int(review.agree)

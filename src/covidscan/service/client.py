@@ -74,10 +74,14 @@ def send_cases(
     token: str,
     *,
     patient_id: str | None = None,
+    site: str | None = None,
     wait: float = 0.0,
     timeout: float = 120.0,
 ) -> list[dict[str, Any]]:
     """Upload every case of :func:`plan_cases`; with ``wait`` > 0 seconds, poll until each is predicted.
+
+    ``site`` names the site every case comes from (else the service takes the DICOM InstitutionName or
+    StationName, else the sending account's name).
 
     Returns one dict per case: ``id``, ``status``, ``url`` (its page) and, once ready, ``group``.
     """
@@ -91,6 +95,8 @@ def send_cases(
                 with ExitStack() as stack:
                     parts = [("files", (f.name, stack.enter_context(open(f, "rb")))) for f in batch.files]
                     data = {"patient_id": batch.patient_id} if batch.patient_id else {}
+                    if site:
+                        data["site"] = site
                     created = _check(
                         http.post("/api/v1/cases", files=parts, data=data),
                         f"sending {len(batch.files)} file(s)",

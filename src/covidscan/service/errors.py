@@ -32,6 +32,9 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     NOT_READY = "not_ready"  # 409: the case's prediction is not ready for a verdict
     ALREADY_SIGNED = "already_signed"  # 409: a signed verdict is locked; changing it needs an amendment
     AMENDMENT_UNSIGNED = "amendment_unsigned"  # 409: an amendment must be signed
+    SITE_NAME_TAKEN = "site_name_taken"  # 409: another site holds that name (merge the two instead)
+    SITE_MERGED = "site_merged"  # 409: the site was merged into another (or into itself)
+    FIRST_READ_REFUSED = "first_read_refused"  # 409: a first read after the reader saw the model's result
     NO_FILES = "no_files"  # 422: an upload without files
     NOT_AN_IMAGE = "not_an_image"  # 422: a file that no image decoder reads
     IMAGE_REFUSED = "image_refused"  # 422: read, but refused by the quality gate

@@ -22,6 +22,10 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 ROLES = ("admin", "doctor", "submitter")
 CASE_STATES = ("queued", "running", "ready", "failed", "signed")
 FINDINGS = ("covid", "non_covid", "indeterminate")
+# new: no verdicts and no alarm yet; shifted: the shift alarm rang before any verdict; validating: signed
+# cases are coming in; validated: the site's own figures meet its rules; degraded: a recent window fell below.
+SITE_STATUSES = ("new", "shifted", "validating", "validated", "degraded")
+SITE_RUN_STATES = ("training", "candidate", "promoted", "rejected", "rolled_back", "failed")
 
 
 def utcnow() -> datetime:
@@ -105,6 +109,27 @@ class Setting(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
+class Site(Base):
+    """Where images come from (a hospital, a scanner): by default the submitter account, else the sender's
+    ``site`` or the DICOM InstitutionName/StationName. A merged site keeps its row (so its name still
+    resolves, to ``merged_into``) but owns no cases."""
+
+    __tablename__ = "sites"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    status: Mapped[str] = mapped_column(String(16), default="new")  # one of SITE_STATUSES
+    status_since: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reader_first: Mapped[bool | None] = mapped_column(Boolean)  # None: reader-first unless validated
+    rules: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # admin's validation rules; None: defaults
+    active_run: Mapped[str | None] = mapped_column(Text)  # the run serving this site; None: the global one
+    run_since: Mapped[datetime | None] = mapped_column(UTCDateTime)  # local validation counts from here
+    merged_into_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))
+    local: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # cache: the latest local figures
+    shift: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # cache: the latest shift test result
+    merged_into: Mapped[Site | None] = relationship(remote_side=[id])
+
+
 class Case(Base):
     """Images of one patient or series sent together, their predictions and their reviews."""
 
@@ -112,6 +137,8 @@ class Case(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str | None] = mapped_column(String(128))
     submitted_by: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    # Named: SQLite's batch migrations can only drop a foreign key that has a name.
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id", name="fk_cases_site_id_sites"), index=True)
     status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     predicted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
@@ -121,6 +148,7 @@ class Case(Base):
     priority: Mapped[float | None] = mapped_column(Float)  # worklist order: uncertain, then high p first
     error: Mapped[str | None] = mapped_column(Text)
     submitter: Mapped[User] = relationship()
+    site: Mapped[Site] = relationship()
     images: Mapped[list[CaseImage]] = relationship(order_by="CaseImage.position", back_populates="case")
     reviews: Mapped[list[Review]] = relationship(order_by="Review.version", back_populates="case")
 
@@ -148,6 +176,8 @@ class CaseImage(Base):
     error: Mapped[str | None] = mapped_column(Text)
     group_id: Mapped[str | None] = mapped_column(String(128))
     cam_sha256: Mapped[str | None] = mapped_column(String(64))
+    # The image's pooled backbone features (a float32 .npy blob): the shift test's and teaching order's input.
+    features_sha256: Mapped[str | None] = mapped_column(String(64))
     case: Mapped[Case] = relationship(back_populates="images")
 
 
@@ -182,6 +212,55 @@ class Review(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     reviewer: Mapped[User] = relationship()
     case: Mapped[Case] = relationship(back_populates="reviews")
+
+
+class FirstRead(Base):
+    """A reader-first finding, recorded before the model's result was shown to that reader.
+
+    Kept apart from :class:`Review` (the final verdict, which the model may have swayed): local
+    validation compares the model with a read it did not influence. One per reader and case, never changed.
+    """
+
+    __tablename__ = "first_reads"
+    __table_args__ = (UniqueConstraint("case_id", "reader_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    reader_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    finding: Mapped[str] = mapped_column(String(16))  # one of FINDINGS
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    reader: Mapped[User] = relationship()
+
+
+class SiteShiftCheck(Base):
+    """One shift test of a site's images against a run's own validation images (the history)."""
+
+    __tablename__ = "site_shift_checks"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"), index=True)
+    run: Mapped[str] = mapped_column(Text)  # the run whose validation images were the reference
+    computed_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    n_images: Mapped[int] = mapped_column(Integer)
+    auc: Mapped[float | None] = mapped_column(Float)  # effect size: how well the two groups separate
+    p_value: Mapped[float | None] = mapped_column(Float)
+    alarm: Mapped[bool] = mapped_column(Boolean)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class SiteRun(Base):
+    """A run trained for one site (a challenger) and what became of it: compared, promoted or not."""
+
+    __tablename__ = "site_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"), index=True)
+    run: Mapped[str] = mapped_column(Text)  # the run directory (chosen before training starts)
+    parent_run: Mapped[str | None] = mapped_column(Text)  # the run it was adapted from
+    state: Mapped[str] = mapped_column(String(16), default="training")  # one of SITE_RUN_STATES
+    comparison: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # challenger vs champion, with CIs
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    promoted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    n_patients: Mapped[int | None] = mapped_column(Integer)  # signed patients it was adapted on
 
 
 class AuditHead(Base):

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from covidscan.service.cases import current_review
 from covidscan.service.errors import ErrorCode
-from covidscan.service.models import Case, CaseImage, Review
+from covidscan.service.models import Case, CaseImage, Review, Site
+from covidscan.service.sites import reader_first_applies
 
 CaseStatus = Literal["queued", "running", "ready", "failed", "signed"]
 Finding = Literal["covid", "non_covid", "indeterminate"]
@@ -152,12 +153,26 @@ class ModelIdentity(BaseModel):
     test_n_images: int | None = None
 
 
+class SiteRef(BaseModel):
+    """The site a case came from, as shown beside its result."""
+
+    id: int
+    name: str
+    status: str = Field(description="The model's standing at this site (see the site's page)")
+    reader_first: bool = Field(description="Doctors record their own finding before seeing the model's")
+
+    @classmethod
+    def from_site(cls, site: Site) -> SiteRef:
+        return cls(id=site.id, name=site.name, status=site.status, reader_first=reader_first_applies(site))
+
+
 class CaseOut(BaseModel):
     """A case: status, per-image predictions, group prediction, warnings and the current verdict."""
 
     id: int
     status: CaseStatus
     patient_id: str | None
+    site: SiteRef
     created_at: datetime
     predicted_at: datetime | None
     error: str | None
@@ -175,6 +190,7 @@ class CaseOut(BaseModel):
             id=case.id,
             status=case.status,
             patient_id=case.patient_id,
+            site=SiteRef.from_site(case.site),
             created_at=case.created_at,
             predicted_at=case.predicted_at,
             error=case.error,
@@ -193,6 +209,7 @@ class WorklistItem(BaseModel):
     id: int
     status: CaseStatus
     patient_id: str | None
+    site: SiteRef
     n_images: int
     p_covid: float | None = Field(description="The group prediction's p(covid); null until predicted")
     uncertain: bool = Field(description="An image's probability lies in the model's uncertainty band")
@@ -204,6 +221,7 @@ class WorklistItem(BaseModel):
             id=case.id,
             status=case.status,
             patient_id=case.patient_id,
+            site=SiteRef.from_site(case.site),
             n_images=len(case.images),
             p_covid=case.group["p_covid"] if case.group else None,
             uncertain=any(im.uncertain for im in case.images),

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydicom
 from PIL import Image
 
 from covidscan.errors import ImageRefusedError, InputError
@@ -24,16 +25,25 @@ from covidscan.service.errors import ErrorCode, UploadRejected
 DISPLAY_MAX_SIDE = 1024  # the PNG shown in the browser; the original is kept untouched
 _METRICS_SHOWN = ("accuracy", "recall", "specificity", "roc_auc", "f1")
 _DECODER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+SITE_TAGS = ("InstitutionName", "StationName")  # where a DICOM file says which site it comes from
 
 
 @dataclass(frozen=True)
 class UploadInfo:
-    """What a decoded upload is: the suffix its decoder needs, its size, and a PNG to show."""
+    """What a decoded upload is: the suffix its decoder needs, its size, a PNG to show and, for DICOM, the
+    :data:`SITE_TAGS` it carries (only those present and non-empty)."""
 
     suffix: str
     width: int
     height: int
     display_png: bytes
+    dicom: dict[str, str] | None = None
+
+
+def _site_tags(data: bytes) -> dict[str, str]:
+    """InstitutionName and StationName of a DICOM file that already decoded (so the header reads)."""
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(SITE_TAGS))
+    return {tag: value for tag in SITE_TAGS if (value := str(ds.get(tag, "") or "").strip())}
 
 
 def _suffix(name: str, data: bytes) -> str:
@@ -65,7 +75,8 @@ def inspect_upload(data: bytes, name: str, *, max_pixels: int) -> UploadInfo:
     shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
     buf = io.BytesIO()
     shown.save(buf, format="PNG")
-    return UploadInfo(_suffix(name, data), width, height, buf.getvalue())
+    dicom = _site_tags(data) if loaded.meta.format == "DICOM" else None
+    return UploadInfo(_suffix(name, data), width, height, buf.getvalue(), dicom)
 
 
 @dataclass(frozen=True)
