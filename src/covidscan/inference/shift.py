@@ -2,7 +2,7 @@
 
 :func:`run_reference` gives a run's reference shift features: those stored in the run
 (``shift_reference.safetensors``) or, for a run written before covidscan stored them, those of the
-validation images its ``splits.csv`` lists, computed once per :class:`Predictor`. :func:`shift_report` runs
+validation images its ``splits.csv`` lists. :func:`shift_report` runs
 the test (:mod:`covidscan.evaluation.shift`) on a folder or manifest and writes ``shift.json``,
 ``shift.csv`` and ``shift.png``.
 """
@@ -31,8 +31,6 @@ from covidscan.runs import load_shift_reference
 log = logging.getLogger(__name__)
 
 COMPUTED = "validation split (computed from splits.csv: the run stores no reference)"
-_computed: dict[tuple[str, str, str], np.ndarray] = {}
-"""References computed for older runs, per (run, weights, precision): a service computes each once."""
 
 
 def run_reference(predictor: Predictor) -> tuple[np.ndarray, str]:
@@ -40,16 +38,13 @@ def run_reference(predictor: Predictor) -> tuple[np.ndarray, str]:
 
     Stored in the run since covidscan wrote ``shift_reference.safetensors``; for an older run computed from
     the validation images its ``splits.csv`` lists, when they can all be read (else ResourceNotFoundError
-    saying so). A computed reference is kept for the life of the process.
+    saying so); a caller testing often (the review service) keeps the result rather than recomputing it.
     """
     stored = load_shift_reference(predictor.run_dir, predictor.checkpoint)
     if stored is not None:
         assert predictor.checkpoint.shift_reference is not None
         return stored, predictor.checkpoint.shift_reference.source
     run = predictor.run_dir
-    key = (str(run.resolve()), predictor.checkpoint.weights_sha256, predictor.precision)
-    if key in _computed:
-        return _computed[key], COMPUTED
     if predictor.model.backbone.name == PIXELS:
         raise ConfigError(f"{run} is a BPNN baseline run: it has no backbone features to compare images "
                           "on; use a run with a pretrained backbone")
@@ -72,7 +67,6 @@ def run_reference(predictor: Predictor) -> tuple[np.ndarray, str]:
     if len(features) < MIN_REFERENCE:
         raise ResourceNotFoundError(f"{older}, and only {len(features)} of its {len(paths)} validation "
                                     "images can be read now; train the run again to store a reference")
-    _computed[key] = features
     return features, COMPUTED
 
 
