@@ -426,6 +426,41 @@ def predict(
                             f"reason is in {out}")
 
 
+@app.command("shift")
+def shift(
+    run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train` or `adapt`.")],
+    data: Annotated[
+        Path, typer.Option(help="Folder (searched recursively) or manifest CSV: 30 or more images of a site.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for shift.json, shift.csv and shift.png.")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the folds, permutations and bootstrap.")] = 0,
+    precision: PrecisionOption = "auto",
+) -> None:
+    """Do these images look like the run's validation images? A shift alarm before any verdict.
+
+    An alarm means "not yet validated here", never "wrong": only the site's signed cases say how well the
+    model works there.
+    """
+    from covidscan.inference.shift import shift_report
+
+    report = shift_report(run, data, out, seed=seed, precision=precision)
+    result = report.result
+    ci = f" (95% CI {result.auc_ci[0]:.2f}-{result.auc_ci[1]:.2f})" if result.auc_ci else ""
+    left_out = len(report.table) - result.n_sample
+    out_console.print(
+        f"{_n(result.n_sample, 'image')} of {data} against {result.n_reference} reference images of {run} "
+        f"({report.reference})" + (f"; {left_out} left out (unreadable or refused)" if left_out else "")
+    )
+    out_console.print(f"effect size: ROC AUC {result.auc:.2f}{ci} (0.5: the two groups look alike)")
+    out_console.print(f"p-value: {result.p_value:.3g} ({result.n_permutations} permutations; alarm below "
+                      f"{result.level:g})")
+    out_console.print(f"verdict: {result.verdict}")
+    for path in report.files:
+        out_console.print(f"wrote {path}")
+
+
 @app.command("export")
 def export(
     run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train`.")],

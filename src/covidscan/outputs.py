@@ -37,7 +37,8 @@ CSV files as those same bytes, so a manifest of such files still finds them."""
 FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 RUN_ENTRIES = ("config.yaml", "model.safetensors", "checkpoint.json", "ood.safetensors", "splits.csv",
                "excluded.csv", "history.json", "metrics.json", "predictions.csv", "audit.json", "report.md",
-               "model_card.md", "figures", "fingerprints.csv")
+               "model_card.md", "figures", "fingerprints.csv",
+               "shift_reference.safetensors")
 """What covidscan writes into a run directory: outputs must not replace any of them."""
 
 

@@ -10,6 +10,7 @@ A run directory holds::
     metrics.json         test metrics (schema in the README)
     ood.safetensors      the out-of-distribution detector (training features and image statistics)
     fingerprints.csv     pixel and perceptual hashes of every training and validation image
+    shift_reference.safetensors  the shift features of the validation images (the shift test's reference)
     figures/*.png, report.md
 
 Nothing that predicts from a run writes into it, so one run can serve many processes at once. Loading
@@ -28,6 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+import safetensors
+import safetensors.numpy
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -49,6 +53,8 @@ CHECKPOINT_FORMAT = 2
 REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
 OOD_FILE = "ood.safetensors"
 FINGERPRINTS_FILE = "fingerprints.csv"
+SHIFT_FILE = "shift_reference.safetensors"
+_SHIFT_FORMAT = "covidscan-shift/1"
 SHA256 = r"^[0-9a-f]{64}$"
 
 
@@ -101,6 +107,20 @@ class FingerprintInfo(BaseModel):
     n_images: int = Field(ge=0)
 
 
+class ShiftReferenceInfo(BaseModel):
+    """Where a run's shift-test reference lives: the shift features
+    (:func:`covidscan.evaluation.shift.shift_features`) of ``n_images`` images, ``source`` saying which
+    (a trained run: its validation split; an adapted run: the local cases its figures were measured on).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = SHIFT_FILE
+    sha256: str = Field(pattern=SHA256)
+    n_images: int = Field(gt=0)
+    source: str
+
+
 class Checkpoint(BaseModel):
     """The typed ``checkpoint.json``: model identity, preprocessing, normalisation and calibration.
 
@@ -129,6 +149,9 @@ class Checkpoint(BaseModel):
     """SHA-256 of the X-ray lung U-Net the run was trained with (masked ``cxr`` runs only)."""
     fingerprints: FingerprintInfo | None = None
     """None on runs written before covidscan stored fingerprints: their splits.csv paths are re-read."""
+    shift_reference: ShiftReferenceInfo | None = None
+    """None on runs written before covidscan stored it (it is then computed from splits.csv's validation
+    rows), and on runs without backbone features or without a validation split."""
     seal: str | None = Field(None, pattern=SHA256)
     """SHA-256 of this file's other keys (:func:`checkpoint_seal`): a threshold or temperature edited by
     hand is caught on load. None on runs written before covidscan sealed its checkpoints."""
@@ -219,14 +242,16 @@ def save_run(
     parent: ParentRun | None = None,
     ood: tuple[OODDetector, int, int] | None = None,
     fingerprints: Fingerprints | None = None,
+    shift_reference: tuple[np.ndarray, str] | None = None,
 ) -> Checkpoint:
     """Write config.yaml, model.safetensors, checkpoint.json (and ood.safetensors, fingerprints.csv) into
     ``out``.
 
     ``parent`` records where an adapted run came from (see :class:`ParentRun`); ``ood`` is a fitted
     detector with the numbers of training and validation images it saw; ``fingerprints`` those of the
-    images the run was trained and validated on. Returns the checkpoint. A write that fails (a full disk)
-    is a StorageError naming the file; callers write into a staged folder
+    images the run was trained and validated on; ``shift_reference`` the shift features of the images its
+    figures were measured on, with a few words saying which. Returns the checkpoint. A write that fails (a
+    full disk) is a StorageError naming the file; callers write into a staged folder
     (:func:`covidscan.outputs.staged_folder`), so nothing half-written is left behind.
     """
     with writing(out):
@@ -241,6 +266,7 @@ def save_run(
     if cfg.preprocess.mask_outside_lungs and cfg.preprocess.modality == "cxr":
         lung_sha = file_sha256(lung_model_path(cfg.preprocess.lung_model))
     fingerprint_info = None if fingerprints is None else save_fingerprints(out, fingerprints)
+    shift_info = None if shift_reference is None else save_shift_reference(out, *shift_reference)
     ood_info = None
     if ood is not None:
         detector, n_train, n_val = ood
@@ -264,6 +290,7 @@ def save_run(
         ood=ood_info,
         lung_model_sha256=lung_sha,
         fingerprints=fingerprint_info,
+        shift_reference=shift_info,
     )
     return write_checkpoint(out, checkpoint)
 
@@ -345,6 +372,40 @@ def seen_fingerprints(run: str | Path, checkpoint: Checkpoint, *, workers: int =
         raise StorageError(f"cannot read {splits} ({exc}): the run's training images are unknown; "
                            "train again") from None
     return Fingerprints.of_files(paths, names, workers=workers)
+
+
+def save_shift_reference(out: Path, features: np.ndarray, source: str) -> ShiftReferenceInfo:
+    """Write ``out/shift_reference.safetensors`` (float32 (N, D)); returns what the checkpoint records."""
+    file = out / SHIFT_FILE
+    meta = {"format": _SHIFT_FORMAT, "source": source}
+    with writing(file):
+        safetensors.numpy.save_file({"features": np.ascontiguousarray(features, dtype=np.float32)}, file,
+                                    metadata={"covidscan_shift": json.dumps(meta)})
+    return ShiftReferenceInfo(sha256=file_sha256(file), n_images=len(features), source=source)
+
+
+def load_shift_reference(run: str | Path, checkpoint: Checkpoint) -> np.ndarray | None:
+    """The run's stored shift features (N, D), checked against the checkpoint's hash; None when the run
+    has none (written before covidscan stored them)."""
+    info = checkpoint.shift_reference
+    if info is None:
+        return None
+    file = Path(run) / info.file
+    if not file.is_file() or file_sha256(file) != info.sha256:
+        raise StorageError(f"{file} is missing or does not match checkpoint.json (another run's file?); the "
+                           "run directory is damaged: copy the run again from where it was trained, or "
+                           "train again")
+    try:
+        with safetensors.safe_open(str(file), framework="numpy") as handle:
+            meta = json.loads((handle.metadata() or {})["covidscan_shift"])
+            features = handle.get_tensor("features")
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
+        raise StorageError(f"{file} is not a covidscan shift reference ({type(exc).__name__}: {exc}); "
+                           "train again") from None
+    if meta.get("format") != _SHIFT_FORMAT:
+        raise StorageError(f"{file} was written by another covidscan version ({meta.get('format')}); "
+                           "train again")
+    return features
 
 
 def _legacy(meta: dict[str, Any], cfg: ExperimentConfig, run: Path) -> Checkpoint:
@@ -499,6 +560,7 @@ __all__ = [
     "LoadedRun",
     "OODInfo",
     "ParentRun",
+    "ShiftReferenceInfo",
     "check_run_dir",
     "checkpoint_seal",
     "file_sha256",
@@ -506,8 +568,10 @@ __all__ = [
     "load_fingerprints",
     "load_ood",
     "load_run",
+    "load_shift_reference",
     "save_fingerprints",
     "save_run",
+    "save_shift_reference",
     "seen_fingerprints",
     "write_atomic",
     "write_checkpoint",

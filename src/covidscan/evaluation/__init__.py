@@ -51,9 +51,17 @@ from covidscan.evaluation.schema import (
     validate_metrics_schema,
     write_metrics,
 )
+from covidscan.evaluation.shift import (
+    ALARM_LEVEL,
+    ShiftResult,
+    ShiftTest,
+    shift_features,
+    two_sample_test,
+)
 
 __all__ = [
     "AGGREGATIONS",
+    "ALARM_LEVEL",
     "METRIC_NAMES",
     "MIN_CALIBRATION_IMAGES",
     "THRESHOLD_METHODS",
@@ -61,6 +69,8 @@ __all__ = [
     "Calibration",
     "MetricsSchemaError",
     "PatientPredictions",
+    "ShiftResult",
+    "ShiftTest",
     "aggregate_by_patient",
     "apply_temperature",
     "bootstrap_ci",
@@ -85,7 +95,9 @@ __all__ = [
     "read_metrics",
     "reliability_bins",
     "render_model_card",
+    "shift_features",
     "to_jsonable",
+    "two_sample_test",
     "validate_metrics_schema",
     "write_evaluation",
     "write_metrics",

@@ -14,7 +14,7 @@ import threading
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Literal, TypeVar
 
@@ -23,6 +23,7 @@ import torch
 
 from covidscan.errors import ConfigError, ImageRefusedError, InputError
 from covidscan.evaluation import Calibration
+from covidscan.evaluation.shift import shift_features
 from covidscan.io import LoadedImage, QualityLimits, assess, read_image
 from covidscan.io.quality import MODEL_MODALITIES
 from covidscan.models import Classifier, FastClassifier, OODDetector, Precision, use_bf16
@@ -60,10 +61,15 @@ class Prediction:
     group_id: str | None = None
     ood_score: float | None = None
     cam_png: str | None = None
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)
+    """The image's shift features (:func:`covidscan.evaluation.shift.shift_features`: pooled backbone
+    features and image statistics, float32) from the same forward pass, for a shift test of a group of
+    images; None when the image could not be read or the engine gives no features. Not in :meth:`to_dict`."""
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict (warnings as a list) for JSON and tables."""
-        return asdict(self) | {"warnings": list(self.warnings)}
+        """A plain dict (warnings as a list, no ``features``) for JSON and tables."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "features"} | {
+            "warnings": list(self.warnings)}
 
 
 @dataclass(frozen=True)
@@ -286,22 +292,25 @@ class Predictor:
         p = cal.proba(z)
         labels, uncertain = cal.label(p), cal.uncertain(p)
         has_stats = prepared and all(prep.stats is not None for prep in prepared)
-        ood = self.ood_scores(features, np.stack([prep.stats for prep in prepared]) if has_stats else None)
+        stats = np.stack([prep.stats for prep in prepared]) if has_stats else None
+        ood = self.ood_scores(features, stats)
+        shift = None if features is None or stats is None else shift_features(features, stats)
         predictions = []
         for i, prep in enumerate(prepared):
             source = str(prep.meta.path) if prep.meta is not None else f"<image {i}>"
             group = (group_ids[i] if group_ids is not None else None) or _meta_group(prep)
             ood_score = None if ood is None else round(float(ood[0][i]), 4)
+            feats = None if shift is None else shift[i]
             refusal = self._ood_refusal(ood, i, source)
             if refusal is not None:
                 predictions.append(Prediction(source=source, lungs_found=prep.lungs_found,
                                               warnings=prep.warnings, error=refusal, group_id=group,
-                                              ood_score=ood_score))
+                                              ood_score=ood_score, features=feats))
                 continue
             predictions.append(Prediction(
                 source=source, p_covid=float(p[i]), label=str(labels[i]), uncertain=bool(uncertain[i]),
                 lungs_found=prep.lungs_found, warnings=prep.warnings + self._ood_warning(ood, i),
-                group_id=group, ood_score=ood_score,
+                group_id=group, ood_score=ood_score, features=feats,
             ))
         return predictions
 

@@ -40,7 +40,8 @@ from covidscan.evaluation import (
     write_evaluation,
     write_model_card,
 )
-from covidscan.models import OODDetector
+from covidscan.evaluation.shift import shift_features
+from covidscan.models import PIXELS, OODDetector
 from covidscan.outputs import read_csv, run_inputs, staged_folder, write_csv
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
 from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run, seen_fingerprints
@@ -345,16 +346,15 @@ def format_comparison(compared: dict[str, dict[str, Any]], chosen: str) -> str:
 
 
 def _extended_ood(
-    parent: LoadedRun, local: PreparedSet, batch_size: int
+    parent: LoadedRun, local: PreparedSet, local_feats: np.ndarray
 ) -> tuple[OODDetector, int, int] | None:
-    """The parent's OOD detector with the local cases added as training data (the backbone is unchanged,
-    so the parent's features still apply); None when the parent has none."""
+    """The parent's OOD detector with the local cases (their pooled ``local_feats``) added as training data
+    (the backbone is unchanged, so the parent's features still apply); None when the parent has none."""
     detector, info = load_ood(parent.path, parent.checkpoint), parent.checkpoint.ood
     if detector is None or info is None:
         return None
     assert local.stats is not None
-    _, feats = predict_outputs(parent.model, local.images, batch_size=batch_size)
-    return detector.extended(feats, local.stats), info.n_train + len(local), info.n_val
+    return detector.extended(local_feats, local.stats), info.n_train + len(local), info.n_val
 
 
 def adapt_run(
@@ -441,10 +441,16 @@ def adapt_run(
     notes += _notes(local, len(splits), chosen, mode, compared, calibration)
     report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared},
                                          "excluded": len(local.prepared.excluded)}
+    # The backbone is the parent's, so one pass gives the local cases' features for both files below.
+    _, local_feats = predict_outputs(parent.model, local.prepared.images, batch_size=cfg.train.batch_size)
+    assert local.prepared.stats is not None
+    # The adapted run's figures are measured on the local cases: they are what "validated here" means.
+    reference = shift_features(local_feats, local.prepared.stats), "adapted: the local cases"
     with staged_folder(out) as stage:
         save_run(stage, cfg, model, calibration, bf16=verdict, parent=lineage,
-                 ood=_extended_ood(parent, local.prepared, cfg.train.batch_size),
-                 fingerprints=parent_seen + Fingerprints.of(local.prepared, "train"))
+                 ood=_extended_ood(parent, local.prepared, local_feats),
+                 fingerprints=parent_seen + Fingerprints.of(local.prepared, "train"),
+                 shift_reference=reference if parent.model.backbone.name != PIXELS else None)
         _write_splits(parent, local, stage)
         if local.prepared.excluded:
             write_csv(pd.DataFrame(local.prepared.excluded), stage / "excluded.csv")

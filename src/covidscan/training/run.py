@@ -9,6 +9,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.data import Dataset
@@ -25,7 +26,16 @@ from covidscan.evaluation import (
     write_model_card,
 )
 from covidscan.evaluation.metrics import point_metrics
-from covidscan.models import Bf16Verdict, Classifier, OODDetector, bf16_supported, bf16_verdict, build_model
+from covidscan.evaluation.shift import shift_features
+from covidscan.models import (
+    PIXELS,
+    Bf16Verdict,
+    Classifier,
+    OODDetector,
+    bf16_supported,
+    bf16_verdict,
+    build_model,
+)
 from covidscan.outputs import check_folder, check_output, staged_folder, write_csv
 from covidscan.preprocess import (
     PreparedSet,
@@ -202,7 +212,8 @@ def _train_into(
     verdict = measure_bf16(model, test_set, calibration, bs)
     # What evaluate and adapt recognise as this run's own images, wherever they are moved or re-saved.
     seen = Fingerprints.of(train_set, "train") + Fingerprints.of(val_set, "val")
-    save_run(out, cfg, model, calibration, bf16=verdict, ood=ood, fingerprints=seen)
+    save_run(out, cfg, model, calibration, bf16=verdict, ood=ood, fingerprints=seen,
+             shift_reference=_shift_reference(model, f_val, val_set))
     (out / "history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
     write_evaluation(
         out,
@@ -217,6 +228,17 @@ def _train_into(
     )
     write_model_card(out)
     return TrainResult(out, metrics, result, calibration)
+
+
+def _shift_reference(
+    model: Classifier, f_val: np.ndarray | None, val_set: PreparedSet
+) -> tuple[np.ndarray, str] | None:
+    """The validation images' shift features, the reference of ``covidscan shift`` (None without a
+    validation split, and for the BPNN baseline, whose "backbone features" are its pixels' mean)."""
+    if f_val is None or not len(val_set) or model.backbone.name == PIXELS:
+        return None
+    assert val_set.stats is not None
+    return shift_features(f_val, val_set.stats), "validation split"
 
 
 def _check_splits(df: pd.DataFrame, data: str | Path) -> None:
