@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import rankdata
 
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation._checks import as_floats, as_labels, group_codes
@@ -306,12 +305,13 @@ def teaching_order(
 ) -> np.ndarray:
     """Indices of the unsigned cases, the ones whose verdict should teach most first.
 
-    A case teaches much when the run is unsure of it (``p`` near ``threshold``) and when it is unlike every
-    case signed so far (cosine distance of its pooled backbone ``features`` to the nearest signed one), so
-    that the signed set covers the site rather than one corner of it. The two are combined as ranks
-    (``uncertainty_weight`` for the first, the rest for the second), so neither scale dominates. The first
-    ``batch`` are picked greedily: each pick counts as signed for the next, so a batch never holds near
-    duplicates (slices of one scan); the rest follow by the same score against the signed set and batch.
+    A case teaches much when the run is unsure of it (``p`` near ``threshold``: 1 at the threshold, 0 at 0
+    or 1) and when it is unlike every case signed so far (cosine distance of its pooled backbone
+    ``features`` to the nearest signed one, over the largest such distance: 1 for the most novel case), so
+    that the signed set covers the site rather than one corner of it. The score is
+    ``uncertainty_weight * uncertainty + (1 - uncertainty_weight) * novelty``. The first ``batch`` are
+    picked greedily: each pick counts as signed for the next, so a batch never holds near duplicates
+    (slices of one scan); the rest follow by the same score against the signed cases and the batch.
     """
     pv = as_floats(p, np.size(p), "p", unit_interval=True)
     cut = check_threshold(threshold)
@@ -328,20 +328,24 @@ def teaching_order(
     n = pv.size
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    uncertainty = _ranks(-np.abs(pv - cut))
+    uncertainty = 1.0 - np.abs(pv - cut) / max(cut, 1.0 - cut)
     nearest = (1.0 - signed @ x.T).min(axis=0) if len(signed) else np.full(n, np.inf)
     order: list[int] = []
     left = np.ones(n, dtype=bool)
+
+    def score() -> np.ndarray:
+        far = nearest[left].max()
+        novelty = np.ones(n) if not np.isfinite(far) else nearest / far if far > 0 else np.zeros(n)
+        return uncertainty_weight * uncertainty + (1 - uncertainty_weight) * novelty
+
     for _ in range(min(batch, n)):
-        score = uncertainty_weight * uncertainty + (1 - uncertainty_weight) * _ranks(nearest)
-        score[~left] = -np.inf
-        pick = int(np.argmax(score))
+        pick = int(np.argmax(np.where(left, score(), -np.inf)))
         order.append(pick)
         left[pick] = False
         nearest = np.minimum(nearest, 1.0 - x @ x[pick])
-    rest = np.flatnonzero(left)
-    final = uncertainty_weight * uncertainty + (1 - uncertainty_weight) * _ranks(nearest)
-    order += rest[np.argsort(-final[rest], kind="stable")].tolist()
+    if left.any():
+        rest = np.flatnonzero(left)
+        order += rest[np.argsort(-score()[rest], kind="stable")].tolist()
     return np.asarray(order, dtype=np.int64)
 
 
@@ -353,13 +357,6 @@ def _unit_rows(features: np.ndarray, name: str) -> np.ndarray:
                             f"got shape {x.shape}")
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.where(norms > 0, norms, 1.0)
-
-
-def _ranks(values: np.ndarray) -> np.ndarray:
-    """Ranks scaled to [0, 1]; ties share their mean rank (so "no signed case yet", all inf, favours none)."""
-    if values.size < 2:
-        return np.ones(values.size)
-    return (rankdata(values) - 1) / (values.size - 1)
 
 
 __all__ = ["COURSE_FIGURES", "FIGURES", "SITE_STATUSES", "LocalFigures", "SiteRules", "SiteStatus", "course",
