@@ -4,16 +4,17 @@ and whether asking for the cases that teach most needs fewer signed cases than a
     nice python benchmarks/measure_site_loop.py                  # all three parts, results JSON beside it
     nice python benchmarks/measure_site_loop.py --parts phantom teaching --seeds 0 1 2
 
-(a) ``phantom``: the demo preset trained on 400 CT phantoms of the training style; per seed a phantom site
-    of another scanner (``site="scanner-b"``, 120 patients, 2 slices each) whose patients arrive in the
-    order written. The parent's local figures on the patients after the first 50; ``covidscan adapt``
-    (auto) on the first 50 signed patients; the kept run's figures on the same later patients.
-(b) ``teaching``: on the same sites, patients are signed 10 at a time, either in arrival order or in
-    :func:`covidscan.evaluation.teaching_order` (uncertainty of the current head + novelty in the parent's
-    pooled features); after each batch a head is refitted on the signed patients' frozen features (the
-    standardised L2 logistic head of ``measure_adaptation.py``, a fast stand-in for adapt's head) and
-    scored on 40 held-out patients. Reported: signed patients needed to reach each ``--targets`` local
-    ROC AUC.
+(a) ``phantom``: per seed a phantom site of another scanner (``site="scanner-b"``, 120 patients, 2 slices
+    each) whose patients arrive in the order written. The parent's local figures on the patients after the
+    first 50; ``covidscan adapt`` (auto) on the first 50 signed patients; the kept run's figures on the
+    same later patients. Two parents (``--parents``): ``phantom``, the demo preset trained on 400 CT
+    phantoms of the training style, and ``real``, the ``covidscan-ct`` run of ``--real-run``.
+(b) ``teaching``: on sites of 140 patients, patients are signed ``--batch`` at a time, either in arrival
+    order or in :func:`covidscan.evaluation.teaching_order` (uncertainty of the current head + novelty in
+    the parent's pooled features); after each batch a head is refitted on the signed patients' frozen
+    features (the standardised L2 logistic head of ``measure_adaptation.py``, a fast stand-in for adapt's
+    head) and scored on 40 held-out patients. Reported: signed patients needed to reach each ``--targets``
+    local ROC AUC.
 (c) ``real``: a ``covidscan-ct`` run (``--real-run``) on ucsd-ct's official test split treated as a new
     site: its 95 patients arrive in a seeded random order (the manifest lists them by class); figures on
     the patients after the first 50 before and after adapting on those 50.
@@ -31,6 +32,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
+from measure_ood import SHARED
 from sklearn.preprocessing import StandardScaler
 
 from covidscan.config import load_config
@@ -42,7 +44,6 @@ from covidscan.training import train_experiment
 from covidscan.training.site import challenge
 
 HERE = Path(__file__).resolve().parent
-SHARED = HERE.parents[1] / "shared"
 SIGNED = 50
 FIGURES = ("roc_auc", "sensitivity", "specificity", "ppv", "npv", "ece")
 
@@ -95,17 +96,16 @@ def first_patients(rows: pd.DataFrame, order: list[str], k: int) -> np.ndarray:
     return rows["patient_id"].isin(order[:k]).to_numpy()
 
 
-def part_phantom(cache: Path, seeds: list[int]) -> list[dict[str, Any]]:
-    parent = phantom_parent(cache)
+def part_phantom(parent: Path, cache: Path, seeds: list[int]) -> list[dict[str, Any]]:
     results = []
     for seed in seeds:
         rows = phantom_site(cache, seed, 120)
         signed = first_patients(rows, rows["patient_id"].drop_duplicates().tolist(), SIGNED)
-        out = cache / f"adapt-{seed}"
+        out = cache / f"adapt-{parent.name}-{seed}"
         out.mkdir(exist_ok=True)
         result = {"seed": seed} | before_after(parent, rows, signed, out)
         results.append(result)
-        print(f"phantom seed {seed}: ROC AUC {result['before']['roc_auc']['value']:.3f} -> "
+        print(f"{parent.name} on phantom site {seed}: ROC AUC {result['before']['roc_auc']['value']:.3f} -> "
               f"{result['after']['roc_auc']['value']:.3f} ({result['challenge']['mode']})", flush=True)
     return results
 
@@ -119,8 +119,8 @@ def head_auc(x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray) 
     return float(roc_auc_score(y[test], p[test])), p
 
 
-def part_teaching(cache: Path, seeds: list[int], targets: list[float], batch: int) -> list[dict[str, Any]]:
-    parent = phantom_parent(cache)
+def part_teaching(parent: Path, cache: Path, seeds: list[int], targets: list[float],
+                  batch: int) -> list[dict[str, Any]]:
     results = []
     for seed in seeds:
         rows = phantom_site(cache, seed, 140)
@@ -161,7 +161,7 @@ def part_teaching(cache: Path, seeds: list[int], targets: list[float], batch: in
                   for t in targets}
         tables = {s: [[k, None if np.isnan(a) else a] for k, a in c] for s, c in curves.items()}
         results.append({"seed": seed, "patients_needed": needed, "curves": tables})
-        print(f"teaching seed {seed}: signed patients needed to reach each local AUC: {needed}", flush=True)
+        print(f"{parent.name}, phantom site {seed}: patients needed per local AUC: {needed}", flush=True)
     return results
 
 
@@ -188,7 +188,9 @@ def main() -> None:
                         choices=["phantom", "teaching", "real"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", type=float, nargs="+", default=[0.85, 0.9, 0.95])
-    parser.add_argument("--batch", type=int, default=10, help="patients signed between two refits")
+    parser.add_argument("--batch", type=int, default=5, help="patients signed between two refits")
+    parser.add_argument("--parents", nargs="+", default=["phantom", "real"], choices=["phantom", "real"],
+                        help="parents of parts a and b: the demo preset on phantoms, or --real-run")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/covidscan-site-loop"))
     parser.add_argument("--real-run", type=Path, default=Path("/work/runs/covidscan-ct-sitelib"))
     parser.add_argument("--shared", type=Path, default=SHARED)
@@ -196,13 +198,23 @@ def main() -> None:
     args = parser.parse_args()
     args.cache.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    if "phantom" in args.parts:
-        results["phantom"] = part_phantom(args.cache, args.seeds)
-    if "teaching" in args.parts:
-        results["teaching"] = part_teaching(args.cache, args.seeds, args.targets, args.batch)
+
+    def save() -> None:  # after every part, so that a failing part loses nothing measured before it
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+    parents = {"phantom": lambda: phantom_parent(args.cache), "real": lambda: args.real_run}
+    for name in args.parents:
+        parent = parents[name]()
+        if "phantom" in args.parts:
+            results.setdefault("phantom", {})[name] = part_phantom(parent, args.cache, args.seeds)
+            save()
+        if "teaching" in args.parts:
+            results.setdefault("teaching", {})[name] = part_teaching(
+                parent, args.cache, args.seeds, args.targets, args.batch)
+            save()
     if "real" in args.parts:
         results["real"] = part_real(args.real_run, args.shared, args.cache, args.seeds[0])
-    args.out.write_text(json.dumps(results, indent=1) + "\n")
+        save()
     print(f"results: {args.out}")
 
 

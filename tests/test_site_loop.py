@@ -80,18 +80,21 @@ def test_phantom_site_loop_reaches_the_bar_after_50_signed_patients(phantom_pare
 
     p, threshold = site_scores(phantom_parent, rows)
     before = local_figures(y[~signed], p[~signed], rows["patient_id"][~signed], threshold, n_boot=200)
-    # the run trained on the other style does not work here, and the site's own figures say so
-    assert before.value("roc_auc") < 0.8
-    assert before.value("specificity") < 0.3
+    # A parent trained on phantoms still ranks this scanner's images, but its operating point does not
+    # travel: it calls nearly every patient covid, a coin flip at its threshold -- and the site's own
+    # figures say so, so the site stays validating.
+    assert before.value("specificity") < 0.35
+    assert (before.value("sensitivity") + before.value("specificity")) / 2 < 0.65
     assert site_status(True, before, None, rules, len(rows)) == "validating"
 
     rows[signed][["path", "label", "patient_id"]].to_csv(tmp_path / "signed.csv", index=False)
     result = challenge(phantom_parent, tmp_path / "signed.csv", tmp_path / "challenger")
     assert result.better and result.mode != "parent"
-    assert result.challenger["roc_auc"]["value"] > result.champion["roc_auc"]["value"]
+    champion, challenger = result.champion, result.challenger
+    assert challenger["specificity"]["value"] > champion["specificity"]["value"] + 0.3  # out of fold
 
     p_new, threshold_new = site_scores(result.run_dir, rows)
     after = local_figures(y[~signed], p_new[~signed], rows["patient_id"][~signed], threshold_new, n_boot=200)
     assert after.n_patients == len(arrival) - SIGNED_PATIENTS
     assert after.value("roc_auc") >= 0.85  # issue 14's bar, on the later cases of the site
-    assert after.value("roc_auc") > before.value("roc_auc") + 0.1
+    assert (after.value("sensitivity") + after.value("specificity")) / 2 > 0.8
