@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from measure_ood import SHARED
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.pipeline import make_pipeline
-from measure_ood import SHARED
 from sklearn.preprocessing import StandardScaler
 
 from covidscan.config import load_config
