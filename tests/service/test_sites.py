@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 
 from conftest import PASSWORD, PG_ENV, PG_MISSING, fresh_postgres_database
 from covidscan.errors import ConfigError
+from covidscan.evaluation.site import SiteRules
 from covidscan.service.auth import add_user
 from covidscan.service.cases import (
     Upload,
@@ -32,7 +33,6 @@ from covidscan.service.errors import Conflict, NotAllowed
 from covidscan.service.models import AuditEvent, Case, FirstRead, Review, Setting, Site, User, utcnow
 from covidscan.service.schemas import CaseOut
 from covidscan.service.sites import (
-    DEFAULT_RULES,
     find_site,
     first_read_for,
     get_site,
@@ -330,7 +330,7 @@ def test_site_verdicts_carry_the_site_and_feed_local_validation(svc) -> None:
         rows = signed_site_cases(s, a)
         assert [(r.patient_id, r.label, r.p_covid) for r in rows] == [("pt-0", 1, 0.8), ("pt-1", 0, 0.3)]
         assert signed_site_cases(s, a, since=utcnow() + timedelta(seconds=1)) == []
-        assert site_rules(a) == DEFAULT_RULES
+        assert site_rules(a) == SiteRules()
 
 
 def test_rules_are_checked_and_merged_over_the_defaults(svc) -> None:
@@ -338,16 +338,18 @@ def test_rules_are_checked_and_merged_over_the_defaults(svc) -> None:
     with db.session() as s:
         site = _case(s, store, "lab", site="Rules Site").site
         admin = _user(s, "admin")
-        assert set_rules(s, site, {"min_patients": 80, "min_sensitivity": 0.8}, admin) == {
-            **DEFAULT_RULES, "min_patients": 80, "min_sensitivity": 0.8
-        }
-        for bad, words in [({"min_patients": 0.5}, "whole number"), ({"min_specificity": 1.5}, "from 0"),
-                           ({"speed": 1}, "unknown site rule"), ({"window": True}, "whole number")]:
+        assert set_rules(s, site, {"min_patients": 80, "sensitivity_target": 0.8}, admin) == SiteRules(
+            min_patients=80, sensitivity_target=0.8
+        )
+        assert site.rules == {"min_patients": 80, "sensitivity_target": 0.8}  # only what the admin set
+        for bad, words in [({"min_patients": 0.5}, "min_patients: Input should be a valid integer"),
+                           ({"specificity_target": 1.5}, "less than or equal to 1"),
+                           ({"speed": 1}, "speed: Extra inputs"), ({"recent_window": True}, "recent_window")]:
             with pytest.raises(ConfigError, match=words):
                 set_rules(s, site, bad, admin)
         with pytest.raises(NotAllowed):
             set_rules(s, site, None, _user(s, "doc"))
-        assert set_rules(s, site, None, admin) == DEFAULT_RULES and site.rules is None
+        assert set_rules(s, site, None, admin) == SiteRules() and site.rules is None
 
 
 def test_each_site_is_served_by_its_own_run_or_the_global_one(svc, tmp_path) -> None:

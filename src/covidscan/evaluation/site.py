@@ -236,14 +236,16 @@ class SiteRules(BaseModel):
     0.70-0.96), i.e. a model that misses about one covid patient in eight at most; a coin flip or a run
     whose operating point did not travel (issue 14: specificity 0.17 at a hidden hospital) never passes.
     ``recent_window``: the last patients whose figures say whether a validated site has ``degraded``.
+    ``adapt_min_patients``: signed patients before a challenger run is trained for the site.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)  # 0.5 patients or True: refused
 
     min_patients: int = Field(50, ge=1)
     sensitivity_target: float = Field(0.70, ge=0, le=1)
     specificity_target: float = Field(0.70, ge=0, le=1)
     recent_window: int = Field(50, ge=1)
+    adapt_min_patients: int = Field(50, ge=2)
 
 
 def _passes(figures: LocalFigures, rules: SiteRules) -> bool:

@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError
+from covidscan.evaluation.site import SiteRules
 from covidscan.service.audit import record
 from covidscan.service.cases import export_verdicts, signed_latest
 from covidscan.service.errors import Conflict, ErrorCode, NotAllowed
@@ -47,20 +49,6 @@ SITE_NAME_MAX = 128  # the column's width; DICOM's InstitutionName (LO) is at mo
 # The rules a site is validated by, when its admin set none. The sensitivity and specificity targets are
 # lower bounds of the patient-bootstrap 95% CIs; 0.70 is reachable from 50 signed patients by a model whose
 # true figures are about 0.9, and not by one at chance.
-DEFAULT_RULES: dict[str, int | float] = {
-    "min_patients": 50,  # signed patients before a site can be validated
-    "min_sensitivity": 0.70,  # lower CI bound of sensitivity to reach
-    "min_specificity": 0.70,  # lower CI bound of specificity to reach
-    "window": 50,  # the most recent signed patients that must stay above the targets (else degraded)
-    "adapt_min_patients": 50,  # signed patients before a challenger is trained for the site
-}
-_RULE_RANGES: dict[str, tuple[type, float, float]] = {
-    "min_patients": (int, 1, 100_000),
-    "min_sensitivity": (float, 0.0, 1.0),
-    "min_specificity": (float, 0.0, 1.0),
-    "window": (int, 1, 100_000),
-    "adapt_min_patients": (int, 2, 100_000),
-}
 
 
 def normalise_site_name(raw: str, *, what: str = "site name") -> str:
@@ -240,31 +228,27 @@ def merge_sites(db: Session, source: Site, target: Site, actor: User) -> int:
     return moved
 
 
-def site_rules(site: Site) -> dict[str, int | float]:
-    """The rules ``site`` is validated by: the admin's, each missing one from :data:`DEFAULT_RULES`."""
-    return {**DEFAULT_RULES, **(site.rules or {})}
+def site_rules(site: Site) -> SiteRules:
+    """The rules ``site`` is validated by: the admin's, each missing one at its default."""
+    return SiteRules(**(site.rules or {}))
 
 
-def set_rules(db: Session, site: Site, rules: dict[str, Any] | None, actor: User) -> dict[str, int | float]:
+def set_rules(db: Session, site: Site, rules: dict[str, Any] | None, actor: User) -> SiteRules:
     """Set some or all of ``site``'s validation rules (``None``: back to the defaults); admins only,
     audit-logged. Unknown keys and out-of-range values are refused with a :class:`ConfigError`. Returns
     the rules now in force."""
     _require_admin(actor, "set validation rules")
     _require_live(site)
-    checked: dict[str, int | float] = {}
-    for key, value in (rules or {}).items():
-        if key not in _RULE_RANGES:
-            raise ConfigError(f"unknown site rule {key!r}; the rules are {', '.join(_RULE_RANGES)}")
-        kind, low, high = _RULE_RANGES[key]
-        is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not is_number or (kind is int and value != int(value)) or not low <= value <= high:
-            kind_name = "a whole number" if kind is int else "a number"
-            raise ConfigError(f"site rule {key} must be {kind_name} from {low:g} to {high:g}, got {value!r}")
-        checked[key] = kind(value)
-    site.rules = checked or None
+    try:
+        checked = SiteRules(**(rules or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'rules'}: {e['msg']}" for e in exc.errors())
+        names = ", ".join(SiteRules.model_fields)
+        raise ConfigError(f"site rules refused ({problems}); the rules are {names}") from None
+    site.rules = checked.model_dump(include=set(rules or ())) or None
     db.flush()
     record(db, "site_rules", actor=actor.name, target=f"site:{site.id}", rules=site.rules)
-    return site_rules(site)
+    return checked
 
 
 def reader_first_applies(site: Site) -> bool:
