@@ -112,9 +112,12 @@ def test_cli_recalibrate_changes_only_the_calibration(tiny_run: Path, site: Path
     assert file_sha256(tmp_path / "recal" / weights) == file_sha256(tiny_run / weights)  # byte-identical
     new, old = load_checkpoint(tmp_path / "recal"), load_checkpoint(tiny_run)
     assert new.calibration != old.calibration and new.parent.mode == "recalibrate"
-    # fingerprints: the adapted run's cover the local cases as well as the parent's images
-    changed = {"calibration", "parent", "name", "fingerprints", "bf16", "seal"}
+    # fingerprints: the adapted run's cover the local cases as well as the parent's images; the shift
+    # reference is the local cases (the images its figures were measured on)
+    changed = {"calibration", "parent", "name", "fingerprints", "bf16", "seal", "shift_reference"}
     assert new.model_dump(exclude=changed) == old.model_dump(exclude=changed)
+    assert new.shift_reference.source.startswith("adapted")
+    assert new.shift_reference.n_images == len(pd.read_csv(site))
     # the bf16 check is measured again, on the site's cases: the labels it compares move with the threshold
     if bf16_supported():
         assert new.bf16 is not None and new.bf16.images == len(pd.read_csv(site))
