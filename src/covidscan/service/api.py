@@ -94,13 +94,16 @@ def post_case(
     request: Request,
     files: Annotated[list[UploadFile], File(description="Images of one patient or series")],
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    site: Annotated[
+        str | None, Form(max_length=1024, description="Site of the images (default: DICOM, else you)")
+    ] = None,
 ) -> CaseCreated:
     """Create a case from uploaded images (422 naming a non-image; 413 when too large); predicted later."""
     # Decoding happens between two short transactions: SQLite would otherwise hold its write lock meanwhile
     # (the look-up of `who` ended its own; this commit keeps the rule whatever ran before).
     db.commit()
     checked = check_uploads(read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels)
-    case = create_case(db, store, who.user, checked, patient_id)
+    case = create_case(db, store, who.user, checked, patient_id, site=site)
     db.commit()  # before the worker is woken: it must find the job
     wake_worker(request)
     return CaseCreated(id=case.id, status=case.status)

@@ -279,6 +279,7 @@ def upload_form(
     store: StoreDep,
     files: Annotated[list[UploadFile], File()],
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    site: Annotated[str | None, Form(max_length=1024)] = None,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
     check_form_csrf(who, csrf)
@@ -287,7 +288,7 @@ def upload_form(
         checked = check_uploads(
             read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels
         )
-        case_id = create_case(s, store, who.user, checked, patient_id).id
+        case_id = create_case(s, store, who.user, checked, patient_id, site=site).id
     except CovidscanError as exc:
         s.rollback()
         return _render(request, "upload.html", who, status_code=exc.http_status, error=str(exc))
