@@ -124,11 +124,11 @@ def get_site_api(db: SessionDep, who: CurrentUser, site_id: int) -> SiteOut:
 def get_course(db: SessionDep, who: CurrentUser, site_id: int) -> Response:
     """The course of the site's local figures (sensitivity, specificity, ROC AUC with 95% CIs) against
     the number of signed patients; 404 before the first signed case."""
-    from covidscan.service.monitoring import course_png  # draws with matplotlib: imported when asked
-
     site = site_or_404(db, site_id)
     if not sites.signed_site_cases(db, site, since=site.run_since):
         raise NotFound(f"site {site.name!r} has no signed cases yet: there is no course to plot")
+    from covidscan.service.monitoring import course_png  # draws with matplotlib: imported when asked
+
     return Response(course_png(db, site), media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
