@@ -293,3 +293,32 @@ def test_openapi_documents_the_site_endpoints(service) -> None:
         assert path in paths, path
     detail = paths["/api/v1/sites/{site_id}"]["get"]["responses"]["200"]["content"]["application/json"]
     assert detail["schema"]["$ref"].endswith("/SiteOut")
+
+
+@pytest.mark.slow
+def test_covidscan_send_site_names_the_site(tiny_run, ct_slices, tmp_path) -> None:
+    import httpx
+    from service_helpers import uvicorn_server
+    from test_service_cli import covidscan
+
+    from conftest import add_accounts
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / ct_slices[0][0]).write_bytes(ct_slices[0][1])
+    data_dir = tmp_path / "service"
+    db_url = f"sqlite:///{data_dir / 'service.sqlite3'}"
+    tokens = add_accounts(data_dir, db_url)
+    settings = ServiceSettings(data_dir=data_dir, database_url=db_url, run=tiny_run, poll_seconds=0.05)
+    with uvicorn_server(settings) as url:
+        sent = covidscan("send", str(inbox), "--to", url, "--token", tokens["lab"], "--site", "Scanner B")
+        assert sent.returncode == 0, sent.stderr
+        case_id = int(sent.stdout.split("case ", 1)[1].split()[0])
+        case = httpx.get(
+            f"{url}/api/v1/cases/{case_id}", headers={"Authorization": f"Bearer {tokens['admin']}"}
+        )
+        assert case.json()["site"]["name"] == "Scanner B"
+        bad = covidscan("send", str(inbox), "--to", url, "--token", tokens["lab"], "--site", "   ")
+        assert bad.returncode == 0  # blank: the default site (the account's)
+        refused = covidscan("send", str(inbox), "--to", url, "--token", tokens["lab"], "--site", "x" * 200)
+        assert refused.returncode == 2 and "error:" in refused.stderr and "at most 128" in refused.stderr
