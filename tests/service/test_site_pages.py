@@ -127,3 +127,16 @@ def test_case_page_asks_for_the_first_read_before_the_result(service, ct_slices,
         f"/cases/{case['id']}/first-read", data={"finding": "non_covid", "csrf": _csrf(shown)}
     )
     assert again.status_code == 409 and "cannot change" in again.text
+
+
+def test_worklist_page_filters_by_site_and_escapes_its_name(service, ct_slices, admin) -> None:
+    mine = send(service, "ward <b>7</b>", ct_slices[:1])["id"]
+    other = send(service, "ward 8", ct_slices[1:2])["id"]
+    page = admin.get("/worklist", params={"filter": "all", "site": "ward <b>7</b>"})
+    assert page.status_code == 200
+    assert f'href="/cases/{mine}"' in page.text and f'href="/cases/{other}"' not in page.text
+    assert "<b>7</b>" not in page.text and "ward &lt;b&gt;7&lt;/b&gt;" in page.text
+    assert "teaching order" in page.text and "all sites" in page.text
+    everything = admin.get("/worklist", params={"filter": "all"}).text
+    assert f'href="/cases/{mine}"' in everything and f'href="/cases/{other}"' in everything
+    assert "teaching order" not in everything  # teaching order is per site
