@@ -25,7 +25,8 @@ FINDINGS = ("covid", "non_covid", "indeterminate")
 # new: no verdicts and no alarm yet; shifted: the shift alarm rang before any verdict; validating: signed
 # cases are coming in; validated: the site's own figures meet its rules; degraded: a recent window fell below.
 SITE_STATUSES = ("new", "shifted", "validating", "validated", "degraded")
-SITE_RUN_STATES = ("training", "candidate", "promoted", "rejected", "rolled_back", "failed")
+# superseded: promoted once, then replaced by a later promotion (a rollback returns to it)
+SITE_RUN_STATES = ("training", "candidate", "promoted", "superseded", "rejected", "rolled_back", "failed")
 
 
 def utcnow() -> datetime:
