@@ -262,6 +262,7 @@ class SiteRun(Base):
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     promoted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     n_patients: Mapped[int | None] = mapped_column(Integer)  # signed patients it was adapted on
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the worker training it
 
 
 class AuditHead(Base):

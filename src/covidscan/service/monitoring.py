@@ -25,12 +25,13 @@ from covidscan.evaluation.site import (
     site_status,
     teaching_order,
 )
-from covidscan.service.models import Case, CaseImage, Site, utcnow
+from covidscan.service.models import Case, CaseImage, Site, SiteRun, utcnow
 from covidscan.service.settings import active_run
 from covidscan.service.sites import (
     SignedCase,
     read_features,
     record_shift_check,
+    request_challenger,
     set_status,
     signed_site_cases,
     site_features,
@@ -112,7 +113,21 @@ def refresh_site(db: Session, site: Site) -> dict[str, Any] | None:
     else:
         site.local = None
     update_status(db, site)
+    _maybe_challenge(db, site, len({r.patient_id for r in rows}))
     return site.local
+
+
+def _maybe_challenge(db: Session, site: Site, n_patients: int) -> None:
+    """Queue a challenger once the site has ``adapt_min_patients`` signed patients under its serving run,
+    unless one was already asked for since that run began serving it (a rejected one is not retried
+    automatically: an admin's button does that)."""
+    if n_patients < site_rules(site).adapt_min_patients or serving_run(db, site) is None:
+        return
+    asked = select(SiteRun.id).where(SiteRun.site_id == site.id)
+    if site.run_since is not None:
+        asked = asked.where(SiteRun.created_at >= site.run_since)
+    if db.scalar(asked.limit(1)) is None:
+        request_challenger(db, site, None)
 
 
 def _figures(entry: dict[str, Any] | None) -> LocalFigures | None:
