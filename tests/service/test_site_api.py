@@ -322,3 +322,75 @@ def test_covidscan_send_site_names_the_site(tiny_run, ct_slices, tmp_path) -> No
         assert bad.returncode == 0  # blank: the default site (the account's)
         refused = covidscan("send", str(inbox), "--to", url, "--token", tokens["lab"], "--site", "x" * 200)
         assert refused.returncode == 2 and "error:" in refused.stderr and "at most 128" in refused.stderr
+
+
+def test_challenger_against_champion_promote_reject_and_roll_back(service, ct_slices, tiny_run) -> None:
+    from sqlalchemy.orm import object_session
+
+    from covidscan.service.models import SiteRun
+
+    site_id = send(service, "challenged site", ct_slices[:1])["site"]["id"]
+    entry = {
+        "value": 0.9,
+        "ci95": [0.8, 0.95],
+        "ci_method": "patient bootstrap",
+        "ci_n": 50,
+        "ci_unit": "patients",
+    }
+    comparison = {
+        "run_dir": "/secret/site-runs/x",
+        "mode": "head",
+        "better": True,
+        "auc_tie": 0.01,
+        "n_images": 100,
+        "n_patients": 50,
+        "champion": {"roc_auc": {**entry, "value": 0.55}},
+        "challenger": {"roc_auc": entry},
+    }
+    with site_row(service, site_id) as site:
+        for state in ("rejected", "candidate"):  # as the worker leaves them after training
+            site_run = SiteRun(
+                site_id=site.id,
+                run=str(tiny_run),
+                parent_run=str(tiny_run),
+                state=state,
+                comparison=comparison,
+                n_patients=50,
+            )
+            object_session(site).add(site_run)
+    admin, url = service.auth("admin"), f"/api/v1/sites/{site_id}"
+    detail = service.client.get(url, headers=admin)
+    runs = detail.json()["runs"]
+    assert [r["state"] for r in runs] == ["candidate", "rejected"] and "/secret" not in detail.text
+    candidate = runs[0]
+    assert (
+        candidate["run"] == tiny_run.name and candidate["comparison"]["challenger"]["roc_auc"]["value"] == 0.9
+    )
+    r = service.client.post(f"{url}/challengers", headers=admin)
+    assert r.status_code == 409 and error_code(r) == ErrorCode.CHALLENGER_OPEN
+    r = service.client.post(f"{url}/runs/{runs[1]['id']}/promote", headers=admin)
+    assert r.status_code == 409 and error_code(r) == ErrorCode.CHALLENGER_NOT_CANDIDATE
+
+    with TestClient(service.client.app, base_url="http://127.0.0.1") as browser:
+        login(browser, "admin")
+        page = browser.get(f"/sites/{site_id}").text
+        assert f'action="/sites/{site_id}/runs/{candidate["id"]}/promote"' in page
+        assert "0.550" in page and "0.900 (95% CI 0.800–0.950" in page and "/secret" not in page
+
+    promoted = service.client.post(f"{url}/runs/{candidate['id']}/promote", headers=admin)
+    assert promoted.status_code == 200, promoted.text
+    body = promoted.json()
+    assert (
+        body["own_run"]
+        and body["run"].startswith(f"{tiny_run.name}@")
+        and body["runs"][0]["state"] == "promoted"
+    )
+    assert body["run_since"] is not None
+    back = service.client.post(f"{url}/rollback", headers=admin)
+    assert back.status_code == 200 and not back.json()["own_run"]
+    assert back.json()["runs"][0]["state"] == "rolled_back"
+    r = service.client.post(f"{url}/rollback", headers=admin)
+    assert r.status_code == 409 and error_code(r) == ErrorCode.NOTHING_TO_ROLL_BACK
+    # nothing open now: an admin's "train now" queues one for the worker
+    queued = service.client.post(f"{url}/challengers", headers=admin)
+    assert queued.status_code == 202 and queued.json()["state"] == "training" and queued.json()["run"] is None

@@ -348,7 +348,7 @@ class SiteRunOut(BaseModel):
     """A run trained for one site (challenger) and its out-of-fold comparison with the site's champion."""
 
     id: int
-    run: str = Field(description="The run's name (never its server path)")
+    run: str | None = Field(description="The run's name (never its server path); null until training starts")
     parent_run: str | None
     state: str = Field(description="training, candidate, promoted, rejected, rolled_back or failed")
     comparison: dict[str, Any] | None = Field(
@@ -366,7 +366,7 @@ class SiteRunOut(BaseModel):
             comparison = {k: v for k, v in run.comparison.items() if k != "run_dir"}
         return cls(
             id=run.id,
-            run=Path(run.run).name,
+            run=Path(run.run).name or None,
             parent_run=Path(run.parent_run).name if run.parent_run else None,
             state=run.state,
             comparison=comparison,
