@@ -244,6 +244,20 @@ def test_worklist_site_filter_and_teaching_order(service, ct_slices) -> None:
     send(service, "another site", ct_slices[1:2])
     rows = service.client.get("/api/v1/worklist?filter=all&site=FILTERED site", headers=service.auth("admin"))
     assert rows.status_code == 200 and [r["id"] for r in rows.json()] == [mine]
+    for files in (ct_slices[2:3], ct_slices[3:5]):
+        send(service, "filtered site", files)
+    review = service.client.get("/api/v1/worklist?site=filtered site", headers=service.auth("admin")).json()
+    teaching = service.client.get(
+        "/api/v1/worklist?site=filtered site&order=teaching", headers=service.auth("admin")
+    ).json()
+    from covidscan.service.monitoring import teaching_queue
+
+    db, store = open_service(ServiceSettings(data_dir=service.data_dir, database_url=service.database_url))
+    with db.session() as s:
+        expected = teaching_queue(s, store, s.get(Site, review[0]["site"]["id"]))
+    db.dispose()
+    assert sorted(r["id"] for r in teaching) == sorted(r["id"] for r in review) and len(teaching) == 3
+    assert [r["id"] for r in teaching] == expected
     r = service.client.get("/api/v1/worklist?site=nowhere", headers=service.auth("admin"))
     assert r.status_code == 404 and error_code(r) == ErrorCode.NOT_FOUND
     r = service.client.get("/api/v1/worklist?order=teaching", headers=service.auth("admin"))
