@@ -96,7 +96,8 @@ class Api:
         self.call("POST", f"/api/v1/cases/{case_id}/first-read", "doctor", 201, json={"finding": finding})
         shown = self.case(case_id)
         assert not shown["hidden_until_first_read"] and shown["first_read"] == finding
-        assert shown["group"] is not None and shown["images"][0]["p_covid"] is not None
+        # Shown now: each image's probability, or the reason it was refused (e.g. unlike the training data)
+        assert all((im["p_covid"] is None) == bool(im["error"]) for im in shown["images"]), str(shown)
         return shown
 
     def sign(self, case: dict, finding: str) -> None:
@@ -186,19 +187,23 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
     assert alarm_at is not None and alarm_at <= ALARM_BY, f"no alarm within {ALARM_BY} images"
     took["alarm and 50 cases"] = time.monotonic() - start
 
-    # --- reader-first reading and signing of the 50 patients; never validated on the parent's figures
-    for case_id, patient in zip(case_ids, patients, strict=True):
+    # --- reader-first reading and signing of the 50 patients; never validated on the parent's figures.
+    # Local figures score the cases the model judged: a case whose every slice it refused (unlike its
+    # training data) has no probability to score, yet it is signed and teaches the challenger.
+    judged = 0
+    for case_id, patient in zip(case_ids, patients[:SIGNED], strict=True):
         shown = api.read_first(case_id, patient.label)
         assert shown["site"]["status"] != "validated"
         api.sign(shown, patient.label)
-    site = api.site_when(site_id, local_on(SIGNED), 120, f"local figures on {SIGNED} signed patients")
+        judged += shown["group"] is not None
+    site = api.site_when(site_id, local_on(judged), 120, f"local figures on the {judged} judged patients")
     assert site["status"] == "validating" and not passes(site), site["local"]
     took["read and sign 50"] = time.monotonic() - start - sum(took.values())
 
     # --- the worker trains a challenger by itself (adapt_min_patients stays 50) and compares it
     assert site["rules"]["adapt_min_patients"] == SIGNED
     site = api.site_when(site_id, lambda s: any(r["state"] in ("candidate", "failed") for r in s["runs"]),
-                         900, "a challenger trained")
+                         900, f"a challenger trained after {SIGNED} signed patients ({judged} judged)")
     (challenger,) = site["runs"]
     assert challenger["state"] == "candidate", challenger["error"]
     assert challenger["n_patients"] == SIGNED and challenger["parent_run"] == parent_run.name
@@ -222,17 +227,20 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
     assert other["site"]["name"] == "lab" and other["model"]["run"] == parent_run.name
 
     # --- later patients: predicted by the site's own run, read and signed until the site is validated
-    validated_at = None
+    validated_at, judged = None, 0
     for k, patient in enumerate(patients[SIGNED:], start=1):
         case_id = api.send(patient)
         case = api.ready(case_id)
         assert case["model"]["run"] == challenger["run"]
         shown = api.read_first(case_id, patient.label)
         api.sign(shown, patient.label)
-        site = api.site_when(site_id, local_on(k), 120, f"local figures on {k} patients since the switch")
+        judged += shown["group"] is not None
+        site = api.site_when(site_id, local_on(judged), 120, f"local figures on {judged} judged patients "
+                             "since the switch")
         assert (site["status"] == "validated") == passes(site), (site["status"], site["local"], site["rules"])
         if site["status"] == "validated":
             validated_at = k
+            assert judged >= VALIDATE_MIN_PATIENTS
             break
     took["validate"] = time.monotonic() - start - sum(took.values())
     print(f"\n{database_url.split(':')[0]}: alarm at {alarm_at} images; validated after {validated_at} later "
@@ -250,8 +258,8 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
     db = Database(database_url)
     with db.session() as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.target == f"site:{site_id}")).all()
-        promotions = [e for e in events if "promot" in e.action]
-        assert [e.actor for e in promotions] == ["admin"], sorted({e.action for e in events})
+        promoted = [(e.actor, e.detail.get("site_run")) for e in events if e.action == "challenger_promoted"]
+        assert promoted == [("admin", challenger["id"])], sorted({e.action for e in events})
         assert verify_chain(s).ok
     db.dispose()
     assert "Traceback" not in log.read_text()
