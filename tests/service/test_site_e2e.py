@@ -125,7 +125,7 @@ def shift_on(n_images: int) -> Callable[[dict], bool]:
 
 def local_on(n_patients: int) -> Callable[[dict], bool]:
     """Whether a site's local figures are those on ``n_patients`` signed patients."""
-    return lambda site: (site["local"] or {}).get("n_patients") == n_patients
+    return lambda site: (site["local"] or {}).get("n_patients", 0) == n_patients
 
 
 def passes(site: dict) -> bool:
