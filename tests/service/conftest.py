@@ -99,9 +99,8 @@ ACCOUNTS = {
 def add_accounts(data_dir: Path, database_url: str) -> dict[str, str]:
     """The test accounts (password ``PASSWORD``) and one API token each."""
     from covidscan.service.auth import add_user, new_token
-    from covidscan.service.settings import ServiceSettings, open_service
-
     from covidscan.service.models import Site
+    from covidscan.service.settings import ServiceSettings, open_service
 
     db, _ = open_service(ServiceSettings(data_dir=data_dir, database_url=database_url))
     with db.session() as s:
