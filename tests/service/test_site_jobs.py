@@ -4,6 +4,8 @@ promotion, rejection and rollback, each site scored by its own run, and challeng
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,7 +38,7 @@ from covidscan.service.sites import (
     set_rules,
 )
 from covidscan.service.storage import BlobStore
-from covidscan.service.worker import Worker, set_active_run
+from covidscan.service.worker import HOST, Worker, set_active_run
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +242,25 @@ def test_the_worker_trains_a_challenger_and_a_hopeless_one_fails_readably(svc, o
         assert trained.comparison["champion"] and trained.comparison["challenger"]
         failed = s.scalar(select(SiteRun).where(SiteRun.site_id == bad.id))
         assert failed.state == "failed" and "no non_covid images" in failed.error
+
+
+def test_a_challenger_whose_worker_died_ends_failed_not_training(svc, tmp_path) -> None:
+    db, store = svc
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    with db.session() as s:
+        _predicted_case(s, store, "Ward F", "f0", 0.5, str(tmp_path))
+        site = _site(s, "Ward F")
+        orphan = SiteRun(site_id=site.id, run=str(tmp_path / "half"), parent_run=str(tmp_path),
+                         state="training", owner=f"{HOST}:{dead}:0000")
+        s.add(orphan)
+        s.flush()
+        orphan_id = orphan.id
+    Worker(db, store).claim_challenger()
+    with db.session() as s:
+        orphan = s.get(SiteRun, orphan_id)
+        assert orphan.state == "failed" and f"{HOST}:{dead}:0000" in orphan.error
+        assert "stopped before it finished" in orphan.error
+        event = s.scalars(select(AuditEvent).where(AuditEvent.action == "challenger_trained")
+                          .order_by(AuditEvent.seq.desc())).first()
+        assert event.detail["site_run"] == orphan_id and event.detail["state"] == "failed"

@@ -39,6 +39,9 @@ def train_challenger(db: Database, store: BlobStore, site_run_id: int, out: Path
     except CovidscanError as exc:  # too few patients of a class, an unreadable parent: said on the site page
         log.warning("challenger %d for site %d failed: %s", site_run_id, site_run.site_id, exc)
         result, error = None, str(exc)
+    except Exception as exc:  # a bug or out of memory: the site page says so, never "training" forever
+        log.exception("challenger %d for site %d crashed", site_run_id, site_run.site_id)
+        result, error = None, f"training crashed ({type(exc).__name__}: {exc}); see the server log"
     with db.session() as s:
         site_run = s.get(SiteRun, site_run_id)
         if result is None:

@@ -8,6 +8,7 @@ the pages; the history of shift tests is in ``site_shift_checks``.
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from covidscan.service.sites import (
     record_shift_check,
     request_challenger,
     set_status,
+    signed_patients,
     signed_site_cases,
     site_features,
     site_rules,
@@ -54,14 +56,22 @@ def _same_run(a: str | None, b: str | None) -> bool:
     return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
 
 
+def _predicted_after(db: Session, site: Site, when: str) -> bool:
+    """Whether a case of ``site`` was predicted after ``when`` (an ISO time)."""
+    newer = select(Case.id).where(Case.site_id == site.id, Case.predicted_at > datetime.fromisoformat(when))
+    return db.scalar(newer.limit(1)) is not None
+
+
 def check_shift(db: Session, store: BlobStore, site: Site, run: str, reference: np.ndarray) -> bool:
     """Test ``site``'s images predicted by ``run`` (since its switch) against ``reference`` (the run's
     validation images' shift features) once there are :data:`MIN_IMAGES` and a new image since the last
     test; record the result and update the status. Returns whether a test ran."""
-    sample = site_features(db, store, site, run=run, since=site.run_since)[-SHIFT_WINDOW:]
-    n = len(sample)
     last = site.shift or {}
-    if n < MIN_IMAGES or (_same_run(last.get("run"), run) and last.get("n_images") == n):
+    if _same_run(last.get("run"), run) and not _predicted_after(db, site, last["computed_at"]):
+        return False
+    sample = site_features(db, store, site, run=run, since=site.run_since, last=SHIFT_WINDOW)
+    n = len(sample)
+    if n < MIN_IMAGES:
         return False
     result = ShiftTest().fit(reference).test(sample)
     record_shift_check(db, site, run=run, n_images=n, auc=result.auc, p_value=result.p_value,
@@ -113,7 +123,7 @@ def refresh_site(db: Session, site: Site) -> dict[str, Any] | None:
     else:
         site.local = None
     update_status(db, site)
-    _maybe_challenge(db, site, len({r.patient_id for r in rows}))
+    _maybe_challenge(db, site, signed_patients(db, site))
     return site.local
 
 

@@ -447,22 +447,29 @@ def read_features(store: BlobStore, sha256: str) -> np.ndarray:
 
 
 def site_features(
-    db: Session, store: BlobStore, site: Site, *, run: str | None = None, since: datetime | None = None
+    db: Session,
+    store: BlobStore,
+    site: Site,
+    *,
+    run: str | None = None,
+    since: datetime | None = None,
+    last: int | None = None,
 ) -> np.ndarray:
     """The stored feature vectors of ``site``'s images, one row each (n, d) in case order: the shift
     test's input. ``run`` keeps the images predicted by that run (features differ between runs), ``since``
-    those predicted at or after that time."""
+    those predicted at or after that time, ``last`` the most recent ones only (no more blobs read)."""
     query = (
         select(CaseImage.features_sha256)
         .join(Case, Case.id == CaseImage.case_id)
         .where(Case.site_id == site.id, CaseImage.features_sha256.is_not(None))
-        .order_by(Case.id, CaseImage.position)
+        .order_by(Case.id.desc(), CaseImage.position.desc())
+        .limit(last)
     )
     if run is not None:
         query = query.where(Case.run == run)
     if since is not None:
         query = query.where(Case.predicted_at >= since)
-    vectors = [read_features(store, digest) for digest in db.scalars(query)]
+    vectors = [read_features(store, digest) for digest in reversed(db.scalars(query).all())]
     return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -473,8 +480,12 @@ def _open_run(db: Session, site: Site) -> SiteRun | None:
 
 
 def signed_patients(db: Session, site: Site) -> int:
-    """Signed patients of ``site`` since its run began serving it (what ``adapt_min_patients`` counts)."""
-    return len({r.patient_id for r in signed_site_cases(db, site, since=site.run_since)})
+    """Signed patients of ``site`` since its run began serving it (what ``adapt_min_patients`` counts):
+    every covid or non_covid verdict, including cases the run refused to score -- those are what a
+    challenger most needs to learn, and the adaptation manifest holds them."""
+    return len({case.patient_id or f"case-{case.id}"
+                for case, review in signed_latest(db, site=site, since=site.run_since)
+                if review.finding != "indeterminate"})
 
 
 def request_challenger(db: Session, site: Site, actor: User | None) -> SiteRun:

@@ -8,11 +8,12 @@ restarted on the same data folder re-runs what was in flight and every case is c
 Each case is predicted by its site's run (its own once an admin promoted a challenger, else the active
 one); after it, the site's shift test runs again (:func:`covidscan.service.monitoring.check_shift`). A
 second thread trains the challengers sites asked for (:mod:`covidscan.service.adaptation`), one at a time,
-so prediction never waits for a training; a challenger whose worker died is taken over like a job.
+so prediction never waits for a training; a challenger whose worker died ends ``failed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -199,18 +200,30 @@ class Worker:
         return True
 
     def claim_challenger(self) -> tuple[int, Path] | None:
-        """Take one challenger waiting to be trained (or whose worker died); returns its id and run folder."""
+        """Take the oldest challenger waiting to be trained; returns its id and run folder.
+
+        A challenger whose worker died (a crash, or a restart mid-training) ends ``failed`` with the
+        reason instead of being trained again, so a training that kills its worker cannot loop; an admin
+        asks for a new one.
+        """
         with self.db.session() as s:
             waiting = select(SiteRun).where(SiteRun.state == "training").order_by(SiteRun.id)
-            for site_run in s.scalars(waiting):
-                owner = site_run.owner
-                if owner is not None and not self._stale_owners([owner]):
-                    continue  # being trained by a live worker
+            training = s.scalars(waiting).all()
+            for orphan in [r for r in training if r.owner and self._stale_owners([r.owner])]:
+                error = f"the worker training it ({orphan.owner}) stopped before it finished; ask again"
+                s.execute(
+                    update(SiteRun)
+                    .where(SiteRun.id == orphan.id, SiteRun.owner == orphan.owner)
+                    .where(SiteRun.state == "training")
+                    .values(state="failed", error=error)
+                )
+                record(s, "challenger_trained", actor=None, target=f"site:{orphan.site_id}",
+                       site_run=orphan.id, state="failed", better=None, error=error)
+            for site_run in [r for r in training if r.owner is None]:
                 out = self.store.root.parent / "site-runs" / f"site-{site_run.site_id}-{site_run.id}"
                 won = s.execute(
-                    update(SiteRun)
-                    .where(SiteRun.id == site_run.id, SiteRun.state == "training")
-                    .where(SiteRun.owner.is_(None) if owner is None else SiteRun.owner == owner)  # one wins
+                    update(SiteRun)  # the WHERE repeats the condition: of two workers, one wins
+                    .where(SiteRun.id == site_run.id, SiteRun.state == "training", SiteRun.owner.is_(None))
                     .values(run=str(out), owner=self.owner)
                 )
                 if won.rowcount == 1:
@@ -224,6 +237,11 @@ class Worker:
             return False
         from covidscan.service.adaptation import train_challenger  # the training code, only when needed
 
+        # A training shares the CPU with prediction and the requests: on a 2-core server it ran at their
+        # priority and a case page took over 5 s to answer, so this thread yields to them (Linux: a thread
+        # is a task with its own niceness; adapt trains on one torch thread, this one).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
         train_challenger(self.db, self.store, *claimed)
         return True
 
@@ -253,7 +271,8 @@ class Worker:
             self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop the threads after their current job (a training is taken over after a restart)."""
+        """Stop the threads after their current job (a training cut short ends ``failed`` at the next
+        start)."""
         self._stop.set()
         self._wake.set()
         for thread in self._threads:
