@@ -99,11 +99,15 @@ ACCOUNTS = {
 def add_accounts(data_dir: Path, database_url: str) -> dict[str, str]:
     """The test accounts (password ``PASSWORD``) and one API token each."""
     from covidscan.service.auth import add_user, new_token
+    from covidscan.service.models import Site
     from covidscan.service.settings import ServiceSettings, open_service
 
     db, _ = open_service(ServiceSettings(data_dir=data_dir, database_url=database_url))
     with db.session() as s:
         tokens = {name: new_token(s, add_user(s, name, role, PASSWORD)) for name, role in ACCOUNTS.items()}
+        # The senders' own sites are not read reader-first, so that doctors see results at once in the
+        # tests of reading and signing; test_site_api.py sends to other sites to test reader-first.
+        s.add_all(Site(name=name, reader_first=False) for name, role in ACCOUNTS.items() if role != "doctor")
     db.dispose()
     return tokens
 

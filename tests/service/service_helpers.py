@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 
+import httpx
 from PIL import Image
 
 
@@ -49,3 +54,32 @@ def uvicorn_server(settings: object) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+def start_server(
+    run: Path,
+    data_dir: Path,
+    port: int,
+    log: Path,
+    *,
+    database_url: str | None = None,
+    env: Mapping[str, str] | None = None,
+) -> subprocess.Popen:
+    """`covidscan serve` in its own process (``env`` added to this one's environment); returns once
+    /healthz answers."""
+    argv = [sys.executable, "-m", "covidscan", "serve", "--run", str(run), "--data-dir", str(data_dir),
+            "--port", str(port)]
+    if database_url is not None:
+        argv += ["--database-url", database_url]
+    environment = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=environment)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-2000:]}"
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise AssertionError(f"server did not start in 180 s: {log.read_text()[-2000:]}")

@@ -4,8 +4,6 @@ kill -9 with jobs still queued, restart on the same data folder: every case is p
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -13,42 +11,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from service_helpers import free_port
+from service_helpers import free_port, start_server
 from sqlalchemy import select
 
 from conftest import add_accounts
 
 pytestmark = pytest.mark.slow
-
-
-def start_server(run: Path, data_dir: Path, port: int, log: Path) -> subprocess.Popen:
-    """`covidscan serve` in its own process; returns once /healthz answers."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "covidscan",
-            "serve",
-            "--run",
-            str(run),
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, f"server exited with {proc.returncode}: {log.read_text()[-2000:]}"
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise AssertionError(f"server did not start in 180 s: {log.read_text()[-2000:]}")
 
 
 def test_fifty_concurrent_uploads_then_kill_9_and_restart_complete_every_case_once(

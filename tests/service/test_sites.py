@@ -257,7 +257,8 @@ def test_reader_first_by_default_until_validated_and_an_admin_override(svc) -> N
         case = _case(s, store, "lab", site="Reader First Site")
         site = case.site
         assert reader_first_applies(site) and CaseOut.from_case(case).site.model_dump() == {
-            "id": site.id, "name": "Reader First Site", "status": "new", "reader_first": True
+            "id": site.id, "name": "Reader First Site", "status": "new", "reader_first": True,
+            "local": None, "shift": None,
         }
         set_status(s, site, "validated", reason="figures met the rules")
         assert not reader_first_applies(site)  # the default: validated sites show the model at once

@@ -9,7 +9,7 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from covidscan.errors import CovidscanError
+from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import (
     Upload,
@@ -31,11 +31,13 @@ from covidscan.service.deps import (
     SubmitterUser,
 )
 from covidscan.service.errors import ErrorCode, NotFound, UploadRejected
-from covidscan.service.models import Case, Job
+from covidscan.service.models import Case, FirstRead, Job, User
 from covidscan.service.schemas import (
     CaseCreated,
     CaseOut,
     ErrorBody,
+    FirstReadIn,
+    FirstReadOut,
     Health,
     ReviewIn,
     ReviewOut,
@@ -43,6 +45,8 @@ from covidscan.service.schemas import (
     WorklistItem,
 )
 from covidscan.service.settings import active_run, run_label
+from covidscan.service.sites import find_site, first_read_for, reader_first_applies, record_first_read
+from covidscan.service.storage import BlobStore
 
 # Every error the API answers has this body; listed so /openapi.json shows it for each route.
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
@@ -73,6 +77,29 @@ def visible_case(db: Session, who: Principal, case_id: int) -> Case:
     return case
 
 
+def hidden_results(db: Session, cases: list[Case], user: User) -> set[int]:
+    """The ids of ``cases`` whose model result is withheld from ``user`` (reader-first): a doctor, a ready
+    case of a site where reader-first applies, and neither a first read nor a verdict of theirs on it yet.
+
+    Signed cases are never hidden (a first read is no longer taken then); nor are other roles' views.
+    """
+    if user.role != "doctor":
+        return set()
+    candidates = {
+        c.id
+        for c in cases
+        if c.status == "ready"
+        and reader_first_applies(c.site)
+        and not any(r.reviewer_id == user.id for r in c.reviews)
+    }
+    if not candidates:
+        return set()
+    read = db.scalars(
+        select(FirstRead.case_id).where(FirstRead.reader_id == user.id, FirstRead.case_id.in_(candidates))
+    )
+    return candidates - set(read)
+
+
 @router.get("/healthz", tags=["service"])
 def healthz(db: SessionDep) -> Health:
     """Liveness, the active run (by name and weights digest, never a path) and the queue depth."""
@@ -94,13 +121,16 @@ def post_case(
     request: Request,
     files: Annotated[list[UploadFile], File(description="Images of one patient or series")],
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    site: Annotated[
+        str | None, Form(max_length=1024, description="Site of the images (default: DICOM, else you)")
+    ] = None,
 ) -> CaseCreated:
     """Create a case from uploaded images (422 naming a non-image; 413 when too large); predicted later."""
     # Decoding happens between two short transactions: SQLite would otherwise hold its write lock meanwhile
     # (the look-up of `who` ended its own; this commit keeps the rule whatever ran before).
     db.commit()
     checked = check_uploads(read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels)
-    case = create_case(db, store, who.user, checked, patient_id)
+    case = create_case(db, store, who.user, checked, patient_id, site=site)
     db.commit()  # before the worker is woken: it must find the job
     wake_worker(request)
     return CaseCreated(id=case.id, status=case.status)
@@ -117,7 +147,23 @@ def get_case_api(db: SessionDep, who: CurrentUser, case_id: int) -> CaseOut:
     """A case: status (queued, running, ready, failed, signed), predictions, warnings, review."""
     case = visible_case(db, who, case_id)
     record(db, "view", actor=who.user.name, target=f"case:{case_id}", via="api")
-    return CaseOut.from_case(case)
+    first = first_read_for(db, case, who.user)
+    return CaseOut.from_case(
+        case,
+        hidden=bool(hidden_results(db, [case], who.user)),
+        first_read=first.finding if first else None,
+    )
+
+
+@router.post("/api/v1/cases/{case_id}/first-read", status_code=201, tags=["cases"])
+def post_first_read(db: SessionDep, who: DoctorUser, case_id: int, body: FirstReadIn) -> FirstReadOut:
+    """Record your own finding before seeing the model's (reader-first); once per doctor and case, before
+    any verdict of yours (409 ``first_read_refused`` after). The case's result is then shown to you."""
+    case = visible_case(db, who, case_id)
+    first = record_first_read(db, case, who.user, body.finding)
+    return FirstReadOut(
+        case=case_id, reader=who.user.name, finding=first.finding, created_at=first.created_at
+    )
 
 
 @router.post("/api/v1/cases/{case_id}/review", tags=["cases"])
@@ -141,10 +187,41 @@ def post_review(db: SessionDep, who: DoctorUser, case_id: int, body: ReviewIn) -
 def get_worklist(
     db: SessionDep,
     who: CurrentUser,
+    store: StoreDep,
     filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending",
+    site: Annotated[str | None, Query(max_length=1024, description="Only this site's cases")] = None,
+    order: Annotated[
+        Literal["review", "teaching"],
+        Query(description="review: pending first, uncertain and high-probability on top; teaching (with "
+              "site): the unsigned cases whose verdicts teach the site's validation and adaptation most"),
+    ] = "review",
 ) -> list[WorklistItem]:
-    """Cases in review order: pending first, uncertain and high-probability on top."""
-    return [WorklistItem.from_case(c) for c in worklist(db, who.user, filter)]
+    """Cases in review order (or, for one site, in teaching order); the model's result is withheld where
+    reader-first applies and you have not read the case yet (``hidden_until_first_read``)."""
+    cases = site_worklist(db, store, who.user, filter, site, order)
+    hidden = hidden_results(db, cases, who.user)
+    return [WorklistItem.from_case(c, hidden=c.id in hidden) for c in cases]
+
+
+def site_worklist(
+    db: Session, store: BlobStore, user: User, which: str, site_name: str | None, order: str
+) -> list[Case]:
+    """The worklist, of one site when ``site_name`` is given (404 when no site has that name), in review
+    order or, for one site, in teaching order (teaching-ordered cases first, the rest as before)."""
+    site = None
+    if site_name is not None:
+        site = find_site(db, site_name)
+        if site is None:
+            raise NotFound(f"no site called {site_name!r}; GET /api/v1/sites lists them")
+    if order == "teaching" and site is None:
+        raise ConfigError("order=teaching needs a site: add site=NAME (teaching order is per site)")
+    cases = worklist(db, user, which, site=site)
+    if order == "teaching":
+        from covidscan.service.monitoring import teaching_queue  # needs numpy features: only when asked
+
+        rank = {case_id: i for i, case_id in enumerate(teaching_queue(db, store, site))}
+        cases.sort(key=lambda c: rank.get(c.id, len(rank)))  # stable: the rest keep review order
+    return cases
 
 
 @router.get(

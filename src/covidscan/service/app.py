@@ -51,6 +51,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
+    from covidscan.service.routers import site_pages, sites
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -81,7 +82,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.state.templates.env.filters["value_ci"] = format_value_ci
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(api.router)
+    app.include_router(sites.router)
     app.include_router(pages.router)
+    app.include_router(site_pages.router)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:

@@ -217,6 +217,11 @@ def submit_review(
         finding=finding,
         reason=review.amendment_reason,
     )
+    if sign:
+        # The site's local figures and status follow every signed verdict at once (cheap, no training).
+        from covidscan.service.monitoring import refresh_site  # monitoring builds on this module
+
+        refresh_site(db, case.site)
     return review
 
 

@@ -231,13 +231,18 @@ def send(
     patient_id: Annotated[
         str | None, typer.Option("--patient-id", help="Patient id for the case(s).")
     ] = None,
+    site: Annotated[
+        str | None,
+        typer.Option("--site", help="The site (hospital, scanner) the images come from; default: the DICOM "
+                     "InstitutionName/StationName, else your account."),
+    ] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the predictions (0: do not wait).")] = 0.0,
 ) -> None:
     """Send images to a review service: one case per DICOM series, one for the other images."""
     from covidscan.service.client import send_cases
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per HTTP request is noise here
-    for case in send_cases(inputs, to, token, patient_id=patient_id, wait=wait):
+    for case in send_cases(inputs, to, token, patient_id=patient_id, site=site, wait=wait):
         group = case.get("group")
         extra = f", p(covid) {group['p_covid']:.3f} -> {group['label']}" if group else ""
         out.print(f"case {case['id']} ({case['files']} file(s)): {case['status']}{extra}  {case['url']}")

@@ -35,6 +35,10 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     SITE_NAME_TAKEN = "site_name_taken"  # 409: another site holds that name (merge the two instead)
     SITE_MERGED = "site_merged"  # 409: the site was merged into another (or into itself)
     FIRST_READ_REFUSED = "first_read_refused"  # 409: a first read after the reader saw the model's result
+    HIDDEN_UNTIL_FIRST_READ = "hidden_until_first_read"  # 409: the result waits for a first read
+    CHALLENGER_OPEN = "challenger_open"  # 409: the site's challenger is still training or awaiting a decision
+    CHALLENGER_NOT_CANDIDATE = "challenger_not_candidate"  # 409: only a candidate is promoted or rejected
+    NOTHING_TO_ROLL_BACK = "nothing_to_roll_back"  # 409: the site is served by the global run
     NO_FILES = "no_files"  # 422: an upload without files
     NOT_AN_IMAGE = "not_an_image"  # 422: a file that no image decoder reads
     IMAGE_REFUSED = "image_refused"  # 422: read, but refused by the quality gate

@@ -25,7 +25,8 @@ FINDINGS = ("covid", "non_covid", "indeterminate")
 # new: no verdicts and no alarm yet; shifted: the shift alarm rang before any verdict; validating: signed
 # cases are coming in; validated: the site's own figures meet its rules; degraded: a recent window fell below.
 SITE_STATUSES = ("new", "shifted", "validating", "validated", "degraded")
-SITE_RUN_STATES = ("training", "candidate", "promoted", "rejected", "rolled_back", "failed")
+# superseded: promoted once, then replaced by a later promotion (a rollback returns to it)
+SITE_RUN_STATES = ("training", "candidate", "promoted", "superseded", "rejected", "rolled_back", "failed")
 
 
 def utcnow() -> datetime:
@@ -261,6 +262,7 @@ class SiteRun(Base):
     promoted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     promoted_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     n_patients: Mapped[int | None] = mapped_column(Integer)  # signed patients it was adapted on
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the worker training it
 
 
 class AuditHead(Base):

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from covidscan.errors import CovidscanError
-from covidscan.service.api import read_uploads, wake_worker
+from covidscan.service.api import hidden_results, read_uploads, site_worklist, wake_worker
 from covidscan.service.audit import record, verify_chain
 from covidscan.service.auth import (
     add_user,
@@ -30,7 +30,6 @@ from covidscan.service.cases import (
     current_review,
     get_case,
     submit_review,
-    worklist,
 )
 from covidscan.service.deps import (
     LOGIN_CSRF_COOKIE,
@@ -45,9 +44,10 @@ from covidscan.service.deps import (
     StoreDep,
     check_form_csrf,
 )
-from covidscan.service.errors import CsrfRejected, NotFound
+from covidscan.service.errors import Conflict, CsrfRejected, ErrorCode, NotFound
 from covidscan.service.models import AuditEvent, Case, User
 from covidscan.service.settings import active_run
+from covidscan.service.sites import first_read_for, reader_first_applies, record_first_read
 from covidscan.service.worker import set_active_run
 
 router = APIRouter(include_in_schema=False)
@@ -161,9 +161,22 @@ def worklist_page(
     request: Request,
     s: SessionDep,
     who: PageUser,
+    store: StoreDep,
     filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending",
+    site: Annotated[str | None, Query(max_length=1024)] = None,
+    order: Annotated[Literal["review", "teaching"], Query()] = "review",
 ) -> HTMLResponse:
-    return _render(request, "worklist.html", who, cases=worklist(s, who.user, filter), filter=filter)
+    cases = site_worklist(s, store, who.user, filter, site or None, order)
+    return _render(
+        request,
+        "worklist.html",
+        who,
+        cases=cases,
+        hidden=hidden_results(s, cases, who.user),
+        filter=filter,
+        site=site or None,
+        order=order,
+    )
 
 
 def _case_page(
@@ -179,6 +192,7 @@ def _case_page(
         raise NotFound(f"no case {case_id}")
     review = current_review(case)
     unlike = [w for im in case.images for w in im.warnings or [] if w.startswith("unlike_training_data")]
+    hidden = bool(hidden_results(s, [case], who.user))
     return _render(
         request,
         "case.html",
@@ -188,6 +202,9 @@ def _case_page(
         review=review,
         locked=review is not None and review.signed_at is not None,
         unlike=unlike,
+        hidden=hidden,
+        reader_first=reader_first_applies(case.site),
+        first_read=first_read_for(s, case, who.user),
         error=error,
     )
 
@@ -234,6 +251,28 @@ def review_form(
     return RedirectResponse(f"/cases/{case_id}", status_code=303)
 
 
+@router.post("/cases/{case_id}/first-read")
+def first_read_form(
+    request: Request,
+    s: SessionDep,
+    who: PageDoctor,
+    case_id: int,
+    finding: Annotated[str, Form()],
+    csrf: Annotated[str, Form()] = "",
+) -> Response:
+    check_form_csrf(who, csrf)
+    case = get_case(s, who.user, case_id)
+    if case is None:
+        raise NotFound(f"no case {case_id}")
+    try:
+        with s.begin_nested():
+            record_first_read(s, case, who.user, finding)
+    except CovidscanError as exc:
+        s.expire_all()
+        return _case_page(request, s, who, case_id, status_code=exc.http_status, error=str(exc))
+    return RedirectResponse(f"/cases/{case_id}", status_code=303)
+
+
 @router.get("/cases/{case_id}/files/{position}/{kind}")
 def case_file(
     s: SessionDep,
@@ -253,6 +292,11 @@ def case_file(
     )
     if digest is None:
         raise NotFound("no such image")
+    if kind == "cam" and hidden_results(s, [case], who.user):
+        raise Conflict(
+            f"case {case_id} is read reader-first: record your first read before the Grad-CAM is shown",
+            ErrorCode.HIDDEN_UNTIL_FIRST_READ,
+        )
     s.commit()  # the file is read outside a transaction: SQLite would hold its write lock meanwhile
     data = store.read(digest)
     if kind != "original":
@@ -279,6 +323,7 @@ def upload_form(
     store: StoreDep,
     files: Annotated[list[UploadFile], File()],
     patient_id: Annotated[str | None, Form(max_length=128)] = None,
+    site: Annotated[str | None, Form(max_length=1024)] = None,
     csrf: Annotated[str, Form()] = "",
 ) -> Response:
     check_form_csrf(who, csrf)
@@ -287,7 +332,7 @@ def upload_form(
         checked = check_uploads(
             read_uploads(files, settings.max_upload_bytes), max_pixels=settings.max_pixels
         )
-        case_id = create_case(s, store, who.user, checked, patient_id).id
+        case_id = create_case(s, store, who.user, checked, patient_id, site=site).id
     except CovidscanError as exc:
         s.rollback()
         return _render(request, "upload.html", who, status_code=exc.http_status, error=str(exc))

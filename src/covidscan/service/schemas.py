@@ -7,13 +7,15 @@ and filled there, and every endpoint that returns the model answers with it.
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from covidscan.evaluation.site import COURSE_FIGURES
 from covidscan.service.cases import current_review
 from covidscan.service.errors import ErrorCode
-from covidscan.service.models import Case, CaseImage, Review, Site
+from covidscan.service.models import Case, CaseImage, Review, Site, SiteRun
 from covidscan.service.sites import reader_first_applies
 
 CaseStatus = Literal["queued", "running", "ready", "failed", "signed"]
@@ -51,6 +53,21 @@ class ReviewIn(BaseModel):
     comment: str = Field("", max_length=5000)
     sign: bool = False
     amendment_reason: str | None = Field(None, max_length=2000)
+
+
+class FirstReadIn(BaseModel):
+    """A doctor's own finding, recorded before the model's result is shown (reader-first)."""
+
+    finding: Finding
+
+
+class FirstReadOut(BaseModel):
+    """A recorded first read."""
+
+    case: int
+    reader: str
+    finding: Finding
+    created_at: datetime
 
 
 class ReviewOut(BaseModel):
@@ -106,7 +123,8 @@ class ImageOut(BaseModel):
     has_cam: bool
 
     @classmethod
-    def from_image(cls, im: CaseImage) -> ImageOut:
+    def from_image(cls, im: CaseImage, *, hidden: bool = False) -> ImageOut:
+        """``hidden``: without the model's answer (reader-first, before this reader's first read)."""
         return cls(
             position=im.position,
             name=im.original_name,
@@ -114,14 +132,14 @@ class ImageOut(BaseModel):
             size=im.size,
             width=im.width,
             height=im.height,
-            p_covid=im.p_covid,
-            label=im.label,
-            uncertain=im.uncertain,
+            p_covid=None if hidden else im.p_covid,
+            label=None if hidden else im.label,
+            uncertain=None if hidden else im.uncertain,
             lungs_found=im.lungs_found,
             warnings=im.warnings or [],
             error=im.error,
             group_id=im.group_id,
-            has_cam=im.cam_sha256 is not None,
+            has_cam=not hidden and im.cam_sha256 is not None,
         )
 
 
@@ -153,17 +171,78 @@ class ModelIdentity(BaseModel):
     test_n_images: int | None = None
 
 
+class Figure(BaseModel):
+    """A local figure with its patient-bootstrap 95% CI (``low``/``high`` null where too few to have one)."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any] | None) -> Figure:
+        """From a metrics.json-style entry (``value``, ``ci95``) of ``LocalFigures.to_dict()``."""
+        entry = entry or {}
+        low, high = entry.get("ci95") or (None, None)
+        return cls(value=entry.get("value"), low=low, high=high)
+
+
+class LocalSummary(BaseModel):
+    """The serving run's figures on the site's own signed cases (since it serves the site)."""
+
+    n_patients: int
+    sensitivity: Figure
+    specificity: Figure
+    roc_auc: Figure
+
+    @classmethod
+    def from_figures(cls, figures: dict[str, Any] | None) -> LocalSummary | None:
+        """From ``LocalFigures.to_dict()`` (``Site.local["figures"]``); None when there are none yet."""
+        if not figures:
+            return None
+        metrics = figures.get("metrics", {})
+        return cls(
+            n_patients=figures["n_patients"],
+            **{name: Figure.from_entry(metrics.get(name)) for name in COURSE_FIGURES},
+        )
+
+
+class ShiftSummary(BaseModel):
+    """The site's latest shift test: do its images differ from the run's own validation images?"""
+
+    alarm: bool = Field(description="The images differ: the model is not yet validated here (not: wrong)")
+    auc: float | None = Field(description="Effect size: how well a classifier tells the two groups apart")
+    p_value: float | None
+    n_images: int
+
+    @classmethod
+    def from_shift(cls, shift: dict[str, Any] | None) -> ShiftSummary | None:
+        """From ``Site.shift``; None before the first test (fewer than 30 images)."""
+        if not shift:
+            return None
+        return cls(alarm=shift["alarm"], auc=shift.get("auc"), p_value=shift.get("p_value"),
+                   n_images=shift["n_images"])
+
+
 class SiteRef(BaseModel):
-    """The site a case came from, as shown beside its result."""
+    """The site a case came from, as shown beside its result: its status, local figures and shift test."""
 
     id: int
     name: str
     status: str = Field(description="The model's standing at this site (see the site's page)")
     reader_first: bool = Field(description="Doctors record their own finding before seeing the model's")
+    local: LocalSummary | None = Field(description="The model's figures on this site's signed cases")
+    shift: ShiftSummary | None = Field(description="The latest shift test of this site's images")
 
     @classmethod
     def from_site(cls, site: Site) -> SiteRef:
-        return cls(id=site.id, name=site.name, status=site.status, reader_first=reader_first_applies(site))
+        return cls(
+            id=site.id,
+            name=site.name,
+            status=site.status,
+            reader_first=reader_first_applies(site),
+            local=LocalSummary.from_figures((site.local or {}).get("figures")),
+            shift=ShiftSummary.from_shift(site.shift),
+        )
 
 
 class CaseOut(BaseModel):
@@ -182,9 +261,16 @@ class CaseOut(BaseModel):
     warnings: list[str] = Field(description="Every image's warnings, once each")
     review: ReviewOut | None = Field(description="The newest version of the verdict (signed or a draft)")
     versions: int = Field(description="How many versions the verdict has (amendments add one each)")
+    hidden_until_first_read: bool = Field(
+        False,
+        description="Reader-first: the model's result (p_covid, label, group, CAM) is withheld until you "
+        "record your own finding with POST /api/v1/cases/{id}/first-read",
+    )
+    first_read: Finding | None = Field(None, description="Your first read of this case, if you made one")
 
     @classmethod
-    def from_case(cls, case: Case) -> CaseOut:
+    def from_case(cls, case: Case, *, hidden: bool = False, first_read: str | None = None) -> CaseOut:
+        """``hidden``: without the model's result (see ``hidden_until_first_read``)."""
         review = current_review(case)
         return cls(
             id=case.id,
@@ -195,11 +281,13 @@ class CaseOut(BaseModel):
             predicted_at=case.predicted_at,
             error=case.error,
             model=case.model,
-            group=case.group,
-            images=[ImageOut.from_image(im) for im in case.images],
+            group=None if hidden else case.group,
+            images=[ImageOut.from_image(im, hidden=hidden) for im in case.images],
             warnings=sorted({w for im in case.images for w in (im.warnings or [])}),
             review=ReviewOut.from_review(review) if review else None,
             versions=len(case.reviews),
+            hidden_until_first_read=hidden,
+            first_read=first_read,
         )
 
 
@@ -212,18 +300,126 @@ class WorklistItem(BaseModel):
     site: SiteRef
     n_images: int
     p_covid: float | None = Field(description="The group prediction's p(covid); null until predicted")
-    uncertain: bool = Field(description="An image's probability lies in the model's uncertainty band")
+    uncertain: bool | None = Field(description="An image's probability lies in the model's uncertainty band")
     created_at: datetime
+    hidden_until_first_read: bool = Field(False, description="As in the case: the result waits for your read")
 
     @classmethod
-    def from_case(cls, case: Case) -> WorklistItem:
+    def from_case(cls, case: Case, *, hidden: bool = False) -> WorklistItem:
         return cls(
             id=case.id,
             status=case.status,
             patient_id=case.patient_id,
             site=SiteRef.from_site(case.site),
             n_images=len(case.images),
-            p_covid=case.group["p_covid"] if case.group else None,
-            uncertain=any(im.uncertain for im in case.images),
+            p_covid=case.group["p_covid"] if case.group and not hidden else None,
+            uncertain=None if hidden else any(im.uncertain for im in case.images),
             created_at=case.created_at,
+            hidden_until_first_read=hidden,
         )
+
+
+class LocalOut(BaseModel):
+    """The serving run's figures on a site's signed cases since it serves the site (``LocalFigures``
+    dicts: each figure a metrics.json entry with ``value`` and ``ci95``), and on the most recent ones."""
+
+    model_config = ConfigDict(extra="allow")  # stored JSON: keys of newer versions pass through
+
+    since: datetime | None = Field(None, description="Local validation counts from here (the run switch)")
+    computed_at: datetime | None = None
+    figures: dict[str, Any] | None = None
+    recent: dict[str, Any] | None = None
+
+
+class ShiftOut(ShiftSummary):
+    """The latest shift test with its details (effect size CI, level, method, verdict)."""
+
+    computed_at: datetime | None = None
+    details: dict[str, Any] | None = None
+
+    @classmethod
+    def from_shift(cls, shift: dict[str, Any] | None) -> ShiftOut | None:
+        if not shift:
+            return None
+        return cls(**{k: v for k, v in shift.items() if k in cls.model_fields})
+
+
+class SiteRunOut(BaseModel):
+    """A run trained for one site (challenger) and its out-of-fold comparison with the site's champion."""
+
+    id: int
+    run: str | None = Field(description="The run's name (never its server path); null until training starts")
+    parent_run: str | None
+    state: str = Field(description="training, candidate, promoted, rejected, rolled_back or failed")
+    comparison: dict[str, Any] | None = Field(
+        description="champion and challenger figures (metrics.json entries) on the same signed cases"
+    )
+    error: str | None
+    created_at: datetime
+    promoted_at: datetime | None
+    n_patients: int | None
+
+    @classmethod
+    def from_run(cls, run: SiteRun) -> SiteRunOut:
+        comparison = None
+        if run.comparison is not None:  # the stored dict names the run directory: a server path
+            comparison = {k: v for k, v in run.comparison.items() if k != "run_dir"}
+        return cls(
+            id=run.id,
+            run=Path(run.run).name or None,
+            parent_run=Path(run.parent_run).name if run.parent_run else None,
+            state=run.state,
+            comparison=comparison,
+            error=run.error,
+            created_at=run.created_at,
+            promoted_at=run.promoted_at,
+            n_patients=run.n_patients,
+        )
+
+
+class SiteListItem(SiteRef):
+    """A site in the list of sites, with its numbers of cases."""
+
+    n_cases: int
+    n_signed: int
+    merged_into: int | None = Field(description="The site this one was merged into (it holds no cases)")
+
+
+class SiteOut(SiteListItem):
+    """A site: status, shift test, local figures, rules, reader-first, the run serving it and its runs."""
+
+    status_since: datetime
+    reader_first_setting: bool | None = Field(
+        description="The admin's choice; null: reader-first unless the site is validated"
+    )
+    rules: dict[str, Any] = Field(description="The validation rules in force (SiteRules)")
+    run: str | None = Field(description="The run serving this site as NAME@SHA256-PREFIX")
+    own_run: bool = Field(description="The site has its own (promoted) run rather than the service's")
+    run_since: datetime | None
+    local_figures: LocalOut | None = Field(description="Full local figures (every figure with its CI)")
+    shift_test: ShiftOut | None
+    runs: list[SiteRunOut] = Field(description="Challengers trained for this site, newest first")
+
+
+class SitePatch(BaseModel):
+    """An admin's change to a site; fields left out stay as they are (``null`` rules or reader_first: back
+    to the defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=1024)
+    rules: dict[str, Any] | None = None
+    reader_first: bool | None = None
+
+
+class SiteMerge(BaseModel):
+    """Merge this site into another (by id): its cases move there."""
+
+    into: int
+
+
+class SiteMerged(BaseModel):
+    """Answer to a merge: the site that now holds the cases and how many moved."""
+
+    site: SiteOut
+    moved: int

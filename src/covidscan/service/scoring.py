@@ -1,8 +1,8 @@
 """The service's only door to the model: upload checks, prediction, Grad-CAM and the model's identity.
 
 Every call into covidscan's prediction code (:class:`covidscan.inference.Predictor`) is in this module, so
-the rest of the service depends on four things only: :func:`inspect_upload`, :class:`Scorer`,
-:class:`ScoredImage` and :class:`ScoredCase`.
+the rest of the service depends on four things only: :func:`inspect_upload`, :class:`Scorer` (whose
+``reference()`` is the run's shift reference), :class:`ScoredImage` and :class:`ScoredCase`.
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 from PIL import Image
 
 from covidscan.errors import ImageRefusedError, InputError
 from covidscan.inference import Predictor
+from covidscan.inference.shift import run_reference
 from covidscan.io import QualityLimits, read_image, to_uint8
 from covidscan.service.errors import ErrorCode, UploadRejected
 
@@ -91,6 +93,7 @@ class ScoredImage:
     error: str | None
     group_id: str | None
     cam_png: bytes | None
+    features: np.ndarray | None = field(default=None, repr=False, compare=False)  # shift features
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,14 @@ class Scorer:
         self.run_dir = self.predictor.run_dir.resolve()
         self._lock = threading.Lock()
         self.identity = self._identity()
+        self._reference: np.ndarray | None = None
+
+    def reference(self) -> np.ndarray:
+        """The run's reference shift features (its validation images), computed once per loaded run."""
+        with self._lock:
+            if self._reference is None:
+                self._reference = run_reference(self.predictor)[0]
+            return self._reference
 
     def _identity(self) -> dict[str, Any]:
         checkpoint, cal, metrics = (
@@ -147,6 +158,7 @@ class Scorer:
                     p.error,
                     p.group_id,
                     Path(p.cam_png).read_bytes() if p.cam_png else None,
+                    p.features,
                 )
                 for p in preds
             ]

@@ -38,6 +38,7 @@ from covidscan.service.models import (
     CaseImage,
     FirstRead,
     Site,
+    SiteRun,
     SiteShiftCheck,
     User,
     utcnow,
@@ -446,20 +447,118 @@ def read_features(store: BlobStore, sha256: str) -> np.ndarray:
 
 
 def site_features(
-    db: Session, store: BlobStore, site: Site, *, run: str | None = None, since: datetime | None = None
+    db: Session,
+    store: BlobStore,
+    site: Site,
+    *,
+    run: str | None = None,
+    since: datetime | None = None,
+    last: int | None = None,
 ) -> np.ndarray:
     """The stored feature vectors of ``site``'s images, one row each (n, d) in case order: the shift
     test's input. ``run`` keeps the images predicted by that run (features differ between runs), ``since``
-    those predicted at or after that time."""
+    those predicted at or after that time, ``last`` the most recent ones only (no more blobs read)."""
     query = (
         select(CaseImage.features_sha256)
         .join(Case, Case.id == CaseImage.case_id)
         .where(Case.site_id == site.id, CaseImage.features_sha256.is_not(None))
-        .order_by(Case.id, CaseImage.position)
+        .order_by(Case.id.desc(), CaseImage.position.desc())
+        .limit(last)
     )
     if run is not None:
         query = query.where(Case.run == run)
     if since is not None:
         query = query.where(Case.predicted_at >= since)
-    vectors = [read_features(store, digest) for digest in db.scalars(query)]
+    vectors = [read_features(store, digest) for digest in reversed(db.scalars(query).all())]
     return np.stack(vectors) if vectors else np.zeros((0, 0), dtype=np.float32)
+
+
+def _open_run(db: Session, site: Site) -> SiteRun | None:
+    """The site's challenger being trained or waiting for a decision, if any."""
+    return db.scalar(select(SiteRun).where(SiteRun.site_id == site.id,
+                                           SiteRun.state.in_(("training", "candidate"))))
+
+
+def signed_patients(db: Session, site: Site) -> int:
+    """Signed patients of ``site`` since its run began serving it (what ``adapt_min_patients`` counts):
+    every covid or non_covid verdict, including cases the run refused to score -- those are what a
+    challenger most needs to learn, and the adaptation manifest holds them."""
+    return len({case.patient_id or f"case-{case.id}"
+                for case, review in signed_latest(db, site=site, since=site.run_since)
+                if review.finding != "indeterminate"})
+
+
+def request_challenger(db: Session, site: Site, actor: User | None) -> SiteRun:
+    """Queue a challenger for ``site``: ``covidscan adapt`` on its signed verdicts, trained by the worker.
+
+    ``actor`` None is the worker itself (the site reached ``adapt_min_patients``); else admins only. One
+    challenger at a time per site (a :class:`Conflict` while one is training or awaiting a decision).
+    """
+    if actor is not None:
+        _require_admin(actor, "train challengers")
+    _require_live(site)
+    if (open_run := _open_run(db, site)) is not None:
+        raise Conflict(f"site {site.name!r} already has challenger {open_run.id} ({open_run.state}); "
+                       "promote or reject it first", ErrorCode.CHALLENGER_OPEN)
+    parent = site.active_run or active_run(db)
+    if parent is None:
+        raise ConfigError("no run is active: a challenger is adapted from the run that serves the site")
+    site_run = SiteRun(site_id=site.id, run="", parent_run=parent, state="training",
+                       n_patients=signed_patients(db, site))
+    db.add(site_run)
+    db.flush()
+    record(db, "challenger_requested", actor=actor.name if actor else None, target=f"site:{site.id}",
+           site_run=site_run.id, parent=parent, n_patients=site_run.n_patients)
+    return site_run
+
+
+def _decidable(site_run: SiteRun, actor: User, what: str) -> None:
+    _require_admin(actor, what)
+    if site_run.state != "candidate":
+        raise Conflict(f"challenger {site_run.id} is {site_run.state}: only a candidate can be decided",
+                       ErrorCode.CHALLENGER_NOT_CANDIDATE)
+
+
+def promote_site_run(db: Session, site_run: SiteRun, actor: User) -> Site:
+    """Serve the challenger's site with it from now on (admins; candidates only; audit-logged). The
+    site's local validation starts again from the switch (:func:`set_site_run`)."""
+    _decidable(site_run, actor, "promote challengers")
+    site = db.get(Site, site_run.site_id)
+    for earlier in db.scalars(select(SiteRun).where(SiteRun.site_id == site.id, SiteRun.state == "promoted")):
+        earlier.state = "superseded"
+    set_site_run(db, site, site_run.run, actor)
+    site_run.state, site_run.promoted_at, site_run.promoted_by = "promoted", utcnow(), actor.id
+    db.flush()
+    record(db, "challenger_promoted", actor=actor.name, target=f"site:{site.id}", site_run=site_run.id,
+           run=site_run.run, comparison=site_run.comparison)
+    return site
+
+
+def reject_site_run(db: Session, site_run: SiteRun, actor: User) -> SiteRun:
+    """Keep the champion: the challenger is rejected (admins; candidates only; audit-logged)."""
+    _decidable(site_run, actor, "reject challengers")
+    site_run.state = "rejected"
+    db.flush()
+    record(db, "challenger_rejected", actor=actor.name, target=f"site:{site_run.site_id}",
+           site_run=site_run.id)
+    return site_run
+
+
+def rollback_site(db: Session, site: Site, actor: User) -> Site:
+    """Undo the site's last promotion: back to the run promoted before it, else the global run (admins;
+    audit-logged; local validation starts again)."""
+    _require_admin(actor, "roll back site runs")
+    promoted = db.scalars(select(SiteRun).where(SiteRun.site_id == site.id,
+                                                SiteRun.state.in_(("promoted", "superseded")))
+                          .order_by(SiteRun.promoted_at.desc(), SiteRun.id.desc())).all()
+    if not promoted or promoted[0].state != "promoted":
+        raise Conflict(f"site {site.name!r} is served by the global run: there is nothing to roll back",
+                       ErrorCode.NOTHING_TO_ROLL_BACK)
+    current, previous = promoted[0], next(iter(promoted[1:]), None)
+    current.state = "rolled_back"
+    if previous is not None:
+        previous.state = "promoted"
+    set_site_run(db, site, previous.run if previous else None, actor)
+    record(db, "site_rollback", actor=actor.name, target=f"site:{site.id}", site_run=current.id,
+           back_to=previous.run if previous else "global run")
+    return site

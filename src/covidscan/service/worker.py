@@ -4,10 +4,16 @@ A worker claims a job with a conditional UPDATE (``state='queued'`` or an expire
 by a dead process on this host), predicts the case, and writes the result, the case status and
 ``state='done'`` in one transaction that only commits while it still owns the job. So a killed server
 restarted on the same data folder re-runs what was in flight and every case is completed exactly once.
+
+Each case is predicted by its site's run (its own once an admin promoted a challenger, else the active
+one); after it, the site's shift test runs again (:func:`covidscan.service.monitoring.check_shift`). A
+second thread trains the challengers sites asked for (:mod:`covidscan.service.adaptation`), one at a time,
+so prediction never waits for a training; a challenger whose worker died ends ``failed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -23,15 +29,18 @@ from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import priority
 from covidscan.service.db import Database
-from covidscan.service.models import Case, Job, Setting, utcnow
+from covidscan.service.models import Case, Job, Setting, SiteRun, utcnow
+from covidscan.service.monitoring import check_shift
 from covidscan.service.scoring import Scorer
 from covidscan.service.settings import active_run
+from covidscan.service.sites import put_features, run_for_case
 from covidscan.service.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
 LEASE = timedelta(minutes=10)  # a job still "running" after this is taken over by another worker
 MAX_ATTEMPTS = 3
+MAX_SCORERS = 4  # loaded runs kept (the global one and a few sites' own); the oldest is dropped
 HOST = socket.gethostname()
 
 
@@ -65,25 +74,29 @@ def set_active_run(db: Database, run_dir: str | Path, *, actor: str | None) -> s
 
 
 class Worker:
-    """Claims and predicts queued cases; the Predictor is loaded once and reloaded only on a model switch."""
+    """Claims and predicts queued cases and trains sites' challengers; each run's Predictor is loaded once."""
 
     def __init__(self, db: Database, store: BlobStore, *, poll_seconds: float = 0.5) -> None:
         self.db, self.store, self.poll_seconds = db, store, poll_seconds
         self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._scorer: Scorer | None = None
+        self._scorers: dict[str, Scorer] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
-    def scorer(self) -> Scorer:
-        """The loaded model of the active run (loaded on first use and after a switch)."""
-        with self.db.session() as s:
-            run = active_run(s)
+    def scorer(self, run: str | None = None) -> Scorer:
+        """The loaded model of ``run``, by default the active run (loaded on first use; the least recently
+        used dropped past :data:`MAX_SCORERS`)."""
+        if run is None:
+            with self.db.session() as s:
+                run = active_run(s)
         if run is None:
             raise CovidscanError("no run is active; start `covidscan serve --run RUN` or switch the model")
-        if self._scorer is None or str(self._scorer.run_dir) != run:
-            self._scorer = Scorer(run)
-        return self._scorer
+        scorer = self._scorers.pop(run, None) or Scorer(run)
+        self._scorers[run] = scorer  # most recently used last
+        while len(self._scorers) > MAX_SCORERS:
+            self._scorers.pop(next(iter(self._scorers)))
+        return scorer
 
     def _stale_owners(self, owners: list[str]) -> list[str]:
         """Owners on this host whose process is gone (their jobs need not wait for the lease)."""
@@ -127,8 +140,9 @@ class Worker:
         with self.db.session() as s:
             case = s.scalar(select(Case).where(Case.id == case_id).options(selectinload(Case.images)))
             files = [(self.store.path(im.sha256), im.suffix) for im in case.images]
+            run = run_for_case(s, case)
         try:
-            scorer = self.scorer()
+            scorer = self.scorer(run)
             result = scorer.score(files)
             error = None
         except CovidscanError as exc:
@@ -150,6 +164,8 @@ class Worker:
                 im.lungs_found, im.warnings, im.error = scored.lungs_found, scored.warnings, scored.error
                 im.group_id = scored.group_id
                 im.cam_sha256 = self.store.put(scored.cam_png) if scored.cam_png else None
+                features = scored.features
+                im.features_sha256 = None if features is None else put_features(self.store, features)
             case.model, case.group, case.run = scorer.identity, result.group, str(scorer.run_dir)
             case.priority = priority(any(im.uncertain for im in case.images), result.group)
             case.status, case.error, job.state = "ready", None, "done"
@@ -161,6 +177,19 @@ class Worker:
                 run=scorer.identity["run"],
                 p_covid=None if result.group is None else round(result.group["p_covid"], 6),
             )
+        self.check_site(case_id, scorer)
+
+    def check_site(self, case_id: int, scorer: Scorer) -> None:
+        """Run the case's site's shift test again (it has one more image); a run without a usable shift
+        reference is logged, not fatal: prediction goes on without the alarm."""
+        try:
+            reference = scorer.reference()
+        except CovidscanError as exc:
+            log.warning("no shift test for run %s: %s", scorer.run_dir, exc)
+            return
+        with self.db.session() as s:
+            case = s.get(Case, case_id)
+            check_shift(s, self.store, case.site, str(scorer.run_dir), reference)
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue was empty."""
@@ -170,15 +199,63 @@ class Worker:
         self.process(case_id)
         return True
 
+    def claim_challenger(self) -> tuple[int, Path] | None:
+        """Take the oldest challenger waiting to be trained; returns its id and run folder.
+
+        A challenger whose worker died (a crash, or a restart mid-training) ends ``failed`` with the
+        reason instead of being trained again, so a training that kills its worker cannot loop; an admin
+        asks for a new one.
+        """
+        with self.db.session() as s:
+            waiting = select(SiteRun).where(SiteRun.state == "training").order_by(SiteRun.id)
+            training = s.scalars(waiting).all()
+            for orphan in [r for r in training if r.owner and self._stale_owners([r.owner])]:
+                error = f"the worker training it ({orphan.owner}) stopped before it finished; ask again"
+                s.execute(
+                    update(SiteRun)
+                    .where(SiteRun.id == orphan.id, SiteRun.owner == orphan.owner)
+                    .where(SiteRun.state == "training")
+                    .values(state="failed", error=error)
+                )
+                record(s, "challenger_trained", actor=None, target=f"site:{orphan.site_id}",
+                       site_run=orphan.id, state="failed", better=None, error=error)
+            for site_run in [r for r in training if r.owner is None]:
+                out = self.store.root.parent / "site-runs" / f"site-{site_run.site_id}-{site_run.id}"
+                won = s.execute(
+                    update(SiteRun)  # the WHERE repeats the condition: of two workers, one wins
+                    .where(SiteRun.id == site_run.id, SiteRun.state == "training", SiteRun.owner.is_(None))
+                    .values(run=str(out), owner=self.owner)
+                )
+                if won.rowcount == 1:
+                    return site_run.id, out
+        return None
+
+    def train_once(self) -> bool:
+        """Train one waiting challenger; False when there was none."""
+        claimed = self.claim_challenger()
+        if claimed is None:
+            return False
+        from covidscan.service.adaptation import train_challenger  # the training code, only when needed
+
+        # A training shares the CPU with prediction and the requests: on a 2-core server it ran at their
+        # priority and a case page took over 5 s to answer, so this thread yields to them (Linux: a thread
+        # is a task with its own niceness; adapt trains on one torch thread, this one).
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        train_challenger(self.db, self.store, *claimed)
+        return True
+
     def wake(self) -> None:
         """Tell a sleeping worker thread that a job was queued."""
         self._wake.set()
 
-    def loop(self) -> None:
-        """Work until :meth:`stop`; sleeps ``poll_seconds`` (or until woken) when the queue is empty."""
+    def loop(self, step=None) -> None:
+        """Work until :meth:`stop` (``step``: :meth:`run_once`, or :meth:`train_once` for the training
+        thread); sleeps ``poll_seconds`` (or until woken) when there is nothing to do."""
+        step = step or self.run_once
         while not self._stop.is_set():
             try:
-                busy = self.run_once()
+                busy = step()
             except Exception:  # keep the worker alive: a database hiccup must not stop prediction
                 log.exception("worker %s: job failed unexpectedly", self.owner)
                 busy = False
@@ -187,13 +264,16 @@ class Worker:
                 self._wake.clear()
 
     def start(self) -> None:
-        """Run :meth:`loop` in a daemon thread."""
-        self._thread = threading.Thread(target=self.loop, name="covidscan-worker", daemon=True)
-        self._thread.start()
+        """Run :meth:`loop` for predictions and for challengers, each in a daemon thread."""
+        for name, step in (("covidscan-worker", self.run_once), ("covidscan-adapt", self.train_once)):
+            thread = threading.Thread(target=self.loop, args=(step,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def stop(self) -> None:
-        """Stop the thread after its current job."""
+        """Stop the threads after their current job (a training cut short ends ``failed`` at the next
+        start)."""
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=60)
+        for thread in self._threads:
+            thread.join(timeout=60)

@@ -172,6 +172,7 @@ def _upgrade() -> None:
         sa.Column("promoted_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("promoted_by", sa.Integer(), nullable=True),
         sa.Column("n_patients", sa.Integer(), nullable=True),
+        sa.Column("owner", sa.String(length=128), nullable=True),
         sa.ForeignKeyConstraint(
             ["promoted_by"],
             ["users.id"],

@@ -1,0 +1,1 @@
+"""The service's routers beyond the core API and pages: one module per subject."""
