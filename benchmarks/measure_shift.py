@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -79,7 +81,10 @@ def draws(reference: np.ndarray, sample: np.ndarray, sizes: tuple[int, ...], n_d
                            "median_auc": float(np.median([r[1] for r in rows])),
                            "median_p": float(np.median([r[2] for r in rows])),
                            "median_seconds": float(np.median([r[3] for r in rows])),
-                           "n_draws": len(rows)} for m, rows in found.items()}
+                           "n_draws": len(rows),
+                           # per draw, so the alarm rate at any other level can be read off afterwards
+                           "p_values": [r[2] for r in rows], "aucs": [r[1] for r in rows]}
+               for m, rows in found.items()}
         print(n, {m: (v["alarm_rate"], round(v["median_auc"], 3)) for m, v in out[str(n)].items()},
               flush=True)
     return out
@@ -145,7 +150,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/measure_shift.json"))
     args = parser.parse_args()
-    results: dict = {"sizes": list(SIZES), "draws": args.draws, "min_images": MIN_IMAGES}
+    # A second invocation (say --cxr-run once that run is trained) adds its parts to the existing results.
+    results: dict = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
+    results.update({"sizes": list(SIZES), "draws": args.draws, "min_images": MIN_IMAGES})
+    results.setdefault("commands", []).append(
+        {"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "cpu_threads": os.cpu_count()})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.phantom_run:
