@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -40,6 +42,8 @@ from covidscan.training import train_experiment
 
 SIZES = (30, 50, 100)
 METHODS = ("classifier", "mmd")
+LEVELS = (0.003, 0.005, 0.01, 0.05)
+"""Alarm levels the alarm rates are reported at (the p-values of 500 permutations step by 0.002)."""
 
 
 def embed(predictor: Predictor, paths: list[str]) -> np.ndarray:
@@ -54,35 +58,54 @@ def split_paths(run: Path, split: str, column: str = "split") -> list[str]:
 
 
 def draws(reference: np.ndarray, sample: np.ndarray, sizes: tuple[int, ...], n_draws: int, seed: int,
-          pooled_null: bool = False) -> dict[str, dict]:
+          null: str | None = None) -> dict[str, dict]:
     """Alarm rate, median AUC and test time per size and method over ``n_draws`` random draws.
 
-    ``pooled_null``: ``sample`` is reference rows followed by other own images; a draw's reference rows
+    ``null="pooled"``: ``sample`` is reference rows followed by other own images; a draw's reference rows
     leave the reference (what a site of the training hospital would bring: new images, not these ones).
+    ``null="exchangeable"``: ``sample`` is the pool; each draw takes a reference of ``len(reference)``
+    images and a group of n other images from it at random, so the two are exchangeable (no shift at all,
+    even where the splits themselves differ, as ucsd-ct's validation and official test splits do).
     """
     rng = np.random.default_rng(seed)
     out: dict[str, dict] = {}
     for n in sizes:
-        if n > len(sample):
+        if n > len(sample) - (len(reference) if null == "exchangeable" else 0):
             continue
         found: dict[str, list] = {m: [] for m in METHODS}
         for d in range(n_draws):
             pick = rng.choice(len(sample), n, replace=False)
             ref = reference
-            if pooled_null:
+            if null == "pooled":
                 ref = np.delete(reference, pick[pick < len(reference)], axis=0)
+            elif null == "exchangeable":
+                order = rng.permutation(len(sample))
+                ref, pick = sample[order[:len(reference)]], order[len(reference):len(reference) + n]
             for method in METHODS:
                 start = time.perf_counter()
                 result = ShiftTest(method=method, seed=d).fit(ref).test(sample[pick])
                 found[method].append((result.alarm, result.auc, result.p_value, time.perf_counter() - start))
-        out[str(n)] = {m: {"alarm_rate": float(np.mean([r[0] for r in rows])),
-                           "median_auc": float(np.median([r[1] for r in rows])),
+        out[str(n)] = {m: {"median_auc": float(np.median([r[1] for r in rows])),
                            "median_p": float(np.median([r[2] for r in rows])),
                            "median_seconds": float(np.median([r[3] for r in rows])),
-                           "n_draws": len(rows)} for m, rows in found.items()}
-        print(n, {m: (v["alarm_rate"], round(v["median_auc"], 3)) for m, v in out[str(n)].items()},
-              flush=True)
+                           "n_draws": len(rows),
+                           # per draw, so the alarm rate at any other level can be read off afterwards
+                           "p_values": [r[2] for r in rows], "aucs": [r[1] for r in rows]}
+               for m, rows in found.items()}
+        print(n, {m: (float(np.mean([r[0] for r in rows])), round(float(np.median([r[1] for r in rows])), 3))
+                  for m, rows in found.items()}, flush=True)
     return out
+
+
+def add_alarm_rates(node: object) -> None:
+    """Beside every draw's p-values, the share of draws below each of :data:`LEVELS`."""
+    if isinstance(node, dict):
+        if "p_values" in node:
+            p = np.asarray(node["p_values"])
+            node["alarm_rate_at"] = {str(level): float(np.mean(p < level)) for level in LEVELS}
+            node.pop("alarm_rate", None)
+        for value in node.values():
+            add_alarm_rates(value)
 
 
 def whole(reference: np.ndarray, sample: np.ndarray) -> dict:
@@ -100,7 +123,9 @@ def measure_real(run: Path, external: Path, sizes: tuple[int, ...], n_draws: int
         "run": str(run), "precision": predictor.precision, "n_val": len(f_val), "n_test": len(f_test),
         "external": str(external), "n_external": len(f_ext),
         "false_alarms_pooled_val_test": draws(f_val, np.concatenate([f_val, f_test]), sizes, n_draws, 1,
-                                              pooled_null=True),
+                                              null="pooled"),
+        "false_alarms_exchangeable": draws(f_val, np.concatenate([f_val, f_test]), sizes, n_draws, 6,
+                                           null="exchangeable"),
         "power_external": draws(f_val, f_ext, sizes, n_draws, 2),
         "external_all": whole(f_val, f_ext),
     }
@@ -145,7 +170,11 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/measure_shift.json"))
     args = parser.parse_args()
-    results: dict = {"sizes": list(SIZES), "draws": args.draws, "min_images": MIN_IMAGES}
+    # A second invocation (say --cxr-run once that run is trained) adds its parts to the existing results.
+    results: dict = json.loads(args.out.read_text(encoding="utf-8")) if args.out.is_file() else {}
+    results.update({"sizes": list(SIZES), "draws": args.draws, "min_images": MIN_IMAGES})
+    results.setdefault("commands", []).append(
+        {"argv": sys.argv, "date": time.strftime("%Y-%m-%d"), "cpu_threads": os.cpu_count()})
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         if args.phantom_run:
@@ -156,6 +185,7 @@ def main() -> None:
         if args.cxr_run:
             results["cxr"] = measure_real(args.cxr_run, args.data / "cxr-ext-figure1", (30,), args.draws,
                                           False)
+    add_alarm_rates(results)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out}")
 
