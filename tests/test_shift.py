@@ -57,6 +57,9 @@ def test_fewer_than_30_images_and_bad_arrays_are_refused():
         ShiftTest().test(np.ones((30, 5)))
     with pytest.raises(ConfigError, match="image statistics"):
         shift_features(np.ones((3, 8)), np.ones((3, 2)))
+    # 100 permutations: the smallest p-value is 1/101, never below the default level, so no alarm could sound
+    with pytest.raises(ConfigError, match=r"below level 0\.003; use at least 334 permutations"):
+        ShiftTest(n_permutations=100)
 
 
 def test_a_trained_run_stores_its_validation_features_and_predictions_carry_theirs(ood_run: Path):

@@ -164,6 +164,10 @@ class ShiftTest:
             raise ConfigError("shift test settings: n_components >= 1, folds >= 2, ridge > 0, "
                               f"n_permutations >= 1 and 0 < level < 1; got {n_components}, {folds}, "
                               f"{ridge}, {n_permutations}, {level}")
+        if 1 / (n_permutations + 1) >= level:
+            # the smallest permutation p-value is 1 / (n_permutations + 1): the alarm could never sound
+            raise ConfigError(f"shift test: with {n_permutations} permutations no p-value falls below level "
+                              f"{level:g}; use at least {int(np.ceil(1 / level))} permutations")
         self.method = method
         self.n_components = int(n_components)
         self.folds = int(folds)
