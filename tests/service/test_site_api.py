@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_service_pages import login
 
-from covidscan.evaluation.site import local_figures
+from covidscan.evaluation.site import LocalFigures, local_figures
 from covidscan.service.errors import ErrorCode
 from covidscan.service.models import Site
 from covidscan.service.settings import ServiceSettings, open_service
@@ -25,6 +25,21 @@ def site_row(service, site_id: int):
             yield s.get(Site, site_id)
     finally:
         db.dispose()
+
+
+def cache_site_results(service, site_id: int, status: str, *, details: dict | None) -> LocalFigures:
+    """Write the worker's caches (``Site.local``, ``Site.shift``) as the data contract describes them:
+    figures of 6 patients (sensitivity 2/3) and a shift alarm (AUC 0.93, p 0.001, 40 images)."""
+    figures = local_figures([1, 1, 0, 0, 1, 0], [0.9, 0.8, 0.2, 0.3, 0.4, 0.1], list("abcdef"), 0.5,
+                            n_boot=50)
+    stamp = "2026-01-01T00:00:00+00:00"
+    with site_row(service, site_id) as site:
+        site.local = {"run": "/srv/runs/x", "since": None, "computed_at": stamp, "figures": figures.to_dict(),
+                      "recent": None, "rules": {}}
+        site.shift = {"run": "/srv/runs/x", "computed_at": stamp, "n_images": 40, "auc": 0.93,
+                      "p_value": 0.001, "alarm": True, "details": details}
+        site.status = status
+    return figures
 
 
 def send(service, site: str, files, patient_id: str | None = None, name: str = "lab") -> dict:
@@ -155,28 +170,7 @@ def test_sites_list_detail_and_local_figures_summary(service, ct_slices) -> None
     assert row["n_cases"] == 1 and row["n_signed"] == 0 and row["status"] == "new" and row["local"] is None
 
     # the worker's caches (Site.local, Site.shift) as the data contract describes them
-    figures = local_figures(
-        [1, 1, 0, 0, 1, 0], [0.9, 0.8, 0.2, 0.3, 0.4, 0.1], list("abcdef"), 0.5, n_boot=50
-    )
-    with site_row(service, site_id) as site:
-        site.local = {
-            "run": "/srv/runs/x",
-            "since": None,
-            "computed_at": "2026-01-01T00:00:00+00:00",
-            "figures": figures.to_dict(),
-            "recent": None,
-            "rules": {},
-        }
-        site.shift = {
-            "run": "/srv/runs/x",
-            "computed_at": "2026-01-01T00:00:00+00:00",
-            "n_images": 40,
-            "auc": 0.93,
-            "p_value": 0.001,
-            "alarm": True,
-            "details": {"verdict": "shifted"},
-        }
-        site.status = "validating"
+    figures = cache_site_results(service, site_id, "validating", details={"verdict": "shifted"})
     seen = service.client.get(f"/api/v1/cases/{case['id']}", headers=service.auth("admin")).json()["site"]
     assert seen["status"] == "validating"
     assert seen["local"]["n_patients"] == 6

@@ -8,9 +8,7 @@ import re
 import pytest
 from fastapi.testclient import TestClient
 from test_service_pages import _csrf, login
-from test_site_api import send, site_row
-
-from covidscan.evaluation.site import local_figures
+from test_site_api import cache_site_results, send
 
 EVIL = "<img src=x onerror=alert(1)>"
 
@@ -32,28 +30,7 @@ def doctor(service):
 def test_sites_list_and_site_page_escape_names_and_show_local_figures(service, ct_slices, admin) -> None:
     case = send(service, EVIL, ct_slices[:1])
     site_id = case["site"]["id"]
-    figures = local_figures(
-        [1, 1, 0, 0, 1, 0], [0.9, 0.8, 0.2, 0.3, 0.4, 0.1], list("abcdef"), 0.5, n_boot=50
-    )
-    with site_row(service, site_id) as site:
-        site.local = {
-            "run": "/srv/x",
-            "since": None,
-            "computed_at": "2026-01-01T00:00:00+00:00",
-            "figures": figures.to_dict(),
-            "recent": None,
-            "rules": {},
-        }
-        site.shift = {
-            "run": "/srv/x",
-            "computed_at": "2026-01-01T00:00:00+00:00",
-            "n_images": 40,
-            "auc": 0.93,
-            "p_value": 0.001,
-            "alarm": True,
-            "details": None,
-        }
-        site.status = "shifted"
+    figures = cache_site_results(service, site_id, "shifted", details=None)
     listing = admin.get("/sites")
     assert listing.status_code == 200 and "Sites" in listing.text
     assert EVIL not in listing.text and "&lt;img src=x onerror=alert(1)&gt;" in listing.text
