@@ -264,3 +264,21 @@ def test_a_challenger_whose_worker_died_ends_failed_not_training(svc, tmp_path) 
         event = s.scalars(select(AuditEvent).where(AuditEvent.action == "challenger_trained")
                           .order_by(AuditEvent.seq.desc())).first()
         assert event.detail["site_run"] == orphan_id and event.detail["state"] == "failed"
+
+
+def test_a_challenger_that_cannot_even_start_ends_failed_with_the_reason(svc, tmp_path) -> None:
+    from covidscan.service.adaptation import train_challenger
+
+    db, store = svc
+    blocker = tmp_path / "site-runs"
+    blocker.write_text("a file where the run folders go", encoding="utf-8")
+    with db.session() as s:
+        _predicted_case(s, store, "Ward I", "i0", 0.5, str(tmp_path))
+        site_run = SiteRun(site_id=_site(s, "Ward I").id, run="", parent_run=str(tmp_path), state="training")
+        s.add(site_run)
+        s.flush()
+        site_run_id = site_run.id
+    ended = train_challenger(db, store, site_run_id, blocker / "site-9-1")
+    assert ended.state == "failed" and ended.error.startswith("training crashed (")
+    with db.session() as s:
+        assert s.get(SiteRun, site_run_id).state == "failed"

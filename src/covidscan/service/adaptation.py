@@ -15,17 +15,13 @@ from covidscan.service.db import Database
 from covidscan.service.models import Site, SiteRun
 from covidscan.service.sites import site_verdicts_manifest
 from covidscan.service.storage import BlobStore
-from covidscan.training.site import challenge
+from covidscan.training.site import Challenge, challenge
 
 log = logging.getLogger(__name__)
 
 
-def train_challenger(db: Database, store: BlobStore, site_run_id: int, out: Path) -> SiteRun:
-    """Adapt the site run's parent to its site's signed verdicts into ``out`` and compare the two out of
-    fold; the site run ends ``candidate`` (with the comparison) or ``failed`` (with the reason).
-
-    No transaction is held while training: the verdicts are exported first, the result stored after.
-    """
+def _challenge(db: Database, store: BlobStore, site_run_id: int, out: Path) -> Challenge:
+    """Write the site's verdicts manifest beside ``out`` and run ``challenge`` from the site run's parent."""
     with db.session() as s:
         site_run = s.get(SiteRun, site_run_id)
         site = s.get(Site, site_run.site_id)
@@ -34,13 +30,23 @@ def train_challenger(db: Database, store: BlobStore, site_run_id: int, out: Path
     out.parent.mkdir(parents=True, exist_ok=True)
     signed = out.parent / f"{out.name}.verdicts.csv"
     signed.write_text(manifest, encoding="utf-8")
+    return challenge(parent, signed, out, overwrite=True)
+
+
+def train_challenger(db: Database, store: BlobStore, site_run_id: int, out: Path) -> SiteRun:
+    """Adapt the site run's parent to its site's signed verdicts into ``out`` and compare the two out of
+    fold; the site run ends ``candidate`` (with the comparison) or ``failed`` (with the reason) -- whatever
+    goes wrong, never ``training`` while its worker lives on.
+
+    No transaction is held while training: the verdicts are exported first, the result stored after.
+    """
     try:
-        result, error = challenge(parent, signed, out, overwrite=True), None
+        result, error = _challenge(db, store, site_run_id, out), None
     except CovidscanError as exc:  # too few patients of a class, an unreadable parent: said on the site page
-        log.warning("challenger %d for site %d failed: %s", site_run_id, site_run.site_id, exc)
+        log.warning("challenger %d failed: %s", site_run_id, exc)
         result, error = None, str(exc)
-    except Exception as exc:  # a bug or out of memory: the site page says so, never "training" forever
-        log.exception("challenger %d for site %d crashed", site_run_id, site_run.site_id)
+    except Exception as exc:  # a bug, a full disk, out of memory: the site page says so
+        log.exception("challenger %d crashed", site_run_id)
         result, error = None, f"training crashed ({type(exc).__name__}: {exc}); see the server log"
     with db.session() as s:
         site_run = s.get(SiteRun, site_run_id)
