@@ -162,6 +162,34 @@ def test_signing_refreshes_figures_and_status_and_asks_for_a_challenger(svc, tmp
         assert refused.value.code == ErrorCode.CHALLENGER_OPEN
 
 
+def test_a_global_run_switch_sends_a_validated_site_back_to_new(svc, tmp_path) -> None:
+    from covidscan.service.monitoring import after_prediction
+    from covidscan.service.sites import reader_first_applies
+
+    db, store = svc
+    old, new = str(tmp_path / "old"), str(tmp_path / "new")
+    with db.session() as s:
+        s.merge(Setting(key="active_run", value=old))
+    with db.session() as s:
+        _predicted_case(s, store, "Ward J", "j-first", 0.9, old)
+        rules = {"min_patients": 12, "sensitivity_target": 0.5, "specificity_target": 0.5,
+                 "adapt_min_patients": 1000}
+        set_rules(s, _site(s, "Ward J"), rules, _user(s, "admin"))
+    for i in range(12):
+        with db.session() as s:
+            case = _predicted_case(s, store, "Ward J", f"j{i}", 0.92 if i % 2 else 0.08, old)
+            submit_review(s, case, _user(s, "doc"), agree=True, finding="covid" if i % 2 else "non_covid",
+                          comment="", sign=True)
+    with db.session() as s:
+        assert _site(s, "Ward J").status == "validated"
+        s.merge(Setting(key="active_run", value=new))
+    with db.session() as s:
+        _predicted_case(s, store, "Ward J", "j-new", 0.9, new)
+        site = _site(s, "Ward J")
+        after_prediction(s, store, site, new, None)  # the new run has proved nothing here yet
+        assert site.local is None and site.status == "new" and reader_first_applies(site)
+
+
 def test_promote_reject_rollback_and_each_site_scored_by_its_run(svc, ood_run, tiny_run, tmp_path) -> None:
     db, store = svc
     set_active_run(db, ood_run, actor="admin")

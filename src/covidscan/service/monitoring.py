@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from covidscan.evaluation.shift import MIN_IMAGES, ShiftTest
@@ -65,7 +65,7 @@ def _predicted_after(db: Session, site: Site, when: str) -> bool:
 def check_shift(db: Session, store: BlobStore, site: Site, run: str, reference: np.ndarray) -> bool:
     """Test ``site``'s images predicted by ``run`` (since its switch) against ``reference`` (the run's
     validation images' shift features) once there are :data:`MIN_IMAGES` and a new image since the last
-    test; record the result and update the status. Returns whether a test ran."""
+    test; record the result. Returns whether a test ran."""
     last = site.shift or {}
     if _same_run(last.get("run"), run) and not _predicted_after(db, site, last["computed_at"]):
         return False
@@ -76,8 +76,20 @@ def check_shift(db: Session, store: BlobStore, site: Site, run: str, reference: 
     result = ShiftTest().fit(reference).test(sample)
     record_shift_check(db, site, run=run, n_images=n, auc=result.auc, p_value=result.p_value,
                        alarm=result.alarm, details=result.to_dict())
-    update_status(db, site)
     return True
+
+
+def after_prediction(
+    db: Session, store: BlobStore, site: Site, run: str, reference: np.ndarray | None
+) -> None:
+    """What the worker does for ``site`` after ``run`` predicted one of its cases: the shift test when due
+    (``reference`` None: the run has none), then the status again. Cached figures of another run (the
+    global run was switched) say nothing about this one: they are recomputed for it first."""
+    tested = reference is not None and check_shift(db, store, site, run, reference)
+    if site.local is not None and not _same_run(site.local.get("run"), run):
+        refresh_site(db, site)
+    elif tested or (site.shift is not None and not _same_run(site.shift.get("run"), run)):
+        update_status(db, site)  # the figures depend on signed cases only: unchanged
 
 
 def _signed_rows(db: Session, site: Site) -> list[SignedCase]:
@@ -145,17 +157,19 @@ def _figures(entry: dict[str, Any] | None) -> LocalFigures | None:
 
 
 def _images_seen(db: Session, site: Site) -> int:
-    query = select(CaseImage.id).join(Case, Case.id == CaseImage.case_id).where(
+    query = select(func.count(CaseImage.id)).join(Case, Case.id == CaseImage.case_id).where(
         Case.site_id == site.id, CaseImage.p_covid.is_not(None))
     if site.run_since is not None:
         query = query.where(Case.predicted_at >= site.run_since)
-    return len(db.scalars(query).all())
+    return db.scalar(query)
 
 
 def update_status(db: Session, site: Site) -> str:
-    """Set ``site.status`` from its cached shift result and local figures by the site's rules."""
-    local = site.local or {}
-    status = site_status((site.shift or {}).get("alarm"), _figures(local.get("figures")),
+    """Set ``site.status`` from its cached shift result and local figures by the site's rules (a shift
+    result of another run than the serving one does not count)."""
+    local, shift = site.local or {}, site.shift or {}
+    alarm = shift.get("alarm") if _same_run(shift.get("run"), serving_run(db, site)) else None
+    status = site_status(alarm, _figures(local.get("figures")),
                          _figures(local.get("recent")), site_rules(site), _images_seen(db, site))
     set_status(db, site, status, reason="shift test" if not local else "local figures")
     return status

@@ -6,7 +6,7 @@ by a dead process on this host), predicts the case, and writes the result, the c
 restarted on the same data folder re-runs what was in flight and every case is completed exactly once.
 
 Each case is predicted by its site's run (its own once an admin promoted a challenger, else the active
-one); after it, the site's shift test runs again (:func:`covidscan.service.monitoring.check_shift`). A
+one); after it, the site's shift test runs again (:func:`covidscan.service.monitoring.after_prediction`). A
 second thread trains the challengers sites asked for (:mod:`covidscan.service.adaptation`), one at a time,
 so prediction never waits for a training; a challenger whose worker died ends ``failed``.
 """
@@ -30,7 +30,7 @@ from covidscan.service.audit import record
 from covidscan.service.cases import priority
 from covidscan.service.db import Database
 from covidscan.service.models import Case, Job, Setting, SiteRun, utcnow
-from covidscan.service.monitoring import check_shift
+from covidscan.service.monitoring import after_prediction
 from covidscan.service.scoring import Scorer
 from covidscan.service.settings import active_run
 from covidscan.service.sites import put_features, run_for_case
@@ -180,16 +180,17 @@ class Worker:
         self.check_site(case_id, scorer)
 
     def check_site(self, case_id: int, scorer: Scorer) -> None:
-        """Run the case's site's shift test again (it has one more image); a run without a usable shift
-        reference is logged, not fatal: prediction goes on without the alarm."""
+        """Run the case's site's shift test again (it has one more image) and refresh its figures when
+        due; a run without a usable shift reference is logged, not fatal: prediction goes on without the
+        alarm."""
         try:
             reference = scorer.reference()
         except CovidscanError as exc:
             log.warning("no shift test for run %s: %s", scorer.run_dir, exc)
-            return
+            reference = None
         with self.db.session() as s:
             case = s.get(Case, case_id)
-            check_shift(s, self.store, case.site, str(scorer.run_dir), reference)
+            after_prediction(s, self.store, case.site, str(scorer.run_dir), reference)
 
     def run_once(self) -> bool:
         """Claim and process one job; False when the queue was empty."""
