@@ -11,7 +11,7 @@ from typing import Any
 import pandas as pd
 from sqlalchemy import Select, select
 from sqlalchemy import case as sql_case
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from covidscan.errors import ConfigError
 from covidscan.outputs import csv_text
@@ -116,12 +116,14 @@ def get_case(db: Session, user: User, case_id: int) -> Case | None:
         visible_cases(user)
         .where(Case.id == case_id)
         .options(
-            selectinload(Case.images),
+            # joined, not selected apart: one statement sees the case and its images at the same moment,
+            # never a case still "running" whose images the worker has just filled in (read skew)
+            joinedload(Case.images),
             selectinload(Case.reviews).selectinload(Review.reviewer),
             selectinload(Case.site),
         )
     )
-    return db.scalar(query)
+    return db.scalars(query).unique().first()
 
 
 def worklist(
