@@ -20,6 +20,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import test_sites
 from service_helpers import uvicorn_server
 from sqlalchemy import func, select
 
@@ -28,6 +29,8 @@ from covidscan.service.errors import ErrorCode
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
 NEW_PASSWORD = "quiet lantern orbit meadow"
+empty_url = test_sites.empty_url  # the fixture: a fresh, empty database per test (SQLite and PostgreSQL)
+_alembic = test_sites._alembic
 
 
 @dataclass
@@ -351,3 +354,37 @@ def test_users_commands_deactivate_passwd_activate_and_revoke_a_live_account(ser
         assert unknown.returncode == 2 and "no user 'nobody'" in unknown.stderr
     actions = audit_actions(server, f"user:{name}")
     assert actions[-4:] == ["user_deactivate", "user_activate", "password_reset", "access_revoke"]
+
+
+def test_migration_0003_keeps_sessions_and_failures_and_goes_back_down(empty_url: str) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+    from sqlalchemy import inspect, text
+
+    from covidscan.service.db import Database
+    from covidscan.service.models import Base
+
+    db = Database(empty_url)
+    _alembic(db, "0002")
+    at, later = "2026-01-01 10:00:00", "2026-01-01 22:00:00"
+    with db.engine.begin() as conn:  # a service as 0002 left it: a live session and a failed login
+        conn.execute(text(
+            f"INSERT INTO users (id, name, role, active, created_at) VALUES (1, 'dr', 'doctor', true, '{at}')"
+        ))
+        conn.execute(text(
+            "INSERT INTO web_sessions (id_hash, user_id, csrf_token, created_at, expires_at) VALUES "
+            f"('{'a' * 64}', 1, 'c', '{at}', '{later}')"
+        ))
+        conn.execute(text(f"INSERT INTO login_failures (id, name, at) VALUES (1, 'dr', '{at}')"))
+    _alembic(db, "head")
+    with db.engine.connect() as conn:
+        seen, created = conn.execute(text("SELECT last_seen_at, created_at FROM web_sessions")).one()
+        assert seen == created  # the idle clock of an old session starts at its creation
+        row = conn.execute(text("SELECT name, address, device, refused FROM login_failures")).one()
+        assert tuple(row) == ("dr", None, None, False)
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    _alembic(db, "0002", down=True)
+    with db.engine.connect() as conn:
+        assert not inspect(conn).has_table("known_devices")
+        assert "last_seen_at" not in {c["name"] for c in inspect(conn).get_columns("web_sessions")}
+    db.dispose()
