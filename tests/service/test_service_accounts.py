@@ -117,7 +117,8 @@ def test_a_guesser_gets_growing_waits_and_never_locks_the_doctor_out(server: Ser
         codes = [r.status_code for r in answers]
         assert codes == [401] * 5 + [429] * 15
         waits = [int(r.headers["retry-after"]) for r in answers[5:]]
-        assert waits == sorted(waits) and waits[0] >= 1 and waits[-1] >= 600, waits
+        # 1, 2, 4, ... 512 s, then the 15-minute cap (less the moments that pass while it holds)
+        assert waits[:11] == sorted(set(waits[:11])) and waits[0] >= 1 and min(waits[10:]) >= 600, waits
         assert "Wait" in answers[-1].text  # a page for a person, not JSON
         assert dodge.status_code == 429
         # The doctor's known browser still logs in from that very address ...

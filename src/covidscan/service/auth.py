@@ -6,7 +6,7 @@ Throttling slows a guesser down without letting anyone lock a doctor out:
 - Each client address may fail ``FREE_FAILURES`` times within ``THROTTLE_WINDOW``; after that every
   further attempt from it waits a delay that doubles with each failure (1 s, 2 s, 4 s, ... at most
   ``MAX_DELAY``). An attempt made while the address must wait is refused (429 with Retry-After) without
-  checking the password, and counts as a failure: hammering only lengthens the wait.
+  checking the password, and counts as a failure: hammering only lengthens the wait (up to the cap).
 - An account whose password was wrong ``ACCOUNT_FAILURES`` times within the window (from anywhere) is
   under attack: then an address has no free failures for it (its first wrong guess starts the delay),
   which stops guessing spread over many addresses. The account itself is never locked: a right password
@@ -247,32 +247,28 @@ def _known_device(db: Session, name: str, client: Client) -> str | None:
     return digest if owner == name else None
 
 
-def retry_after(db: Session, name: str, client: Client) -> int:
-    """Seconds ``client`` must wait before trying a password for ``name`` again (0: it may try now)."""
-    device = _known_device(db, name, client)
+@dataclass(frozen=True)
+class _Wait:
+    """Where a client stands: the seconds it must still wait, and whether one more failure would lengthen
+    that wait (at the cap it would not)."""
+
+    seconds: int
+    grows: bool
+
+
+def _wait(db: Session, name: str, address: str | None, device: str | None) -> _Wait:
+    """How long a client at ``address`` (with the known ``device`` of ``name``, if any) must wait."""
     if device is not None:  # a browser that logged in here before: only its own failures hold it back
         count, latest = _failures(db, LoginFailure.device == device)
         free = FREE_FAILURES
     else:
         attacked = _failures(db, LoginFailure.name == name, LoginFailure.refused.is_(False))[0]
-        count, latest = _failures(
-            db,
-            LoginFailure.address.is_(None)
-            if client.address is None
-            else LoginFailure.address == client.address,
-        )
+        where = LoginFailure.address.is_(None) if address is None else LoginFailure.address == address
+        count, latest = _failures(db, where)
         free = 1 if attacked >= ACCOUNT_FAILURES else FREE_FAILURES
-    if latest is None:
-        return 0
-    wait = (latest + _delay(count, free) - utcnow()).total_seconds()
-    return max(0, math.ceil(wait))
-
-
-def _fail(db: Session, name: str, client: Client, *, refused: bool) -> None:
-    """Record a failure and commit it at once: the request fails, and its rollback must not undo this."""
-    device = _known_device(db, name, client)
-    db.add(LoginFailure(name=name[:64], address=client.address, device=device, refused=refused))
-    db.commit()
+    delay = _delay(count, free)
+    seconds = 0 if latest is None else math.ceil((latest + delay - utcnow()).total_seconds())
+    return _Wait(max(0, seconds), delay < MAX_DELAY)
 
 
 def check_password(db: Session, name: str, password: str) -> User | None:
@@ -291,16 +287,22 @@ def authenticate(db: Session, name: str, password: str, client: Client) -> User:
     :class:`LoginThrottled` (429, with the seconds to wait) while the client must wait, without checking
     the password; :class:`WrongPassword` otherwise. Both failures are committed before they are raised.
     """
-    wait = retry_after(db, name, client)
-    if wait > 0:
-        _fail(db, name, client, refused=True)
-        raise LoginThrottled(wait)
+    device = _known_device(db, name, client)
+
+    def fail(refused: bool) -> None:  # committed at once: the request fails, its rollback must keep this
+        db.add(LoginFailure(name=name[:64], address=client.address, device=device, refused=refused))
+        db.commit()
+
+    wait = _wait(db, name, client.address, device)
+    if wait.seconds > 0:
+        if wait.grows:  # at the cap a refusal is not written: a flood of them would only cost writes
+            fail(refused=True)
+        raise LoginThrottled(wait.seconds)
     user = check_password(db, name, password)
     if user is None:
-        _fail(db, name, client, refused=False)
+        fail(refused=False)
         raise WrongPassword("wrong name or password")
     # Forget what is stale, and this browser's own typos; others' failures (a guesser's) are kept.
-    device = _known_device(db, name, client)
     stale = LoginFailure.at < utcnow() - THROTTLE_WINDOW
     db.execute(delete(LoginFailure).where(or_(stale, LoginFailure.device == device) if device else stale))
     return user
