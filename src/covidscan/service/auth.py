@@ -55,6 +55,7 @@ MAX_DELAY = timedelta(minutes=15)
 MIN_PASSWORD = 12
 MIN_DISTINCT = 5  # "aaaaaaaaaaaa" and "abababababab" are not passwords
 COMMON_PASSWORDS = Path(__file__).with_name("data") / "common-passwords.txt.gz"  # see data/README.md
+DEVICE_LIFETIME = timedelta(days=365)  # how long a browser stays known after its login
 SEEN_EVERY = timedelta(minutes=1)  # how stale a session's last_seen_at may get before it is written
 
 _hasher = PasswordHasher()  # argon2-cffi's defaults: Argon2id, RFC 9106 low-memory profile
@@ -242,7 +243,7 @@ def _known_device(db: Session, name: str, client: Client) -> str | None:
     owner = db.scalar(
         select(User.name)
         .join(KnownDevice, KnownDevice.user_id == User.id)
-        .where(KnownDevice.token_hash == digest)
+        .where(KnownDevice.token_hash == digest, KnownDevice.created_at > utcnow() - DEVICE_LIFETIME)
     )
     return digest if owner == name else None
 
@@ -309,14 +310,12 @@ def authenticate(db: Session, name: str, password: str, client: Client) -> User:
 
 
 def remember_device(db: Session, user: User, device: str | None) -> str:
-    """The device cookie for ``user``'s browser after a login: the one it sent if it is theirs, else a
-    new one (a browser is known to one account at a time)."""
-    if (
-        device
-        and db.scalar(select(KnownDevice.user_id).where(KnownDevice.token_hash == sha256_hex(device)))
-        == user.id
-    ):
-        return device
+    """The device cookie for ``user``'s browser after a login: a new one each time (a browser is known to
+    one account at a time, for ``DEVICE_LIFETIME``); the cookie it sent, and expired ones, are forgotten."""
+    forget = KnownDevice.created_at <= utcnow() - DEVICE_LIFETIME
+    if device:
+        forget = or_(forget, KnownDevice.token_hash == sha256_hex(device))
+    db.execute(delete(KnownDevice).where(forget))
     fresh = secrets.token_urlsafe(32)
     db.add(KnownDevice(token_hash=sha256_hex(fresh), user_id=user.id))
     db.flush()

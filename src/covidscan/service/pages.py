@@ -15,6 +15,7 @@ from covidscan.errors import CovidscanError
 from covidscan.service.api import hidden_results, read_uploads, site_worklist, wake_worker
 from covidscan.service.audit import record, verify_chain
 from covidscan.service.auth import (
+    DEVICE_LIFETIME,
     add_user,
     authenticate,
     csrf_ok,
@@ -59,7 +60,6 @@ from covidscan.service.sites import first_read_for, reader_first_applies, record
 from covidscan.service.worker import set_active_run
 
 router = APIRouter(include_in_schema=False)
-DEVICE_COOKIE_DAYS = 365  # a known browser stays known for a year (see auth.py, throttling)
 MEDIA = {
     ".png": "image/png",
     ".jpg": "image/jpeg",
@@ -162,7 +162,7 @@ def login(
     record(s, "login", actor=user.name)
     response = RedirectResponse(_safe_next(next), status_code=303)
     _set_cookie(response, SESSION_COOKIE, sid, request)
-    _set_cookie(response, DEVICE_COOKIE, device, request, max_age=DEVICE_COOKIE_DAYS * 86400)
+    _set_cookie(response, DEVICE_COOKIE, device, request, max_age=int(DEVICE_LIFETIME.total_seconds()))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
     return response
 
