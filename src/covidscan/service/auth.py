@@ -77,14 +77,14 @@ def _common_passwords() -> frozenset[str]:
 
 def check_password_policy(password: str, name: str | None = None) -> None:
     """Refuse (:class:`WeakPassword`) a password shorter than ``MIN_PASSWORD``, of fewer than
-    ``MIN_DISTINCT`` different characters, equal to the account's name, or a common password (the shipped
+    ``MIN_DISTINCT`` different characters, containing the account's name, or a common password (the shipped
     list, also with digits or symbols added at either end: ``password1234``)."""
     lowered = password.strip().lower()
     if len(password) < MIN_PASSWORD or not password.strip():
         raise WeakPassword(f"password too short: use at least {MIN_PASSWORD} characters, not only spaces")
     if len(set(lowered)) < MIN_DISTINCT:
         raise WeakPassword(f"password too simple: use at least {MIN_DISTINCT} different characters")
-    if name and name.lower() in lowered:
+    if name and len(name) >= 4 and name.lower() in lowered:  # (a 2-letter name is in many a good password)
         raise WeakPassword("the password contains the account's name: choose another")
     padding = "0123456789!@#$%^&*()-_=+.,;:?~ "
     cores = {lowered, lowered.strip(padding), lowered.rstrip(padding), lowered.lstrip(padding)}
