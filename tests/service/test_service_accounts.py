@@ -265,6 +265,17 @@ def test_the_policy_accepts_a_long_uncommon_password_and_ships_its_list() -> Non
     assert "qwerty123456" in _common_passwords()
 
 
+@pytest.mark.parametrize(
+    ("host", "key"),
+    [("127.0.0.2", "127.0.0.2"), ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+     ("2001:db8:1:2:ffff::9", "2001:db8:1:2::/64"), ("::ffff:10.0.0.1", "10.0.0.1")],
+)
+def test_ipv6_clients_are_throttled_by_their_64_network(host: str, key: str) -> None:
+    from covidscan.service.auth import throttle_address
+
+    assert throttle_address(host) == key  # one machine's /64 is not 2**64 fresh addresses to guess from
+
+
 def test_an_idle_session_ends_and_an_active_one_lives_on(server: Server) -> None:
     from covidscan.service.models import User, WebSession, utcnow
 

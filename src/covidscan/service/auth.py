@@ -14,9 +14,9 @@ Throttling slows a guesser down without letting anyone lock a doctor out:
 - A browser that logged in to the account before carries a device cookie; it is throttled by its own
   failures only, so a guesser behind the same address (a hospital's NAT) cannot lock it out either.
 
-The client address is what the server sees (``request.client``): Uvicorn takes it from
-``X-Forwarded-For`` only when the connection comes from an address in ``FORWARDED_ALLOW_IPS`` (by default
-127.0.0.1, a reverse proxy on the same host), so clients cannot choose it.
+The client address is what the server sees (``request.client``; for IPv6 its /64 network): Uvicorn takes
+it from ``X-Forwarded-For`` only when the connection comes from an address in ``FORWARDED_ALLOW_IPS`` (by
+default 127.0.0.1, a reverse proxy on the same host), so clients cannot choose it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import functools
 import gzip
 import hashlib
 import hmac
+import ipaddress
 import math
 import secrets
 from dataclasses import dataclass
@@ -216,6 +217,20 @@ class Client:
 
     address: str | None
     device: str | None = None  # the cookie's value, as sent (only its hash is stored)
+
+
+def throttle_address(host: str | None) -> str | None:
+    """The address a client is throttled by: its IPv4 address, or its IPv6 /64 network (one household or
+    machine holds a whole /64, and would otherwise have 2**64 fresh addresses to guess from)."""
+    try:
+        ip = ipaddress.ip_address(host or "")
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv4Address):
+        return str(ip)
+    if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack socket
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.ip_network(f"{ip}/64", strict=False))
 
 
 def _delay(failures: int, free: int) -> timedelta:

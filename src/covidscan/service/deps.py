@@ -13,7 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from covidscan.service.auth import Client, csrf_ok, session_for_cookie, user_for_token
+from covidscan.service.auth import Client, csrf_ok, session_for_cookie, throttle_address, user_for_token
 from covidscan.service.errors import AuthRequired, CsrfRejected, LoginRequired, NotAllowed
 from covidscan.service.models import User, WebSession
 from covidscan.service.settings import ServiceSettings
@@ -76,7 +76,8 @@ def _cookie_session(request: Request, db: Session) -> WebSession | None:
 
 def client_of(request: Request) -> Client:
     """Who is trying a password: the connection's address (Uvicorn's, see auth.py) and device cookie."""
-    return Client(request.client.host if request.client else None, request.cookies.get(DEVICE_COOKIE))
+    host = request.client.host if request.client else None
+    return Client(throttle_address(host), request.cookies.get(DEVICE_COOKIE))
 
 
 def _end_lookup(db: Session) -> None:
