@@ -36,7 +36,7 @@ def test_users_add_token_revoke_and_audit_verify(tmp_path: Path) -> None:
     )
     assert again.returncode == 2 and "error:" in again.stderr and "already exists" in again.stderr
     short = covidscan("users", "add", "dr-short", "--role", "doctor", *d, "--password-stdin", stdin="short\n")
-    assert short.returncode == 2 and "at least 10" in short.stderr
+    assert short.returncode == 2 and "at least 12" in short.stderr
     bad_role = covidscan(
         "users", "add", "x", "--role", "nurse", *d, "--password-stdin", stdin="x" * 12 + "\n"
     )

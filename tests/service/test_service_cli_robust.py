@@ -100,7 +100,7 @@ def test_users_add_refuses_an_empty_or_short_password(tmp_path: Path, password: 
     set_up(tmp_path)
     result = covidscan("users", "add", "dr-empty", "--role", role, "--data-dir", str(tmp_path),
                        "--password-stdin", stdin=password + "\n")
-    one_error(result, "password too short", "at least 10 characters")
+    one_error(result, "password too short", "at least 12 characters")
     assert "no user 'dr-empty'" in covidscan("users", "token", "dr-empty", "--data-dir", str(tmp_path)).stderr
 
 

@@ -65,11 +65,14 @@ def test_login_needs_its_csrf_token(browser) -> None:
     assert r.status_code == 403 and r.json()["code"] == ErrorCode.CSRF
 
 
-def test_repeated_failures_are_throttled_with_429(browser) -> None:
-    codes = [login(browser, "guess", "wrong password!").status_code for _ in range(5)]
-    assert codes == [401] * 5
-    assert login(browser, "guess", "wrong password!").status_code == 429
-    assert login(browser, "guess").status_code == 429  # even the right password waits out the window
+def test_repeated_failures_are_throttled_with_429(service) -> None:
+    # A client address of its own: the throttle is per address, and the other tests log in from theirs.
+    with TestClient(service.client.app, base_url="http://127.0.0.1", client=("192.0.2.7", 50000)) as guesser:
+        codes = [login(guesser, "guess", "wrong password!").status_code for _ in range(5)]
+        assert codes == [401] * 5
+        throttled = login(guesser, "guess", "wrong password!")
+        assert throttled.status_code == 429 and int(throttled.headers["retry-after"]) >= 1
+        assert login(guesser, "guess").status_code == 429  # this address waits, even with the right password
 
 
 def test_state_changing_forms_need_the_session_csrf_token(service, browser, ct_slices) -> None:

@@ -29,6 +29,13 @@ JSON_ROUTES = {
     ("/api/v1/sites/{site_id}/runs/{run_id}/promote", "post"): "SiteOut",
     ("/api/v1/sites/{site_id}/runs/{run_id}/reject", "post"): "SiteRunOut",
     ("/api/v1/sites/{site_id}/rollback", "post"): "SiteOut",
+    ("/api/v1/me", "get"): "UserOut",
+    ("/api/v1/me/password", "post"): "AccessChanged",
+    ("/api/v1/users", "get"): "UserOut",
+    ("/api/v1/users/{name}/deactivate", "post"): "AccessChanged",
+    ("/api/v1/users/{name}/activate", "post"): "AccessChanged",
+    ("/api/v1/users/{name}/revoke", "post"): "AccessChanged",
+    ("/api/v1/users/{name}/password", "post"): "AccessChanged",
 }
 
 

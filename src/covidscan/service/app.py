@@ -18,7 +18,14 @@ from starlette.exceptions import HTTPException
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
-from covidscan.service.errors import AuthRequired, ErrorCode, LoginRequired, code_for_status, error_code
+from covidscan.service.errors import (
+    AuthRequired,
+    ErrorCode,
+    LoginRequired,
+    LoginThrottled,
+    code_for_status,
+    error_code,
+)
 from covidscan.service.schemas import ErrorBody
 from covidscan.service.settings import ServiceSettings, active_run, open_service
 from covidscan.service.worker import Worker
@@ -51,7 +58,7 @@ def _validation_detail(exc: RequestValidationError) -> str:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
-    from covidscan.service.routers import site_pages, sites
+    from covidscan.service.routers import account_pages, accounts, site_pages, sites
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -85,6 +92,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(sites.router)
     app.include_router(pages.router)
     app.include_router(site_pages.router)
+    app.include_router(accounts.router)
+    app.include_router(account_pages.router)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:
@@ -122,6 +131,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     @app.exception_handler(CovidscanError)
     async def covidscan_error(_request: Request, exc: CovidscanError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthRequired) else None
+        if isinstance(exc, LoginThrottled):
+            headers = {"Retry-After": str(exc.retry_after)}
         return error_response(exc.http_status, str(exc), error_code(exc), headers)
 
     @app.exception_handler(RequestValidationError)

@@ -39,6 +39,20 @@ DatabaseUrl = Annotated[
     ),
 ]
 
+PasswordStdin = Annotated[
+    bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
+]
+
+
+def _read_password(password_stdin: bool) -> str | None:
+    """The password from stdin's first line (--password-stdin), else asked twice on a terminal; None
+    when neither is possible."""
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if sys.stdin.isatty():
+        return typer.prompt("password", hide_input=True, confirmation_prompt=True)
+    return None
+
 
 def _open(
     data_dir: Path | None, database_url: str | None, *, create: bool = False
@@ -160,9 +174,7 @@ def users_add(
     role: Annotated[str, typer.Option("--role", help="admin, doctor or submitter.")],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
-    password_stdin: Annotated[
-        bool, typer.Option("--password-stdin", help="Read the password from the first line of stdin.")
-    ] = False,
+    password_stdin: PasswordStdin = False,
 ) -> None:
     """Create an account (asks for the password on a terminal; none for a token-only submitter).
 
@@ -171,13 +183,8 @@ def users_add(
     from covidscan.service.audit import record
     from covidscan.service.auth import add_user
 
-    if password_stdin:
-        password: str | None = sys.stdin.readline().rstrip("\r\n")
-    elif sys.stdin.isatty():
-        password = typer.prompt("password", hide_input=True, confirmation_prompt=True)
-    elif role == "submitter":
-        password = None
-    else:
+    password = _read_password(password_stdin)
+    if password is None and role != "submitter":
         raise ConfigError(f"a {role} logs in with a password: pass --password-stdin or run on a terminal")
     db, _ = _open(data_dir, database_url, create=True)
     with db.session() as s:
@@ -203,21 +210,68 @@ def users_token(
     print(token)
 
 
+def _account_action(command: str, name: str, data_dir: Path | None, database_url: str | None) -> None:
+    """Run one of the account actions of :mod:`covidscan.service.accounts` and say what it ended."""
+    from covidscan.service import accounts
+
+    action = {"revoke": accounts.revoke, "deactivate": accounts.deactivate, "activate": accounts.reactivate}
+    db, _ = _open(data_dir, database_url)
+    with db.session() as s:
+        _, revoked = action[command](s, name, actor=f"covidscan users {command}")
+    db.dispose()
+    done = {"revoke": "revoked", "deactivate": "deactivated", "activate": "reactivated"}[command]
+    out.print(f"{done} {name}: revoked {revoked.tokens} token(s) and {revoked.sessions} session(s)")
+
+
 @users_app.command("revoke")
 def users_revoke(
     name: Annotated[str, typer.Argument(help="Account name.")],
     data_dir: DataDir = None,
     database_url: DatabaseUrl = None,
 ) -> None:
-    """Revoke every API token of NAME."""
-    from covidscan.service.audit import record
-    from covidscan.service.auth import get_user, revoke_tokens
+    """Revoke every API token and end every browser session of NAME (the account stays)."""
+    _account_action("revoke", name, data_dir, database_url)
 
+
+@users_app.command("deactivate")
+def users_deactivate(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Stop NAME logging in: its API tokens and browser sessions stop working at once."""
+    _account_action("deactivate", name, data_dir, database_url)
+
+
+@users_app.command("activate")
+def users_activate(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Let a deactivated NAME log in again (its old tokens and sessions stay revoked)."""
+    _account_action("activate", name, data_dir, database_url)
+
+
+@users_app.command("passwd")
+def users_passwd(
+    name: Annotated[str, typer.Argument(help="Account name.")],
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    password_stdin: PasswordStdin = False,
+) -> None:
+    """Set NAME's password (an admin's reset; asks on a terminal): at least 12 characters, not a common
+    password. NAME's browser sessions end."""
+    from covidscan.service import accounts
+
+    password = _read_password(password_stdin)
+    if password is None:
+        raise ConfigError("give the new password: pass --password-stdin or run on a terminal")
     db, _ = _open(data_dir, database_url)
     with db.session() as s:
-        n = revoke_tokens(s, get_user(s, name))
-        record(s, "token_revoke", actor="covidscan users revoke", target=f"user:{name}", n=n)
-    out.print(f"revoked {n} token(s) of {name}")
+        _, revoked = accounts.reset_password(s, name, password, actor="covidscan users passwd")
+    db.dispose()
+    out.print(f"password of {name} set; {revoked.sessions} session(s) ended")
 
 
 def send(

@@ -7,18 +7,20 @@ Route handlers declare what they need as ``Annotated`` aliases (``SessionDep``, 
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
-from covidscan.service.auth import csrf_ok, session_for_cookie, user_for_token
+from covidscan.service.auth import Client, csrf_ok, session_for_cookie, throttle_address, user_for_token
 from covidscan.service.errors import AuthRequired, CsrfRejected, LoginRequired, NotAllowed
 from covidscan.service.models import User, WebSession
 from covidscan.service.settings import ServiceSettings
 from covidscan.service.storage import BlobStore
 
 SESSION_COOKIE = "covidscan_session"
+DEVICE_COOKIE = "covidscan_device"  # marks a browser that logged in before (see auth.py, throttling)
 LOGIN_CSRF_COOKIE = "covidscan_login_csrf"
 UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -68,7 +70,14 @@ def _bearer(request: Request) -> str | None:
 
 def _cookie_session(request: Request, db: Session) -> WebSession | None:
     sid = request.cookies.get(SESSION_COOKIE)
-    return session_for_cookie(db, sid) if sid else None
+    idle = timedelta(minutes=get_settings(request).session_idle_minutes)
+    return session_for_cookie(db, sid, idle) if sid else None
+
+
+def client_of(request: Request) -> Client:
+    """Who is trying a password: the connection's address (Uvicorn's, see auth.py) and device cookie."""
+    host = request.client.host if request.client else None
+    return Client(throttle_address(host), request.cookies.get(DEVICE_COOKIE))
 
 
 def _end_lookup(db: Session) -> None:

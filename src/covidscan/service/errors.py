@@ -48,6 +48,11 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     BAD_REQUEST = "bad_request"  # 400: a value the library refuses (a setting, a name, a filter)
     STORAGE = "storage"  # 500: the database or file store failed
     INTERNAL = "internal"  # 500: a bug
+    # accounts (issue 15):
+    LOGIN_THROTTLED = "login_throttled"  # 429: too many failed logins from this client; Retry-After says when
+    WRONG_PASSWORD = "wrong_password"  # 403: the current password given to change it is wrong
+    WEAK_PASSWORD = "weak_password"  # 422: a new password that is too short, too simple or common
+    LAST_ADMIN = "last_admin"  # 409: deactivating the last active admin would leave nobody to manage accounts
 
 
 class ServiceError(CovidscanError):
@@ -110,6 +115,31 @@ class UploadRejected(ServiceError):
         self.name, self.reason = name, reason
         self.http_status = _UPLOAD_STATUS.get(code, 422)
         super().__init__(f"{name}: {reason}", code)
+
+
+class LoginThrottled(ServiceError):
+    """Too many failed password attempts from this client (HTTP 429); ``retry_after`` seconds to wait."""
+
+    http_status = 429
+    code = ErrorCode.LOGIN_THROTTLED
+
+    def __init__(self, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(f"too many failed password attempts: wait {retry_after} s and try again")
+
+
+class WrongPassword(ServiceError):
+    """A password that does not match (HTTP 403 where a logged-in user confirms theirs)."""
+
+    http_status = 403
+    code = ErrorCode.WRONG_PASSWORD
+
+
+class WeakPassword(ServiceError):
+    """A new password the policy refuses (HTTP 422); the message says why."""
+
+    http_status = 422
+    code = ErrorCode.WEAK_PASSWORD
 
 
 class LoginRequired(Exception):

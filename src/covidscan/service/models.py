@@ -90,16 +90,32 @@ class WebSession(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # The idle timeout counts from here; refreshed at most once a minute (not a write per request).
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime, default=utcnow)
     user: Mapped[User] = relationship()
 
 
 class LoginFailure(Base):
-    """One failed login, counted per account name to throttle password guessing."""
+    """One failed login (or wrong current password), counted per client address, per account name and
+    per known browser to slow password guessing down (see :mod:`covidscan.service.auth`)."""
 
     __tablename__ = "login_failures"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(64), index=True)
     at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    address: Mapped[str | None] = mapped_column(String(64), index=True)  # the client's IP address
+    device: Mapped[str | None] = mapped_column(String(64))  # KnownDevice.token_hash, when it sent one
+    refused: Mapped[bool] = mapped_column(Boolean, default=False)  # throttled: the password was not tried
+
+
+class KnownDevice(Base):
+    """A browser that logged in to an account before: its device cookie's SHA-256. Such a browser is not
+    held back by the throttles that others' failures caused, so guessers cannot lock a doctor out."""
+
+    __tablename__ = "known_devices"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Setting(Base):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
@@ -14,14 +15,13 @@ from covidscan.errors import CovidscanError
 from covidscan.service.api import hidden_results, read_uploads, site_worklist, wake_worker
 from covidscan.service.audit import record, verify_chain
 from covidscan.service.auth import (
+    DEVICE_LIFETIME,
     add_user,
-    check_password,
+    authenticate,
     csrf_ok,
     end_session,
-    get_user,
-    revoke_tokens,
+    remember_device,
     start_session,
-    throttled,
 )
 from covidscan.service.cases import (
     agreement_by_month,
@@ -32,6 +32,7 @@ from covidscan.service.cases import (
     submit_review,
 )
 from covidscan.service.deps import (
+    DEVICE_COOKIE,
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     PageAdmin,
@@ -43,8 +44,16 @@ from covidscan.service.deps import (
     SettingsDep,
     StoreDep,
     check_form_csrf,
+    client_of,
 )
-from covidscan.service.errors import Conflict, CsrfRejected, ErrorCode, NotFound
+from covidscan.service.errors import (
+    Conflict,
+    CsrfRejected,
+    ErrorCode,
+    LoginThrottled,
+    NotFound,
+    WrongPassword,
+)
 from covidscan.service.models import AuditEvent, Case, User
 from covidscan.service.settings import active_run
 from covidscan.service.sites import first_read_for, reader_first_applies, record_first_read
@@ -79,9 +88,17 @@ def _safe_next(target: str | None) -> str:
     return "/worklist"
 
 
-def _set_cookie(response: Response, name: str, value: str, request: Request) -> None:
+def _set_cookie(
+    response: Response, name: str, value: str, request: Request, max_age: int | None = None
+) -> None:
     response.set_cookie(
-        name, value, httponly=True, samesite="lax", secure=request.url.scheme == "https", path="/"
+        name,
+        value,
+        max_age=max_age,
+        httponly=True,
+        samesite="lax",
+        secure=request.url.scheme == "https",
+        path="/",
     )
 
 
@@ -103,6 +120,7 @@ def login_page(request: Request, next: str = "/worklist") -> HTMLResponse:
 def login(
     request: Request,
     s: SessionDep,
+    settings: SettingsDep,
     name: Annotated[str, Form(max_length=64)],
     password: Annotated[str, Form(max_length=1024)],
     csrf: Annotated[str, Form()] = "",
@@ -110,19 +128,22 @@ def login(
 ) -> Response:
     if not csrf_ok(request.cookies.get(LOGIN_CSRF_COOKIE), csrf):
         raise CsrfRejected("missing or wrong CSRF token; reload the login page")
-    if throttled(s, name):
-        record(s, "login_throttled", actor=name)
-        return _render(
+    try:
+        user = authenticate(s, name, password, client_of(request))
+    except LoginThrottled as exc:
+        # (not audited one by one: a guesser's flood would flood the audit log; login_failures has them)
+        response = _render(
             request,
             "login.html",
             None,
             status_code=429,
             next=_safe_next(next),
             login_csrf=csrf,
-            error="Too many failed attempts. Wait 15 minutes and try again.",
+            error=f"Too many failed attempts from here. Wait {exc.retry_after} seconds and try again.",
         )
-    user = check_password(s, name, password)
-    if user is None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except WrongPassword:
         record(s, "login_failed", actor=name)
         return _render(
             request,
@@ -136,10 +157,12 @@ def login(
     old = request.cookies.get(SESSION_COOKIE)
     if old:
         end_session(s, old)  # never keep (or adopt) a session id from before the login
-    sid = start_session(s, user)
+    sid = start_session(s, user, timedelta(hours=settings.session_hours))
+    device = remember_device(s, user, request.cookies.get(DEVICE_COOKIE))
     record(s, "login", actor=user.name)
     response = RedirectResponse(_safe_next(next), status_code=303)
     _set_cookie(response, SESSION_COOKIE, sid, request)
+    _set_cookie(response, DEVICE_COOKIE, device, request, max_age=int(DEVICE_LIFETIME.total_seconds()))
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/")
     return response
 
@@ -391,23 +414,6 @@ def admin_add_user(
     except CovidscanError as exc:
         return _admin_page(request, s, who, status_code=exc.http_status, error=str(exc))
     return _admin_page(request, s, who, message=f"added {role} {name}")
-
-
-@router.post("/admin/tokens/revoke")
-def admin_revoke(
-    request: Request,
-    s: SessionDep,
-    who: PageAdmin,
-    name: Annotated[str, Form(max_length=64)],
-    csrf: Annotated[str, Form()] = "",
-) -> HTMLResponse:
-    check_form_csrf(who, csrf)
-    try:
-        n = revoke_tokens(s, get_user(s, name))
-    except CovidscanError as exc:
-        return _admin_page(request, s, who, status_code=exc.http_status, error=str(exc))
-    record(s, "token_revoke", actor=who.user.name, target=f"user:{name}", n=n)
-    return _admin_page(request, s, who, message=f"revoked {n} token(s) of {name}")
 
 
 @router.post("/admin/model")

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from covidscan.evaluation.site import COURSE_FIGURES
 from covidscan.service.cases import current_review
 from covidscan.service.errors import ErrorCode
-from covidscan.service.models import Case, CaseImage, Review, Site, SiteRun
+from covidscan.service.models import Case, CaseImage, Review, Site, SiteRun, User
 from covidscan.service.sites import reader_first_applies
 
 CaseStatus = Literal["queued", "running", "ready", "failed", "signed"]
@@ -423,3 +423,48 @@ class SiteMerged(BaseModel):
 
     site: SiteOut
     moved: int
+
+
+class UserOut(BaseModel):
+    """An account as admins see it (never its password hash or tokens)."""
+
+    name: str
+    role: Literal["admin", "doctor", "submitter"]
+    active: bool = Field(description="False: deactivated, cannot log in or use its tokens")
+    has_password: bool = Field(description="False: a token-only submitter")
+    created_at: datetime
+
+    @classmethod
+    def from_user(cls, user: User) -> UserOut:
+        return cls(
+            name=user.name,
+            role=user.role,  # type: ignore[arg-type]
+            active=user.active,
+            has_password=user.password_hash is not None,
+            created_at=user.created_at,
+        )
+
+
+class AccessChanged(BaseModel):
+    """Answer to an account action: the account as it is now and what the action ended."""
+
+    user: UserOut
+    tokens_revoked: int = Field(description="API tokens revoked by this action")
+    sessions_ended: int = Field(description="Browser sessions ended by this action")
+
+
+class PasswordIn(BaseModel):
+    """An admin's new password for an account (checked against the password policy)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    password: str = Field(max_length=1024)
+
+
+class PasswordChangeIn(BaseModel):
+    """Your own new password, with the current one (a stolen session alone cannot change it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    current_password: str = Field(max_length=1024)
+    new_password: str = Field(max_length=1024)

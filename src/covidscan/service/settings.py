@@ -51,6 +51,10 @@ class ServiceSettings(BaseSettings):
     max_pixels: int = Field(60_000_000, gt=0, description="Per image, checked from the header first")
     worker: bool = Field(True, description="Run a worker thread in the server process")
     poll_seconds: float = Field(0.5, gt=0, description="How often an idle worker looks for jobs")
+    session_hours: float = Field(12, gt=0, description="A browser session's absolute lifetime")
+    session_idle_minutes: float = Field(
+        30, gt=0, description="A browser session ends after this long without a request"
+    )
 
     @property
     def url(self) -> str:
