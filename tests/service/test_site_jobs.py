@@ -310,3 +310,15 @@ def test_a_challenger_that_cannot_even_start_ends_failed_with_the_reason(svc, tm
     assert ended.state == "failed" and ended.error.startswith("training crashed (")
     with db.session() as s:
         assert s.get(SiteRun, site_run_id).state == "failed"
+
+
+def test_a_run_too_small_for_a_shift_test_is_checked_once_not_per_case(tiny_run) -> None:
+    from covidscan.errors import ConfigError
+    from covidscan.service.scoring import Scorer
+
+    scorer = Scorer(tiny_run)  # 12 validation images: fewer than a shift test needs
+    with pytest.raises(ConfigError) as first:
+        scorer.reference()
+    with pytest.raises(ConfigError) as again:
+        scorer.reference()
+    assert again.value is first.value  # cached: the worker does not recompute it for every case

@@ -8,6 +8,7 @@ the rest of the service depends on four things only: :func:`inspect_upload`, :cl
 from __future__ import annotations
 
 import io
+import logging
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ import numpy as np
 import pydicom
 from PIL import Image
 
-from covidscan.errors import ImageRefusedError, InputError
+from covidscan.errors import CovidscanError, ImageRefusedError, InputError
+from covidscan.evaluation.shift import ShiftTest
 from covidscan.inference import Predictor
 from covidscan.inference.shift import run_reference
 from covidscan.io import QualityLimits, read_image, to_uint8
@@ -28,6 +30,9 @@ DISPLAY_MAX_SIDE = 1024  # the PNG shown in the browser; the original is kept un
 _METRICS_SHOWN = ("accuracy", "recall", "specificity", "roc_auc", "f1")
 _DECODER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 SITE_TAGS = ("InstitutionName", "StationName")  # where a DICOM file says which site it comes from
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,13 +117,23 @@ class Scorer:
         self.run_dir = self.predictor.run_dir.resolve()
         self._lock = threading.Lock()
         self.identity = self._identity()
-        self._reference: np.ndarray | None = None
+        self._reference: np.ndarray | CovidscanError | None = None
 
     def reference(self) -> np.ndarray:
-        """The run's reference shift features (its validation images), computed once per loaded run."""
+        """The run's reference shift features (its validation images), computed and checked once per loaded
+        run; raises the same :class:`CovidscanError` each time when the run has no usable reference (too
+        few validation images for a shift test, no split), so the worker does not retry it per case."""
         with self._lock:
             if self._reference is None:
-                self._reference = run_reference(self.predictor)[0]
+                try:
+                    reference = run_reference(self.predictor)[0]
+                    ShiftTest().fit(reference)  # refuses a reference too small to test against
+                    self._reference = reference
+                except CovidscanError as exc:
+                    log.warning("no shift test for run %s: %s", self.run_dir, exc)
+                    self._reference = exc
+            if isinstance(self._reference, CovidscanError):
+                raise self._reference
             return self._reference
 
     def _identity(self) -> dict[str, Any]:

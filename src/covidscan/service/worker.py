@@ -185,8 +185,7 @@ class Worker:
         alarm."""
         try:
             reference = scorer.reference()
-        except CovidscanError as exc:
-            log.warning("no shift test for run %s: %s", scorer.run_dir, exc)
+        except CovidscanError:  # the scorer logged why, once
             reference = None
         with self.db.session() as s:
             case = s.get(Case, case_id)
