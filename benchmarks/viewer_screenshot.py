@@ -1,13 +1,14 @@
-"""Screenshot of the case page's image viewer: a run (``covidscan-ct``) reads a synthetic DICOM CT series
-(the one tests/service/test_service_viewer.py builds: real rescale slope/intercept and a VOI) and, as the
-patient's prior, real ucsd-ct test slices, through a real Uvicorn server; headless Chromium (Debian's
-chromium) logs in as the doctor, scrolls to a slice, chooses the lung window, zooms and sets the Grad-CAM
-opacity. Usage (from the repository root)::
+"""Screenshot of the case page's image viewer: a run (``covidscan-ct``) reads real ucsd-ct test slices of one
+COVID patient, and, as the same patient's other case, the synthetic DICOM CT series that
+tests/service/test_service_viewer.py builds (rescale slope/intercept and a VOI), through a real Uvicorn
+server; headless Chromium (Debian's chromium) logs in as the doctor, scrolls to a slice, zooms and sets the
+Grad-CAM's opacity. Usage (from the repository root)::
 
     nice python benchmarks/viewer_screenshot.py --run /work/runs/covidscan-ct --shared ../shared \
         --out docs/viewer.png
 
-``--serve`` keeps the server running after the screenshot (Ctrl+C stops it), to look around by hand.
+``--dicom`` photographs the DICOM case in the lung window instead; ``--serve`` keeps the server running
+after the screenshot (Ctrl+C stops it), to look around by hand.
 """
 
 import argparse
@@ -32,6 +33,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--run", type=Path, required=True)
 parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
 parser.add_argument("--out", type=Path, default=ROOT / "docs/viewer.png")
+parser.add_argument("--dicom", action="store_true")
 parser.add_argument("--serve", action="store_true")
 args = parser.parse_args()
 
@@ -61,21 +63,22 @@ with uvicorn_server(settings) as url:
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
+        page = browser.new_context(viewport={"width": 1440, "height": 1000}).new_page()
         page.on("console", lambda m: print("console:", m.type, m.text))
-        page.on("response", lambda r: print("response:", r.status, r.url) if "/static/" in r.url or r.status >= 400 else None)
         page.on("pageerror", lambda e: print("pageerror:", e))
-        page.goto(f"{url}/cases/{sent[1]}")
+        shown = sent[1] if args.dicom else sent[0]
+        page.goto(f"{url}/cases/{shown}")
         page.fill("input[name=name]", "doctor")
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_selector("#viewer[data-ready]", timeout=60_000)
         assert page.get_attribute("#viewer", "data-ready") == "1", page.inner_text("#viewer")
-        for _ in range(3):
+        for _ in range(3 if args.dicom else 1):
             page.keyboard.press("ArrowDown")
-        page.keyboard.press("1")
+        if args.dicom:
+            page.keyboard.press("1")  # the lung window
         page.keyboard.press("+")
-        page.locator("#cam-opacity").fill("35")
+        page.locator("#cam-opacity").fill("45")
         page.check("input[name=agree][value=yes]")
         page.select_option("select[name=finding]", "covid")
         page.wait_for_timeout(500)
@@ -84,6 +87,6 @@ with uvicorn_server(settings) as url:
         print(page.inner_text("#viewer-status"), "->", args.out)
         browser.close()
     if args.serve:
-        print(f"serving {url}/cases/{sent[1]} (doctor / {PASSWORD}); Ctrl+C stops")
+        print(f"serving {url}/cases/{shown} (doctor / {PASSWORD}); Ctrl+C stops")
         while True:
             time.sleep(1)

@@ -27,11 +27,15 @@ def _gray01(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
 
 
+def _same_shape(cam: np.ndarray, gray: np.ndarray) -> None:
+    if cam.shape != gray.shape:
+        raise CovidscanError(f"CAM shape {cam.shape} differs from image shape {gray.shape}; map it first")
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
     """RGB uint8 (H, W, 3): the JET-coloured CAM blended over the gray image with weight ``alpha``."""
     gray = _gray01(image)
-    if cam.shape != gray.shape:
-        raise CovidscanError(f"CAM shape {cam.shape} differs from image shape {gray.shape}; map it first")
+    _same_shape(cam, gray)
     if not 0.0 <= alpha <= 1.0:
         raise CovidscanError(f"overlay alpha {alpha!r} must be in [0, 1]")
     rgb = np.repeat(gray[..., None], 3, axis=2)
@@ -67,9 +71,8 @@ def save_overlay(
         if region is not None:
             region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
     if layer:
+        _same_shape(cam, gray)
         heat = np.clip(np.nan_to_num(np.asarray(cam, np.float32)), 0.0, 1.0)
-        if heat.shape != gray.shape:
-            raise CovidscanError(f"CAM shape {heat.shape} differs from image shape {gray.shape}; map it first")
         # The same JET colours as show_cam_on_image gives the blended overlay.
         colors = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)[..., ::-1]
         picture = np.ascontiguousarray(np.dstack([colors, np.uint8(255 * heat)]))

@@ -373,7 +373,8 @@ class Predictor:
         Decoding and preprocessing run in ``workers`` threads ahead of the model (OpenCV, PIL and pydicom
         release the GIL). ``cam_dir`` writes a Grad-CAM overlay per image (``cam_png``), titled with its
         probability and label; with ``cam_layers``, a transparent heat layer without text instead, for a
-        viewer that draws the image itself and shows the probability beside it. ``progress`` is called with the number of sources finished after each one.
+        viewer that draws the image itself and shows the probability beside it. ``progress`` is called
+        with the number of sources finished after each one.
         """
         if group_ids is not None and len(group_ids) != len(sources):
             raise ConfigError(f"{len(group_ids)} group ids for {len(sources)} sources; give one per source")

@@ -33,13 +33,9 @@ function writeForm(form, draft) {
   if (sign && sign.type === "checkbox") sign.checked = Boolean(draft.sign);
 }
 
-function wireDraft(form) {
-  var key = form.dataset.draftKey;
-  var url = new URL(window.location.href);
-  if (url.searchParams.get("saved")) {
+function wireDraft(form, key, saved) {
+  if (saved) {
     localStorage.removeItem(key); // the server has the verdict: the draft has done its job
-    url.searchParams.delete("saved");
-    history.replaceState(null, "", url.pathname + url.search + url.hash);
   } else {
     var stored = localStorage.getItem(key);
     if (stored) {
@@ -93,10 +89,20 @@ function caseKeys(event) {
 }
 
 function wireCase() {
+  var root = document.getElementById("case");
+  if (!root || root.dataset.wired) return;
+  root.dataset.wired = "1";
+  var url = new URL(window.location.href);
+  var saved = url.searchParams.has("saved");
+  if (saved) {
+    url.searchParams.delete("saved");
+    history.replaceState(null, "", url.pathname + url.search + url.hash);
+  }
   var form = document.getElementById("verdict-form");
-  if (form && !form.dataset.wired) {
-    form.dataset.wired = "1";
-    wireDraft(form);
+  if (form) {
+    wireDraft(form, root.dataset.draftKey, saved);
+  } else if (saved) {
+    localStorage.removeItem(root.dataset.draftKey);
   }
 }
 
