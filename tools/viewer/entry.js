@@ -7,3 +7,4 @@ export {
   Enums as ToolEnums,
 } from "@cornerstonejs/tools";
 export { init as initDicomImageLoader, wadouri } from "@cornerstonejs/dicom-image-loader";
+export { metaData as typedMetaData } from "@cornerstonejs/metadata";

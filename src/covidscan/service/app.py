@@ -26,7 +26,8 @@ from covidscan.service.worker import Worker
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 # No inline scripts or styles anywhere, so a stored <script> can never run even if escaping failed.
-# 'wasm-unsafe-eval' lets the viewer's worker compile its WebAssembly DICOM codecs; it allows no JS eval.
+# 'wasm-unsafe-eval' lets the viewer's worker compile its WebAssembly DICOM codecs (it allows no JS eval);
+# blob: images are the viewer tools' cursors (SVGs it makes in the page).
 CSP = (
     "default-src 'self'; img-src 'self' data: blob:; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"

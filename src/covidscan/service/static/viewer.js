@@ -24,6 +24,7 @@ function startCornerstone() {
       cs.initDicomImageLoader({ maxWebWorkers: 1, wasmBasePath: VENDOR });
       cs.imageLoader.registerImageLoader("web", loadWebImage);
       cs.metaData.addProvider(webMetadata, 10000);
+      cs.typedMetaData.addTypedProvider("imagePlaneModule", sanePlane, { priority: 10000 });
       cs.initTools();
       [cs.StackScrollTool, cs.WindowLevelTool, cs.ZoomTool, cs.PanTool].forEach((tool) => cs.addTool(tool));
     })();
@@ -90,6 +91,16 @@ function webMetadata(type, imageId) {
     voiLutModule: { windowCenter: [128], windowWidth: [256] },
   };
   return modules[type];
+}
+
+// A DICOM's plane module, with pixel spacing 1 × 1 where the file's is missing, zero or not a number: real
+// files carry "0.000\\0.000" (a CR image here did), and a zero spacing leaves the camera at NaN (black).
+// A typed provider in front of the library's own: it gets the library's answer from `next`.
+function sanePlane(next, query, data, options) {
+  const plane = next(query, data, options);
+  const ok = (v) => Number.isFinite(v) && v > 0;
+  if (!plane || (ok(plane.rowPixelSpacing) && ok(plane.columnPixelSpacing))) return plane;
+  return { ...plane, rowPixelSpacing: 1, columnPixelSpacing: 1, pixelSpacing: [1, 1] };
 }
 
 // Window width/level <-> the VOI range Cornerstone keeps, by the DICOM standard's linear function (the one
