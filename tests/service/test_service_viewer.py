@@ -282,6 +282,15 @@ def test_the_dicom_route_serves_the_original_bytes_under_the_case_rules(server) 
         assert alpha.min() == 0 and alpha[:8, :].max() == 0, "the top rows, where a title went, are clear"
 
 
+def test_the_viewer_bundle_is_revalidated_not_sent_again(server) -> None:
+    url, _, _ = server
+    bundle = f"{url}/static/vendor/cornerstone/cornerstone.js"
+    first = httpx.get(bundle)
+    assert first.status_code == 200 and first.headers["cache-control"] == "no-cache"  # was no-store
+    again = httpx.get(bundle, headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and again.content == b""
+
+
 def test_png_case_signed_by_keyboard_and_next_case_by_key(server, page, tmp_path) -> None:
     url, _, cases = server
     login(page, url, f"/cases/{cases['png']}")

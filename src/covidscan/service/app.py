@@ -113,7 +113,9 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "same-origin"
-        response.headers.setdefault("Cache-Control", "no-store")
+        # Static files are revalidated (ETag -> 304), not sent again: the viewer's 4 MB on every case page.
+        static = request.url.path.startswith("/static/")
+        response.headers.setdefault("Cache-Control", "no-cache" if static else "no-store")
         return response
 
     @app.exception_handler(LoginRequired)
