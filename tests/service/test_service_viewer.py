@@ -118,6 +118,12 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, ct_slices):
 
         cases = {"prior": send(ct_slices[2:3], "viewer-patient"), "ct": send(ct_series(), "viewer-patient"),
                  "png": send(ct_slices[:2], "other-patient")}
+        # The same patient id from another hospital is another person: never a prior.
+        elsewhere = [("files", (n, d)) for n, d in ct_slices[:1]]
+        data = {"patient_id": "viewer-patient", "site": "another hospital"}
+        r = httpx.post(f"{url}/api/v1/cases", headers=headers, files=elsewhere, data=data, timeout=120)
+        cases["elsewhere"] = r.json()["id"]
+        wait_ready(url, headers, cases["elsewhere"])
         if SHARED_DICOM.is_dir():  # real files from ../shared, for the test that skips without them
             for name in ("CT_small.dcm", "RG1_J2KR.dcm"):
                 cases[name] = send([(name, (SHARED_DICOM / name).read_bytes())], f"real-{name}")
@@ -253,6 +259,7 @@ def test_dicom_ct_is_a_stack_with_its_own_voi_windows_zoom_and_keys(server, page
     # The prior of this patient is one click away; the verdict form is in view without scrolling.
     form = page.locator("#verdict-form").bounding_box()
     assert form["y"] + 40 < page.viewport_size["height"]
+    assert page.locator("#priors a").count() == 1  # not the other hospital's patient of the same id
     page.click(f"#priors a[href='/cases/{cases['prior']}']")
     page.wait_for_url(f"{url}/cases/{cases['prior']}")
     assert page.problems == []

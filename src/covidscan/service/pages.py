@@ -183,10 +183,13 @@ def worklist_page(
 
 
 def _priors(s: Session, user: User, case: Case) -> list[Case]:
-    """Other cases of the same patient that ``user`` may see, newest first."""
+    """Other cases of the same patient that ``user`` may see, newest first. Same site too: a patient id is
+    a hospital's own, and another hospital's same id is another person."""
     if not case.patient_id:
         return []
-    query = visible_cases(user).where(Case.patient_id == case.patient_id, Case.id != case.id)
+    query = visible_cases(user).where(
+        Case.patient_id == case.patient_id, Case.site_id == case.site_id, Case.id != case.id
+    )
     return list(s.scalars(query.order_by(Case.created_at.desc(), Case.id.desc())))
 
 
@@ -200,7 +203,7 @@ def _neighbours(s: Session, user: User, case_id: int) -> tuple[int | None, int |
     return (ids[at - 1] if at > 0 else None), (ids[at + 1] if at + 1 < len(ids) else None)
 
 
-def viewer_source(image: CaseImage) -> str | None:
+def viewer_source(image: CaseImage) -> str:
     """The file kind the viewer loads an image from: DICOM from its own bytes (pixel data, rescale and
     VOI); PNG, JPEG and BMP from their original; others (TIFF: browsers cannot decode it) from the
     display PNG rendered at upload."""
