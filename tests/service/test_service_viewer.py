@@ -365,6 +365,7 @@ def test_a_draft_typed_into_an_expired_session_comes_back_after_login(server, pa
     assert page.problems == []
 
 
+@pytest.mark.shared
 @pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason=f"no real DICOM samples at {SHARED_DICOM} (../shared)")
 @pytest.mark.parametrize(
     ("name", "window"),
