@@ -240,6 +240,20 @@ def test_save_overlay_writes_a_png_with_the_region_outlined(tmp_path):
         save_overlay(tmp_path / "cam.notanimage", image, cam)
 
 
+def test_save_overlay_layer_is_transparent_heat_without_gray_or_text(tmp_path):
+    image = np.full((64, 64), 0.5, np.float32)
+    cam = np.zeros((64, 64), np.float32)
+    cam[20:40, 20:40] = 1.0
+    layer = save_overlay(tmp_path / "layer.png", image, cam, region=cam_region(cam), layer=True)
+    bgra = cv2.imread(str(layer), cv2.IMREAD_UNCHANGED)
+    assert bgra.shape == (512, 512, 4)
+    assert (bgra[:100, :, 3] == 0).all()  # clear where the CAM is 0: no gray image, no title
+    assert bgra[250, 250, 3] == 255 and bgra[250, 250, 2] > bgra[250, 250, 0]  # opaque JET red at CAM 1
+    assert (bgra[160, 170:310] == 255).all()  # the region's outline, opaque white
+    with pytest.raises(CovidscanError, match="no text"):
+        save_overlay(tmp_path / "titled.png", image, cam, title="p(covid) 0.97: covid", layer=True)
+
+
 # ---------------------------------------------------------------- whole files
 
 

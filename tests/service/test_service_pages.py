@@ -95,8 +95,8 @@ def test_doctor_signs_in_the_form_then_the_case_is_locked(service, browser, ct_s
     login(browser, "doctor")
     page = browser.get(f"/cases/{case_id}")
     assert page.status_code == 200
-    assert 'class="cam-toggle"' in page.text and 'class="cam-opacity"' in page.text
-    assert "Patient / series" in page.text and "Test metrics" in page.text
+    assert 'id="cam-toggle"' in page.text and 'id="cam-opacity"' in page.text
+    assert "Model result" in page.text and "Test metrics" in page.text
     comment = "<script>alert('x')</script> looks clear"
     r = browser.post(
         f"/cases/{case_id}/review",

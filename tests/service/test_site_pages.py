@@ -88,7 +88,7 @@ def test_case_page_asks_for_the_first_read_before_the_result(service, ct_slices,
     assert (
         "p(covid) =" not in page.text and "/files/0/cam" not in page.text and "verdict-form" not in page.text
     )
-    assert "/files/0/display" in page.text  # the images themselves are there to read
+    assert f'data-src="/cases/{case["id"]}/files/0/original"' in page.text  # the images are there to read
     r = doctor.post(f"/cases/{case['id']}/first-read", data={"finding": "covid"})
     assert r.status_code == 403 and r.json()["code"] == "csrf"
     r = doctor.post(

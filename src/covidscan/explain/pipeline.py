@@ -34,6 +34,7 @@ def explain_prepared(
     lung_masks: Sequence[np.ndarray | None] | None = None,
     lesion_masks: Sequence[np.ndarray | None] | None = None,
     titles: Sequence[str | None] | None = None,
+    layers: bool = False,
     target: int = 1,
     threshold: float = 0.5,
     tolerance: int = 0,
@@ -43,7 +44,8 @@ def explain_prepared(
 
     Each CAM is mapped to the original image, its region (``threshold``) outlined in an overlay PNG (where
     ``out_pngs`` gives a path) and scored with :func:`cam_metrics`. Lung masks default to the lung crop's
-    own mask, else :func:`covidscan.preprocess.find_lungs` on the original (None where none is found). Keys:
+    own mask, else :func:`covidscan.preprocess.find_lungs` on the original (None where none is found).
+    ``layers`` writes transparent heat layers for a viewer instead (see :func:`save_overlay`). Keys:
     ``cam_png``, ``cam_region_bbox`` ((y0, x0, y1, x1) in the original, or None), ``cam_energy_in_lungs``,
     ``cam_pointing_game_hit``, ``cam_iou``.
     """
@@ -70,7 +72,7 @@ def explain_prepared(
             lungs = found.mask if found.found else None
         metrics = cam_metrics(full, lungs, lesion, threshold=threshold, tolerance=tolerance)
         if png is not None:
-            png = str(save_overlay(png, original, full, region=region, title=title))
+            png = str(save_overlay(png, original, full, region=region, title=title, layer=layers))
         rows.append({"cam_png": png, "cam_region_bbox": region_bbox(region),
                      **{f"cam_{k}": v for k, v in metrics.items()}})
     return rows

@@ -1,4 +1,5 @@
-"""Heatmap overlays of CAMs on gray images, saved as PNG with the CAM region outlined."""
+"""Heatmap overlays of CAMs on gray images (or transparent heat layers), saved as PNG with the CAM region
+outlined."""
 
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ def _gray01(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
 
 
+def _same_shape(cam: np.ndarray, gray: np.ndarray) -> None:
+    if cam.shape != gray.shape:
+        raise CovidscanError(f"CAM shape {cam.shape} differs from image shape {gray.shape}; map it first")
+
+
 def overlay(image: np.ndarray, cam: np.ndarray, *, alpha: float = 0.4) -> np.ndarray:
     """RGB uint8 (H, W, 3): the JET-coloured CAM blended over the gray image with weight ``alpha``."""
     gray = _gray01(image)
-    if cam.shape != gray.shape:
-        raise CovidscanError(f"CAM shape {cam.shape} differs from image shape {gray.shape}; map it first")
+    _same_shape(cam, gray)
     if not 0.0 <= alpha <= 1.0:
         raise CovidscanError(f"overlay alpha {alpha!r} must be in [0, 1]")
     rgb = np.repeat(gray[..., None], 3, axis=2)
@@ -45,11 +50,17 @@ def save_overlay(
     region: np.ndarray | None = None,
     title: str | None = None,
     alpha: float = 0.4,
+    layer: bool = False,
 ) -> Path:
     """Write the :func:`overlay` as a PNG, with ``region`` (a boolean mask) outlined and ``title`` on top.
 
-    Images whose shorter side is under :data:`MIN_SIDE` pixels are drawn enlarged to it.
+    With ``layer``, the PNG is a transparent heat layer instead, for a viewer that lays it over its own
+    rendering of the image (its window, zoom and opacity): the CAM's colours with the CAM as their opacity,
+    the region outlined, no gray image and no text (``title`` is refused). Images whose shorter side is
+    under :data:`MIN_SIDE` pixels are drawn enlarged to it.
     """
+    if layer and title:
+        raise CovidscanError("a heat layer carries no text: show the title beside the image instead")
     path = Path(path)
     gray = _gray01(image)
     factor = MIN_SIDE / min(gray.shape)
@@ -59,13 +70,20 @@ def save_overlay(
         cam = cv2.resize(np.asarray(cam, np.float32), size, interpolation=cv2.INTER_LINEAR)
         if region is not None:
             region = cv2.resize(np.asarray(region, np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
-    picture = np.ascontiguousarray(overlay(gray, cam, alpha=alpha))
+    if layer:
+        _same_shape(cam, gray)
+        heat = np.clip(np.nan_to_num(np.asarray(cam, np.float32)), 0.0, 1.0)
+        # The same JET colours as show_cam_on_image gives the blended overlay.
+        colors = cv2.applyColorMap(np.uint8(255 * heat), cv2.COLORMAP_JET)[..., ::-1]
+        picture = np.ascontiguousarray(np.dstack([colors, np.uint8(255 * heat)]))
+    else:
+        picture = np.ascontiguousarray(overlay(gray, cam, alpha=alpha))
     side = min(picture.shape[:2])
     thickness = max(1, round(side / 256))
     if region is not None and np.any(region):
         mask = np.asarray(region, np.uint8)
         contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-        cv2.drawContours(picture, contours, -1, REGION_COLOR, thickness)
+        cv2.drawContours(picture, contours, -1, REGION_COLOR + (255,) * layer, thickness)
     if title:
         scale = side / 512
         origin = (thickness * 4, thickness * 4 + round(22 * scale))
@@ -73,4 +91,4 @@ def save_overlay(
         for color, extra in (((0, 0, 0), 2), (REGION_COLOR, 0)):
             cv2.putText(picture, title, origin, cv2.FONT_HERSHEY_SIMPLEX, scale, color, thickness + extra,
                         cv2.LINE_AA)
-    return write_png(path, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR))
+    return write_png(path, cv2.cvtColor(picture, cv2.COLOR_RGBA2BGRA if layer else cv2.COLOR_RGB2BGR))

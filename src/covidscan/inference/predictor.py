@@ -365,13 +365,16 @@ class Predictor:
         *,
         group_ids: Sequence[str | None] | None = None,
         cam_dir: str | Path | None = None,
+        cam_layers: bool = False,
         progress: Callable[[int], None] | None = None,
     ) -> list[Prediction]:
         """Predict every source, in order; one that cannot be read gets a Prediction with ``error``.
 
         Decoding and preprocessing run in ``workers`` threads ahead of the model (OpenCV, PIL and pydicom
-        release the GIL). ``cam_dir`` writes a Grad-CAM overlay per image (``cam_png``). ``progress`` is
-        called with the number of sources finished after each one.
+        release the GIL). ``cam_dir`` writes a Grad-CAM overlay per image (``cam_png``), titled with its
+        probability and label; with ``cam_layers``, a transparent heat layer without text instead, for a
+        viewer that draws the image itself and shows the probability beside it. ``progress`` is called
+        with the number of sources finished after each one.
         """
         if group_ids is not None and len(group_ids) != len(sources):
             raise ConfigError(f"{len(group_ids)} group ids for {len(sources)} sources; give one per source")
@@ -391,7 +394,9 @@ class Predictor:
             ids = [group_ids[i] if group_ids is not None else None for i, _ in batch]
             scored = self.score([p for _, p in batch], group_ids=ids)
             if cams is not None:
-                scored = self._with_cams(scored, [p for _, p in batch], [i for i, _ in batch], cams)
+                scored = self._with_cams(
+                    scored, [p for _, p in batch], [i for i, _ in batch], cams, cam_layers
+                )
             for (i, _), pred in zip(batch, scored, strict=True):
                 results[i] = replace(pred, source=_source_name(sources[i]))
             batch.clear()
@@ -425,13 +430,21 @@ class Predictor:
             return explain_prepared(self, prepared, out_pngs, **kwargs)
 
     def _with_cams(
-        self, scored: list[Prediction], prepared: list[PreparedImage], index: list[int], out: Path
+        self,
+        scored: list[Prediction],
+        prepared: list[PreparedImage],
+        index: list[int],
+        out: Path,
+        layers: bool,
     ) -> list[Prediction]:
         keep = [k for k, pred in enumerate(scored) if pred.p_covid is not None]  # refused ones get no map
         names = [out / f"{index[k]:05d}_{Path(scored[k].source).stem}.png" for k in keep]
-        titles = [f"p(covid) {scored[k].p_covid:.2f}: {scored[k].label}"
+        # A layer carries no text; a figure is titled with the probability it explains.
+        titles = [None if layers else f"p(covid) {scored[k].p_covid:.2f}: {scored[k].label}"
                   + (", uncertain" if scored[k].uncertain else "") for k in keep]
-        explained = self.explain([prepared[k] for k in keep], names, titles=titles) if keep else []
+        explained = (
+            self.explain([prepared[k] for k in keep], names, titles=titles, layers=layers) if keep else []
+        )
         out_preds = list(scored)
         for k, row in zip(keep, explained, strict=True):
             out_preds[k] = replace(scored[k], cam_png=row["cam_png"])

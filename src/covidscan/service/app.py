@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,8 +33,10 @@ from covidscan.service.worker import Worker
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 # No inline scripts or styles anywhere, so a stored <script> can never run even if escaping failed.
+# 'wasm-unsafe-eval' lets the viewer's worker compile its WebAssembly DICOM codecs (it allows no JS eval);
+# blob: images are the viewer tools' cursors (SVGs it makes in the page).
 CSP = (
-    "default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; "
+    "default-src 'self'; img-src 'self' data: blob:; script-src 'self' 'wasm-unsafe-eval'; style-src 'self'; "
     "frame-ancestors 'none'; form-action 'self'; base-uri 'none'"
 )
 DOCS_CSP = "default-src 'self'; img-src 'self' data:; script-src 'self' 'unsafe-inline'; style-src 'self'"
@@ -120,12 +122,20 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "same-origin"
-        response.headers.setdefault("Cache-Control", "no-store")
+        # Static files are revalidated (ETag -> 304), not sent again: the viewer's 4 MB on every case page.
+        static = request.url.path.startswith("/static/")
+        response.headers.setdefault("Cache-Control", "no-cache" if static else "no-store")
         return response
 
     @app.exception_handler(LoginRequired)
     async def to_login(request: Request, _exc: LoginRequired) -> RedirectResponse:
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        if request.method != "GET":
+            # A form posted with an expired session: come back to the page it was sent from (its draft is
+            # kept in the browser), never to the POST-only action, which a GET after login would refuse.
+            referer = urlsplit(request.headers.get("referer", ""))
+            same_site = referer.netloc == request.url.netloc and referer.path.startswith("/")
+            target = referer.path if same_site else target.rsplit("/", 1)[0] or "/"
         return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
 
     @app.exception_handler(CovidscanError)

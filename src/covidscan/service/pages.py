@@ -12,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from covidscan.errors import CovidscanError
+from covidscan.inference.predictor import OOD_WARNING
 from covidscan.service.api import hidden_results, read_uploads, site_worklist, wake_worker
 from covidscan.service.audit import record, verify_chain
 from covidscan.service.auth import (
@@ -30,6 +31,8 @@ from covidscan.service.cases import (
     current_review,
     get_case,
     submit_review,
+    visible_cases,
+    worklist,
 )
 from covidscan.service.deps import (
     DEVICE_COOKIE,
@@ -54,7 +57,7 @@ from covidscan.service.errors import (
     NotFound,
     WrongPassword,
 )
-from covidscan.service.models import AuditEvent, Case, User
+from covidscan.service.models import AuditEvent, Case, CaseImage, User
 from covidscan.service.settings import active_run
 from covidscan.service.sites import first_read_for, reader_first_applies, record_first_read
 from covidscan.service.worker import set_active_run
@@ -202,6 +205,41 @@ def worklist_page(
     )
 
 
+def _priors(s: Session, user: User, case: Case) -> list[Case]:
+    """Other cases of the same patient that ``user`` may see, newest first. Same site too: a patient id is
+    a hospital's own, and another hospital's same id is another person."""
+    if not case.patient_id:
+        return []
+    query = visible_cases(user).where(
+        Case.patient_id == case.patient_id, Case.site_id == case.site_id, Case.id != case.id
+    )
+    return list(s.scalars(query.order_by(Case.created_at.desc(), Case.id.desc())))
+
+
+def _neighbours(s: Session, user: User, case_id: int) -> tuple[int | None, int | None]:
+    """The previous and next case of the pending worklist, for the case page's keys; once this case has
+    left the list (signed), the next is the list's first case: reading goes on where it stands."""
+    ids = [c.id for c in worklist(s, user, "pending")]
+    if case_id not in ids:
+        return None, next((i for i in ids if i != case_id), None)
+    at = ids.index(case_id)
+    return (ids[at - 1] if at > 0 else None), (ids[at + 1] if at + 1 < len(ids) else None)
+
+
+def viewer_source(image: CaseImage) -> str:
+    """The file kind the viewer loads an image from: DICOM from its own bytes (pixel data, rescale and
+    VOI); PNG, JPEG and BMP from their original; others (TIFF: browsers cannot decode it) from the
+    display PNG rendered at upload."""
+    if image.suffix == ".dcm":
+        return "dicom"
+    return "original" if image.suffix in (".png", ".jpg", ".jpeg", ".bmp") else "display"
+
+
+def image_notes(image: CaseImage) -> list[str]:
+    """An image's warnings but the out-of-distribution one, which the case page states once per case."""
+    return [w for w in image.warnings or [] if not w.startswith(OOD_WARNING)]
+
+
 def _case_page(
     request: Request,
     s: Session,
@@ -214,8 +252,10 @@ def _case_page(
     if case is None:
         raise NotFound(f"no case {case_id}")
     review = current_review(case)
-    unlike = [w for im in case.images for w in im.warnings or [] if w.startswith("unlike_training_data")]
+    # One message per case, however many images were flagged: the doctor needs the meaning, not scores.
+    unlike = sum(any(w.startswith(OOD_WARNING) for w in im.warnings or []) for im in case.images)
     hidden = bool(hidden_results(s, [case], who.user))
+    previous_case, next_case = _neighbours(s, who.user, case_id)
     return _render(
         request,
         "case.html",
@@ -228,6 +268,11 @@ def _case_page(
         hidden=hidden,
         reader_first=reader_first_applies(case.site),
         first_read=first_read_for(s, case, who.user),
+        priors=_priors(s, who.user, case),
+        previous_case=previous_case,
+        next_case=next_case,
+        viewer_source=viewer_source,
+        image_notes=image_notes,
         error=error,
     )
 
@@ -271,7 +316,8 @@ def review_form(
     except CovidscanError as exc:
         s.expire_all()
         return _case_page(request, s, who, case_id, status_code=exc.http_status, error=str(exc))
-    return RedirectResponse(f"/cases/{case_id}", status_code=303)
+    # ?saved tells the page's script that the verdict reached the server, so its browser draft can go.
+    return RedirectResponse(f"/cases/{case_id}?saved=1", status_code=303)
 
 
 @router.post("/cases/{case_id}/first-read")
@@ -303,15 +349,21 @@ def case_file(
     store: StoreDep,
     case_id: int,
     position: int,
-    kind: Literal["original", "display", "cam"],
+    kind: Literal["original", "display", "cam", "dicom"],
 ) -> Response:
-    """An image of a case, by position: never by the name the sender gave it."""
+    """An image of a case, by position: never by the name the sender gave it. ``dicom`` is the original
+    DICOM for the viewer (inline; 404 for other formats), ``original`` the same bytes as a download."""
     case = get_case(s, who.user, case_id)
     image = next((im for im in case.images if im.position == position), None) if case else None
     digest = (
         None
         if image is None
-        else {"original": image.sha256, "display": image.display_sha256, "cam": image.cam_sha256}[kind]
+        else {
+            "original": image.sha256,
+            "dicom": image.sha256 if image.suffix == ".dcm" else None,
+            "display": image.display_sha256,
+            "cam": image.cam_sha256,
+        }[kind]
     )
     if digest is None:
         raise NotFound("no such image")
@@ -322,8 +374,11 @@ def case_file(
         )
     s.commit()  # the file is read outside a transaction: SQLite would hold its write lock meanwhile
     data = store.read(digest)
+    cache = {"Cache-Control": "private, max-age=3600"}
+    if kind == "dicom":
+        return Response(data, media_type=MEDIA[".dcm"], headers=cache)
     if kind != "original":
-        return Response(data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+        return Response(data, media_type="image/png", headers=cache)
     filename = f"case{case_id}-image{position}{image.suffix}"
     return Response(
         data,

@@ -162,7 +162,9 @@ class Scorer:
         # The name carries the suffix the decoder needs: blobs are stored under their digest alone.
         sources = [(f"image{i}{suffix}", path.read_bytes()) for i, (path, suffix) in enumerate(files)]
         with self._lock, tempfile.TemporaryDirectory(prefix="covidscan-score-") as tmp:
-            preds = self.predictor.predict(sources, cam_dir=tmp)
+            # Heat layers without text: the case page's viewer draws the image in its own window and shows
+            # the probability beside it.
+            preds = self.predictor.predict(sources, cam_dir=tmp, cam_layers=True)
             images = [
                 ScoredImage(
                     p.p_covid,
