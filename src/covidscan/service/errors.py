@@ -48,6 +48,8 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     BAD_REQUEST = "bad_request"  # 400: a value the library refuses (a setting, a name, a filter)
     STORAGE = "storage"  # 500: the database or file store failed
     INTERNAL = "internal"  # 500: a bug
+    # issue 15: a verdict agreeing with a model result the case does not have
+    NO_RESULT = "no_result"  # 409: the model gave the case no result; give your own finding (agree=false)
 
 
 class ServiceError(CovidscanError):
