@@ -22,6 +22,7 @@ from covidscan.evaluation.site import SiteRules
 from covidscan.service.auth import add_user
 from covidscan.service.cases import (
     Upload,
+    WorklistQuery,
     check_uploads,
     create_case,
     export_verdicts,
@@ -389,7 +390,7 @@ def test_worklist_filters_by_site_and_features_and_shift_checks_are_kept(svc) ->
         wanted = [_case(s, store, "lab", site="Worklist Site", value=v) for v in (30, 31)]
         _case(s, store, "lab", site="Elsewhere")
         site = wanted[0].site
-        listed = worklist(s, _user(s, "doc"), "all", site=site)
+        listed = worklist(s, _user(s, "doc"), WorklistQuery(filter="all", site=site.name)).cases
         assert sorted(c.id for c in listed) == sorted(c.id for c in wanted)
         for i, case in enumerate(wanted):
             _predicted(case, 0.5, run="/runs/r1")

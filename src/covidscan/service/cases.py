@@ -164,10 +164,10 @@ class WorklistQuery(BaseModel):
     offset: int = Field(0, ge=0, description="How many cases to skip (paging)")
     limit: int = Field(50, ge=1, le=MAX_WORKLIST_LIMIT, description="How many cases to return at most")
 
-    @field_validator("site", "q", mode="before")
+    @field_validator("site", "q", "dir", mode="before")
     @classmethod
     def _blank_is_none(cls, value: Any) -> Any:
-        """An empty search box or site field means no filter."""
+        """An empty search box, site field or direction choice means none."""
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("status", mode="before")
