@@ -167,6 +167,8 @@ def _predicted(case: Case, p: float, run: str = "/runs/global") -> None:
     case.status, case.run, case.predicted_at = "ready", run, utcnow()
     label = "covid" if p >= 0.5 else "non_covid"
     case.group = {"n_images": 1, "p_covid": p, "label": label, "threshold": 0.5}
+    for im in case.images:  # each image its probability (the export takes only images the model read)
+        im.p_covid, im.label = p, label
 
 
 def _dicom_upload(tmp_path: Path, **tags: str) -> Upload:
