@@ -62,9 +62,8 @@ def test_submitter_sees_only_its_own_cases_and_cannot_review(service, ct_slices)
     service.wait(mine)
     hidden = service.client.get(f"/api/v1/cases/{theirs}", headers=service.auth("lab"))
     assert hidden.status_code == 404 and code(hidden) == ErrorCode.NOT_FOUND
-    listed = {
-        c["id"] for c in service.client.get("/api/v1/worklist?filter=all", headers=service.auth("lab")).json()
-    }
+    rows = service.client.get("/api/v1/worklist?filter=all", headers=service.auth("lab")).json()["items"]
+    listed = {c["id"] for c in rows}
     assert mine in listed and theirs not in listed
     r = service.client.post(
         f"/api/v1/cases/{mine}/review",
@@ -175,7 +174,7 @@ def test_revoked_token_stops_working(service) -> None:
 
 
 def test_worklist_puts_uncertain_and_high_probability_pending_cases_first(service) -> None:
-    rows = service.client.get("/api/v1/worklist?filter=all", headers=service.auth("doctor")).json()
+    rows = service.client.get("/api/v1/worklist?filter=all", headers=service.auth("doctor")).json()["items"]
     statuses = [r["status"] for r in rows]
     assert "signed" in statuses and statuses.index("signed") > max(
         i for i, s in enumerate(statuses) if s != "signed"
@@ -183,9 +182,11 @@ def test_worklist_puts_uncertain_and_high_probability_pending_cases_first(servic
     ready = [r for r in rows if r["status"] == "ready"]
     keys = [(r["uncertain"], r["p_covid"]) for r in ready]
     assert keys == sorted(keys, reverse=True)
-    pending = service.client.get("/api/v1/worklist", headers=service.auth("doctor")).json()
+    pending = service.client.get("/api/v1/worklist", headers=service.auth("doctor")).json()["items"]
     assert all(r["status"] != "signed" for r in pending)
-    reviewed = service.client.get("/api/v1/worklist?filter=reviewed", headers=service.auth("doctor")).json()
+    reviewed = service.client.get(
+        "/api/v1/worklist?filter=reviewed", headers=service.auth("doctor")
+    ).json()["items"]
     assert reviewed and all(r["status"] == "signed" for r in reviewed)
 
 

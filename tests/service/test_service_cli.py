@@ -94,7 +94,7 @@ def test_send_makes_one_case_per_dicom_series_and_one_for_the_other_images(
 
         cases = httpx.get(
             f"{url}/api/v1/worklist", headers={"Authorization": f"Bearer {tokens['doctor']}"}
-        ).json()
+        ).json()["items"]
         assert sorted(c["n_images"] for c in cases) == [2, 2]
         assert {c["patient_id"] for c in cases} == {"PAT-DCM", None}
         refused = covidscan("send", str(inbox), "--to", url, "--token", "wrong")

@@ -19,7 +19,7 @@ JSON_ROUTES = {
     ("/api/v1/cases", "post"): "CaseCreated",
     ("/api/v1/cases/{case_id}", "get"): "CaseOut",
     ("/api/v1/cases/{case_id}/review", "post"): "ReviewResult",
-    ("/api/v1/worklist", "get"): "WorklistItem",
+    ("/api/v1/worklist", "get"): "WorklistOut",
     ("/api/v1/cases/{case_id}/first-read", "post"): "FirstReadOut",
     ("/api/v1/sites", "get"): "SiteListItem",
     ("/api/v1/sites/{site_id}", "get"): "SiteOut",

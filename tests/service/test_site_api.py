@@ -96,7 +96,7 @@ def test_reader_first_hides_the_result_and_cam_until_the_first_read(service, ct_
     assert all(im["p_covid"] is None and im["label"] is None and not im["has_cam"] for im in hidden["images"])
     row = next(
         r
-        for r in service.client.get("/api/v1/worklist", headers=service.auth("doctor")).json()
+        for r in service.client.get("/api/v1/worklist", headers=service.auth("doctor")).json()["items"]
         if r["id"] == case["id"]
     )
     assert row["hidden_until_first_read"] is True and row["p_covid"] is None and row["uncertain"] is None
@@ -178,6 +178,7 @@ def test_sites_list_detail_and_local_figures_summary(service, ct_slices) -> None
     assert sens["value"] == pytest.approx(2 / 3) and sens["low"] < sens["value"] < sens["high"]
     assert seen["shift"] == {"alarm": True, "auc": 0.93, "p_value": 0.001, "n_images": 40}
     worklist = service.client.get("/api/v1/worklist?filter=all", headers=service.auth("admin")).json()
+    worklist = worklist["items"]
     assert next(r for r in worklist if r["id"] == case["id"])["site"]["local"]["n_patients"] == 6
 
     detail = service.client.get(f"/api/v1/sites/{site_id}", headers=service.auth("lab"))
@@ -237,13 +238,15 @@ def test_worklist_site_filter_and_teaching_order(service, ct_slices) -> None:
     mine = send(service, "filtered site", ct_slices[:1])["id"]
     send(service, "another site", ct_slices[1:2])
     rows = service.client.get("/api/v1/worklist?filter=all&site=FILTERED site", headers=service.auth("admin"))
-    assert rows.status_code == 200 and [r["id"] for r in rows.json()] == [mine]
+    assert rows.status_code == 200 and [r["id"] for r in rows.json()["items"]] == [mine]
     for files in (ct_slices[2:3], ct_slices[3:5]):
         send(service, "filtered site", files)
-    review = service.client.get("/api/v1/worklist?site=filtered site", headers=service.auth("admin")).json()
+    review = service.client.get(
+        "/api/v1/worklist?site=filtered site", headers=service.auth("admin")
+    ).json()["items"]
     teaching = service.client.get(
         "/api/v1/worklist?site=filtered site&order=teaching", headers=service.auth("admin")
-    ).json()
+    ).json()["items"]
     from covidscan.service.monitoring import teaching_queue
 
     db, store = open_service(ServiceSettings(data_dir=service.data_dir, database_url=service.database_url))

@@ -83,9 +83,14 @@ class Api:
         return until(lambda: self.site(site_id), ok, timeout, what)
 
     def ready(self, case_id: int, timeout: float = 120) -> dict:
+        """The case once predicted: ``ready`` with a probability, or ``no_result`` (saying why) when the
+        model refused every slice as unlike its training data."""
         case = until(lambda: self.case(case_id, "admin"), lambda c: c["status"] not in ("queued", "running"),
                      timeout, f"case {case_id} predicted")
-        assert case["status"] == "ready", case
+        if case["status"] == "no_result":
+            assert case["group"] is None and case["no_result"] and all(im["error"] for im in case["images"])
+        else:
+            assert case["status"] == "ready" and case["group"] is not None, case
         return case
 
     def read_first(self, case_id: int, finding: str) -> dict:

@@ -22,6 +22,7 @@ from covidscan.evaluation.site import SiteRules
 from covidscan.service.auth import add_user
 from covidscan.service.cases import (
     Upload,
+    WorklistQuery,
     check_uploads,
     create_case,
     export_verdicts,
@@ -166,6 +167,8 @@ def _predicted(case: Case, p: float, run: str = "/runs/global") -> None:
     case.status, case.run, case.predicted_at = "ready", run, utcnow()
     label = "covid" if p >= 0.5 else "non_covid"
     case.group = {"n_images": 1, "p_covid": p, "label": label, "threshold": 0.5}
+    for im in case.images:  # each image its probability (the export takes only images the model read)
+        im.p_covid, im.label = p, label
 
 
 def _dicom_upload(tmp_path: Path, **tags: str) -> Upload:
@@ -389,7 +392,7 @@ def test_worklist_filters_by_site_and_features_and_shift_checks_are_kept(svc) ->
         wanted = [_case(s, store, "lab", site="Worklist Site", value=v) for v in (30, 31)]
         _case(s, store, "lab", site="Elsewhere")
         site = wanted[0].site
-        listed = worklist(s, _user(s, "doc"), "all", site=site)
+        listed = worklist(s, _user(s, "doc"), WorklistQuery(filter="all", site=site.name)).cases
         assert sorted(c.id for c in listed) == sorted(c.id for c in wanted)
         for i, case in enumerate(wanted):
             _predicted(case, 0.5, run="/runs/r1")

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from covidscan.errors import ConfigError, CovidscanError
+from covidscan.errors import CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import (
     Upload,
+    WorklistQuery,
     check_uploads,
     create_case,
     export_verdicts,
@@ -43,10 +44,10 @@ from covidscan.service.schemas import (
     ReviewOut,
     ReviewResult,
     WorklistItem,
+    WorklistOut,
 )
 from covidscan.service.settings import active_run, run_label
-from covidscan.service.sites import find_site, first_read_for, reader_first_applies, record_first_read
-from covidscan.service.storage import BlobStore
+from covidscan.service.sites import first_read_for, reader_first_applies, record_first_read
 
 # Every error the API answers has this body; listed so /openapi.json shows it for each route.
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
@@ -88,7 +89,7 @@ def hidden_results(db: Session, cases: list[Case], user: User) -> set[int]:
     candidates = {
         c.id
         for c in cases
-        if c.status == "ready"
+        if c.status in ("ready", "no_result")  # that the model refused a case is a result too
         and reader_first_applies(c.site)
         and not any(r.reviewer_id == user.id for r in c.reviews)
     }
@@ -185,43 +186,19 @@ def post_review(db: SessionDep, who: DoctorUser, case_id: int, body: ReviewIn) -
 
 @router.get("/api/v1/worklist", tags=["cases"])
 def get_worklist(
-    db: SessionDep,
-    who: CurrentUser,
-    store: StoreDep,
-    filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending",
-    site: Annotated[str | None, Query(max_length=1024, description="Only this site's cases")] = None,
-    order: Annotated[
-        Literal["review", "teaching"],
-        Query(description="review: pending first, uncertain and high-probability on top; teaching (with "
-              "site): the unsigned cases whose verdicts teach the site's validation and adaptation most"),
-    ] = "review",
-) -> list[WorklistItem]:
-    """Cases in review order (or, for one site, in teaching order); the model's result is withheld where
+    db: SessionDep, who: CurrentUser, store: StoreDep, query: Annotated[WorklistQuery, Query()]
+) -> WorklistOut:
+    """One page of the cases you may see, in review order unless ``sort`` says otherwise, with ``total``
+    (page with ``offset`` and ``limit``: nothing is ever cut off); the model's result is withheld where
     reader-first applies and you have not read the case yet (``hidden_until_first_read``)."""
-    cases = site_worklist(db, store, who.user, filter, site, order)
-    hidden = hidden_results(db, cases, who.user)
-    return [WorklistItem.from_case(c, hidden=c.id in hidden) for c in cases]
-
-
-def site_worklist(
-    db: Session, store: BlobStore, user: User, which: str, site_name: str | None, order: str
-) -> list[Case]:
-    """The worklist, of one site when ``site_name`` is given (404 when no site has that name), in review
-    order or, for one site, in teaching order (teaching-ordered cases first, the rest as before)."""
-    site = None
-    if site_name is not None:
-        site = find_site(db, site_name)
-        if site is None:
-            raise NotFound(f"no site called {site_name!r}; GET /api/v1/sites lists them")
-    if order == "teaching" and site is None:
-        raise ConfigError("order=teaching needs a site: add site=NAME (teaching order is per site)")
-    cases = worklist(db, user, which, site=site)
-    if order == "teaching":
-        from covidscan.service.monitoring import teaching_queue  # needs numpy features: only when asked
-
-        rank = {case_id: i for i, case_id in enumerate(teaching_queue(db, store, site))}
-        cases.sort(key=lambda c: rank.get(c.id, len(rank)))  # stable: the rest keep review order
-    return cases
+    page = worklist(db, who.user, query, store=store)
+    hidden = hidden_results(db, page.cases, who.user)
+    return WorklistOut(
+        items=[WorklistItem.from_case(c, hidden=c.id in hidden) for c in page.cases],
+        total=page.total,
+        offset=page.offset,
+        limit=page.limit,
+    )
 
 
 @router.get(

@@ -42,11 +42,52 @@ CSP = (
 DOCS_CSP = "default-src 'self'; img-src 'self' data:; script-src 'self' 'unsafe-inline'; style-src 'self'"
 
 
+# Routes whose errors are JSON whoever asks: the API, DICOMweb, the health check and the OpenAPI document.
+JSON_PREFIXES = ("/api/", "/dicomweb", "/healthz", "/openapi.json")
+
+
 def error_response(
     status: int, detail: str, code: ErrorCode, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     """The one shape of every JSON error: ``{"detail": ..., "code": ...}``."""
     return JSONResponse(ErrorBody(detail=detail, code=code).model_dump(), status_code=status, headers=headers)
+
+
+def wants_page(request: Request) -> bool:
+    """Whether an error goes to a person: a page route (not :data:`JSON_PREFIXES`) asked for by a client
+    that accepts HTML, as browsers do when they open a page or send a form."""
+    return not request.url.path.startswith(JSON_PREFIXES) and "text/html" in request.headers.get("accept", "")
+
+
+def same_site_path(request: Request, url: str | None) -> str | None:
+    """The path and query of ``url`` (e.g. the Referer) when it is a page of this site; None otherwise."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.netloc != request.url.netloc or not parts.path.startswith("/") or parts.path.startswith("//"):
+        return None
+    return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def error_answer(
+    request: Request, status: int, detail: str, code: ErrorCode, headers: dict[str, str] | None = None
+) -> Response:
+    """An error as a page for people (``templates/error.html``: what happened, what to do, the way back) or
+    as JSON with its ``code`` for programs (:func:`wants_page` decides)."""
+    if not wants_page(request):
+        return error_response(status, detail, code, headers)
+    here = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    context = {
+        "user": None,
+        "status": status,
+        "code": str(code),
+        "detail": detail if status < 500 else None,  # a server fault's message is for the log, not the user
+        "back": same_site_path(request, request.headers.get("referer")),
+        "login": f"/login?next={quote(here if request.method == 'GET' else '/worklist')}",
+    }
+    return request.app.state.templates.TemplateResponse(
+        request, "error.html", context, status_code=status, headers=headers
+    )
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -112,7 +153,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes:
-            return error_response(
+            return error_answer(
+                request,
                 413,
                 f"request too large: at most {settings.max_upload_bytes} bytes",
                 ErrorCode.UPLOAD_TOO_LARGE,
@@ -133,29 +175,32 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if request.method != "GET":
             # A form posted with an expired session: come back to the page it was sent from (its draft is
             # kept in the browser), never to the POST-only action, which a GET after login would refuse.
-            referer = urlsplit(request.headers.get("referer", ""))
-            same_site = referer.netloc == request.url.netloc and referer.path.startswith("/")
-            target = referer.path if same_site else target.rsplit("/", 1)[0] or "/"
+            referer = same_site_path(request, request.headers.get("referer"))
+            target = referer or request.url.path.rsplit("/", 1)[0] or "/"
         return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
 
     @app.exception_handler(CovidscanError)
-    async def covidscan_error(_request: Request, exc: CovidscanError) -> JSONResponse:
+    async def covidscan_error(request: Request, exc: CovidscanError) -> Response:
+        if exc.http_status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, exc)
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, AuthRequired) else None
         if isinstance(exc, LoginThrottled):
             headers = {"Retry-After": str(exc.retry_after)}
-        return error_response(exc.http_status, str(exc), error_code(exc), headers)
+        return error_answer(request, exc.http_status, str(exc), error_code(exc), headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, _validation_detail(exc), ErrorCode.INVALID_REQUEST)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> Response:
+        return error_answer(request, 422, _validation_detail(exc), ErrorCode.INVALID_REQUEST)
 
     @app.exception_handler(HTTPException)
-    async def http_error(_request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), code_for_status(exc.status_code), exc.headers)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        code = code_for_status(exc.status_code)
+        return error_answer(request, exc.status_code, str(exc.detail), code, exc.headers)
 
     @app.exception_handler(Exception)
-    async def internal_error(_request: Request, _exc: Exception) -> JSONResponse:
+    async def internal_error(request: Request, _exc: Exception) -> Response:
         # Starlette logs the traceback (it re-raises after answering); the client gets no internals.
-        return error_response(500, "internal error; the server log has the details", ErrorCode.INTERNAL)
+        detail = "internal error; the server log has the details"
+        return error_answer(request, 500, detail, ErrorCode.INTERNAL)
 
     return app

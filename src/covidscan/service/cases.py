@@ -6,22 +6,28 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
-from sqlalchemy import Select, select
+from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import Select, func, or_, select
 from sqlalchemy import case as sql_case
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from covidscan.errors import ConfigError
 from covidscan.outputs import csv_text
 from covidscan.service.audit import record
-from covidscan.service.errors import Conflict, ErrorCode, NotAllowed, UploadRejected
-from covidscan.service.models import FINDINGS, Case, CaseImage, Job, Review, Site, User, utcnow
+from covidscan.service.errors import Conflict, ErrorCode, NotAllowed, NotFound, UploadRejected
+from covidscan.service.models import CASE_STATES, FINDINGS, Case, CaseImage, Job, Review, Site, User, utcnow
 from covidscan.service.scoring import UploadInfo, inspect_upload
 from covidscan.service.storage import BlobStore
 
-WORKLIST_FILTERS = ("pending", "reviewed", "all")
+WORKLIST_SORTS = ("priority", "received", "probability", "patient", "case")
+# Each sort's own direction: most urgent, oldest waiting, most likely covid first; patients and ids ascending.
+DEFAULT_DIRECTION = {
+    "priority": "desc", "received": "asc", "probability": "desc", "patient": "asc", "case": "asc"
+}
+MAX_WORKLIST_LIMIT = 500
 
 
 @dataclass(frozen=True)
@@ -126,29 +132,166 @@ def get_case(db: Session, user: User, case_id: int) -> Case | None:
     return db.scalars(query).unique().first()
 
 
+class WorklistQuery(BaseModel):
+    """What a worklist shows: which cases (filters, a search) in which order, and which page of them.
+
+    The API and the worklist page take these as query parameters; a value of the wrong form is a 422.
+    """
+
+    filter: Literal["pending", "reviewed", "all"] = Field(
+        "pending", description="pending: not yet signed; reviewed: signed"
+    )
+    status: list[Literal[CASE_STATES]] = Field(  # type: ignore[valid-type]
+        default_factory=list, description="Only cases in these states (repeat the parameter for several)"
+    )
+    site: str | None = Field(None, max_length=1024, description="Only this site's cases")
+    q: str | None = Field(
+        None, max_length=128, description="Search: a case id (42 or #42) or part of a patient id"
+    )
+    sort: Literal[WORKLIST_SORTS] = Field(  # type: ignore[valid-type]
+        "priority",
+        description="priority: pending first, uncertain and high-probability on top; received: when it was "
+        "sent; probability: the case's p(covid); patient: patient id; case: case id",
+    )
+    dir: Literal["asc", "desc"] | None = Field(
+        None,
+        description="Direction; default: the sort's own (priority, probability: desc; received, patient, "
+        "case: asc). Cases without a probability or patient id come last either way.",
+    )
+    order: Literal["review", "teaching"] = Field(
+        "review",
+        description="teaching (with site): the unsigned cases whose verdicts teach the site's validation "
+        "and adaptation most first, the rest after them in the chosen sort",
+    )
+    offset: int = Field(0, ge=0, description="How many cases to skip (paging)")
+    limit: int = Field(50, ge=1, le=MAX_WORKLIST_LIMIT, description="How many cases to return at most")
+
+    @field_validator("site", "q", "dir", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: Any) -> Any:
+        """An empty search box, site field or direction choice means none."""
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("status", mode="before")
+    @classmethod
+    def _no_blank_status(cls, value: Any) -> Any:
+        """The page's "any" status choice is an empty value: no filter."""
+        return [v for v in value if v != ""] if isinstance(value, list) else value
+
+    @property
+    def direction(self) -> str:
+        """The direction in force: the one asked for, else the sort's own."""
+        return self.dir or DEFAULT_DIRECTION[self.sort]
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    """One page of a worklist: its cases and how many cases match in all."""
+
+    cases: list[Case]
+    total: int
+    offset: int
+    limit: int
+
+
+def _sort_keys(sort: str, descending: bool) -> list[Any]:
+    """ORDER BY terms; ``descending`` reverses the sort (for priority: exactly, so the last page of one
+    direction is the first of the other), a case id breaks ties."""
+    if sort == "priority":
+        pending_first = sql_case((Case.status == "signed", 1), else_=0)
+        ready_first = sql_case((Case.status == "ready", 0), else_=1)
+        if descending:
+            return [pending_first.asc(), ready_first.asc(), Case.priority.desc().nulls_last(), Case.id.asc()]
+        return [pending_first.desc(), ready_first.desc(), Case.priority.asc().nulls_first(), Case.id.desc()]
+    column = {
+        "received": Case.created_at,
+        "probability": Case.group["p_covid"].as_float(),
+        "patient": Case.patient_id,
+        "case": Case.id,
+    }[sort]
+    term = column.desc() if descending else column.asc()
+    return [term.nulls_last(), Case.id.desc() if descending else Case.id.asc()]
+
+
+def _search(q: str) -> Any:
+    """A case id (``42``, ``#42``) matches that case; any text matches patient ids containing it."""
+    text = q.strip()
+    by_patient = Case.patient_id.icontains(text, autoescape=True)
+    number = text.removeprefix("#").strip()
+    return or_(Case.id == int(number), by_patient) if number.isdigit() and len(number) < 10 else by_patient
+
+
 def worklist(
-    db: Session, user: User, which: str = "pending", limit: int = 200, *, site: Site | None = None
-) -> list[Case]:
-    """Pending cases first (ready before still-predicting), uncertain and high-probability ones on top;
-    with ``site``, only that site's cases."""
-    if which not in WORKLIST_FILTERS:
-        raise ConfigError(f"worklist filter must be one of {', '.join(WORKLIST_FILTERS)}, got {which!r}")
-    query = visible_cases(user).options(selectinload(Case.images), selectinload(Case.site))
+    db: Session,
+    user: User,
+    query: WorklistQuery | None = None,
+    *,
+    store: BlobStore | None = None,
+    ids_only: bool = False,
+) -> WorklistPage | list[int]:
+    """One page of the cases ``user`` may see that match ``query``, in its order, with the number of all.
+
+    Counting and paging happen in the database (COUNT, then LIMIT/OFFSET), so nothing is cut off and only
+    the page's cases are loaded; ``ids_only``: the ids of every matching case in the sort's order instead
+    (unpaged; not with teaching order). ``order=teaching`` ranks the site's cases by
+    :func:`covidscan.service.monitoring.teaching_queue` (which needs ``store``); an unknown site is a 404.
+    """
+    from covidscan.service.sites import find_site  # sites builds on this module
+
+    query = query or WorklistQuery()
+    site = None
+    if query.site is not None:
+        site = find_site(db, query.site)
+        if site is None:
+            raise NotFound(f"no site called {query.site!r}; GET /api/v1/sites lists them")
+    if query.order == "teaching" and site is None:
+        raise ConfigError("order=teaching needs a site: add site=NAME (teaching order is per site)")
+    chosen = visible_cases(user)
     if site is not None:
-        query = query.where(Case.site_id == site.id)
-    if which == "pending":
-        query = query.where(Case.status.in_(("queued", "running", "ready", "failed")))
-    elif which == "reviewed":
-        query = query.where(Case.status == "signed")
-    pending_first = sql_case((Case.status == "signed", 1), else_=0)
-    ready_first = sql_case((Case.status == "ready", 0), else_=1)
-    query = query.order_by(pending_first, ready_first, Case.priority.desc().nulls_last(), Case.id)
-    return list(db.scalars(query.limit(limit)))
+        chosen = chosen.where(Case.site_id == site.id)
+    if query.filter == "pending":
+        chosen = chosen.where(Case.status != "signed")
+    elif query.filter == "reviewed":
+        chosen = chosen.where(Case.status == "signed")
+    if query.status:
+        chosen = chosen.where(Case.status.in_(query.status))
+    if query.q is not None:
+        chosen = chosen.where(_search(query.q))
+    total = db.scalar(select(func.count()).select_from(chosen.subquery()))
+    ordered = chosen.order_by(*_sort_keys(query.sort, query.direction == "desc"))
+    if ids_only:
+        return list(db.scalars(ordered.with_only_columns(Case.id)))
+    if query.order == "teaching":
+        if store is None:
+            raise ConfigError("teaching order needs the file store (the cases' image features)")
+        from covidscan.service.monitoring import teaching_queue  # needs numpy features: only when asked
+
+        rank = {case_id: i for i, case_id in enumerate(teaching_queue(db, store, site))}
+        ids = list(db.scalars(ordered.with_only_columns(Case.id)))
+        ids.sort(key=lambda case_id: rank.get(case_id, len(rank)))  # stable: the rest keep the sort's order
+        page_ids = ids[query.offset : query.offset + query.limit]
+        found = {c.id: c for c in db.scalars(_with_rows(select(Case).where(Case.id.in_(page_ids))))}
+        cases = [found[case_id] for case_id in page_ids]
+    else:
+        cases = list(db.scalars(_with_rows(ordered).offset(query.offset).limit(query.limit)))
+    return WorklistPage(cases, total, query.offset, query.limit)
+
+
+def _with_rows(query: Select[tuple[Case]]) -> Select[tuple[Case]]:
+    """What a worklist row shows, loaded for the whole page at once (not one query per case)."""
+    return query.options(selectinload(Case.images), selectinload(Case.site), selectinload(Case.reviews))
 
 
 def priority(uncertain: bool, group: dict[str, Any] | None) -> float:
     """Worklist rank: a case with an uncertain image lies above all certain ones; then higher p first."""
     return (1.0 if uncertain else 0.0) + (group["p_covid"] if group else 0.0)
+
+
+def no_result_reason(images: list[CaseImage]) -> str:
+    """What a case whose images all came back without a result says (stored as its ``error``)."""
+    errors = [im.error for im in images if im.error]
+    first = f"; first: {errors[0]}" if errors else ""
+    return f"the model gave none of the {len(images)} image(s) a result{first}"
 
 
 def current_review(case: Case) -> Review | None:
@@ -168,15 +311,24 @@ def submit_review(
     amendment_reason: str | None = None,
 ) -> Review:
     """Record a verdict. A draft is overwritten; a signed verdict is locked, and changing it takes an
-    amendment: a new signed version with a reason, the old versions kept as they were."""
+    amendment: a new signed version with a reason, the old versions kept as they were.
+
+    A case the model gave no result (:attr:`Case.no_result`) takes the doctor's own finding only
+    (``agree=False``): agreeing with a result it does not have is a 409 ``no_result``."""
     if doctor.role != "doctor":
         raise NotAllowed(f"only doctors review cases; {doctor.name} is {doctor.role}")
     if finding not in FINDINGS:
         raise ConfigError(f"finding must be one of {', '.join(FINDINGS)}, got {finding!r}")
-    if case.status not in ("ready", "signed"):
+    if case.status in ("queued", "running"):
         raise Conflict(
             f"case {case.id} is {case.status}: it can be reviewed once its prediction is ready",
             ErrorCode.NOT_READY,
+        )
+    if agree and case.no_result is not None:
+        raise Conflict(
+            f"case {case.id} has no model result to agree with ({case.no_result}); "
+            "give your own finding with agree=false",
+            ErrorCode.NO_RESULT,
         )
     latest = current_review(case)
     amending = latest is not None and latest.signed_at is not None
@@ -251,12 +403,24 @@ def signed_latest(
     return out
 
 
+def read_by_model(image: CaseImage) -> bool:
+    """Whether the model read ``image``: it gave it a probability, or computed its features and then
+    refused it as unlike its training data (images it could not decode or whose quality gate refused them
+    have neither)."""
+    return image.p_covid is not None or image.features_sha256 is not None
+
+
 def export_verdicts(
     db: Session, store: BlobStore, *, site: Site | None = None, since: datetime | None = None
 ) -> str:
     """A manifest CSV ``path,label,patient_id,site`` of signed verdicts, one row per stored original.
 
     ``label`` is the doctor's finding (``covid``/``non_covid``); indeterminate verdicts are left out.
+    Only images the model read are training labels (:func:`read_by_model`): one it could not read
+    (unreadable, wrong modality, over its pixel limit, refused by its quality gate) is never exported, nor
+    is any image of a case whose prediction failed. An image the model read but refused as unlike its
+    training data is exported with the doctor's finding: it stands on its own (a case without any result
+    takes only the doctor's own finding, :func:`submit_review`), and such images are what adaptation is for.
     ``patient_id`` is the case's, else ``case-N``, so a later patient split keeps a case together. The
     store keeps identical bytes once, so an image sent in two cases is one row; when its signed findings
     disagree it is left out rather than given either label. ``site`` is the case's site name (the first
@@ -267,7 +431,7 @@ def export_verdicts(
     for case, review in signed_latest(db, site=site, since=since):
         if review.finding == "indeterminate":
             continue
-        for im in case.images:
+        for im in filter(read_by_model, case.images):
             path = str(store.path(im.sha256))
             if path in rows and rows[path][0] != review.finding:
                 conflicting.add(path)
@@ -280,9 +444,12 @@ def export_verdicts(
 
 
 def agreement_by_month(db: Session) -> list[dict[str, Any]]:
-    """Per month of signature: signed cases, how many the doctor agreed with, and the rate."""
+    """Per month of signature: signed cases with a model result, how many the doctor agreed with, and the
+    rate (a case without a result has nothing to agree with: it is not counted)."""
     months: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for _case, review in signed_latest(db):
+    for case, review in signed_latest(db):
+        if case.no_result is not None:
+            continue
         month = review.signed_at.strftime("%Y-%m")
         months[month][0] += 1
         months[month][1] += int(review.agree)

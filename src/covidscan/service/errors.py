@@ -53,6 +53,8 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     WRONG_PASSWORD = "wrong_password"  # 403: the current password given to change it is wrong
     WEAK_PASSWORD = "weak_password"  # 422: a new password that is too short, too simple or common
     LAST_ADMIN = "last_admin"  # 409: deactivating the last active admin would leave nobody to manage accounts
+    # issue 15: a verdict agreeing with a model result the case does not have
+    NO_RESULT = "no_result"  # 409: the model gave the case no result; give your own finding (agree=false)
 
 
 class ServiceError(CovidscanError):

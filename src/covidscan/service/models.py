@@ -20,7 +20,9 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 ROLES = ("admin", "doctor", "submitter")
-CASE_STATES = ("queued", "running", "ready", "failed", "signed")
+# ready: predicted, with a result; no_result: predicted, but the model gave no image a result (each one
+# unreadable, refused by its quality gate or as unlike its training data); failed: the prediction failed.
+CASE_STATES = ("queued", "running", "ready", "failed", "signed", "no_result")
 FINDINGS = ("covid", "non_covid", "indeterminate")
 # new: no verdicts and no alarm yet; shifted: the shift alarm rang before any verdict; validating: signed
 # cases are coming in; validated: the site's own figures meet its rules; degraded: a recent window fell below.
@@ -168,6 +170,14 @@ class Case(Base):
     site: Mapped[Site] = relationship()
     images: Mapped[list[CaseImage]] = relationship(order_by="CaseImage.position", back_populates="case")
     reviews: Mapped[list[Review]] = relationship(order_by="Review.version", back_populates="case")
+
+    @property
+    def no_result(self) -> str | None:
+        """Why the model gave this case no usable result (its status is ``no_result`` or ``failed``, or
+        ``signed`` on the doctor's own finding); None while it has one or is still to be predicted."""
+        if self.group is not None or self.status in ("queued", "running"):
+            return None
+        return self.error or "the model gave no image of this case a result"
 
 
 class CaseImage(Base):

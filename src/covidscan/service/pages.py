@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import secrets
 from datetime import timedelta
+from functools import partial
 from typing import Annotated, Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -13,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from covidscan.errors import CovidscanError
 from covidscan.inference.predictor import OOD_WARNING
-from covidscan.service.api import hidden_results, read_uploads, site_worklist, wake_worker
+from covidscan.service.api import hidden_results, read_uploads, wake_worker
 from covidscan.service.audit import record, verify_chain
 from covidscan.service.auth import (
     DEVICE_LIFETIME,
@@ -25,6 +27,8 @@ from covidscan.service.auth import (
     start_session,
 )
 from covidscan.service.cases import (
+    WORKLIST_SORTS,
+    WorklistQuery,
     agreement_by_month,
     check_uploads,
     create_case,
@@ -57,7 +61,7 @@ from covidscan.service.errors import (
     NotFound,
     WrongPassword,
 )
-from covidscan.service.models import AuditEvent, Case, CaseImage, User
+from covidscan.service.models import CASE_STATES, AuditEvent, Case, CaseImage, User
 from covidscan.service.settings import active_run
 from covidscan.service.sites import first_read_for, reader_first_applies, record_first_read
 from covidscan.service.worker import set_active_run
@@ -182,26 +186,36 @@ def logout(
     return response
 
 
+def worklist_link(query: WorklistQuery, **changes: Any) -> str:
+    """The worklist page's URL for ``query`` with ``changes``: ``filter`` always (the filter links are
+    addressed by it), the other parameters only where they differ from their defaults."""
+    values, defaults = query.model_copy(update=changes), WorklistQuery()
+    params: dict[str, Any] = {"filter": values.filter}
+    for name in WorklistQuery.model_fields:
+        if name != "filter" and getattr(values, name) != getattr(defaults, name):
+            params[name] = getattr(values, name)
+    return "/worklist?" + urlencode(params, doseq=True)
+
+
 @router.get("/worklist")
 def worklist_page(
     request: Request,
     s: SessionDep,
     who: PageUser,
     store: StoreDep,
-    filter: Annotated[Literal["pending", "reviewed", "all"], Query()] = "pending",
-    site: Annotated[str | None, Query(max_length=1024)] = None,
-    order: Annotated[Literal["review", "teaching"], Query()] = "review",
+    query: Annotated[WorklistQuery, Query()],
 ) -> HTMLResponse:
-    cases = site_worklist(s, store, who.user, filter, site or None, order)
+    page = worklist(s, who.user, query, store=store)
     return _render(
         request,
         "worklist.html",
         who,
-        cases=cases,
-        hidden=hidden_results(s, cases, who.user),
-        filter=filter,
-        site=site or None,
-        order=order,
+        page=page,
+        query=query,
+        link=partial(worklist_link, query),
+        hidden=hidden_results(s, page.cases, who.user),
+        states=CASE_STATES,
+        sorts=WORKLIST_SORTS,
     )
 
 
@@ -219,7 +233,7 @@ def _priors(s: Session, user: User, case: Case) -> list[Case]:
 def _neighbours(s: Session, user: User, case_id: int) -> tuple[int | None, int | None]:
     """The previous and next case of the pending worklist, for the case page's keys; once this case has
     left the list (signed), the next is the list's first case: reading goes on where it stands."""
-    ids = [c.id for c in worklist(s, user, "pending")]
+    ids = worklist(s, user, ids_only=True)
     if case_id not in ids:
         return None, next((i for i in ids if i != case_id), None)
     at = ids.index(case_id)

@@ -18,7 +18,7 @@ from covidscan.service.errors import ErrorCode
 from covidscan.service.models import Case, CaseImage, Review, Site, SiteRun, User
 from covidscan.service.sites import reader_first_applies
 
-CaseStatus = Literal["queued", "running", "ready", "failed", "signed"]
+CaseStatus = Literal["queued", "running", "ready", "failed", "signed", "no_result"]
 Finding = Literal["covid", "non_covid", "indeterminate"]
 Label = Literal["covid", "non_covid"]
 
@@ -267,6 +267,12 @@ class CaseOut(BaseModel):
         "record your own finding with POST /api/v1/cases/{id}/first-read",
     )
     first_read: Finding | None = Field(None, description="Your first read of this case, if you made one")
+    no_result: str | None = Field(
+        None,
+        description="Why the model gave this case no usable result (every image unreadable or refused, or "
+        "the prediction failed); null when it has one. Such a case takes only your own finding "
+        "(agree=false; agreeing is a 409 no_result) and is never a model-agreement statistic",
+    )
 
     @classmethod
     def from_case(cls, case: Case, *, hidden: bool = False, first_read: str | None = None) -> CaseOut:
@@ -288,6 +294,7 @@ class CaseOut(BaseModel):
             versions=len(case.reviews),
             hidden_until_first_read=hidden,
             first_read=first_read,
+            no_result=case.no_result,
         )
 
 
@@ -303,6 +310,7 @@ class WorklistItem(BaseModel):
     uncertain: bool | None = Field(description="An image's probability lies in the model's uncertainty band")
     created_at: datetime
     hidden_until_first_read: bool = Field(False, description="As in the case: the result waits for your read")
+    no_result: str | None = Field(None, description="As in the case: why the model gave it no result")
 
     @classmethod
     def from_case(cls, case: Case, *, hidden: bool = False) -> WorklistItem:
@@ -316,6 +324,7 @@ class WorklistItem(BaseModel):
             uncertain=None if hidden else any(im.uncertain for im in case.images),
             created_at=case.created_at,
             hidden_until_first_read=hidden,
+            no_result=case.no_result,
         )
 
 
@@ -468,3 +477,12 @@ class PasswordChangeIn(BaseModel):
 
     current_password: str = Field(max_length=1024)
     new_password: str = Field(max_length=1024)
+
+
+class WorklistOut(BaseModel):
+    """One page of the worklist (offset paging): its rows, and how many cases match in all."""
+
+    items: list[WorklistItem]
+    total: int = Field(description="Cases matching the filters and search, on every page together")
+    offset: int = Field(description="Cases skipped before this page")
+    limit: int = Field(description="The most rows a page holds; the next page starts at offset + limit")

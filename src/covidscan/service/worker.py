@@ -27,7 +27,7 @@ from sqlalchemy.orm import selectinload
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
-from covidscan.service.cases import priority
+from covidscan.service.cases import no_result_reason, priority
 from covidscan.service.db import Database
 from covidscan.service.models import Case, Job, Setting, SiteRun, utcnow
 from covidscan.service.monitoring import after_prediction
@@ -168,7 +168,11 @@ class Worker:
                 im.features_sha256 = None if features is None else put_features(self.store, features)
             case.model, case.group, case.run = scorer.identity, result.group, str(scorer.run_dir)
             case.priority = priority(any(im.uncertain for im in case.images), result.group)
-            case.status, case.error, job.state = "ready", None, "done"
+            if result.group is None:  # every image unreadable or refused: say so, never "ready"
+                case.status, case.error = "no_result", no_result_reason(case.images)
+            else:
+                case.status, case.error = "ready", None
+            job.state = "done"
             record(
                 s,
                 "prediction",
