@@ -86,6 +86,9 @@ def test_the_case_page_refuses_agreeing_with_no_result(service, radiograph) -> N
     with TestClient(service.client.app, base_url="http://127.0.0.1") as browser:
         login(browser, "doctor")
         page = browser.get(f"/cases/{case_id}")
+        # the page offers the doctor's own finding, never an "agree" with a result it does not have
+        assert 'id="verdict-form"' in page.text and 'id="no-result"' in page.text
+        assert 'name="agree" value="yes"' not in page.text
         form = {"agree": "yes", "finding": "covid", "sign": "on", "csrf": _csrf(page.text)}
         r = browser.post(f"/cases/{case_id}/review", data=form)
         assert r.status_code == 409 and "no model result to agree with" in r.text
