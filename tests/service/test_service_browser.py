@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -49,16 +51,22 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, ct_slices):
         yield url, case_id
 
 
-@pytest.fixture(scope="module")
-def page():
+@contextmanager
+def chromium_page(width: int, height: int) -> Iterator:
+    """A Playwright page in Debian's headless Chromium (skips the test, saying why, when there is none)."""
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).is_file():
         pytest.skip(f"BROWSER NOT TESTED: no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1280, "height": 1000})
-        yield context.new_page()
+        yield browser.new_context(viewport={"width": width, "height": height}).new_page()
         browser.close()
+
+
+@pytest.fixture(scope="module")
+def page():
+    with chromium_page(1280, 1000) as page:
+        yield page
 
 
 def test_doctor_logs_in_reads_toggles_the_overlay_signs_and_sees_the_case_locked(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from service_helpers import uvicorn_server
-from test_service_browser import ARGS, CHROMIUM
+from test_service_browser import chromium_page
 
 from conftest import PASSWORD, add_accounts
 
@@ -135,18 +135,11 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, ct_slices):
 
 @pytest.fixture()
 def page():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip(f"BROWSER NOT TESTED: no Chromium at {CHROMIUM} (.ci/run installs Debian's chromium)")
-    with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-        context = browser.new_context(viewport={"width": 1440, "height": 900})
-        page = context.new_page()
+    with chromium_page(1440, 900) as page:
         page.problems = []
         page.on("console", lambda m: page.problems.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: page.problems.append(str(e)))
         yield page
-        browser.close()
 
 
 def expect(locator):
