@@ -248,19 +248,55 @@ def send(
         out.print(f"case {case['id']} ({case['files']} file(s)): {case['status']}{extra}  {case['url']}")
 
 
-@audit_app.command("verify")
-def audit_verify(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
-    """Check the audit chain: exit 0 when intact, 1 when a row was edited or deleted."""
-    from covidscan.service.audit import verify_chain
+def _verified(data_dir: Path | None, database_url: str | None, head: str | None):  # -> ChainReport
+    """The chain's report, failed when ``head`` (SEQ:HASH, or a file holding it) is no longer in it."""
+    from dataclasses import replace
 
+    from covidscan.service.audit import check_head, verify_chain
+
+    if head is not None and Path(head).is_file():
+        head = Path(head).read_text()
     db, _ = _open(data_dir, database_url)
     with db.session() as s:
         report = verify_chain(s)
+        rewound = check_head(s, head) if head is not None else None
+    if report.ok and rewound:
+        report = replace(report, ok=False, bad_seq=int(head.strip().split(":")[0]), reason=rewound)
+    return report
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    head: Annotated[
+        str | None,
+        typer.Option("--head", help="A head exported by `covidscan audit-log head` (SEQ:HASH or its file)."),
+    ] = None,
+) -> None:
+    """Check the audit chain and the signed verdicts: exit 0 when intact, 1 when a row was edited,
+    deleted or rewound. The chain's key is the data folder's audit.key (or env COVIDSCAN_AUDIT_KEY)."""
+    report = _verified(data_dir, database_url, head)
     if report.ok:
-        out.print(f"audit log intact: {report.n_events} events")
+        legacy = f" ({report.legacy} written before the chain was keyed)" if report.legacy else ""
+        out.print(f"audit log intact: {report.n_events} events{legacy}")
         return
-    out.print(labelled("audit log broken", "bold red", f"at event {report.bad_seq}: {report.reason}"))
+    where = f"at event {report.bad_seq}: " if report.bad_seq is not None else ""
+    out.print(labelled("audit log broken", "bold red", f"{where}{report.reason}"))
     raise typer.Exit(1)
+
+
+@audit_app.command("head")
+def audit_head(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Print the verified chain's head as SEQ:HASH; keep it elsewhere and pass it to `verify --head`
+    later, so a log cut back to an earlier point is caught."""
+    from covidscan.service.audit import head_text
+
+    report = _verified(data_dir, database_url, None)
+    if not report.ok:
+        out.print(labelled("audit log broken", "bold red", f"{report.reason}; no head to export"))
+        raise typer.Exit(1)
+    print(head_text(report))
 
 
 def register(app: typer.Typer) -> None:

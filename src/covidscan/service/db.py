@@ -161,12 +161,16 @@ def _upgrade(engine: Engine) -> None:
 
 
 class Database:
-    """An engine plus its session factory; ``session()`` commits on success."""
+    """An engine plus its session factory; ``session()`` commits on success.
 
-    def __init__(self, url: str) -> None:
+    ``audit_key`` (:func:`covidscan.service.audit.load_audit_key`) rides in every session's ``info``: the
+    audit chain's appends and checks need it, and it never enters the database.
+    """
+
+    def __init__(self, url: str, audit_key: bytes | None = None) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False, info={"audit_key": audit_key})
 
     @contextmanager
     def session(self) -> Iterator[Session]:

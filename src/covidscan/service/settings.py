@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError
+from covidscan.service.audit import load_audit_key, mark_keyed
 from covidscan.service.db import Database, default_database_url, migrate
 from covidscan.service.models import Setting
 from covidscan.service.storage import BlobStore
@@ -51,6 +52,9 @@ class ServiceSettings(BaseSettings):
     max_pixels: int = Field(60_000_000, gt=0, description="Per image, checked from the header first")
     worker: bool = Field(True, description="Run a worker thread in the server process")
     poll_seconds: float = Field(0.5, gt=0, description="How often an idle worker looks for jobs")
+    audit_key: SecretStr | None = Field(
+        None, description="The audit chain's HMAC key (default: data_dir/audit.key, made with mode 0600)"
+    )
 
     @property
     def url(self) -> str:
@@ -84,9 +88,13 @@ def open_service(settings: ServiceSettings) -> tuple[Database, BlobStore]:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create data folder {data_dir}: {exc.strerror}") from None
-    db = Database(settings.url)
+    env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
+    key, new_key = load_audit_key(data_dir, env_key)
+    db = Database(settings.url, audit_key=key)
     migrate(db.engine)
     with db.session() as s:
+        if new_key:
+            mark_keyed(s)
         current = active_run(s)
     if settings.run is not None and current != str(Path(settings.run).resolve()):
         from covidscan.service.worker import set_active_run  # loads the model: only when switching
