@@ -3,13 +3,19 @@ audit chain whose head can be exported, and one 409 for two doctors signing one 
 
 from __future__ import annotations
 
+import io
 import os
+import select as socket_select
+import socket
 import stat
 import threading
+import time
+import tracemalloc
 from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from service_helpers import png_bytes, uvicorn_server
 from sqlalchemy import select, text
 from typer.testing import CliRunner
@@ -234,3 +240,71 @@ def test_two_doctors_signing_one_case_at_once_get_one_409_on_a_real_server(
     by_case = {c: sorted((s, code) for cc, s, code in statuses if cc == c) for c in ids}
     for case_id, answers in by_case.items():
         assert answers == [(200, ""), (409, "already_signed")], (case_id, answers)
+
+
+def _stream_chunked(url: str, path: str, headers: dict[str, str], limit: int) -> tuple[bytes, int, float]:
+    """POST a chunked multipart body of up to ``limit`` bytes to a real server, stopping as soon as an
+    answer arrives; returns (the answer's first bytes, bytes sent, seconds until the answer)."""
+    host, port = url.removeprefix("http://").split(":")
+    start, sent, chunk = time.monotonic(), 0, b"x" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Transfer-Encoding: chunked",
+                "Content-Type: multipart/form-data; boundary=b0undary",
+                *(f"{k}: {v}" for k, v in headers.items())]
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        preamble = b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
+        sock.sendall(b"%x\r\n%s\r\n" % (len(preamble), preamble))
+        try:
+            while sent < limit:
+                if socket_select.select([sock], [], [], 0)[0]:
+                    break  # the server answered: stop sending
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        except OSError:  # the server closed the connection after answering
+            pass
+        sock.settimeout(30)
+        answer = sock.recv(4096)
+    return answer, sent, time.monotonic() - start
+
+
+@pytest.mark.slow
+def test_an_unauthenticated_huge_chunked_upload_is_refused_before_its_body_is_read(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "service"
+    add_accounts(data_dir, f"sqlite:///{data_dir / 'service.sqlite3'}")
+    with uvicorn_server(ServiceSettings(data_dir=data_dir, run=tiny_run, worker=False)) as url:
+        for path, headers, expected in [
+            ("/api/v1/cases", {}, b"401"),
+            ("/api/v1/cases", {"Authorization": "Bearer not-a-token"}, b"401"),
+            ("/upload", {"Cookie": "covidscan_session=forged"}, b"303"),
+        ]:
+            answer, sent, took = _stream_chunked(url, path, headers, limit=1 << 30)
+            assert answer.split(b" ")[1] == expected, (path, answer[:200])
+            # A 1 GiB body would take many seconds to spool; the answer came at once, the body unread
+            # (what was sent sits in the socket buffers).
+            assert sent < 64 << 20 and took < 10, (path, sent, took)
+
+
+def test_one_pixel_limit_a_small_png_declaring_59_megapixels_is_refused_from_its_header(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    from covidscan.io import QualityLimits
+
+    bomb = io.BytesIO()
+    Image.new("L", (7700, 7700), 0).save(bomb, format="PNG", optimize=True)  # 59.3 megapixels
+    assert len(bomb.getvalue()) < 100_000
+    settings = ServiceSettings(data_dir=tmp_path / "service", run=tiny_run, worker=False)
+    assert settings.max_pixels == QualityLimits().max_pixels  # the upload's limit is the model's
+    data_dir = settings.data_dir
+    tokens = add_accounts(data_dir, f"sqlite:///{data_dir / 'service.sqlite3'}")
+    with uvicorn_server(settings) as url:
+        tracemalloc.start()
+        try:
+            r = httpx.post(f"{url}/api/v1/cases", headers={"Authorization": f"Bearer {tokens['lab']}"},
+                           files=[("files", ("bomb.png", bomb.getvalue()))], timeout=60)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+    assert r.status_code == 413 and r.json()["code"] == "too_many_pixels", r.text
+    assert peak < 50_000_000, f"{peak / 1e6:.0f} MB traced while refusing a 59-megapixel header"

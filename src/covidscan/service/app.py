@@ -14,10 +14,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
+from covidscan.service.auth import session_for_cookie, user_for_token
+from covidscan.service.deps import SESSION_COOKIE, UNSAFE_METHODS, bearer_token
 from covidscan.service.errors import AuthRequired, ErrorCode, LoginRequired, code_for_status, error_code
 from covidscan.service.schemas import ErrorBody
 from covidscan.service.settings import ServiceSettings, active_run, open_service
@@ -46,6 +50,52 @@ def _validation_detail(exc: RequestValidationError) -> str:
         "; ".join(f"{'.'.join(str(part) for part in err['loc'])}: {err['msg']}" for err in exc.errors())
         or "invalid request"
     )
+
+
+class AuthBeforeBody:
+    """Pure ASGI middleware: a state-changing request (other than the login form) is refused before its
+    body is read when it has no live token or session; FastAPI would otherwise parse (and spool to disk) a
+    whole multipart upload before the route's authentication dependency runs. Roles and CSRF tokens are
+    still checked by the routes."""
+
+    OPEN_PATHS = frozenset({"/login"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in UNSAFE_METHODS
+            or scope["path"] in self.OPEN_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # headers and cookies only: ``receive`` is not given, so no body is read
+        if await run_in_threadpool(_authenticated, request):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/api/"):
+            response: Response = error_response(
+                401,
+                "authentication required: send 'Authorization: Bearer TOKEN'",
+                ErrorCode.AUTH_REQUIRED,
+                {"WWW-Authenticate": "Bearer", "Connection": "close"},
+            )
+        else:
+            response = RedirectResponse(
+                f"/login?next={quote(scope['path'])}", status_code=303, headers={"Connection": "close"}
+            )
+        await response(scope, receive, send)
+
+
+def _authenticated(request: Request) -> bool:
+    """Whether the request carries a live bearer token or session cookie (one short read transaction)."""
+    token, sid = bearer_token(request), request.cookies.get(SESSION_COOKIE)
+    with request.app.state.db.session() as s:
+        if token is not None:
+            return user_for_token(s, token) is not None
+        return sid is not None and session_for_cookie(s, sid) is not None
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -96,6 +146,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             swagger_favicon_url="",
             swagger_ui_parameters={"validatorUrl": None},  # no calls to an outside validator
         )
+
+    app.add_middleware(AuthBeforeBody)  # added before `guard`, so inside it: its answers get the headers
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError
+from covidscan.io.quality import DEFAULT_MAX_PIXELS
 from covidscan.service.audit import load_audit_key, mark_keyed
 from covidscan.service.db import Database, default_database_url, migrate
 from covidscan.service.models import Setting
@@ -49,7 +50,9 @@ class ServiceSettings(BaseSettings):
     database_url: str | None = Field(None, description="Default: SQLite in data_dir")
     run: Path | None = Field(None, description="Made the active run at start (else the one already active)")
     max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Per request")
-    max_pixels: int = Field(60_000_000, gt=0, description="Per image, checked from the header first")
+    # The model's own limit (COVIDSCAN_MAX_PIXELS, else covidscan.io's default): what the upload accepts,
+    # the worker can read; one setting for both, checked from the header before anything is decoded.
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked from the header first")
     worker: bool = Field(True, description="Run a worker thread in the server process")
     poll_seconds: float = Field(0.5, gt=0, description="How often an idle worker looks for jobs")
     audit_key: SecretStr | None = Field(
