@@ -1,24 +1,60 @@
 """Load and faults against a real `covidscan serve` process on 127.0.0.1: 50 concurrent uploads, then
-kill -9 with jobs still queued, restart on the same data folder: every case is predicted exactly once."""
+kill -9 with jobs still queued, restart on the same data folder: every case is predicted exactly once; and
+`covidscan send` on a folder the service only partly accepts."""
 
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
-from service_helpers import free_port, start_server
+from service_helpers import free_port, png_bytes, start_server, uvicorn_server
 from sqlalchemy import select
 
 from conftest import add_accounts
+from dicom_files import write_dicom
 
-pytestmark = pytest.mark.slow
+
+def test_send_on_a_mixed_folder_reports_the_cases_it_made_and_names_the_files_it_could_not_send(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    from covidscan.service.settings import ServiceSettings
+
+    inbox = tmp_path / "inbox"
+    (inbox / "series").mkdir(parents=True)
+    for i in range(2):  # a DICOM series: sent first, accepted
+        hu = np.full((64, 64), -800, np.int16)
+        hu[16:48, 16:48] = 40
+        write_dicom(inbox / "series" / f"slice{i}.dcm", hu, RescaleSlope=1, RescaleIntercept=0,
+                    SeriesInstanceUID="1.2.826.0.1.77", PatientID="PAT-MIX", InstanceNumber=i + 1)
+    (inbox / "good.png").write_bytes(png_bytes())
+    (inbox / "notes.png").write_bytes(b"not an image at all")  # makes the second batch a 422
+    data_dir = tmp_path / "service"
+    tokens = add_accounts(data_dir, f"sqlite:///{data_dir / 'service.sqlite3'}")
+    with uvicorn_server(ServiceSettings(data_dir=data_dir, run=tiny_run, worker=False)) as url:
+        sent = subprocess.run(
+            [sys.executable, "-m", "covidscan", "send", str(inbox), "--to", url, "--token", tokens["lab"]],
+            capture_output=True, text=True, timeout=300,
+        )
+        listed = httpx.get(f"{url}/api/v1/worklist?status=all",
+                           headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+    assert sent.returncode == 1, (sent.stdout, sent.stderr)
+    made = [line for line in sent.stdout.splitlines() if line.startswith("case ")]
+    assert len(made) == 1 and "(2 file(s))" in made[0]  # the series' case is reported, not swallowed
+    assert len(listed) == 1 and f"case {listed[0]['id']} " in made[0]
+    out = " ".join(sent.stdout.split())
+    assert "not sent" in out and "notes.png" in out and "good.png" in out and "422" in out
+    assert "1 case(s) created; 1 not created (2 file(s))" in out
 
 
+@pytest.mark.slow
 def test_fifty_concurrent_uploads_then_kill_9_and_restart_complete_every_case_once(
     tiny_run: Path, ct_slices, tmp_path: Path
 ) -> None:

@@ -75,8 +75,8 @@ class Api:
 
         sent = send_cases(list(patient.files), self.url, self.tokens[who], patient_id=patient.patient_id,
                           site=site)
-        assert len(sent) == 1
-        return sent[0]["id"]
+        assert len(sent.created) == 1 and not sent.failed, sent.failed
+        return sent.created[0]["id"]
 
     def site_when(self, site_id: int, ok: Callable[[dict], bool], timeout: float, what: str) -> dict:
         """The site once ``ok`` holds of it (the worker and the signing requests update it)."""

@@ -238,14 +238,27 @@ def send(
     ] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the predictions (0: do not wait).")] = 0.0,
 ) -> None:
-    """Send images to a review service: one case per DICOM series, one for the other images."""
+    """Send images to a review service: one case per DICOM series, one for the other images.
+
+    Every case created is printed, even when another batch fails; then each failed batch with its files
+    and reason, and the exit status is 1.
+    """
     from covidscan.service.client import send_cases
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per HTTP request is noise here
-    for case in send_cases(inputs, to, token, patient_id=patient_id, site=site, wait=wait):
+    report = send_cases(inputs, to, token, patient_id=patient_id, site=site, wait=wait)
+    for case in report.created:
         group = case.get("group")
         extra = f", p(covid) {group['p_covid']:.3f} -> {group['label']}" if group else ""
         out.print(f"case {case['id']} ({case['files']} file(s)): {case['status']}{extra}  {case['url']}")
+    if not report.failed:
+        return
+    for batch, reason in report.failed:
+        names = ", ".join(str(f) for f in batch.files)
+        out.print(labelled("not sent", "bold red", f"{names}: {reason}"))
+    n_files = sum(len(batch.files) for batch, _ in report.failed)
+    out.print(f"{len(report.created)} case(s) created; {len(report.failed)} not created ({n_files} file(s))")
+    raise typer.Exit(1)
 
 
 def _verified(data_dir: Path | None, database_url: str | None, head: str | None):  # -> ChainReport
