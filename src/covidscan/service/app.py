@@ -111,7 +111,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if current is None:
             raise ConfigError(f"no run is active in {settings.data_dir}; start with --run RUN")
         app.state.db, app.state.store = db, store
-        worker = Worker(db, store, poll_seconds=settings.poll_seconds) if settings.worker else None
+        worker = (
+            Worker(db, store, poll_seconds=settings.poll_seconds, orphan_minutes=settings.orphan_minutes)
+            if settings.worker
+            else None
+        )
         app.state.worker = worker
         if worker is not None:
             worker.scorer()  # load the model now: the first case should not wait for it

@@ -140,10 +140,12 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
 
 def worker(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Predict queued cases in this process (next to `covidscan serve --no-worker`) until Ctrl-C."""
+    from covidscan.service.settings import load_settings
     from covidscan.service.worker import Worker
 
     db, store = _open(data_dir, database_url)
-    w = Worker(db, store)
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    w = Worker(db, store, orphan_minutes=settings.orphan_minutes)
     w.scorer()
     out.print(f"worker {w.owner} waiting for cases in {store.root.parent}")
     try:

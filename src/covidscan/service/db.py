@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from covidscan.errors import ConfigError, CovidscanError, StorageError
+from covidscan.service.errors import StorageFull
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -71,6 +72,11 @@ def _shown(url: str) -> str:
 def _damaged(exc: BaseException) -> bool:
     """SQLite's "file is not a database" and "database disk image is malformed" (plain DatabaseError)."""
     return type(exc) is DatabaseError
+
+
+def _full(exc: DatabaseError) -> bool:
+    """SQLite's "database or disk is full" and PostgreSQL's disk_full (SQLSTATE 53100)."""
+    return "disk is full" in str(exc.orig) or getattr(exc.orig, "sqlstate", None) == "53100"
 
 
 def database_fault(url: str, exc: DatabaseError) -> CovidscanError:
@@ -186,6 +192,10 @@ class Database:
         except DatabaseError as exc:
             if _damaged(exc):
                 raise database_fault(self.url, exc) from None
+            if _full(exc):
+                raise StorageFull(
+                    f"the disk of the database {_shown(self.url)} is full: free space there, then try again"
+                ) from None
             raise
 
     def dispose(self) -> None:

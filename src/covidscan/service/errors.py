@@ -48,6 +48,8 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     BAD_REQUEST = "bad_request"  # 400: a value the library refuses (a setting, a name, a filter)
     STORAGE = "storage"  # 500: the database or file store failed
     INTERNAL = "internal"  # 500: a bug
+    # issue 15 §2 (integrity helper):
+    STORAGE_FULL = "storage_full"  # 507: the disk holding the files or the database is full
 
 
 class ServiceError(CovidscanError):
@@ -110,6 +112,13 @@ class UploadRejected(ServiceError):
         self.name, self.reason = name, reason
         self.http_status = _UPLOAD_STATUS.get(code, 422)
         super().__init__(f"{name}: {reason}", code)
+
+
+class StorageFull(ServiceError):
+    """A write failed because the disk is full (HTTP 507); nothing of the request was kept."""
+
+    http_status = 507
+    code = ErrorCode.STORAGE_FULL
 
 
 class LoginRequired(Exception):

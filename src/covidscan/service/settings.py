@@ -55,6 +55,10 @@ class ServiceSettings(BaseSettings):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked from the header first")
     worker: bool = Field(True, description="Run a worker thread in the server process")
     poll_seconds: float = Field(0.5, gt=0, description="How often an idle worker looks for jobs")
+    min_free_bytes: int = Field(100 * 2**20, ge=0, description="/healthz is degraded below this free space")
+    orphan_minutes: float = Field(
+        15.0, ge=0, description="Stored files no case refers to are removed once this old"
+    )
     audit_key: SecretStr | None = Field(
         None, description="The audit chain's HMAC key (default: data_dir/audit.key, made with mode 0600)"
     )
