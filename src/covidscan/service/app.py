@@ -14,10 +14,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
+from covidscan.service.auth import session_for_cookie, user_for_token
+from covidscan.service.deps import SESSION_COOKIE, UNSAFE_METHODS, bearer_token
 from covidscan.service.errors import (
     AuthRequired,
     ErrorCode,
@@ -98,6 +102,52 @@ def _validation_detail(exc: RequestValidationError) -> str:
     )
 
 
+class AuthBeforeBody:
+    """Pure ASGI middleware: a state-changing request (other than the login form) is refused before its
+    body is read when it has no live token or session; FastAPI would otherwise parse (and spool to disk) a
+    whole multipart upload before the route's authentication dependency runs. Roles and CSRF tokens are
+    still checked by the routes."""
+
+    OPEN_PATHS = frozenset({"/login"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in UNSAFE_METHODS
+            or scope["path"] in self.OPEN_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # headers and cookies only: ``receive`` is not given, so no body is read
+        if await run_in_threadpool(_authenticated, request):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/api/"):
+            response: Response = error_response(
+                401,
+                "authentication required: send 'Authorization: Bearer TOKEN'",
+                ErrorCode.AUTH_REQUIRED,
+                {"WWW-Authenticate": "Bearer", "Connection": "close"},
+            )
+        else:
+            response = RedirectResponse(
+                f"/login?next={quote(scope['path'])}", status_code=303, headers={"Connection": "close"}
+            )
+        await response(scope, receive, send)
+
+
+def _authenticated(request: Request) -> bool:
+    """Whether the request carries a live bearer token or session cookie (one short read transaction)."""
+    token, sid = bearer_token(request), request.cookies.get(SESSION_COOKIE)
+    with request.app.state.db.session() as s:
+        if token is not None:
+            return user_for_token(s, token) is not None
+        return sid is not None and session_for_cookie(s, sid) is not None
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
@@ -111,7 +161,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if current is None:
             raise ConfigError(f"no run is active in {settings.data_dir}; start with --run RUN")
         app.state.db, app.state.store = db, store
-        worker = Worker(db, store, poll_seconds=settings.poll_seconds) if settings.worker else None
+        worker = (
+            Worker(db, store, poll_seconds=settings.poll_seconds, orphan_minutes=settings.orphan_minutes)
+            if settings.worker
+            else None
+        )
         app.state.worker = worker
         if worker is not None:
             worker.scorer()  # load the model now: the first case should not wait for it
@@ -148,6 +202,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             swagger_favicon_url="",
             swagger_ui_parameters={"validatorUrl": None},  # no calls to an outside validator
         )
+
+    app.add_middleware(AuthBeforeBody)  # added before `guard`, so inside it: its answers get the headers
 
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
