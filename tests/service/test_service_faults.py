@@ -43,8 +43,8 @@ def test_send_on_a_mixed_folder_reports_the_cases_it_made_and_names_the_files_it
             [sys.executable, "-m", "covidscan", "send", str(inbox), "--to", url, "--token", tokens["lab"]],
             capture_output=True, text=True, timeout=300,
         )
-        listed = httpx.get(f"{url}/api/v1/worklist?status=all",
-                           headers={"Authorization": f"Bearer {tokens['admin']}"}).json()
+        listed = httpx.get(f"{url}/api/v1/worklist?filter=all",
+                           headers={"Authorization": f"Bearer {tokens['admin']}"}).json()["items"]
     assert sent.returncode == 1, (sent.stdout, sent.stderr)
     made = [line for line in sent.stdout.splitlines() if line.startswith("case ")]
     assert len(made) == 1 and "(2 file(s))" in made[0]  # the series' case is reported, not swallowed

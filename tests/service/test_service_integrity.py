@@ -50,7 +50,8 @@ def _cli(*args: str, data_dir: Path, url: str, env: dict[str, str] | None = None
 
 
 def _signed_case(db) -> tuple[int, int]:
-    """A ready case signed by a doctor; returns (case id, review id)."""
+    """A case (no images, so no model result: the doctor's own finding) signed by a doctor; returns (case id,
+    review id)."""
     with db.session() as s:
         lab, doctor = add_user(s, "lab", "submitter", None), add_user(s, "dr", "doctor", PASSWORD)
         site = Site(name="lab")
@@ -59,7 +60,7 @@ def _signed_case(db) -> tuple[int, int]:
         case = Case(patient_id="p1", submitted_by=lab.id, site_id=site.id, status="ready")
         s.add(case)
         s.flush()
-        review = submit_review(s, case, doctor, agree=True, finding="covid", comment="GGO", sign=True)
+        review = submit_review(s, case, doctor, agree=False, finding="covid", comment="GGO", sign=True)
         return case.id, review.id
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -21,7 +22,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
 from covidscan.service.auth import session_for_cookie, user_for_token
-from covidscan.service.deps import SESSION_COOKIE, UNSAFE_METHODS, bearer_token
+from covidscan.service.deps import SESSION_COOKIE, UNSAFE_METHODS, bearer_token, get_settings
 from covidscan.service.errors import (
     AuthRequired,
     ErrorCode,
@@ -133,10 +134,20 @@ class AuthBeforeBody:
                 {"WWW-Authenticate": "Bearer", "Connection": "close"},
             )
         else:
-            response = RedirectResponse(
-                f"/login?next={quote(scope['path'])}", status_code=303, headers={"Connection": "close"}
-            )
+            target = quote(login_target(request))
+            headers = {"Connection": "close"}
+            response = RedirectResponse(f"/login?next={target}", status_code=303, headers=headers)
         await response(scope, receive, send)
+
+
+def login_target(request: Request) -> str:
+    """Where to go back after logging in. A form posted with an expired session comes back to the page it
+    was sent from (its draft is kept in the browser), never to the POST-only action, which a GET after
+    login would refuse."""
+    if request.method == "GET":
+        return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    referer = same_site_path(request, request.headers.get("referer"))
+    return referer or request.url.path.rsplit("/", 1)[0] or "/"
 
 
 def _authenticated(request: Request) -> bool:
@@ -145,7 +156,8 @@ def _authenticated(request: Request) -> bool:
     with request.app.state.db.session() as s:
         if token is not None:
             return user_for_token(s, token) is not None
-        return sid is not None and session_for_cookie(s, sid) is not None
+        idle = timedelta(minutes=get_settings(request).session_idle_minutes)
+        return sid is not None and session_for_cookie(s, sid, idle) is not None
 
 
 def create_app(settings: ServiceSettings) -> FastAPI:
@@ -227,13 +239,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.exception_handler(LoginRequired)
     async def to_login(request: Request, _exc: LoginRequired) -> RedirectResponse:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        if request.method != "GET":
-            # A form posted with an expired session: come back to the page it was sent from (its draft is
-            # kept in the browser), never to the POST-only action, which a GET after login would refuse.
-            referer = same_site_path(request, request.headers.get("referer"))
-            target = referer or request.url.path.rsplit("/", 1)[0] or "/"
-        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(login_target(request))}", status_code=303)
 
     @app.exception_handler(CovidscanError)
     async def covidscan_error(request: Request, exc: CovidscanError) -> Response:
