@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from PIL import Image
-from service_helpers import png_bytes, uvicorn_server
+from service_helpers import png_bytes, uvicorn_server, wait_predicted
 from sqlalchemy import select, text
 from typer.testing import CliRunner
 
@@ -71,8 +71,9 @@ def _rewrite_unkeyed(db, from_seq: int = 1) -> None:
         prev = GENESIS if from_seq == 1 else s.get(AuditEvent, from_seq - 1).hash
         for event in s.scalars(select(AuditEvent).where(AuditEvent.seq >= from_seq).order_by(AuditEvent.seq)):
             event.prev_hash = prev
-            event.hash = prev = _digest(None, prev, event.seq, _stamp(event), event.actor, event.action,
-                                        event.target, event.detail)
+            event.hash = prev = _digest(
+                None, prev, event.seq, _stamp(event), event.actor, event.action, event.target, event.detail
+            )
         s.get(AuditHead, 1).hash = prev
 
 
@@ -96,11 +97,13 @@ def test_a_signed_verdict_inserted_without_a_signature_event_is_caught(fresh) ->
     db, _, _ = fresh
     case_id, _ = _signed_case(db)
     with db.engine.begin() as conn:  # a second, forged version straight into the table
-        conn.execute(text(
-            "INSERT INTO reviews (case_id, version, reviewer_id, agree, finding, comment, signed_at, "
-            "created_at) SELECT case_id, 2, reviewer_id, false, 'normal', '', signed_at, created_at "
-            "FROM reviews"
-        ))
+        conn.execute(
+            text(
+                "INSERT INTO reviews (case_id, version, reviewer_id, agree, finding, comment, signed_at, "
+                "created_at) SELECT case_id, 2, reviewer_id, false, 'normal', '', signed_at, created_at "
+                "FROM reviews"
+            )
+        )
     with db.session() as s:
         report = verify_chain(s)
     assert not report.ok and f"of case {case_id} is signed but no signature" in report.reason
@@ -208,15 +211,13 @@ def test_two_doctors_signing_one_case_at_once_get_one_409_on_a_real_server(
     with uvicorn_server(settings) as url, httpx.Client(base_url=url, timeout=60) as http:
         lab = {"Authorization": f"Bearer {tokens['lab']}"}
         ids = [
-            http.post("/api/v1/cases", headers=lab, files=[("files", ("a.png", png_bytes(value=i * 20)))])
-            .json()["id"]
+            http.post(
+                "/api/v1/cases", headers=lab, files=[("files", ("a.png", png_bytes(value=i * 20)))]
+            ).json()["id"]
             for i in range(6)
         ]
         for case_id in ids:
-            for _ in range(600):
-                if http.get(f"/api/v1/cases/{case_id}", headers=lab).json()["status"] == "ready":
-                    break
-                threading.Event().wait(0.1)
+            wait_predicted(url, lab, case_id)
         statuses: list[tuple[int, int, str]] = []
 
         def sign(case_id: int, doctor: str, barrier: threading.Barrier) -> None:
@@ -224,7 +225,7 @@ def test_two_doctors_signing_one_case_at_once_get_one_409_on_a_real_server(
             r = httpx.post(
                 f"{url}/api/v1/cases/{case_id}/review",
                 headers={"Authorization": f"Bearer {tokens[doctor]}"},
-                json={"agree": True, "finding": "covid", "sign": True},
+                json={"agree": False, "finding": "covid", "sign": True},  # allowed with or without a result
                 timeout=60,
             )
             statuses.append((case_id, r.status_code, r.json().get("code", "")))
@@ -249,9 +250,13 @@ def _stream_chunked(url: str, path: str, headers: dict[str, str], limit: int) ->
     host, port = url.removeprefix("http://").split(":")
     start, sent, chunk = time.monotonic(), 0, b"x" * (1 << 20)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
-        head = [f"POST {path} HTTP/1.1", f"Host: {host}:{port}", "Transfer-Encoding: chunked",
-                "Content-Type: multipart/form-data; boundary=b0undary",
-                *(f"{k}: {v}" for k, v in headers.items())]
+        head = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            "Transfer-Encoding: chunked",
+            "Content-Type: multipart/form-data; boundary=b0undary",
+            *(f"{k}: {v}" for k, v in headers.items()),
+        ]
         sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
         preamble = b'--b0undary\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
         sock.sendall(b"%x\r\n%s\r\n" % (len(preamble), preamble))
@@ -302,8 +307,12 @@ def test_one_pixel_limit_a_small_png_declaring_59_megapixels_is_refused_from_its
     with uvicorn_server(settings) as url:
         tracemalloc.start()
         try:
-            r = httpx.post(f"{url}/api/v1/cases", headers={"Authorization": f"Bearer {tokens['lab']}"},
-                           files=[("files", ("bomb.png", bomb.getvalue()))], timeout=60)
+            r = httpx.post(
+                f"{url}/api/v1/cases",
+                headers={"Authorization": f"Bearer {tokens['lab']}"},
+                files=[("files", ("bomb.png", bomb.getvalue()))],
+                timeout=60,
+            )
             peak = tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
