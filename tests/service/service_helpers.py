@@ -24,6 +24,17 @@ def png_bytes(size: tuple[int, int] = (64, 64), value: int = 128) -> bytes:
     return buf.getvalue()
 
 
+def wait_predicted(url: str, headers: dict[str, str], case_id: int) -> None:
+    """Until the model has read the case (an image it refuses still counts as read)."""
+    deadline = time.monotonic() + 90
+    while httpx.get(f"{url}/api/v1/cases/{case_id}", headers=headers, timeout=60).json()["status"] in (
+        "queued",
+        "running",
+    ):
+        assert time.monotonic() < deadline, "the case was not predicted in 90 s"
+        time.sleep(0.1)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket() as s:
@@ -67,8 +78,18 @@ def start_server(
 ) -> subprocess.Popen:
     """`covidscan serve` in its own process (``env`` added to this one's environment); returns once
     /healthz answers."""
-    argv = [sys.executable, "-m", "covidscan", "serve", "--run", str(run), "--data-dir", str(data_dir),
-            "--port", str(port)]
+    argv = [
+        sys.executable,
+        "-m",
+        "covidscan",
+        "serve",
+        "--run",
+        str(run),
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+    ]
     if database_url is not None:
         argv += ["--database-url", database_url]
     environment = {**os.environ, **(env or {})}

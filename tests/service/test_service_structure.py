@@ -69,8 +69,8 @@ def test_healthz_names_the_run_by_name_and_weights_digest_never_by_path(service,
 
     r = service.client.get("/healthz")
     body = r.json()
-    assert r.status_code == 200 and set(body) == {"status", "run", "queued"}
-    assert body["status"] == "ok" and isinstance(body["queued"], int)
+    assert r.status_code == 200 and set(body) == {"status", "run", "queued", "problem"}
+    assert body["status"] == "ok" and body["problem"] is None and isinstance(body["queued"], int)
     assert body["run"] == f"{tiny_run.name}@{load_checkpoint(tiny_run).weights_sha256[:12]}"
     for path in (tiny_run.resolve(), service.data_dir.resolve(), Path(tiny_run.resolve().anchor) / "tmp"):
         assert str(path) not in r.text

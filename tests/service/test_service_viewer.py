@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from service_helpers import uvicorn_server
+from service_helpers import uvicorn_server, wait_predicted
 from test_service_browser import chromium_page
 
 from conftest import PASSWORD, add_accounts
@@ -61,17 +60,6 @@ def ct_series(n: int = N_SLICES, size: int = 128) -> list[tuple[str, bytes]]:
     return files
 
 
-def wait_ready(url: str, headers: dict[str, str], case_id: int) -> None:
-    """Until the model has read the case (an image it refuses still counts as read)."""
-    deadline = time.monotonic() + 90
-    while httpx.get(f"{url}/api/v1/cases/{case_id}", headers=headers, timeout=60).json()["status"] in (
-        "queued",
-        "running",
-    ):
-        assert time.monotonic() < deadline, "the case was not predicted in 90 s"
-        time.sleep(0.1)
-
-
 # ../shared or $COVIDSCAN_SHARED, as tests/conftest.py finds it
 SHARED_DICOM = Path(os.environ.get("COVIDSCAN_SHARED", Path(__file__).resolve().parents[2].parent / "shared"))
 SHARED_DICOM = SHARED_DICOM / "data/dicom"
@@ -116,19 +104,22 @@ def server(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory, ct_slices):
             assert response.status_code == 201, response.text
             return response.json()["id"]
 
-        cases = {"prior": send(ct_slices[2:3], "viewer-patient"), "ct": send(ct_series(), "viewer-patient"),
-                 "png": send(ct_slices[:2], "other-patient")}
+        cases = {
+            "prior": send(ct_slices[2:3], "viewer-patient"),
+            "ct": send(ct_series(), "viewer-patient"),
+            "png": send(ct_slices[:2], "other-patient"),
+        }
         # The same patient id from another hospital is another person: never a prior.
         elsewhere = [("files", (n, d)) for n, d in ct_slices[:1]]
         data = {"patient_id": "viewer-patient", "site": "another hospital"}
         r = httpx.post(f"{url}/api/v1/cases", headers=headers, files=elsewhere, data=data, timeout=120)
         cases["elsewhere"] = r.json()["id"]
-        wait_ready(url, headers, cases["elsewhere"])
+        wait_predicted(url, headers, cases["elsewhere"])
         if SHARED_DICOM.is_dir():  # real files from ../shared, for the test that skips without them
             for name in ("CT_small.dcm", "RG1_J2KR.dcm"):
                 cases[name] = send([(name, (SHARED_DICOM / name).read_bytes())], f"real-{name}")
         for case_id in cases.values():
-            wait_ready(url, headers, case_id)
+            wait_predicted(url, headers, case_id)
         flag_unlike_training_data(url_db, cases["ct"])
         yield url, url_db, cases
 

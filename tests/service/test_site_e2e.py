@@ -75,8 +75,8 @@ class Api:
 
         sent = send_cases(list(patient.files), self.url, self.tokens[who], patient_id=patient.patient_id,
                           site=site)
-        assert len(sent) == 1
-        return sent[0]["id"]
+        assert len(sent.created) == 1 and not sent.failed, sent.failed
+        return sent.created[0]["id"]
 
     def site_when(self, site_id: int, ok: Callable[[dict], bool], timeout: float, what: str) -> dict:
         """The site once ``ok`` holds of it (the worker and the signing requests update it)."""
@@ -259,11 +259,11 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
     assert not api.case(api.ready(api.send(patients[0]))["id"])["hidden_until_first_read"]
 
     # --- promotion is in the audit log (and the chain holds)
-    from covidscan.service.audit import verify_chain
+    from covidscan.service.audit import load_audit_key, verify_chain
     from covidscan.service.db import Database
     from covidscan.service.models import AuditEvent
 
-    db = Database(database_url)
+    db = Database(database_url, audit_key=load_audit_key(log.parent / "service")[0])  # the server's key
     with db.session() as s:
         events = s.scalars(select(AuditEvent).where(AuditEvent.target == f"site:{site_id}")).all()
         promoted = [(e.actor, e.detail.get("site_run")) for e in events if e.action == "challenger_promoted"]

@@ -13,6 +13,7 @@ from site_phantoms import site_patients
 from sqlalchemy import select
 
 from covidscan.evaluation.shift import MIN_IMAGES
+from covidscan.service.audit import load_audit_key
 from covidscan.service.auth import add_user
 from covidscan.service.cases import Upload, check_uploads, create_case, submit_review
 from covidscan.service.db import Database, migrate
@@ -45,7 +46,7 @@ from covidscan.service.worker import HOST, Worker, set_active_run
 def svc(database_url: str, tmp_path_factory: pytest.TempPathFactory):
     """(Database, BlobStore) of a migrated service with an admin, two doctors and a submitter."""
     data_dir = tmp_path_factory.mktemp("site_jobs")
-    db = Database(database_url)
+    db = Database(database_url, audit_key=load_audit_key(data_dir)[0])
     migrate(db.engine)
     with db.session() as s:
         for name, role in [("admin", "admin"), ("doc", "doctor"), ("doc2", "doctor"), ("lab", "submitter")]:

@@ -19,6 +19,7 @@ from sqlalchemy.exc import IntegrityError
 from conftest import PASSWORD, PG_ENV, PG_MISSING, fresh_postgres_database
 from covidscan.errors import ConfigError
 from covidscan.evaluation.site import SiteRules
+from covidscan.service.audit import load_audit_key
 from covidscan.service.auth import add_user
 from covidscan.service.cases import (
     Upload,
@@ -142,7 +143,7 @@ def test_migration_0002_gives_existing_cases_a_site_per_submitter(empty_url: str
 def svc(database_url: str, tmp_path_factory: pytest.TempPathFactory):
     """(Database, BlobStore, data folder) of a migrated service with its accounts."""
     data_dir = tmp_path_factory.mktemp("sites")
-    db = Database(database_url)
+    db = Database(database_url, audit_key=load_audit_key(data_dir)[0])
     migrate(db.engine)
     with db.session() as s:
         for name, role in [("admin", "admin"), ("doc", "doctor"), ("doc2", "doctor"), ("lab", "submitter"),

@@ -102,15 +102,19 @@ def hidden_results(db: Session, cases: list[Case], user: User) -> set[int]:
 
 
 @router.get("/healthz", tags=["service"])
-def healthz(db: SessionDep) -> Health:
-    """Liveness, the active run (by name and weights digest, never a path) and the queue depth."""
+def healthz(db: SessionDep, store: StoreDep, settings: SettingsDep) -> Health:
+    """Liveness, the active run (by name and weights digest, never a path), the queue depth, and whether
+    the files can still be written (degraded: too little free space, or the last write failed)."""
     queued = db.scalar(select(func.count()).select_from(Job).where(Job.state.in_(("queued", "running"))))
     run = active_run(db)
     try:
         label = run_label(run) if run else None
     except CovidscanError:  # the run's files went missing or were damaged since it was made active
-        return Health(status="degraded", run=None, queued=queued)
-    return Health(status="ok", run=label, queued=queued)
+        return Health(status="degraded", run=None, queued=queued, problem="the active run cannot be loaded")
+    problem = store.write_failed
+    if problem is None and store.free_bytes() < settings.min_free_bytes:
+        problem = f"less than {settings.min_free_bytes // 2**20} MiB free for the service's files"
+    return Health(status="degraded" if problem else "ok", run=label, queued=queued, problem=problem)
 
 
 @router.post("/api/v1/cases", status_code=201, tags=["cases"])

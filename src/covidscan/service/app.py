@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
@@ -14,10 +15,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
+from covidscan.service.auth import session_for_cookie, user_for_token
+from covidscan.service.deps import SESSION_COOKIE, UNSAFE_METHODS, bearer_token, get_settings
 from covidscan.service.errors import (
     AuthRequired,
     ErrorCode,
@@ -98,6 +103,63 @@ def _validation_detail(exc: RequestValidationError) -> str:
     )
 
 
+class AuthBeforeBody:
+    """Pure ASGI middleware: a state-changing request (other than the login form) is refused before its
+    body is read when it has no live token or session; FastAPI would otherwise parse (and spool to disk) a
+    whole multipart upload before the route's authentication dependency runs. Roles and CSRF tokens are
+    still checked by the routes."""
+
+    OPEN_PATHS = frozenset({"/login"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] not in UNSAFE_METHODS
+            or scope["path"] in self.OPEN_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)  # headers and cookies only: ``receive`` is not given, so no body is read
+        if await run_in_threadpool(_authenticated, request):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith("/api/"):
+            response: Response = error_response(
+                401,
+                "authentication required: send 'Authorization: Bearer TOKEN'",
+                ErrorCode.AUTH_REQUIRED,
+                {"WWW-Authenticate": "Bearer", "Connection": "close"},
+            )
+        else:
+            target = quote(login_target(request))
+            headers = {"Connection": "close"}
+            response = RedirectResponse(f"/login?next={target}", status_code=303, headers=headers)
+        await response(scope, receive, send)
+
+
+def login_target(request: Request) -> str:
+    """Where to go back after logging in. A form posted with an expired session comes back to the page it
+    was sent from (its draft is kept in the browser), never to the POST-only action, which a GET after
+    login would refuse."""
+    if request.method == "GET":
+        return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    referer = same_site_path(request, request.headers.get("referer"))
+    return referer or request.url.path.rsplit("/", 1)[0] or "/"
+
+
+def _authenticated(request: Request) -> bool:
+    """Whether the request carries a live bearer token or session cookie (one short read transaction)."""
+    token, sid = bearer_token(request), request.cookies.get(SESSION_COOKIE)
+    with request.app.state.db.session() as s:
+        if token is not None:
+            return user_for_token(s, token) is not None
+        idle = timedelta(minutes=get_settings(request).session_idle_minutes)
+        return sid is not None and session_for_cookie(s, sid, idle) is not None
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
@@ -111,7 +173,11 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if current is None:
             raise ConfigError(f"no run is active in {settings.data_dir}; start with --run RUN")
         app.state.db, app.state.store = db, store
-        worker = Worker(db, store, poll_seconds=settings.poll_seconds) if settings.worker else None
+        worker = (
+            Worker(db, store, poll_seconds=settings.poll_seconds, orphan_minutes=settings.orphan_minutes)
+            if settings.worker
+            else None
+        )
         app.state.worker = worker
         if worker is not None:
             worker.scorer()  # load the model now: the first case should not wait for it
@@ -149,6 +215,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             swagger_ui_parameters={"validatorUrl": None},  # no calls to an outside validator
         )
 
+    app.add_middleware(AuthBeforeBody)  # added before `guard`, so inside it: its answers get the headers
+
     @app.middleware("http")
     async def guard(request: Request, call_next):  # type: ignore[no-untyped-def]
         length = request.headers.get("content-length")
@@ -171,13 +239,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
 
     @app.exception_handler(LoginRequired)
     async def to_login(request: Request, _exc: LoginRequired) -> RedirectResponse:
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        if request.method != "GET":
-            # A form posted with an expired session: come back to the page it was sent from (its draft is
-            # kept in the browser), never to the POST-only action, which a GET after login would refuse.
-            referer = same_site_path(request, request.headers.get("referer"))
-            target = referer or request.url.path.rsplit("/", 1)[0] or "/"
-        return RedirectResponse(f"/login?next={quote(target)}", status_code=303)
+        return RedirectResponse(f"/login?next={quote(login_target(request))}", status_code=303)
 
     @app.exception_handler(CovidscanError)
     async def covidscan_error(request: Request, exc: CovidscanError) -> Response:

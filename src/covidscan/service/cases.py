@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 
 from covidscan.errors import ConfigError
 from covidscan.outputs import csv_text
-from covidscan.service.audit import record
+from covidscan.service.audit import record, review_digest
 from covidscan.service.errors import Conflict, ErrorCode, NotAllowed, NotFound, UploadRejected
 from covidscan.service.models import CASE_STATES, FINDINGS, Case, CaseImage, Job, Review, Site, User, utcnow
 from covidscan.service.scoring import UploadInfo, inspect_upload
@@ -324,6 +324,13 @@ def submit_review(
             f"case {case.id} is {case.status}: it can be reviewed once its prediction is ready",
             ErrorCode.NOT_READY,
         )
+    # Lock the case row, then read its verdicts afresh: a second doctor signing at the same moment waits,
+    # then sees the first signature and gets the 409 below on PostgreSQL as on SQLite (whose BEGIN
+    # IMMEDIATE already serialises writers), instead of a unique-key clash on the new version.
+    db.execute(select(Case.id).where(Case.id == case.id).with_for_update())
+    for stale in case.reviews:
+        db.expire(stale)
+    db.refresh(case, ["status", "reviews"])
     if agree and case.no_result is not None:
         raise Conflict(
             f"case {case.id} has no model result to agree with ({case.no_result}); "
@@ -370,6 +377,8 @@ def submit_review(
         agree=agree,
         finding=finding,
         reason=review.amendment_reason,
+        # what was signed, so that `audit-log verify` catches a verdict edited in the table later
+        **({"review_id": review.id, "review_sha256": review_digest(review)} if sign else {}),
     )
     if sign:
         # The site's local figures and status follow every signed verdict at once (cheap, no training).

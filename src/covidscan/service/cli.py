@@ -154,10 +154,12 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
 
 def worker(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     """Predict queued cases in this process (next to `covidscan serve --no-worker`) until Ctrl-C."""
+    from covidscan.service.settings import load_settings
     from covidscan.service.worker import Worker
 
     db, store = _open(data_dir, database_url)
-    w = Worker(db, store)
+    settings = load_settings(data_dir=data_dir, database_url=database_url)
+    w = Worker(db, store, orphan_minutes=settings.orphan_minutes)
     w.scorer()
     out.print(f"worker {w.owner} waiting for cases in {store.root.parent}")
     try:
@@ -292,29 +294,78 @@ def send(
     ] = None,
     wait: Annotated[float, typer.Option(help="Seconds to wait for the predictions (0: do not wait).")] = 0.0,
 ) -> None:
-    """Send images to a review service: one case per DICOM series, one for the other images."""
+    """Send images to a review service: one case per DICOM series, one for the other images.
+
+    Every case created is printed, even when another batch fails; then each failed batch with its files
+    and reason, and the exit status is 1.
+    """
     from covidscan.service.client import send_cases
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per HTTP request is noise here
-    for case in send_cases(inputs, to, token, patient_id=patient_id, site=site, wait=wait):
+    report = send_cases(inputs, to, token, patient_id=patient_id, site=site, wait=wait)
+    for case in report.created:
         group = case.get("group")
         extra = f", p(covid) {group['p_covid']:.3f} -> {group['label']}" if group else ""
         out.print(f"case {case['id']} ({case['files']} file(s)): {case['status']}{extra}  {case['url']}")
+    if not report.failed:
+        return
+    for batch, reason in report.failed:
+        names = ", ".join(str(f) for f in batch.files)
+        out.print(labelled("not sent", "bold red", f"{names}: {reason}"))
+    n_files = sum(len(batch.files) for batch, _ in report.failed)
+    out.print(f"{len(report.created)} case(s) created; {len(report.failed)} not created ({n_files} file(s))")
+    raise typer.Exit(1)
 
 
-@audit_app.command("verify")
-def audit_verify(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
-    """Check the audit chain: exit 0 when intact, 1 when a row was edited or deleted."""
-    from covidscan.service.audit import verify_chain
+def _verified(data_dir: Path | None, database_url: str | None, head: str | None):  # -> ChainReport
+    """The chain's report, failed when ``head`` (SEQ:HASH, or a file holding it) is no longer in it."""
+    from dataclasses import replace
 
+    from covidscan.service.audit import check_head, verify_chain
+
+    if head is not None and Path(head).is_file():
+        head = Path(head).read_text()
     db, _ = _open(data_dir, database_url)
     with db.session() as s:
         report = verify_chain(s)
+        rewound = check_head(s, head) if head is not None else None
+    if report.ok and rewound:
+        report = replace(report, ok=False, bad_seq=int(head.strip().split(":")[0]), reason=rewound)
+    return report
+
+
+@audit_app.command("verify")
+def audit_verify(
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+    head: Annotated[
+        str | None,
+        typer.Option("--head", help="A head exported by `covidscan audit-log head` (SEQ:HASH or its file)."),
+    ] = None,
+) -> None:
+    """Check the audit chain and the signed verdicts: exit 0 when intact, 1 when a row was edited,
+    deleted or rewound. The chain's key is the data folder's audit.key (or env COVIDSCAN_AUDIT_KEY)."""
+    report = _verified(data_dir, database_url, head)
     if report.ok:
-        out.print(f"audit log intact: {report.n_events} events")
+        legacy = f" ({report.legacy} written before the chain was keyed)" if report.legacy else ""
+        out.print(f"audit log intact: {report.n_events} events{legacy}")
         return
-    out.print(labelled("audit log broken", "bold red", f"at event {report.bad_seq}: {report.reason}"))
+    where = f"at event {report.bad_seq}: " if report.bad_seq is not None else ""
+    out.print(labelled("audit log broken", "bold red", f"{where}{report.reason}"))
     raise typer.Exit(1)
+
+
+@audit_app.command("head")
+def audit_head(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
+    """Print the verified chain's head as SEQ:HASH; keep it elsewhere and pass it to `verify --head`
+    later, so a log cut back to an earlier point is caught."""
+    from covidscan.service.audit import head_text
+
+    report = _verified(data_dir, database_url, None)
+    if not report.ok:
+        out.print(labelled("audit log broken", "bold red", f"{report.reason}; no head to export"))
+        raise typer.Exit(1)
+    print(head_text(report))
 
 
 def register(app: typer.Typer) -> None:

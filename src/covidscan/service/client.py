@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,15 @@ def _check(response: httpx.Response, what: str) -> dict[str, Any]:
     return response.json()
 
 
+@dataclass
+class SendReport:
+    """What ``send`` did: the cases it created (``id``, ``status``, ``url``, ``files`` and, once ready,
+    ``group``) and the batches it could not send, each with the reason."""
+
+    created: list[dict[str, Any]] = field(default_factory=list)
+    failed: list[tuple[Batch, str]] = field(default_factory=list)
+
+
 def send_cases(
     inputs: Sequence[str | Path],
     url: str,
@@ -77,21 +86,19 @@ def send_cases(
     site: str | None = None,
     wait: float = 0.0,
     timeout: float = 120.0,
-) -> list[dict[str, Any]]:
+) -> SendReport:
     """Upload every case of :func:`plan_cases`; with ``wait`` > 0 seconds, poll until each is predicted.
 
     ``site`` names the site every case comes from (else the service takes the DICOM InstitutionName or
-    StationName, else the sending account's name).
-
-    Returns one dict per case: ``id``, ``status``, ``url`` (its page) and, once ready, ``group``.
+    StationName, else the sending account's name). A batch the service refuses does not stop the others:
+    the report keeps every case created and every batch that failed. Only when nothing could be created
+    and every batch failed for one reason (a wrong token, no service there) is that reason raised.
     """
     base = url.rstrip("/")
-    results = []
-    try:
-        with httpx.Client(
-            base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=timeout
-        ) as http:
-            for batch in plan_cases(inputs, patient_id):
+    report = SendReport()
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=timeout) as http:
+        for batch in plan_cases(inputs, patient_id):
+            try:
                 with ExitStack() as stack:
                     parts = [("files", (f.name, stack.enter_context(open(f, "rb")))) for f in batch.files]
                     data = {"patient_id": batch.patient_id} if batch.patient_id else {}
@@ -101,15 +108,28 @@ def send_cases(
                         http.post("/api/v1/cases", files=parts, data=data),
                         f"sending {len(batch.files)} file(s)",
                     )
-                results.append({**created, "url": f"{base}/cases/{created['id']}", "files": len(batch.files)})
-            deadline = time.monotonic() + wait
-            for result in results if wait > 0 else []:
+            except httpx.HTTPError as exc:
+                report.failed.append((batch, _unreachable(base, exc)))
+                continue
+            except CovidscanError as exc:
+                report.failed.append((batch, str(exc)))
+                continue
+            case_url = f"{base}/cases/{created['id']}"
+            report.created.append({**created, "url": case_url, "files": len(batch.files)})
+        reasons = {reason for _, reason in report.failed}
+        if not report.created and len(reasons) == 1:
+            raise CovidscanError(reasons.pop())
+        deadline = time.monotonic() + wait
+        for result in report.created if wait > 0 else []:
+            try:
                 while result["status"] in ("queued", "running") and time.monotonic() < deadline:
                     time.sleep(0.5)
                     case = _check(http.get(f"/api/v1/cases/{result['id']}"), f"case {result['id']}")
                     result.update(status=case["status"], group=case["group"])
-    except httpx.HTTPError as exc:
-        raise CovidscanError(
-            f"cannot reach the review service at {base}: {exc}; is `covidscan serve` running there?"
-        ) from None
-    return results
+            except httpx.HTTPError:
+                break  # the cases exist; their status is what was last seen
+    return report
+
+
+def _unreachable(base: str, exc: httpx.HTTPError) -> str:
+    return f"cannot reach the review service at {base}: {exc}; is `covidscan serve` running there?"

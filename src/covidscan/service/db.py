@@ -14,6 +14,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
 from covidscan.errors import ConfigError, CovidscanError, StorageError
+from covidscan.service.errors import StorageFull
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -71,6 +72,11 @@ def _shown(url: str) -> str:
 def _damaged(exc: BaseException) -> bool:
     """SQLite's "file is not a database" and "database disk image is malformed" (plain DatabaseError)."""
     return type(exc) is DatabaseError
+
+
+def _full(exc: DatabaseError) -> bool:
+    """SQLite's "database or disk is full" and PostgreSQL's disk_full (SQLSTATE 53100)."""
+    return "disk is full" in str(exc.orig) or getattr(exc.orig, "sqlstate", None) == "53100"
 
 
 def database_fault(url: str, exc: DatabaseError) -> CovidscanError:
@@ -161,12 +167,16 @@ def _upgrade(engine: Engine) -> None:
 
 
 class Database:
-    """An engine plus its session factory; ``session()`` commits on success."""
+    """An engine plus its session factory; ``session()`` commits on success.
 
-    def __init__(self, url: str) -> None:
+    ``audit_key`` (:func:`covidscan.service.audit.load_audit_key`) rides in every session's ``info``: the
+    audit chain's appends and checks need it, and it never enters the database.
+    """
+
+    def __init__(self, url: str, audit_key: bytes | None = None) -> None:
         self.url = url
         self.engine = make_engine(url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False, info={"audit_key": audit_key})
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -182,6 +192,10 @@ class Database:
         except DatabaseError as exc:
             if _damaged(exc):
                 raise database_fault(self.url, exc) from None
+            if _full(exc):
+                raise StorageFull(
+                    f"the disk of the database {_shown(self.url)} is full: free space there, then try again"
+                ) from None
             raise
 
     def dispose(self) -> None:

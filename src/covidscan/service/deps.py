@@ -63,7 +63,8 @@ class Principal:
         return self.session.csrf_token if self.session else None
 
 
-def _bearer(request: Request) -> str | None:
+def bearer_token(request: Request) -> str | None:
+    """The token of an ``Authorization: Bearer TOKEN`` header, or None."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
@@ -90,7 +91,7 @@ def _end_lookup(db: Session) -> None:
 def api_principal(request: Request, db: SessionDep) -> Principal:
     """For ``/api``: the bearer token's user, else the session cookie's (401 without either); a
     cookie-authenticated state-changing call must carry the session's CSRF token in ``X-CSRF-Token``."""
-    token = _bearer(request)
+    token = bearer_token(request)
     if token is not None:
         user = user_for_token(db, token)
         who = Principal(user) if user is not None else None

@@ -55,6 +55,8 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     LAST_ADMIN = "last_admin"  # 409: deactivating the last active admin would leave nobody to manage accounts
     # issue 15: a verdict agreeing with a model result the case does not have
     NO_RESULT = "no_result"  # 409: the model gave the case no result; give your own finding (agree=false)
+    # issue 15 §2 (integrity helper):
+    STORAGE_FULL = "storage_full"  # 507: the disk holding the files or the database is full
 
 
 class ServiceError(CovidscanError):
@@ -142,6 +144,13 @@ class WeakPassword(ServiceError):
 
     http_status = 422
     code = ErrorCode.WEAK_PASSWORD
+
+
+class StorageFull(ServiceError):
+    """A write failed because the disk is full (HTTP 507); nothing of the request was kept."""
+
+    http_status = 507
+    code = ErrorCode.STORAGE_FULL
 
 
 class LoginRequired(Exception):

@@ -36,6 +36,7 @@ class Health(BaseModel):
     status: Literal["ok", "degraded"]
     run: str | None = Field(description="The active run as NAME@SHA256-PREFIX of its weights; null if none")
     queued: int = Field(description="Cases waiting for or in prediction")
+    problem: str | None = Field(None, description="Why the status is degraded (null when ok)")
 
 
 class CaseCreated(BaseModel):

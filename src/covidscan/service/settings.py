@@ -10,11 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError
+from covidscan.io.quality import DEFAULT_MAX_PIXELS
+from covidscan.service.audit import load_audit_key, mark_keyed
 from covidscan.service.db import Database, default_database_url, migrate
 from covidscan.service.models import Setting
 from covidscan.service.storage import BlobStore
@@ -48,12 +50,21 @@ class ServiceSettings(BaseSettings):
     database_url: str | None = Field(None, description="Default: SQLite in data_dir")
     run: Path | None = Field(None, description="Made the active run at start (else the one already active)")
     max_upload_bytes: int = Field(200 * 1024 * 1024, gt=0, description="Per request")
-    max_pixels: int = Field(60_000_000, gt=0, description="Per image, checked from the header first")
+    # The model's own limit (COVIDSCAN_MAX_PIXELS, else covidscan.io's default): what the upload accepts,
+    # the worker can read; one setting for both, checked from the header before anything is decoded.
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="Per image, checked from the header first")
     worker: bool = Field(True, description="Run a worker thread in the server process")
     poll_seconds: float = Field(0.5, gt=0, description="How often an idle worker looks for jobs")
     session_hours: float = Field(12, gt=0, description="A browser session's absolute lifetime")
     session_idle_minutes: float = Field(
         30, gt=0, description="A browser session ends after this long without a request"
+    )
+    min_free_bytes: int = Field(100 * 2**20, ge=0, description="/healthz is degraded below this free space")
+    orphan_minutes: float = Field(
+        15.0, ge=0, description="Stored files no case refers to are removed once this old"
+    )
+    audit_key: SecretStr | None = Field(
+        None, description="The audit chain's HMAC key (default: data_dir/audit.key, made with mode 0600)"
     )
 
     @property
@@ -88,9 +99,13 @@ def open_service(settings: ServiceSettings) -> tuple[Database, BlobStore]:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create data folder {data_dir}: {exc.strerror}") from None
-    db = Database(settings.url)
+    env_key = settings.audit_key.get_secret_value() if settings.audit_key else None
+    key, new_key = load_audit_key(data_dir, env_key)
+    db = Database(settings.url, audit_key=key)
     migrate(db.engine)
     with db.session() as s:
+        if new_key:
+            mark_keyed(s)
         current = active_run(s)
     if settings.run is not None and current != str(Path(settings.run).resolve()):
         from covidscan.service.worker import set_active_run  # loads the model: only when switching

@@ -19,6 +19,7 @@ import os
 import secrets
 import socket
 import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -29,9 +30,10 @@ from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import no_result_reason, priority
 from covidscan.service.db import Database
-from covidscan.service.models import Case, Job, Setting, SiteRun, utcnow
+from covidscan.service.errors import StorageFull
+from covidscan.service.models import Case, CaseImage, Job, Setting, SiteRun, utcnow
 from covidscan.service.monitoring import after_prediction
-from covidscan.service.scoring import Scorer
+from covidscan.service.scoring import ScoredCase, Scorer
 from covidscan.service.settings import active_run
 from covidscan.service.sites import put_features, run_for_case
 from covidscan.service.storage import BlobStore
@@ -42,6 +44,7 @@ LEASE = timedelta(minutes=10)  # a job still "running" after this is taken over 
 MAX_ATTEMPTS = 3
 MAX_SCORERS = 4  # loaded runs kept (the global one and a few sites' own); the oldest is dropped
 HOST = socket.gethostname()
+SWEEP_SECONDS = 600  # how often an idle worker looks for orphan files
 
 
 def _alive(pid: int) -> bool:
@@ -76,8 +79,12 @@ def set_active_run(db: Database, run_dir: str | Path, *, actor: str | None) -> s
 class Worker:
     """Claims and predicts queued cases and trains sites' challengers; each run's Predictor is loaded once."""
 
-    def __init__(self, db: Database, store: BlobStore, *, poll_seconds: float = 0.5) -> None:
+    def __init__(
+        self, db: Database, store: BlobStore, *, poll_seconds: float = 0.5, orphan_minutes: float = 15.0
+    ) -> None:
         self.db, self.store, self.poll_seconds = db, store, poll_seconds
+        self.orphan_seconds = orphan_minutes * 60
+        self._next_sweep = 0.0  # monotonic time of the next orphan sweep: the first idle moment
         self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
         self._scorers: dict[str, Scorer] = {}
         self._stop = threading.Event()
@@ -141,6 +148,7 @@ class Worker:
             case = s.scalar(select(Case).where(Case.id == case_id).options(selectinload(Case.images)))
             files = [(self.store.path(im.sha256), im.suffix) for im in case.images]
             run = run_for_case(s, case)
+        scorer: Scorer | None = None
         try:
             scorer = self.scorer(run)
             result = scorer.score(files)
@@ -148,17 +156,30 @@ class Worker:
         except CovidscanError as exc:
             log.warning("case %d failed: %s", case_id, exc)
             result, error = None, str(exc)
+        try:
+            stored = self._finish(case_id, scorer, result, error)
+        except StorageFull as exc:  # a full disk must not leave the case `running` until a restart
+            log.warning("case %d failed: %s", case_id, exc)
+            stored = self._finish(case_id, None, None, str(exc))
+        if stored:
+            self.check_site(case_id, scorer)
+
+    def _finish(
+        self, case_id: int, scorer: Scorer | None, result: ScoredCase | None, error: str | None
+    ) -> bool:
+        """Store a case's result (or its failure: queued again, or failed after MAX_ATTEMPTS) in one
+        transaction guarded by job ownership; True when the result was stored."""
         with self.db.session() as s:
             job = s.scalar(select(Job).where(Job.case_id == case_id).with_for_update())
             if job.owner != self.owner or job.state != "running":
-                return  # another worker took over after our lease ran out; its result counts
+                return False  # another worker took over after our lease ran out; its result counts
             case = s.scalar(select(Case).where(Case.id == case_id).options(selectinload(Case.images)))
             job.finished_at = case.predicted_at = utcnow()
             if result is None:
                 final = job.attempts >= MAX_ATTEMPTS
                 job.state = "failed" if final else "queued"
                 case.status, case.error = ("failed" if final else "queued"), error
-                return
+                return False
             for im, scored in zip(case.images, result.images, strict=True):
                 im.p_covid, im.label, im.uncertain = scored.p_covid, scored.label, scored.uncertain
                 im.lungs_found, im.warnings, im.error = scored.lungs_found, scored.warnings, scored.error
@@ -181,7 +202,7 @@ class Worker:
                 run=scorer.identity["run"],
                 p_covid=None if result.group is None else round(result.group["p_covid"], 6),
             )
-        self.check_site(case_id, scorer)
+        return True
 
     def check_site(self, case_id: int, scorer: Scorer) -> None:
         """Run the case's site's shift test again (it has one more image) and refresh its figures when
@@ -199,9 +220,24 @@ class Worker:
         """Claim and process one job; False when the queue was empty."""
         case_id = self.claim()
         if case_id is None:
+            if time.monotonic() >= self._next_sweep:
+                self._next_sweep = time.monotonic() + SWEEP_SECONDS
+                self.sweep_orphans()
             return False
         self.process(case_id)
         return True
+
+    def sweep_orphans(self) -> int:
+        """Remove stored files no case refers to and older than ``orphan_minutes`` (left by uploads
+        interrupted before their case was committed); returns how many."""
+        columns = (CaseImage.sha256, CaseImage.display_sha256, CaseImage.cam_sha256,
+                   CaseImage.features_sha256)
+        with self.db.session() as s:
+            referenced = {d for col in columns for d in s.scalars(select(col).where(col.is_not(None)))}
+        removed = self.store.sweep(referenced, older_than=self.orphan_seconds)
+        if removed:
+            log.info("removed %d orphan file(s) from %s", removed, self.store.root)
+        return removed
 
     def claim_challenger(self) -> tuple[int, Path] | None:
         """Take the oldest challenger waiting to be trained; returns its id and run folder.
