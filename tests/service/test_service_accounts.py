@@ -13,7 +13,9 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -130,6 +132,20 @@ def test_a_guesser_gets_growing_waits_and_never_locks_the_doctor_out(server: Ser
     with server.browser("127.0.0.2") as stranger:
         refused = login(stranger, doctor)
         assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 600
+
+
+def test_guesses_sent_at_once_get_no_more_free_tries_than_guesses_sent_one_by_one(server: Server) -> None:
+    # The password check runs outside the database transaction (a login flood must not hold the database),
+    # so each attempt is counted before its check: 20 guesses in flight together still get 5 tries.
+    doctor = server.add("dr-burst")
+
+    def guess(i: int) -> int:
+        with server.browser("127.0.0.30") as guesser:
+            return login(guesser, doctor, f"burst guess {i:02d}!").status_code
+
+    with ThreadPoolExecutor(20) as pool:
+        codes = Counter(pool.map(guess, range(20)))
+    assert codes == {401: 5, 429: 15}, codes
 
 
 def test_guessing_spread_over_many_addresses_loses_the_free_tries_but_not_the_doctor(server: Server) -> None:

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import delete, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError
@@ -288,13 +288,20 @@ def _wait(db: Session, name: str, address: str | None, device: str | None) -> _W
 
 
 def check_password(db: Session, name: str, password: str) -> User | None:
-    """The active user ``name`` if ``password`` is theirs, else None (no throttling: see authenticate)."""
+    """The active user ``name`` if ``password`` is theirs, else None (no throttling: see authenticate).
+
+    The Argon2 check (tens of milliseconds of CPU, on purpose) runs after ``db``'s transaction has ended,
+    so it holds neither a pooled connection nor, on SQLite, the write lock: a login flood must not make
+    every other request (signing, uploads) wait for it.
+    """
     user = db.scalar(select(User).where(User.name == name, User.active.is_(True)))
+    stored = user.password_hash if user is not None else None
+    db.commit()
     try:
-        ok = _hasher.verify(user.password_hash if user and user.password_hash else _DUMMY_HASH, password)
+        ok = _hasher.verify(stored or _DUMMY_HASH, password)
     except (VerificationError, InvalidHashError):
         ok = False
-    return user if ok and user is not None and user.password_hash else None
+    return user if ok and stored else None
 
 
 def authenticate(db: Session, name: str, password: str, client: Client) -> User:
@@ -303,24 +310,32 @@ def authenticate(db: Session, name: str, password: str, client: Client) -> User:
     :class:`LoginThrottled` (429, with the seconds to wait) while the client must wait, without checking
     the password; :class:`WrongPassword` otherwise. Both failures are committed before they are raised.
     """
+    if db.get_bind().dialect.name == "postgresql":
+        # One attempt at a time per address, as SQLite's BEGIN IMMEDIATE serialises them: guesses sent
+        # at once must each see the others' attempts, or a burst would all pass the same free-tries check.
+        db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"login:{client.address}"})
     device = _known_device(db, name, client)
 
-    def fail(refused: bool) -> None:  # committed at once: the request fails, its rollback must keep this
-        db.add(LoginFailure(name=name[:64], address=client.address, device=device, refused=refused))
+    def attempt(refused: bool) -> LoginFailure:  # committed at once: a failed request's rollback keeps it
+        row = LoginFailure(name=name[:64], address=client.address, device=device, refused=refused)
+        db.add(row)
         db.commit()
+        return row
 
     wait = _wait(db, name, client.address, device)
     if wait.seconds > 0:
         if wait.grows:  # at the cap a refusal is not written: a flood of them would only cost writes
-            fail(refused=True)
+            attempt(refused=True)
         raise LoginThrottled(wait.seconds)
+    # Counted as a failure before the password is checked (outside any transaction, see check_password),
+    # so that guesses sent at once see each other's attempts; forgotten below if the password is right.
+    tried = attempt(refused=False)
     user = check_password(db, name, password)
     if user is None:
-        fail(refused=False)
         raise WrongPassword("wrong name or password")
-    # Forget what is stale, and this browser's own typos; others' failures (a guesser's) are kept.
-    stale = LoginFailure.at < utcnow() - THROTTLE_WINDOW
-    db.execute(delete(LoginFailure).where(or_(stale, LoginFailure.device == device) if device else stale))
+    # Forget this attempt, what is stale, and this browser's own typos; others' failures (a guesser's) stay.
+    forget = or_(LoginFailure.id == tried.id, LoginFailure.at < utcnow() - THROTTLE_WINDOW)
+    db.execute(delete(LoginFailure).where(or_(forget, LoginFailure.device == device) if device else forget))
     return user
 
 

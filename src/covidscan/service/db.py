@@ -48,11 +48,14 @@ def _sqlite_serialised(engine: Engine) -> None:
 def make_engine(url: str) -> Engine:
     """An engine for ``url`` (``sqlite:///...`` or ``postgresql+psycopg://...``); bad URLs: ConfigError."""
     try:
+        # Room for every request thread (Starlette runs sync routes on 40) plus the worker's and the
+        # middleware's sessions: a smaller pool turns a burst of requests into pool timeouts (500s).
+        pool = {"pool_size": 10, "max_overflow": 40, "pool_timeout": 60}
         if url.startswith("sqlite"):
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
             _sqlite_serialised(engine)
         else:
-            engine = create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+            engine = create_engine(url, pool_pre_ping=True, **pool)
     except (ArgumentError, ImportError) as exc:
         raise ConfigError(
             f"--database-url {url!r} is not usable ({exc}); give sqlite:///PATH or "
