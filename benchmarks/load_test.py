@@ -10,9 +10,10 @@ unless ``--database-url`` names another database), or drives one already running
   "attacker", half aimed at the doctors' and the admin's names (a lock-out), half sprayed over fresh
   unknown names (which a per-name throttle never stops), in two waves (one with the uploads, one once
   signing has begun), ``--attack-concurrency`` at a time;
-* ``--doctors`` doctors who log in through the form (when each wave starts and after the flood, carrying
-  their earlier session cookie as a browser would) and sign every case once it is ready (the JSON API with
-  their tokens), glancing at the worklist now and then.
+* ``--doctors`` doctors who log in through the form (once before the flood, then when each wave starts
+  and after the flood, from the same browser with its cookies, at the attacker's address: a hospital NAT)
+  and sign every case once it is ready (the JSON API with their tokens), glancing at the worklist now and
+  then.
 
 Afterwards it checks through the API and directly in the database that every accepted upload is exactly one
 case (0 lost, 0 duplicated), that every case was predicted and signed, counts every status code per kind of
@@ -309,6 +310,7 @@ async def drive(url: str, accounts: Accounts, slices: list[bytes], plan: LoadPla
 
     ready_cases: asyncio.Queue[int | None] = asyncio.Queue()
     signing_began, wave2_began, flood_over = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    wave1_began, doctors_known = asyncio.Event(), asyncio.Semaphore(0)
     deadline = time.perf_counter() + plan.deadline_s
 
     def bearer(name: str) -> dict[str, str]:
@@ -362,6 +364,9 @@ async def drive(url: str, accounts: Accounts, slices: list[bytes], plan: LoadPla
         run.flood_windows[wave] = [start, tally.now()]
 
     async def attack() -> None:
+        for _ in accounts.doctors:  # the doctors have used their browsers here before the attacker comes
+            await doctors_known.acquire()
+        wave1_began.set()
         first = plan.attacker_logins // 2
         await flood("wave1", first)
         with suppress(TimeoutError):
@@ -388,6 +393,9 @@ async def drive(url: str, accounts: Accounts, slices: list[bytes], plan: LoadPla
                 await flood_over.wait()
                 await log_in("after_flood")
 
+            await log_in("before")
+            doctors_known.release()
+            await wave1_began.wait()
             await log_in("wave1")
             again = asyncio.create_task(later_logins())
             last_worklist = 0.0
