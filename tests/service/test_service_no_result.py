@@ -49,6 +49,9 @@ def test_a_case_without_any_result_says_so_and_takes_only_the_doctors_finding(se
     case = service.wait(case_id)
     assert case["status"] == "no_result" and case["group"] is None
     assert case["no_result"] and "wrong_modality" in case["images"][0]["error"]
+    # in the doctor's words, naming the file as it was sent (not the name it is stored under)
+    reason = case["no_result"]
+    assert reason.startswith("none of its 1 image(s) has a result: ") and "chest.dcm" in reason
     listed = service.client.get("/api/v1/worklist", params={"q": "NR-1"}, headers=service.auth("doctor"))
     (row,) = listed.json()["items"]
     assert row["status"] == "no_result" and row["no_result"] == case["no_result"]

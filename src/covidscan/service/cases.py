@@ -290,8 +290,9 @@ def priority(uncertain: bool, group: dict[str, Any] | None) -> float:
 def no_result_reason(images: list[CaseImage]) -> str:
     """What a case whose images all came back without a result says (stored as its ``error``)."""
     errors = [im.error for im in images if im.error]
-    first = f"; first: {errors[0]}" if errors else ""
-    return f"the model gave none of the {len(images)} image(s) a result{first}"
+    more = f" (and {len(errors) - 1} more like it)" if len(errors) > 1 else ""
+    why = f": {errors[0]}{more}" if errors else ""
+    return f"none of its {len(images)} image(s) has a result{why}"
 
 
 def current_review(case: Case) -> Review | None:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -109,6 +110,14 @@ class ScoredCase:
     group: dict[str, Any] | None = field(default=None)
 
 
+def _label(position: int, uploaded: str, suffix: str) -> str:
+    """The name an image goes by in the model's messages (which the doctor reads): the uploaded file's own
+    name, reduced to safe characters, with the suffix the decoder needs (blobs are stored under their
+    digest alone, and a name's own suffix may be missing or wrong)."""
+    stem = re.sub(r"[^\w.\- ]", "_", PurePosixPath(uploaded.replace("\\", "/")).stem)[:80].strip()
+    return f"{stem or f'image{position + 1}'}{suffix}"
+
+
 class Scorer:
     """A run's :class:`Predictor`, built once; ``score`` is serialised (one worker thread owns one model)."""
 
@@ -157,10 +166,10 @@ class Scorer:
             "test_n_images": metrics.get("n_images") if metrics else None,
         }
 
-    def score(self, files: list[tuple[Path, str]]) -> ScoredCase:
-        """Predict ``(stored path, suffix)`` pairs of one case, with one Grad-CAM overlay PNG per image."""
-        # The name carries the suffix the decoder needs: blobs are stored under their digest alone.
-        sources = [(f"image{i}{suffix}", path.read_bytes()) for i, (path, suffix) in enumerate(files)]
+    def score(self, files: list[tuple[Path, str, str]]) -> ScoredCase:
+        """Predict ``(stored path, suffix, uploaded name)`` triples of one case, with one Grad-CAM overlay
+        PNG per image."""
+        sources = [(_label(i, name, suf), path.read_bytes()) for i, (path, suf, name) in enumerate(files)]
         with self._lock, tempfile.TemporaryDirectory(prefix="covidscan-score-") as tmp:
             # Heat layers without text: the case page's viewer draws the image in its own window and shows
             # the probability beside it.

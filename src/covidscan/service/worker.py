@@ -146,7 +146,7 @@ class Worker:
         """Predict a claimed case and store everything in one transaction guarded by job ownership."""
         with self.db.session() as s:
             case = s.scalar(select(Case).where(Case.id == case_id).options(selectinload(Case.images)))
-            files = [(self.store.path(im.sha256), im.suffix) for im in case.images]
+            files = [(self.store.path(im.sha256), im.suffix, im.original_name) for im in case.images]
             run = run_for_case(s, case)
         scorer: Scorer | None = None
         try:
