@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,38 +27,12 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests/service"))
+from service_helpers import start_server
+
 from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.service.auth import add_user, new_token
 from covidscan.service.settings import ServiceSettings, open_service
-
-
-def _serve(run: Path, data_dir: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "covidscan",
-            "-q",
-            "serve",
-            "--run",
-            str(run),
-            "--data-dir",
-            str(data_dir),
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("the server did not start within 300 s")
 
 
 def _one_case(http: httpx.Client, image: tuple[str, bytes]) -> float:
@@ -101,7 +74,7 @@ def main() -> None:
         with db.session() as s:
             token = new_token(s, add_user(s, "bench", "submitter", None))
         db.dispose()
-        server = _serve(args.run, data_dir, args.port)
+        server = start_server(args.run, data_dir, args.port, data_dir / "server.log")
         base = f"http://127.0.0.1:{args.port}"
         headers = {"Authorization": f"Bearer {token}"}
         try:

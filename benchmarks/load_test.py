@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +60,9 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests/service"))
+from service_helpers import free_port, start_server  # noqa: E402
+
 SIGN_P95_GOAL_S = 2.0
 
 
@@ -198,12 +200,6 @@ def train_tiny_run(work: Path) -> Path:
     return work / "run"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def covidscan_serve(
     run: Path, data_dir: Path, database_url: str | None, log: Path
@@ -211,44 +207,12 @@ def covidscan_serve(
     """`covidscan serve` of this source tree in its own process on a free port; yields its URL and pid."""
     import covidscan
 
-    port = _free_port()
-    argv = [
-        sys.executable,
-        "-m",
-        "covidscan",
-        "serve",
-        "--run",
-        str(run),
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        str(port),
-    ]
-    if database_url:
-        argv += ["--database-url", database_url]
     source = str(Path(covidscan.__file__).resolve().parents[1])  # the server runs the code measured here
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))}
-    with log.open("ab") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    path = os.pathsep.join(filter(None, [source, os.environ.get("PYTHONPATH")]))
+    port = free_port()
+    proc = start_server(run, data_dir, port, log, database_url=database_url, env={"PYTHONPATH": path})
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"covidscan serve exited with {proc.returncode}: {log.read_text()[-2000:]}"
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"covidscan serve did not answer /healthz in 300 s: {log.read_text()[-2000:]}"
-                )
-            try:
-                if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        yield url, proc.pid
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         try:
