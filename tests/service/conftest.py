@@ -46,6 +46,22 @@ def database_url(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     return fresh_postgres_database(base)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def fresh(request: pytest.FixtureRequest, tmp_path: Path):
+    """(Database, data folder, URL) of a new, migrated service per test, for tests that tamper with it."""
+    from covidscan.service.settings import ServiceSettings, open_service
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'service.sqlite3'}"
+    elif not os.environ.get(PG_ENV):
+        pytest.skip(PG_MISSING)
+    else:
+        url = fresh_postgres_database(os.environ[PG_ENV])
+    db, _ = open_service(ServiceSettings(data_dir=tmp_path, database_url=url))
+    yield db, tmp_path, url
+    db.dispose()
+
+
 @pytest.fixture(scope="session")
 def ct_slices(phantom_manifest: Path) -> list[tuple[str, bytes]]:
     """Six phantom CT slices as (file name, PNG bytes)."""

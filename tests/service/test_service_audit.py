@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from pathlib import Path
 
@@ -10,24 +9,8 @@ import pytest
 from sqlalchemy import text
 from typer.testing import CliRunner
 
-from conftest import PG_ENV, PG_MISSING, fresh_postgres_database
 from covidscan.cli import app
 from covidscan.service.audit import record, verify_chain
-from covidscan.service.settings import ServiceSettings, open_service
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh(request: pytest.FixtureRequest, tmp_path: Path):
-    """A new, migrated database per test (these tests tamper with it)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'audit.sqlite3'}"
-    elif not os.environ.get(PG_ENV):
-        pytest.skip(PG_MISSING)
-    else:
-        url = fresh_postgres_database(os.environ[PG_ENV])
-    db, _ = open_service(ServiceSettings(data_dir=tmp_path, database_url=url))
-    yield db, tmp_path, url
-    db.dispose()
 
 
 def _verify_cli(data_dir: Path, url: str):

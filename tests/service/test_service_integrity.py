@@ -4,7 +4,6 @@ audit chain whose head can be exported, and one 409 for two doctors signing one 
 from __future__ import annotations
 
 import io
-import os
 import select as socket_select
 import socket
 import stat
@@ -20,27 +19,13 @@ from service_helpers import png_bytes, uvicorn_server, wait_predicted
 from sqlalchemy import select, text
 from typer.testing import CliRunner
 
-from conftest import PASSWORD, PG_ENV, PG_MISSING, add_accounts, fresh_postgres_database
+from conftest import PASSWORD, add_accounts
 from covidscan.cli import app
 from covidscan.service.audit import GENESIS, KEY_FILE, _digest, _stamp, record, verify_chain
 from covidscan.service.auth import add_user
 from covidscan.service.cases import submit_review
 from covidscan.service.models import AuditEvent, AuditHead, Case, Site
 from covidscan.service.settings import ServiceSettings, open_service
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def fresh(request: pytest.FixtureRequest, tmp_path: Path):
-    """(Database, data folder, URL) of a new, migrated service per test (these tests tamper with it)."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'integrity.sqlite3'}"
-    elif not os.environ.get(PG_ENV):
-        pytest.skip(PG_MISSING)
-    else:
-        url = fresh_postgres_database(os.environ[PG_ENV])
-    db, _ = open_service(ServiceSettings(data_dir=tmp_path, database_url=url))
-    yield db, tmp_path, url
-    db.dispose()
 
 
 def _cli(*args: str, data_dir: Path, url: str, env: dict[str, str] | None = None):
