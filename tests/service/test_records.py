@@ -104,7 +104,9 @@ def test_sr_before_and_after_signing_and_amended(service, dicom_case, tmp_path: 
     pre = amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0].ReferencedSOPSequence[0]
     assert pre.ReferencedSOPInstanceUID == signed.SOPInstanceUID
     check_content(service, amended, case_id, finding="82334004")
-    assert dciodvfy_errors(get(service, case_id, "sr.dcm").content, tmp_path) == []
+    raw = get(service, case_id, "sr.dcm").content
+    assert dciodvfy_errors(raw, tmp_path) == []
+    (tmp_path / "amended-sr.dcm").write_bytes(raw)
 
 
 def check_content(service, sr: hd.sr.Comprehensive3DSR, case_id: int, *, finding: str) -> None:
@@ -132,3 +134,167 @@ def flatten(sequence) -> list:
         if "ContentSequence" in item:
             out += flatten(item.ContentSequence)
     return out
+
+
+def test_secondary_captures_of_a_dicom_case(service, dicom_case, tmp_path: Path) -> None:
+    case_id, sources = dicom_case
+    sr = sr_of(service, case_id)
+    for position in range(len(sources)):
+        answer = get(service, case_id, "sc.dcm", image=position)
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["content-type"] == "application/dicom"
+        assert dciodvfy_errors(answer.content, tmp_path) == []
+        sc = pydicom.dcmread(io.BytesIO(answer.content))
+        assert sc.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+        assert sc.StudyInstanceUID == sources[0].StudyInstanceUID == sr.StudyInstanceUID
+        assert sc.PatientID == sources[0].PatientID
+        assert (sc.PhotometricInterpretation, sc.SamplesPerPixel, sc.BurnedInAnnotation) == ("RGB", 3, "NO")
+        assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == sources[position].SOPInstanceUID
+        assert sc.pixel_array.shape == (sc.Rows, sc.Columns, 3)
+    (tmp_path / "sc.png").write_bytes(png_of(sc))
+    missing = get(service, case_id, "sc.dcm", image=99)
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+
+
+def png_of(sc: pydicom.Dataset) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(sc.pixel_array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_png_case_gets_a_new_study_with_stable_uids(service, png_case, tmp_path: Path) -> None:
+    sr = sr_of(service, png_case)
+    assert sr.PatientID == "PNG-7" and sr.StudyInstanceUID.startswith("2.25.")
+    assert sr_of(service, png_case).SOPInstanceUID == sr.SOPInstanceUID  # re-export: the same instance
+    assert dciodvfy_errors(get(service, png_case, "sr.dcm").content, tmp_path) == []
+    captures = [pydicom.dcmread(io.BytesIO(get(service, png_case, "sc.dcm", image=i).content)) for i in (0, 1)]
+    for sc in captures:
+        assert sc.StudyInstanceUID == sr.StudyInstanceUID and sc.PatientID == "PNG-7"
+        assert "SourceImageSequence" not in sc
+    assert dciodvfy_errors(get(service, png_case, "sc.dcm", image=1).content, tmp_path) == []
+    # without DICOM originals the SR references its case's Secondary Captures
+    refs = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert refs == {sc.SOPInstanceUID for sc in captures}
+
+
+def pdf_text(data: bytes) -> str:
+    return " ".join((page.extract_text() or "") for page in PdfReader(io.BytesIO(data)).pages)
+
+
+def test_pdf_and_fhir_follow_the_verdict(service, png_case, tmp_path: Path) -> None:
+    case = service.client.get(f"/api/v1/cases/{png_case}", headers=service.auth("doctor")).json()
+    answer = get(service, png_case, "report.pdf")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/pdf"
+    text = pdf_text(answer.content)
+    for words in ("NOT SIGNED — preliminary", "PNG-7", f"case {png_case}", f"{case['group']['p_covid']:.3f}",
+                  "not a diagnosis on its own", "Intended use", "site lab"):
+        assert words in text, words
+    fhir = Bundle.model_validate_json(get(service, png_case, "fhir.json").content)
+    report = fhir.entry[0].resource
+    assert (report.__resource_type__, report.status) == ("DiagnosticReport", "preliminary")
+
+    review(service, png_case, "non_covid", sign=True, comment="clear lungs")
+    text = pdf_text(get(service, png_case, "report.pdf").content)
+    for words in ("SIGNED", "not COVID-19", "doctor", "clear lungs", "not a diagnosis on its own"):
+        assert words in text, words
+    assert "NOT SIGNED" not in text
+    answer = get(service, png_case, "fhir.json")
+    assert answer.headers["content-type"] == "application/fhir+json"
+    fhir = Bundle.model_validate_json(answer.content)
+    kinds = {entry.resource.__resource_type__: entry.resource for entry in fhir.entry}
+    report, observation, device = kinds["DiagnosticReport"], kinds["Observation"], kinds["Device"]
+    assert report.status == "final"
+    assert report.conclusionCode[0].coding[0].code == "260415000"
+    assert report.resultsInterpreter[0].reference == next(
+        e.fullUrl for e in fhir.entry if e.resource.__resource_type__ == "Practitioner"
+    )
+    assert report.subject.identifier.value == "PNG-7"
+    assert float(observation.valueQuantity.value) == pytest.approx(case["group"]["p_covid"], abs=1e-6)
+    assert observation.device.reference == next(e.fullUrl for e in fhir.entry if e.resource is device)
+    assert device.version[0].value == case["model"]["covidscan_version"]
+
+    review(service, png_case, "covid", sign=True, reason="new clinical information")
+    amended = Bundle.model_validate_json(get(service, png_case, "fhir.json").content)
+    assert amended.entry[0].resource.status == "amended"
+    assert amended.entry[0].fullUrl != fhir.entry[0].fullUrl
+    data = get(service, png_case, "report.pdf").content
+    text = pdf_text(data)
+    for words in ("AMENDED (version 2)", "new clinical information", "Earlier versions", "not COVID-19"):
+        assert words in text, words
+    (tmp_path / "report.pdf").write_bytes(data)
+    if shutil.which("pdftoppm"):  # the page as an image, to look at (tests/service/README: records)
+        subprocess.run(["pdftoppm", "-png", "-r", "60", "-f", "1", "-l", "1", str(tmp_path / "report.pdf"),
+                        str(tmp_path / "page")], check=True, timeout=60)
+
+
+def test_who_may_download_and_when(service, dicom_case) -> None:
+    case_id, _ = dicom_case
+    assert get(service, case_id, "report.pdf", name="lab").status_code == 200  # the sender's own case
+    hidden = get(service, case_id, "report.pdf", name="lab2")
+    assert (hidden.status_code, hidden.json()["code"]) == (404, "not_found")
+    anonymous = service.client.get(f"/api/v1/cases/{case_id}/sr.dcm")
+    assert anonymous.status_code == 401
+
+
+def test_no_records_before_a_prediction(service, dicom_case) -> None:
+    """A case still queued (its row set back, in a rolled-back transaction) has no records: 409 not_ready."""
+    from covidscan.service.db import Database
+    from covidscan.service.errors import Conflict, ErrorCode
+    from covidscan.service.models import Case
+    from covidscan.service.records import gather
+    from covidscan.service.storage import BlobStore
+
+    case_id, _ = dicom_case
+    db = Database(service.database_url)
+    try:
+        with db.engine.connect() as conn:
+            from sqlalchemy.orm import Session
+
+            with Session(bind=conn) as s:
+                s.get(Case, case_id).status = "queued"
+                s.flush()
+                with pytest.raises(Conflict) as caught:
+                    gather(s, case_id, BlobStore(service.data_dir / "blobs"))
+                assert caught.value.code == ErrorCode.NOT_READY
+                s.rollback()
+    finally:
+        db.dispose()
+
+
+def test_dicom_outputs_and_report_command(service, dicom_case, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from covidscan.cli import app
+    from covidscan.service.db import Database
+    from covidscan.service.records import dicom_outputs
+    from covidscan.service.storage import BlobStore
+
+    case_id, sources = dicom_case
+    db = Database(service.database_url)
+    try:
+        with db.session() as s:
+            outputs = dicom_outputs(s, case_id, BlobStore(service.data_dir / "blobs"))
+    finally:
+        db.dispose()
+    assert [ds.Modality for ds in outputs] == ["SR"] + ["OT"] * len(sources)
+    assert outputs[0].SOPInstanceUID == sr_of(service, case_id).SOPInstanceUID
+
+    runner = CliRunner()
+    common = ["--data-dir", str(service.data_dir), "--database-url", service.database_url]
+    for fmt in ("sr", "sc", "pdf", "fhir"):
+        out = tmp_path / f"out.{fmt}"
+        done = runner.invoke(app, ["report", str(case_id), "--format", fmt, "--out", str(out), *common])
+        assert done.exit_code == 0, done.output
+        assert out.stat().st_size > 0
+    assert pydicom.dcmread(tmp_path / "out.sr").SOPInstanceUID == outputs[0].SOPInstanceUID
+    bad = runner.invoke(app, ["report", str(case_id), "--format", "docx", "--out", str(out), *common])
+    assert bad.exit_code == 2 and "error:" in bad.output and "sr, sc, pdf, fhir" in bad.output
+    unknown = runner.invoke(app, ["report", "999999", "--format", "sr", "--out", str(out), *common])
+    assert unknown.exit_code == 2 and "no case 999999" in unknown.output

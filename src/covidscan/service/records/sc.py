@@ -101,6 +101,8 @@ def secondary_captures(record: CaseRecord) -> list[hd.sc.SCImage]:
             manufacturer_model_name=record.model.model_name[:64],
             software_versions=record.model.covidscan_version[:64],
         )
+        # Type 2C: dciodvfy wants it present; a chest is not a paired body part, so usually empty
+        sc.Laterality = image.dicom.get("Laterality", "") if image.dicom is not None else ""
         sc.BurnedInAnnotation = "NO"  # heat colours and an outline only: no text, nothing identifying
         sc.DerivationDescription = (
             f"Grad-CAM of {record.model.run} over image {image.position + 1} at {CAM_OPACITY:.0%} opacity"

@@ -91,7 +91,6 @@ def structured_report(record: CaseRecord) -> hd.sr.Comprehensive3DSR:
         value=round(record.p_covid, 6),
         unit=PROBABILITY_UNIT,
         tracking_identifier=None,
-        algorithm_id=algorithm,
     )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
