@@ -13,7 +13,6 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pypdf import PdfReader
-
 from tests.service.test_service_viewer import ct_series
 
 DCIODVFY = shutil.which("dciodvfy")
@@ -91,8 +90,11 @@ def test_sr_before_and_after_signing_and_amended(service, dicom_case, tmp_path: 
     review(service, case_id, "covid", sign=True, comment="bilateral ground glass")
     signed = sr_of(service, case_id)
     assert signed.SOPInstanceUID != first.SOPInstanceUID
-    assert (signed.VerificationFlag, signed.CompletionFlag, signed.PreliminaryFlag) == ("VERIFIED", "COMPLETE",
-                                                                                        "FINAL")
+    assert (signed.VerificationFlag, signed.CompletionFlag, signed.PreliminaryFlag) == (
+        "VERIFIED",
+        "COMPLETE",
+        "FINAL",
+    )
     assert signed.VerifyingObserverSequence[0].VerifyingObserverName.family_name == "doctor"
     check_content(service, signed, case_id, finding="840539006")
     assert dciodvfy_errors(get(service, case_id, "sr.dcm").content, tmp_path) == []
@@ -120,7 +122,9 @@ def check_content(service, sr: hd.sr.Comprehensive3DSR, case_id: int, *, finding
     value = float(nums[0].MeasuredValueSequence[0].NumericValue)
     assert value == pytest.approx(case["group"]["p_covid"], abs=1e-6)
     assert nums[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "{probability}"
-    texts = {it.ConceptNameCodeSequence[0].CodeMeaning: it.TextValue for it in items if it.ValueType == "TEXT"}
+    texts = {
+        it.ConceptNameCodeSequence[0].CodeMeaning: it.TextValue for it in items if it.ValueType == "TEXT"
+    }
     assert texts["Algorithm Name"].startswith("covidscan ")
     assert texts["Algorithm Version"] == case["model"]["covidscan_version"]
     names = [it.PersonName.family_name for it in items if it.ValueType == "PNAME"]
@@ -169,7 +173,9 @@ def test_png_case_gets_a_new_study_with_stable_uids(service, png_case, tmp_path:
     assert sr.PatientID == "PNG-7" and sr.StudyInstanceUID.startswith("2.25.")
     assert sr_of(service, png_case).SOPInstanceUID == sr.SOPInstanceUID  # re-export: the same instance
     assert dciodvfy_errors(get(service, png_case, "sr.dcm").content, tmp_path) == []
-    captures = [pydicom.dcmread(io.BytesIO(get(service, png_case, "sc.dcm", image=i).content)) for i in (0, 1)]
+    captures = [
+        pydicom.dcmread(io.BytesIO(get(service, png_case, "sc.dcm", image=i).content)) for i in (0, 1)
+    ]
     for sc in captures:
         assert sc.StudyInstanceUID == sr.StudyInstanceUID and sc.PatientID == "PNG-7"
         assert "SourceImageSequence" not in sc
@@ -193,8 +199,15 @@ def test_pdf_and_fhir_follow_the_verdict(service, png_case, tmp_path: Path) -> N
     answer = get(service, png_case, "report.pdf")
     assert answer.status_code == 200 and answer.headers["content-type"] == "application/pdf"
     text = pdf_text(answer.content)
-    for words in ("NOT SIGNED — preliminary", "PNG-7", f"case {png_case}", f"{case['group']['p_covid']:.3f}",
-                  "not a diagnosis on its own", "Intended use", "site lab"):
+    for words in (
+        "NOT SIGNED — preliminary",
+        "PNG-7",
+        f"case {png_case}",
+        f"{case['group']['p_covid']:.3f}",
+        "not a diagnosis on its own",
+        "Intended use",
+        "site lab",
+    ):
         assert words in text, words
     fhir = Bundle.model_validate_json(get(service, png_case, "fhir.json").content)
     report = fhir.entry[0].resource
@@ -230,8 +243,22 @@ def test_pdf_and_fhir_follow_the_verdict(service, png_case, tmp_path: Path) -> N
         assert words in text, words
     (tmp_path / "report.pdf").write_bytes(data)
     if shutil.which("pdftoppm"):  # the page as an image, to look at (tests/service/README: records)
-        subprocess.run(["pdftoppm", "-png", "-r", "60", "-f", "1", "-l", "1", str(tmp_path / "report.pdf"),
-                        str(tmp_path / "page")], check=True, timeout=60)
+        subprocess.run(
+            [
+                "pdftoppm",
+                "-png",
+                "-r",
+                "60",
+                "-f",
+                "1",
+                "-l",
+                "1",
+                str(tmp_path / "report.pdf"),
+                str(tmp_path / "page"),
+            ],
+            check=True,
+            timeout=60,
+        )
 
 
 def test_who_may_download_and_when(service, dicom_case) -> None:
@@ -298,3 +325,20 @@ def test_dicom_outputs_and_report_command(service, dicom_case, tmp_path: Path) -
     assert bad.exit_code == 2 and "error:" in bad.output and "sr, sc, pdf, fhir" in bad.output
     unknown = runner.invoke(app, ["report", "999999", "--format", "sr", "--out", str(out), *common])
     assert unknown.exit_code == 2 and "no case 999999" in unknown.output
+
+
+def test_case_page_offers_the_downloads(service, dicom_case) -> None:
+    from fastapi.testclient import TestClient
+
+    from tests.service.test_service_pages import login
+
+    case_id, sources = dicom_case
+    with TestClient(service.client.app, base_url="http://127.0.0.1") as browser:
+        assert login(browser, "doctor").status_code == 303
+        page = browser.get(f"/cases/{case_id}").text
+        links = [f"/api/v1/cases/{case_id}/{what}" for what in ("report.pdf", "sr.dcm", "fhir.json")]
+        links += [f"/api/v1/cases/{case_id}/sc.dcm?image={i}" for i in range(len(sources))]
+        for link in links:
+            assert f'href="{link}"' in page, link
+        answer = browser.get(links[0])  # the session cookie is enough for a download
+        assert answer.status_code == 200 and answer.headers["content-type"] == "application/pdf"

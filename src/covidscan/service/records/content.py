@@ -288,7 +288,7 @@ def gather(session: Session, case_id: int, store: BlobStore) -> CaseRecord:
 
 def plain(markdown: str) -> str:
     """Markdown emphasis and code marks removed (the model card's text, for records that are not HTML)."""
-    return re.sub(r"\*\*|`", "", markdown)
+    return re.sub(r"\*+|`", "", markdown)
 
 
 FINDING_WORDS = {"covid": "COVID-19", "non_covid": "not COVID-19", "indeterminate": "indeterminate"}

@@ -17,6 +17,7 @@ from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
 from reportlab.pdfbase import pdfmetrics
 from reportlab.pdfbase.ttfonts import TTFont
+from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
 
 from covidscan.service.records.content import (
@@ -66,7 +67,17 @@ def report_pdf(record: CaseRecord) -> bytes:
     status = status_words(record)
     story = [
         p(f"covidscan result — case {record.case_id}", title),
-        p(status, warn if not record.signed else ParagraphStyle("ok", parent=body, fontName=bold)),
+        p(
+            status,
+            ParagraphStyle(
+                "status", parent=warn if not record.signed else body, fontName=bold, fontSize=12, leading=15
+            ),
+        ),
+        p(
+            f"{NOT_A_DIAGNOSIS} It supports a doctor's reading of the images; the doctor's verdict is "
+            "the result.",
+            small,
+        ),
         Spacer(1, 3 * mm),
     ]
     facts = [
@@ -119,8 +130,9 @@ def report_pdf(record: CaseRecord) -> bytes:
         )
         story.append(
             p(
-                f"Finding: {FINDING_WORDS[v.finding]} ({'agrees' if v.agree else 'disagrees'} with "
-                f"the model); {signed}."
+                f"Doctor's finding: {FINDING_WORDS[v.finding]} ({'agrees' if v.agree else 'disagrees'} with "
+                f"the model); {signed}.",
+                ParagraphStyle("finding", parent=body, fontName=bold),
             )
         )
         if v.comment.strip():
@@ -155,26 +167,17 @@ def report_pdf(record: CaseRecord) -> bytes:
         picture.thumbnail((400, 400))
         buf = io.BytesIO()
         picture.save(buf, format="PNG")
-        width = 55 * mm
+        width = 42 * mm
         height = width * picture.height / picture.width
         cells.append([Image(io.BytesIO(buf.getvalue()), width=width, height=height), p(caption, small)])
-    rows = [cells[i : i + 3] + [[]] * (3 - len(cells[i : i + 3])) for i in range(0, len(cells), 3)]
-    story.append(Table(rows, colWidths=[60 * mm] * 3, style=[("VALIGN", (0, 0), (-1, -1), "TOP")]))
+    rows = [cells[i : i + 4] + [[]] * (4 - len(cells[i : i + 4])) for i in range(0, len(cells), 4)]
+    story.append(Table(rows, colWidths=[45 * mm] * 4, style=[("VALIGN", (0, 0), (-1, -1), "TOP")]))
     if len(record.images) > MAX_IMAGES:
         story.append(p(f"… and {len(record.images) - MAX_IMAGES} more image(s) (see the case page).", small))
 
     story.append(p("Intended use (from the model card)", head))
     for line in m.intended_use or ("The model card could not be read (the run's folder is missing).",):
         story.append(p(plain(line.lstrip("- ")), small))
-    story += [
-        Spacer(1, 4 * mm),
-        p(
-            NOT_A_DIAGNOSIS + " It supports a doctor's reading of the images; "
-            "the doctor's verdict above is the result.",
-            warn,
-        ),
-    ]
-
     buf = io.BytesIO()
     doc = SimpleDocTemplate(
         buf,
@@ -188,5 +191,16 @@ def report_pdf(record: CaseRecord) -> bytes:
         subject=status,
         creator="covidscan",
     )
-    doc.build(story)
+    footer = f"covidscan case {record.case_id}: {status}. {NOT_A_DIAGNOSIS}"
+
+    def on_page(canvas: Canvas, document: SimpleDocTemplate) -> None:
+        """Every page says what it is and that it is not a diagnosis on its own."""
+        canvas.saveState()
+        canvas.setFont(bold, 8)
+        canvas.setFillColor(colors.HexColor("#9a2b00"))
+        canvas.drawString(15 * mm, 8 * mm, footer)
+        canvas.drawRightString(A4[0] - 15 * mm, 8 * mm, f"page {document.page}")
+        canvas.restoreState()
+
+    doc.build(story, onFirstPage=on_page, onLaterPages=on_page)
     return buf.getvalue()

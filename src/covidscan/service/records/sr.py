@@ -47,7 +47,7 @@ COMMENT_NAME = Code("121106", "DCM", "Comment")
 
 
 def person_name(name: str) -> PersonName:
-    """An account name as a DICOM person name: its family name component alone (``^``, ``=`` are separators)."""
+    """An account name as a DICOM person name: the family name component alone (``^``, ``=`` separate)."""
     return PersonName(name.replace("^", " ").replace("=", " ")[:63] + "^")
 
 
