@@ -13,7 +13,10 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pypdf import PdfReader
-from tests.service.test_service_viewer import ct_series
+from test_service_pages import login
+from test_service_viewer import ct_series
+
+from dicom_files import write_dicom
 
 DCIODVFY = shutil.which("dciodvfy")
 
@@ -97,7 +100,9 @@ def test_sr_before_and_after_signing_and_amended(service, dicom_case, tmp_path: 
     )
     assert signed.VerifyingObserverSequence[0].VerifyingObserverName.family_name == "doctor"
     check_content(service, signed, case_id, finding="840539006")
-    assert dciodvfy_errors(get(service, case_id, "sr.dcm").content, tmp_path) == []
+    raw = get(service, case_id, "sr.dcm").content
+    assert dciodvfy_errors(raw, tmp_path) == []
+    (tmp_path / "signed-sr.dcm").write_bytes(raw)  # the README's dsrdump excerpt
 
     review(service, case_id, "indeterminate", sign=True, reason="second look: artefact")
     amended = sr_of(service, case_id)
@@ -330,8 +335,6 @@ def test_dicom_outputs_and_report_command(service, dicom_case, tmp_path: Path) -
 def test_case_page_offers_the_downloads(service, dicom_case) -> None:
     from fastapi.testclient import TestClient
 
-    from tests.service.test_service_pages import login
-
     case_id, sources = dicom_case
     with TestClient(service.client.app, base_url="http://127.0.0.1") as browser:
         assert login(browser, "doctor").status_code == 303
@@ -342,3 +345,17 @@ def test_case_page_offers_the_downloads(service, dicom_case) -> None:
             assert f'href="{link}"' in page, link
         answer = browser.get(links[0])  # the session cookie is enough for a download
         assert answer.status_code == 200 and answer.headers["content-type"] == "application/pdf"
+
+
+def test_a_case_without_a_model_result_has_no_records(service, ct_slices, tmp_path: Path) -> None:
+    """A radiograph sent to the CT run (write_dicom, Modality CR): no result, so 409 no_result."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(io.BytesIO(ct_slices[0][1])).convert("L"), dtype=np.uint16) * 16
+    path = write_dicom(tmp_path / "chest.dcm", pixels, modality="CR")
+    case_id = service.upload("lab", [(path.name, path.read_bytes())]).json()["id"]
+    assert service.wait(case_id)["status"] == "no_result"
+    for what in ("sr.dcm", "sc.dcm", "report.pdf", "fhir.json"):
+        answer = get(service, case_id, what)
+        assert (answer.status_code, answer.json()["code"]) == (409, "no_result"), what
