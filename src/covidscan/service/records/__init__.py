@@ -52,15 +52,16 @@ def render(record: CaseRecord, fmt: str, *, image: int | None = None) -> Rendere
     if fmt == "sr":
         data = dicom_bytes(sr.structured_report(record))
     elif fmt == "sc":
-        captures = {int(c.InstanceNumber) - 1: c for c in sc.secondary_captures(record)}
-        position = image if image is not None else min(captures, default=None)
-        if position not in captures:
-            which = f"image {image}" if image is not None else "no image"
+        with_cam = [im for im in record.images if im.cam_png is not None]
+        chosen = next((im for im in with_cam if image is None or im.position == image), None)
+        if chosen is None:
+            which = f"image {image} has no" if image is not None else "no image has a"
             raise NotFound(
-                f"case {record.case_id}: {which} has a Grad-CAM overlay; positions with one: "
-                f"{sorted(captures) or 'none'}"
+                f"case {record.case_id}: {which} Grad-CAM overlay; images with one: "
+                f"{[im.position for im in with_cam] or 'none'}"
             )
-        data = dicom_bytes(captures[position])
+        position = chosen.position
+        data = dicom_bytes(sc.secondary_capture(record, chosen))
     elif fmt == "pdf":
         data = pdf.report_pdf(record)
     elif fmt == "fhir":

@@ -28,6 +28,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from covidscan.errors import CovidscanError
+from covidscan.evaluation.model_card import intended_use
 from covidscan.service.cases import current_review
 from covidscan.service.errors import Conflict, ErrorCode, NotFound
 from covidscan.service.models import Case, Review
@@ -203,8 +204,6 @@ def _checkpoint_weights(run_dir: str | None) -> str | None:
 
 
 def _intended_use(run_dir: str | None) -> tuple[str, ...]:
-    from covidscan.evaluation.model_card import intended_use
-
     try:
         return tuple(intended_use(run_dir)) if run_dir else ()
     except CovidscanError:  # the run's folder moved or was damaged since: the record says so

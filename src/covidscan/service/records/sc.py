@@ -75,42 +75,42 @@ def patient_orientation(image: SourceImage, modality: str) -> tuple[str, str]:
     return ("L", "P") if modality == "ct" else ("L", "F")
 
 
+def secondary_capture(record: CaseRecord, image: SourceImage) -> hd.sc.SCImage | None:
+    """The RGB Secondary Capture of one image's Grad-CAM overlay; None for an image without one."""
+    pixels = image.overlay()
+    if pixels is None:
+        return None
+    sc = hd.sc.SCImage.from_ref_dataset(
+        ref_dataset=study_dataset(record),
+        pixel_array=pixels,
+        photometric_interpretation="RGB",
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=record.versioned_uid("sc-series"),
+        series_number=SC_SERIES_BASE + record.version,
+        sop_instance_uid=record.versioned_uid("sc", image.position),
+        instance_number=image.position + 1,
+        manufacturer=MANUFACTURER,
+        patient_orientation=patient_orientation(image, record.model.modality),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+        series_description=f"covidscan Grad-CAM overlay, report v{record.version}"[:64],
+        manufacturer_model_name=record.model.model_name[:64],
+        software_versions=record.model.covidscan_version[:64],
+    )
+    # Type 2C: dciodvfy wants it present; a chest is not a paired body part, so usually empty
+    sc.Laterality = image.dicom.get("Laterality", "") if image.dicom is not None else ""
+    sc.BurnedInAnnotation = "NO"  # heat colours and an outline only: no text, nothing identifying
+    sc.DerivationDescription = (
+        f"Grad-CAM of {record.model.run} over image {image.position + 1} at {CAM_OPACITY:.0%} opacity"
+    )[:1024]
+    if image.dicom is not None:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = image.dicom.SOPClassUID
+        ref.ReferencedSOPInstanceUID = image.dicom.SOPInstanceUID
+        sc.SourceImageSequence = [ref]
+    return sc
+
+
 def secondary_captures(record: CaseRecord) -> list[hd.sc.SCImage]:
     """One RGB Secondary Capture per image with a Grad-CAM overlay, in image order."""
-    study = study_dataset(record)
-    series_uid = record.versioned_uid("sc-series")
-    out = []
-    for image in record.images:
-        pixels = image.overlay()
-        if pixels is None:
-            continue
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=study,
-            pixel_array=pixels,
-            photometric_interpretation="RGB",
-            bits_allocated=8,
-            coordinate_system="PATIENT",
-            series_instance_uid=series_uid,
-            series_number=SC_SERIES_BASE + record.version,
-            sop_instance_uid=record.versioned_uid("sc", image.position),
-            instance_number=image.position + 1,
-            manufacturer=MANUFACTURER,
-            patient_orientation=patient_orientation(image, record.model.modality),
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            series_description=f"covidscan Grad-CAM overlay, report v{record.version}"[:64],
-            manufacturer_model_name=record.model.model_name[:64],
-            software_versions=record.model.covidscan_version[:64],
-        )
-        # Type 2C: dciodvfy wants it present; a chest is not a paired body part, so usually empty
-        sc.Laterality = image.dicom.get("Laterality", "") if image.dicom is not None else ""
-        sc.BurnedInAnnotation = "NO"  # heat colours and an outline only: no text, nothing identifying
-        sc.DerivationDescription = (
-            f"Grad-CAM of {record.model.run} over image {image.position + 1} at {CAM_OPACITY:.0%} opacity"
-        )[:1024]
-        if image.dicom is not None:
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = image.dicom.SOPClassUID
-            ref.ReferencedSOPInstanceUID = image.dicom.SOPInstanceUID
-            sc.SourceImageSequence = [ref]
-        out.append(sc)
-    return out
+    return [sc for image in record.images if (sc := secondary_capture(record, image)) is not None]
