@@ -14,7 +14,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pypdf import PdfReader
 from test_service_pages import login
-from test_service_viewer import ct_series
+from test_service_viewer import SHARED_DICOM, ct_series
 
 from dicom_files import write_dicom
 
@@ -359,3 +359,20 @@ def test_a_case_without_a_model_result_has_no_records(service, ct_slices, tmp_pa
     for what in ("sr.dcm", "sc.dcm", "report.pdf", "fhir.json"):
         answer = get(service, case_id, what)
         assert (answer.status_code, answer.json()["code"]) == (409, "no_result"), what
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not SHARED_DICOM.is_dir(), reason=f"no real DICOM samples at {SHARED_DICOM} (../shared)")
+def test_records_of_a_real_ct_file(service, tmp_path: Path) -> None:
+    """A real scanner's CT file (pydicom's CT_small.dcm from ../shared): its patient and study carry over."""
+    data = (SHARED_DICOM / "CT_small.dcm").read_bytes()
+    source = pydicom.dcmread(io.BytesIO(data))
+    case_id = service.upload("lab", [("CT_small.dcm", data)]).json()["id"]
+    assert service.wait(case_id)["status"] == "ready"
+    review(service, case_id, "covid", sign=True)
+    for what in ("sr.dcm", "sc.dcm"):
+        raw = get(service, case_id, what).content
+        assert dciodvfy_errors(raw, tmp_path) == [], what
+        ds = pydicom.dcmread(io.BytesIO(raw))
+        assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientName == source.PatientName
+        assert ds.PatientID == source.PatientID and ds.get("StudyDate") == source.get("StudyDate")

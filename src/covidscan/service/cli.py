@@ -330,6 +330,7 @@ def report(
     """Write a case's result record (its current verdict version; preliminary before signing)."""
     from covidscan.service.records import FORMATS, gather, render
 
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines on copied modules are noise
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: give one of {', '.join(FORMATS)}")
     db, store = _open(data_dir, database_url)
