@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pypdf import PdfReader
+from sqlalchemy.orm import Session
 from test_service_pages import login
 from test_service_viewer import SHARED_DICOM, ct_series
 
@@ -286,16 +287,13 @@ def test_no_records_before_a_prediction(service, dicom_case) -> None:
     case_id, _ = dicom_case
     db = Database(service.database_url)
     try:
-        with db.engine.connect() as conn:
-            from sqlalchemy.orm import Session
-
-            with Session(bind=conn) as s:
-                s.get(Case, case_id).status = "queued"
-                s.flush()
-                with pytest.raises(Conflict) as caught:
-                    gather(s, case_id, BlobStore(service.data_dir / "blobs"))
-                assert caught.value.code == ErrorCode.NOT_READY
-                s.rollback()
+        with db.engine.connect() as conn, Session(bind=conn) as s:
+            s.get(Case, case_id).status = "queued"
+            s.flush()
+            with pytest.raises(Conflict) as caught:
+                gather(s, case_id, BlobStore(service.data_dir / "blobs"))
+            assert caught.value.code == ErrorCode.NOT_READY
+            s.rollback()
     finally:
         db.dispose()
 

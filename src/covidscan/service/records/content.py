@@ -72,8 +72,6 @@ class SourceImage:
 
     position: int
     name: str
-    width: int
-    height: int
     p_covid: float | None
     label: str | None
     uncertain: bool | None
@@ -245,8 +243,6 @@ def gather(session: Session, case_id: int, store: BlobStore) -> CaseRecord:
         SourceImage(
             position=im.position,
             name=im.original_name,
-            width=im.width,
-            height=im.height,
             p_covid=im.p_covid,
             label=im.label,
             uncertain=im.uncertain,
