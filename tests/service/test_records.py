@@ -12,6 +12,7 @@ import highdicom as hd
 import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
+from pydicom.sr.codedict import codes
 from pypdf import PdfReader
 from sqlalchemy.orm import Session
 from test_service_pages import login
@@ -118,23 +119,26 @@ def test_sr_before_and_after_signing_and_amended(service, dicom_case, tmp_path: 
 
 
 def check_content(service, sr: hd.sr.Comprehensive3DSR, case_id: int, *, finding: str) -> None:
-    """The SR's TID 1501 group: the finding code, the probability, the algorithm; the person observer."""
+    """The SR's TID 1501 group as highdicom reads it: the finding code, the probability, the algorithm;
+    the doctor as person observer."""
     case = service.client.get(f"/api/v1/cases/{case_id}", headers=service.auth("doctor")).json()
-    items = flatten(sr.ContentSequence)
-    codes = [it.ConceptCodeSequence[0].CodeValue for it in items if it.ValueType == "CODE"]
-    assert finding in codes
-    nums = [it for it in items if it.ValueType == "NUM"]
-    assert len(nums) == 1
-    value = float(nums[0].MeasuredValueSequence[0].NumericValue)
-    assert value == pytest.approx(case["group"]["p_covid"], abs=1e-6)
-    assert nums[0].MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue == "{probability}"
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    (group,) = report.get_image_measurement_groups()
+    (evaluation,) = group.get_qualitative_evaluations()
+    assert (evaluation.name.value, evaluation.value.value) == ("121073", finding)
+    (probability,) = group.get_measurements()
+    assert probability.value == pytest.approx(case["group"]["p_covid"], abs=1e-6)
+    assert probability.unit.value == "{probability}"
     texts = {
-        it.ConceptNameCodeSequence[0].CodeMeaning: it.TextValue for it in items if it.ValueType == "TEXT"
+        it.ConceptNameCodeSequence[0].CodeMeaning: it.TextValue
+        for it in flatten(sr.ContentSequence)
+        if it.ValueType == "TEXT"
     }
     assert texts["Algorithm Name"].startswith("covidscan ")
     assert texts["Algorithm Version"] == case["model"]["covidscan_version"]
-    names = [it.PersonName.family_name for it in items if it.ValueType == "PNAME"]
-    assert names == ["doctor"]
+    (person,) = report.get_observer_contexts(observer_type=codes.DCM.Person)
+    assert person.observer_identifying_attributes.name.family_name == "doctor"
 
 
 def flatten(sequence) -> list:

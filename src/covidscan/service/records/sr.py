@@ -31,7 +31,9 @@ from covidscan.service.records.sc import MANUFACTURER, secondary_captures, study
 
 SR_SERIES_NUMBER = 9900
 LOCAL_SCHEME = "99COVIDSCAN"  # covidscan's own codes (a "99" designator is a local coding scheme)
-FINDING_NAME = Code("121071", "DCM", "Finding")
+# Not (121071, DCM, "Finding"): TID 1501 uses that concept for the group's finding type, and readers
+# (highdicom among them) do not take an item of that name as a qualitative evaluation.
+FINDING_NAME = Code("121073", "DCM", "Impression")
 FINDING_CODES = {
     "covid": Code("840539006", "SCT", "Disease caused by SARS-CoV-2"),
     "non_covid": Code("260415000", "SCT", "Not detected"),
