@@ -37,8 +37,17 @@ def get(service, case_id: int, what: str, name: str = "doctor", **params):
     return service.client.get(f"/api/v1/cases/{case_id}/{what}", headers=service.auth(name), params=params)
 
 
-def review(service, case_id: int, finding: str, *, sign: bool, reason: str | None = None, comment: str = ""):
-    body = {"agree": True, "finding": finding, "comment": comment, "sign": sign}
+def review(
+    service,
+    case_id: int,
+    finding: str,
+    *,
+    sign: bool,
+    reason: str | None = None,
+    comment: str = "",
+    agree: bool = True,
+):
+    body = {"agree": agree, "finding": finding, "comment": comment, "sign": sign}
     if reason:
         body["amendment_reason"] = reason
     answer = service.client.post(f"/api/v1/cases/{case_id}/review", headers=service.auth("doctor"), json=body)
@@ -106,7 +115,7 @@ def test_sr_before_and_after_signing_and_amended(service, dicom_case, tmp_path: 
     assert dciodvfy_errors(raw, tmp_path) == []
     (tmp_path / "signed-sr.dcm").write_bytes(raw)  # the README's dsrdump excerpt
 
-    review(service, case_id, "indeterminate", sign=True, reason="second look: artefact")
+    review(service, case_id, "indeterminate", sign=True, reason="second look: artefact", agree=False)
     amended = sr_of(service, case_id)
     assert amended.SOPInstanceUID not in (signed.SOPInstanceUID, first.SOPInstanceUID)
     assert amended.SeriesInstanceUID == signed.SeriesInstanceUID and amended.InstanceNumber == 2
@@ -243,7 +252,7 @@ def test_pdf_and_fhir_follow_the_verdict(service, png_case, tmp_path: Path) -> N
     assert observation.device.reference == next(e.fullUrl for e in fhir.entry if e.resource is device)
     assert device.version[0].value == case["model"]["covidscan_version"]
 
-    review(service, png_case, "covid", sign=True, reason="new clinical information")
+    review(service, png_case, "covid", sign=True, reason="new clinical information", agree=False)
     amended = Bundle.model_validate_json(get(service, png_case, "fhir.json").content)
     assert amended.entry[0].resource.status == "amended"
     assert amended.entry[0].fullUrl != fhir.entry[0].fullUrl
