@@ -387,3 +387,18 @@ def test_records_of_a_real_ct_file(service, tmp_path: Path) -> None:
         ds = pydicom.dcmread(io.BytesIO(raw))
         assert ds.StudyInstanceUID == source.StudyInstanceUID and ds.PatientName == source.PatientName
         assert ds.PatientID == source.PatientID and ds.get("StudyDate") == source.get("StudyDate")
+
+
+def test_any_text_makes_valid_dicom(service, ct_slices, tmp_path: Path) -> None:
+    """A patient id with a backslash (DICOM's value separator) and letters beyond ASCII, a comment in
+    another script: the SR and SC are UTF-8 (ISO_IR 192) and still valid."""
+    case_id = service.upload("lab", ct_slices[2:3], patient_id="Zoë\\Ø-7").json()["id"]
+    assert service.wait(case_id)["status"] == "ready"
+    review(service, case_id, "covid", sign=True, comment="opacités en verre dépoli; 磨玻璃影")
+    sr = sr_of(service, case_id)
+    assert sr.SpecificCharacterSet == "ISO_IR 192" and sr.PatientID == "Zoë_Ø-7"
+    texts = [it.TextValue for it in flatten(sr.ContentSequence) if it.ValueType == "TEXT"]
+    assert "opacités en verre dépoli; 磨玻璃影" in texts
+    for what in ("sr.dcm", "sc.dcm"):
+        assert dciodvfy_errors(get(service, case_id, what).content, tmp_path) == [], what
+    assert "Zoë\\Ø-7" in pdf_text(get(service, case_id, "report.pdf").content)

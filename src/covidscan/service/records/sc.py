@@ -10,6 +10,8 @@ BurnedInAnnotation is ``NO``.
 
 from __future__ import annotations
 
+import re
+
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
@@ -19,6 +21,7 @@ from pydicom.valuerep import PersonName
 from covidscan.service.records.content import CAM_OPACITY, CaseRecord, SourceImage
 
 MANUFACTURER = "covidscan"
+CHARSET = "ISO_IR 192"  # UTF-8
 SC_SERIES_BASE = 9910  # the SC series of report version N is number 9910 + N (the SR series is 9900)
 PATIENT_STUDY_TAGS = (
     "PatientName",
@@ -49,13 +52,18 @@ def study_dataset(record: CaseRecord) -> Dataset:
         ds.StudyDate = record.created_at.strftime("%Y%m%d")
         ds.StudyTime = record.created_at.strftime("%H%M%S")
         ds.StudyID = f"CS{record.case_id}"[:16]
-    if not ds.PatientID:
-        ds.PatientID = (record.patient_id or f"case-{record.case_id}")[:64]
+    if not ds.PatientID:  # sanitised before it is set: pydicom splits a value at each backslash
+        ds.PatientID = dicom_text(record.patient_id or f"case-{record.case_id}")
     if ds.PatientName is None:
         ds.PatientName = PersonName("")
-    if source is not None and source.get("SpecificCharacterSet"):
-        ds.SpecificCharacterSet = source.SpecificCharacterSet
+    # UTF-8 whatever the originals used: pydicom decoded their names, and comments may be in any script
+    ds.SpecificCharacterSet = CHARSET
     return ds
+
+
+def dicom_text(text: str, limit: int = 64) -> str:
+    """``text`` as a single DICOM LO/SH value: no backslash (the value separator), no control characters."""
+    return re.sub(r"[\\\x00-\x1f]", "_", text)[:limit]
 
 
 def patient_orientation(image: SourceImage, modality: str) -> tuple[str, str]:
@@ -93,9 +101,10 @@ def secondary_capture(record: CaseRecord, image: SourceImage) -> hd.sc.SCImage |
         manufacturer=MANUFACTURER,
         patient_orientation=patient_orientation(image, record.model.modality),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=f"covidscan Grad-CAM overlay, report v{record.version}"[:64],
-        manufacturer_model_name=record.model.model_name[:64],
-        software_versions=record.model.covidscan_version[:64],
+        series_description=f"covidscan Grad-CAM overlay, report v{record.version}",
+        manufacturer_model_name=dicom_text(record.model.model_name),
+        software_versions=dicom_text(record.model.covidscan_version),
+        specific_character_set=CHARSET,
     )
     # Type 2C: dciodvfy wants it present; a chest is not a paired body part, so usually empty
     sc.Laterality = image.dicom.get("Laterality", "") if image.dicom is not None else ""

@@ -27,7 +27,7 @@ from pydicom.uid import ComprehensiveSRStorage
 from pydicom.valuerep import PersonName
 
 from covidscan.service.records.content import CaseRecord
-from covidscan.service.records.sc import MANUFACTURER, secondary_captures, study_dataset
+from covidscan.service.records.sc import CHARSET, MANUFACTURER, dicom_text, secondary_captures, study_dataset
 
 SR_SERIES_NUMBER = 9900
 LOCAL_SCHEME = "99COVIDSCAN"  # covidscan's own codes (a "99" designator is a local coding scheme)
@@ -50,7 +50,7 @@ COMMENT_NAME = Code("121106", "DCM", "Comment")
 
 def person_name(name: str) -> PersonName:
     """An account name as a DICOM person name: the family name component alone (``^``, ``=`` separate)."""
-    return PersonName(name.replace("^", " ").replace("=", " ")[:63] + "^")
+    return PersonName(dicom_text(name.replace("^", " ").replace("=", " "), 63) + "^")
 
 
 def sr_uid(record: CaseRecord, version_key: str) -> str:
@@ -157,7 +157,7 @@ def structured_report(record: CaseRecord) -> hd.sr.Comprehensive3DSR:
         is_final=signed,
         is_verified=signed,
         verifying_observer_name=person_name(record.verdict.doctor) if signed else None,
-        verifying_organization=record.site.name[:64] if signed else None,
+        verifying_organization=dicom_text(record.site.name) if signed else None,
         previous_versions=previous,
         coding_schemes=[
             CodingSchemeIdentificationItem(
@@ -167,8 +167,9 @@ def structured_report(record: CaseRecord) -> hd.sr.Comprehensive3DSR:
             )
         ],
         series_description="covidscan report",
-        manufacturer_model_name=record.model.model_name[:64],
-        software_versions=record.model.covidscan_version[:64],
+        manufacturer_model_name=dicom_text(record.model.model_name),
+        software_versions=dicom_text(record.model.covidscan_version),
+        specific_character_set=CHARSET,
         content_date=when.date(),
         content_time=when.time().replace(microsecond=0),
     )
