@@ -229,14 +229,16 @@ def gather(session: Session, case_id: int, store: BlobStore) -> CaseRecord:
         .first()
     )
     if case is None:
-        raise NotFound(f"no case {case_id}")
+        raise NotFound(f"no case {case_id}; give the id of an existing case (the worklist lists them)")
     if case.status in ("queued", "running"):
         raise Conflict(
-            f"case {case_id} is {case.status}: its records exist once it is predicted", ErrorCode.NOT_READY
+            f"case {case_id} is {case.status}: ask again once it is predicted (its status then says ready)",
+            ErrorCode.NOT_READY,
         )
     if case.group is None:
         raise Conflict(
-            f"case {case_id} has no model result ({case.no_result}); there is nothing to report",
+            f"case {case_id} has no model result ({case.no_result}); its verdict is on the case page, and "
+            "these records, built around the model's result, are not written for it",
             ErrorCode.NO_RESULT,
         )
     images = tuple(
