@@ -402,3 +402,29 @@ def test_any_text_makes_valid_dicom(service, ct_slices, tmp_path: Path) -> None:
     for what in ("sr.dcm", "sc.dcm"):
         assert dciodvfy_errors(get(service, case_id, what).content, tmp_path) == [], what
     assert "Zoë\\Ø-7" in pdf_text(get(service, case_id, "report.pdf").content)
+
+
+def test_a_doctor_downloads_the_records_in_chromium(service, dicom_case, tiny_run, tmp_path: Path) -> None:
+    """The case page's buttons in a real browser on a real server: the PDF and the SR download."""
+    from service_helpers import uvicorn_server
+    from test_service_browser import chromium_page
+
+    from conftest import PASSWORD
+    from covidscan.service.settings import ServiceSettings
+
+    case_id, _ = dicom_case
+    settings = ServiceSettings(
+        data_dir=service.data_dir, database_url=service.database_url, run=tiny_run, worker=False
+    )
+    with uvicorn_server(settings) as url, chromium_page(1280, 1000) as page:
+        page.goto(f"{url}/cases/{case_id}")
+        page.fill("input[name=name]", "doctor")
+        page.fill("input[name=password]", PASSWORD)
+        page.click("button[type=submit]")
+        page.wait_for_url(f"{url}/cases/{case_id}")
+        for label, magic in (("PDF report", b"%PDF-"), ("DICOM SR", b"DICM")):
+            with page.expect_download() as download:
+                page.click(f"#records a:text('{label}')")
+            data = Path(download.value.path()).read_bytes()
+            assert magic in data[:132], label
+        page.locator("#records").screenshot(path=str(tmp_path / "records-panel.png"))
