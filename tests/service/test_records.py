@@ -428,3 +428,23 @@ def test_a_doctor_downloads_the_records_in_chromium(service, dicom_case, tiny_ru
             data = Path(download.value.path()).read_bytes()
             assert magic in data[:132], label
         page.locator("#records").screenshot(path=str(tmp_path / "records-panel.png"))
+
+
+def test_reader_first_withholds_the_records_until_the_first_read(service, ct_slices) -> None:
+    """A new site is read reader-first: its records, like its result, wait for the doctor's own read."""
+    answer = service.client.post(
+        "/api/v1/cases",
+        headers=service.auth("lab"),
+        data={"site": "records-new-site"},
+        files=[("files", (n, b, "application/octet-stream")) for n, b in ct_slices[3:4]],
+    )
+    case_id = answer.json()["id"]
+    assert service.wait(case_id, name="lab")["status"] == "ready"
+    withheld = get(service, case_id, "fhir.json")
+    assert (withheld.status_code, withheld.json()["code"]) == (409, "hidden_until_first_read")
+    assert get(service, case_id, "fhir.json", name="lab").status_code == 200  # the sender is not a reader
+    read = service.client.post(
+        f"/api/v1/cases/{case_id}/first-read", headers=service.auth("doctor"), json={"finding": "covid"}
+    )
+    assert read.status_code == 201, read.text
+    assert get(service, case_id, "fhir.json").status_code == 200
