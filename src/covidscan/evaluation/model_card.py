@@ -496,3 +496,8 @@ def write_model_card(run_dir: str | Path) -> Path:
         raise StorageError(f"cannot write {path}: {exc.strerror or exc}; check the folder's permissions") \
             from None
     return path
+
+
+def intended_use(run_dir: str | Path) -> list[str]:
+    """The paragraphs of a run's *Intended use* section (Markdown), for records that quote the card."""
+    return [line for line in _intended_use(_read_run(run_dir))[1:] if line]

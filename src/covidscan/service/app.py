@@ -163,7 +163,7 @@ def _authenticated(request: Request) -> bool:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
-    from covidscan.service.routers import account_pages, accounts, site_pages, sites
+    from covidscan.service.routers import account_pages, accounts, records, site_pages, sites
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -203,6 +203,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(site_pages.router)
     app.include_router(accounts.router)
     app.include_router(account_pages.router)
+    app.include_router(records.router)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:

@@ -1,4 +1,4 @@
-"""Commands of the review service: ``serve``, ``worker``, ``users``, ``send`` and ``audit-log``.
+"""Commands of the review service: ``serve``, ``worker``, ``users``, ``send``, ``report`` and ``audit-log``.
 
 They only parse arguments and call the service's library functions; ``register`` adds them to the main
 ``covidscan`` application. Every setting can also come from a ``COVIDSCAN_*`` environment variable
@@ -317,6 +317,35 @@ def send(
     raise typer.Exit(1)
 
 
+def report(
+    case: Annotated[int, typer.Argument(help="The case's id.")],
+    out_file: Annotated[Path, typer.Option("--out", help="The file to write.")],
+    fmt: Annotated[str, typer.Option("--format", help="sr (DICOM SR), sc (Secondary Capture), pdf or fhir.")],
+    image: Annotated[
+        int | None, typer.Option("--image", help="sc: the image position (default: the first with a CAM).")
+    ] = None,
+    data_dir: DataDir = None,
+    database_url: DatabaseUrl = None,
+) -> None:
+    """Write a case's result record (its current verdict version; preliminary before signing)."""
+    from covidscan.service.records import FORMATS, gather, render
+
+    logging.getLogger("highdicom").setLevel(logging.WARNING)  # its INFO lines on copied modules are noise
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt!r}: give one of {', '.join(FORMATS)}")
+    db, store = _open(data_dir, database_url)
+    with db.session() as s:
+        found = gather(s, case, store)
+    db.dispose()
+    rendered = render(found, fmt, image=image)
+    try:
+        out_file.write_bytes(rendered.data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {out_file}: {exc.strerror or exc}; give another --out") from None
+    state = "signed" if found.signed else "preliminary"
+    out.print(f"wrote {out_file}: case {case}, version {found.version} ({state}), {len(rendered.data)} bytes")
+
+
 def _verified(data_dir: Path | None, database_url: str | None, head: str | None):  # -> ChainReport
     """The chain's report, failed when ``head`` (SEQ:HASH, or a file holding it) is no longer in it."""
     from dataclasses import replace
@@ -373,5 +402,6 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.command("worker")(worker)
     app.command("send")(send)
+    app.command("report")(report)
     app.add_typer(users_app, name="users")
     app.add_typer(audit_app, name="audit-log")

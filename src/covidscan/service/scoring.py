@@ -158,6 +158,7 @@ class Scorer:
             "model_name": checkpoint.model_name,
             "modality": checkpoint.modality,
             "covidscan_version": checkpoint.covidscan_version,
+            "weights_sha256": checkpoint.weights_sha256,  # what result records name the model by
             "threshold": cal.threshold,
             "patient_threshold": cal.group_threshold(2),
             "temperature": cal.temperature,
