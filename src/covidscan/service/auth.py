@@ -332,6 +332,9 @@ def authenticate(db: Session, name: str, password: str, client: Client) -> User:
     tried = attempt(refused=False)
     user = check_password(db, name, password)
     if user is None:
+        # The wait runs from the failure, not from the start of a check that may take a while under load.
+        db.execute(update(LoginFailure).where(LoginFailure.id == tried.id).values(at=utcnow()))
+        db.commit()
         raise WrongPassword("wrong name or password")
     # Forget this attempt, what is stale, and this browser's own typos; others' failures (a guesser's) stay.
     forget = or_(LoginFailure.id == tried.id, LoginFailure.at < utcnow() - THROTTLE_WINDOW)
