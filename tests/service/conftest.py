@@ -132,3 +132,14 @@ def service(database_url: str, tiny_run: Path, tmp_path_factory: pytest.TempPath
     )
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         yield Service(client, data_dir, database_url, tokens)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real Orthanc PACS (Debian's, with DICOMweb) per module on free local ports; skips when absent."""
+    from orthanc import MISSING, available, orthanc_server
+
+    if not available():
+        pytest.skip(MISSING)
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as server:
+        yield server
