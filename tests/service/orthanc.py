@@ -62,7 +62,9 @@ class Orthanc:
 
     def datasets(self) -> list[Dataset]:
         """Every instance it holds, downloaded (``/instances/{id}/file``) and parsed with pydicom."""
-        return [pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in self.instances()]
+        return [
+            pydicom.dcmread(io.BytesIO(self.get(f"/instances/{i}/file").content)) for i in self.instances()
+        ]
 
     def clear(self) -> None:
         """Delete every patient (and so every instance) it holds: each test starts from an empty PACS."""
