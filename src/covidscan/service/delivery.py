@@ -124,16 +124,16 @@ def _check(dest: Destination) -> None:
 
 def _flush_named(db: Session, dest: Destination) -> None:
     """Write ``dest``; another destination with its name is a 409 ``destination_name_taken``."""
-    taken = db.scalar(select(Destination.id).where(Destination.name == dest.name, Destination.id != dest.id))
-    if taken is not None:
-        raise Conflict(f"a destination called {dest.name!r} exists already", ErrorCode.DESTINATION_NAME_TAKEN)
+    taken = Conflict(f"a destination called {dest.name!r} exists already", ErrorCode.DESTINATION_NAME_TAKEN)
+    with db.no_autoflush:  # what the table holds, not ``dest`` itself flushed by the query
+        holder = db.scalar(select(Destination.id).where(Destination.name == dest.name))
+    if holder is not None and holder != dest.id:
+        raise taken
     try:
         with db.begin_nested():
             db.flush()
     except IntegrityError:  # the same name added at the same moment
-        raise Conflict(
-            f"a destination called {dest.name!r} exists already", ErrorCode.DESTINATION_NAME_TAKEN
-        ) from None
+        raise taken from None
 
 
 def _shown(dest: Destination) -> dict[str, Any]:
@@ -549,6 +549,8 @@ class Sender:
         """Build and send a claimed delivery's outputs; store the outcome while still its owner."""
         with self.db.session() as s:
             delivery = s.get(Delivery, delivery_id)
+            if delivery.owner != self.owner or delivery.state != "sending":
+                return  # taken over while this worker was away (its lease ran out): never sent twice
             case_id, version = delivery.case_id, delivery.review_version
             target = Target.of(delivery.destination) if delivery.destination else None
             datasets: list[Dataset] = []
