@@ -10,8 +10,9 @@ version, sends them, and records ``delivery_sent`` or, after the last retry, ``d
 audit log. Failed attempts wait 1, 5, 15, then 60 minutes (``COVIDSCAN_DELIVERY_RETRY_SECONDS``).
 
 The DICOM outputs (the SR and the Secondary Captures of the signed version) are built by an ``outputs``
-callable, by default :func:`covidscan.service.records.dicom_outputs`. A destination is sent the same SOP
-Instance UIDs on every retry of a version, so a retry after a partial send leaves no duplicates.
+callable; the worker's is :func:`default_outputs` (:func:`covidscan.service.records.dicom_outputs`). A
+destination must be sent the same SOP Instance UIDs on every retry of a version, so that a retry after a
+partial send leaves no duplicates: the records derive them from the case and version.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from covidscan.service.audit import record
 from covidscan.service.db import Database
 from covidscan.service.errors import Conflict, DestinationInvalid, ErrorCode
 from covidscan.service.models import DESTINATION_KINDS, Case, Delivery, Destination, Review, User, utcnow
+from covidscan.service.storage import BlobStore
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,16 @@ Outputs = Callable[[Session, int], list[Dataset]]
 """Builds the DICOM outputs of a case's current signed version: ``outputs(session, case_id)``."""
 
 
-def default_outputs(s: Session, case_id: int) -> list[Dataset]:
-    """The SR and Secondary Captures of the case's signed version, from the records module."""
-    from covidscan.service.records import dicom_outputs  # the records' own imports, only when sending
+def default_outputs(store: BlobStore) -> Outputs:
+    """The SR and Secondary Captures of a case's signed version, from the records module: the one seam
+    between sending and the records (``store`` holds the images and Grad-CAM overlays they are made of)."""
 
-    return dicom_outputs(s, case_id)
+    def outputs(s: Session, case_id: int) -> list[Dataset]:
+        from covidscan.service.records import dicom_outputs  # the records' own imports, only when sending
+
+        return dicom_outputs(s, case_id)
+
+    return outputs
 
 
 class DeliveryError(CovidscanError):
@@ -495,12 +502,12 @@ class Sender:
         *,
         owner: str,
         stale_owners: Callable[[list[str]], list[str]],
-        outputs: Outputs | None = None,
+        outputs: Outputs,
         retry_seconds: Sequence[float] = RETRY_SECONDS,
         timeout: float = TIMEOUT,
     ) -> None:
         self.db, self.owner, self.stale_owners = db, owner, stale_owners
-        self.outputs = outputs or default_outputs
+        self.outputs = outputs
         self.retry_seconds, self.timeout = tuple(retry_seconds), timeout
 
     @property

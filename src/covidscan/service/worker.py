@@ -30,7 +30,7 @@ from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import no_result_reason, priority
 from covidscan.service.db import Database
-from covidscan.service.delivery import RETRY_SECONDS, Sender
+from covidscan.service.delivery import RETRY_SECONDS, Sender, default_outputs
 from covidscan.service.errors import StorageFull
 from covidscan.service.models import Case, CaseImage, Job, Setting, SiteRun, utcnow
 from covidscan.service.monitoring import after_prediction
@@ -95,7 +95,11 @@ class Worker:
         self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
         # Signed results to the PACS, in a thread of their own: a slow PACS never holds up prediction.
         self.sender = Sender(
-            db, owner=self.owner, stale_owners=self._stale_owners, retry_seconds=delivery_retry_seconds
+            db,
+            owner=self.owner,
+            stale_owners=self._stale_owners,
+            outputs=default_outputs(store),
+            retry_seconds=delivery_retry_seconds,
         )
         self._scorers: dict[str, Scorer] = {}
         self._stop = threading.Event()
