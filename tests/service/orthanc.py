@@ -44,6 +44,7 @@ class Orthanc:
     dicom_port: int
     ae_title: str
     log: Path
+    modalities: dict[str, tuple[str, int]]  # the DICOM peers of its config: name -> (AE title, port)
 
     @property
     def dicomweb(self) -> str:
@@ -148,7 +149,7 @@ def orthanc_server(root: Path, modalities: dict[str, tuple[str, int]] | None = N
             if time.monotonic() > deadline:
                 raise RuntimeError(f"Orthanc did not answer /system in 60 s: {log.read_text()[-3000:]}")
             time.sleep(0.1)
-        yield Orthanc(url, dicom_port, AE_TITLE, log)
+        yield Orthanc(url, dicom_port, AE_TITLE, log, dict(modalities or {}))
     finally:
         proc.terminate()  # Orthanc stops cleanly on SIGTERM
         try:

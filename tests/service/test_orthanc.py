@@ -44,6 +44,7 @@ def test_orthanc_runs_on_free_loopback_ports_with_its_dicomweb_plugin(orthanc: O
     assert system["DicomAet"] == AE_TITLE and system["DicomPort"] == orthanc.dicom_port
     assert orthanc.dicom_port != 4242 and not orthanc.url.endswith(":8042")  # never the system service's
     assert "dicom-web" in orthanc.get("/plugins").json()
+    assert "covidscan" in orthanc.get("/modalities").json()  # covidscan's listener, named in its config
     assert orthanc.get("/dicom-web/studies").status_code == 200
 
 
@@ -104,7 +105,7 @@ def test_end_to_end_orthanc_pushes_to_covidscan_a_doctor_signs_and_sr_and_sc_com
     from covidscan.service.settings import ServiceSettings
 
     tokens = add_accounts(tmp_path, f"sqlite:///{tmp_path / 'e2e.sqlite3'}")
-    listener = free_port()
+    listener = orthanc.modalities["covidscan"][1]  # the port Orthanc's config names for covidscan
     settings = ServiceSettings(
         data_dir=tmp_path,
         database_url=f"sqlite:///{tmp_path / 'e2e.sqlite3'}",
@@ -129,7 +130,6 @@ def test_end_to_end_orthanc_pushes_to_covidscan_a_doctor_signs_and_sr_and_sc_com
         }
         assert httpx.post(f"{url}/api/v1/destinations", headers=admin, json=dest).status_code == 201
         sources = [orthanc.upload(data) for data in files]
-        orthanc.add_modality("covidscan", "COVIDSCAN", listener)
         assert orthanc.push("covidscan", sources)["FailedInstancesCount"] == 0
         deadline, cases = time.monotonic() + 120, []
         while time.monotonic() < deadline and not cases:  # a series becomes a case after its quiet period
