@@ -499,6 +499,53 @@ def test_deliveries_wait_while_their_destination_is_inactive_and_fail_once_it_is
     assert deliveries_of(db, case_id)[0].state == "sent" and len(orthanc.instances()) == 1
 
 
+def test_a_version_not_yet_sent_when_an_amendment_is_signed_is_superseded_by_it(quiet) -> None:
+    from covidscan.service.cases import submit_review
+    from covidscan.service.delivery import Sender
+    from covidscan.service.models import User
+
+    db, store, orthanc = quiet
+    pacs = {
+        "name": "orthanc",
+        "kind": "dicom",
+        "host": "127.0.0.1",
+        "port": orthanc.dicom_port,
+        "called_ae": orthanc.ae_title,
+    }
+    case_id = sign_case(db, store, [pacs])
+    sender = Sender(db, owner="test:3:a", stale_owners=lambda owners: [], outputs=sc_outputs(store))
+
+    def amend_now(finding: str) -> None:
+        with db.session() as s:
+            doctor = s.scalar(select(User).where(User.name == "doctor"))
+            submit_review(
+                s,
+                s.get(Case, case_id),
+                doctor,
+                agree=False,
+                finding=finding,
+                comment="",
+                sign=True,
+                amendment_reason="second look",
+            )
+
+    amend_now("non_covid")  # v1 was still waiting: it goes no more, v2 goes instead
+    assert sender.run_once() and not sender.run_once()
+    states = [(d.review_version, d.state) for d in deliveries_of(db, case_id)]
+    assert states == [(1, "superseded"), (2, "sent")]
+    assert sender.claim() is None
+    amend_now("indeterminate")
+    claimed = sender.claim()  # v3 claimed, then v4 signed before it is sent: v3 is superseded at sending
+    amend_now("covid")
+    sender.process(claimed)
+    assert sender.run_once()
+    states = [(d.review_version, d.state) for d in deliveries_of(db, case_id)]
+    assert states[2:] == [(3, "superseded"), (4, "sent")]
+    descriptions = sorted(ds.SeriesDescription for ds in orthanc.datasets())
+    assert descriptions == ["covidscan covid v4", "covidscan non_covid v2"]
+    assert [e.detail["version"] for e in events(db, "delivery_sent", case_id)] == [2, 4]
+
+
 def test_migration_0005_adds_destinations_and_deliveries_and_goes_back_down(empty_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
