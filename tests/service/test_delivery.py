@@ -546,6 +546,29 @@ def test_a_version_not_yet_sent_when_an_amendment_is_signed_is_superseded_by_it(
     assert [e.detail["version"] for e in events(db, "delivery_sent", case_id)] == [2, 4]
 
 
+def test_an_instance_the_pacs_refuses_is_named_with_its_status_over_c_store_and_stow_rs(orthanc) -> None:
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    from covidscan.service.delivery import DeliveryError, Target, send
+
+    broken = Dataset()  # a Secondary Capture without its study and series: Orthanc refuses to store it
+    broken.file_meta = FileMetaDataset()
+    broken.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    broken.SOPClassUID = broken.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    broken.SOPInstanceUID = broken.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    broken.PatientID = "P-BROKEN"
+    common = {"bearer_token": None, "basic_user": None, "basic_password": None}
+    dicom = Target(
+        "o", "dicom", "127.0.0.1", orthanc.dicom_port, orthanc.ae_title, "COVIDSCAN", None, **common
+    )
+    stow = Target("w", "stow", None, None, None, None, orthanc.dicomweb, **common)
+    with pytest.raises(DeliveryError, match=r"stored 0 of 1; refused .*: status 0xA700"):
+        send(dicom, [broken])
+    with pytest.raises(DeliveryError, match=r"answered HTTP 400: .*failure reason 0xC000"):
+        send(stow, [broken])
+
+
 def test_migration_0005_adds_destinations_and_deliveries_and_goes_back_down(empty_url: str) -> None:
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
