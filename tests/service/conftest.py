@@ -148,3 +148,17 @@ def service(database_url: str, tiny_run: Path, tmp_path_factory: pytest.TempPath
     )
     with TestClient(create_app(settings), base_url="http://127.0.0.1") as client:
         yield Service(client, data_dir, database_url, tokens)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real Orthanc PACS (Debian's, with DICOMweb) per module on free local ports; skips when absent.
+    Its modality ``covidscan`` (AE title COVIDSCAN) is a port kept for covidscan's DICOM listener."""
+    from orthanc import MISSING, available, orthanc_server
+    from service_helpers import free_port
+
+    if not available():
+        pytest.skip(MISSING)
+    listener = {"covidscan": ("COVIDSCAN", free_port())}
+    with orthanc_server(tmp_path_factory.mktemp("orthanc"), listener) as server:
+        yield server

@@ -36,6 +36,11 @@ JSON_ROUTES = {
     ("/api/v1/users/{name}/activate", "post"): "AccessChanged",
     ("/api/v1/users/{name}/revoke", "post"): "AccessChanged",
     ("/api/v1/users/{name}/password", "post"): "AccessChanged",
+    # issue 16 §3: PACS destinations (DELETE answers 204 without a body)
+    ("/api/v1/destinations", "get"): "DestinationOut",
+    ("/api/v1/destinations", "post"): "DestinationOut",
+    ("/api/v1/destinations/{destination_id}", "patch"): "DestinationOut",
+    ("/api/v1/destinations/{destination_id}/check", "post"): "DestinationCheckOut",
 }
 
 
@@ -54,6 +59,10 @@ def test_every_json_route_documents_its_answer_and_its_error_body(service) -> No
             continue
         if {"application/dicom", "application/pdf", "application/fhir+json"} & set(ok.get("content", {})):
             continue  # a case's result records (routers/records.py): DICOM, PDF, a FHIR Bundle
+
+        if "content" not in ok:  # 204 No Content (a destination removed): no body to describe
+            assert (path, method) == ("/api/v1/destinations/{destination_id}", "delete")
+            continue
         model = _ref(ok["content"]["application/json"]["schema"])
         assert model == JSON_ROUTES[path, method], (path, method, model)
         for status in ("401", "403", "404", "422"):

@@ -163,7 +163,15 @@ def _authenticated(request: Request) -> bool:
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
-    from covidscan.service.routers import account_pages, accounts, records, site_pages, sites
+    from covidscan.service.routers import (
+        account_pages,
+        accounts,
+        destination_pages,
+        destinations,
+        records,
+        site_pages,
+        sites,
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -174,7 +182,13 @@ def create_app(settings: ServiceSettings) -> FastAPI:
             raise ConfigError(f"no run is active in {settings.data_dir}; start with --run RUN")
         app.state.db, app.state.store = db, store
         worker = (
-            Worker(db, store, poll_seconds=settings.poll_seconds, orphan_minutes=settings.orphan_minutes)
+            Worker(
+                db,
+                store,
+                poll_seconds=settings.poll_seconds,
+                orphan_minutes=settings.orphan_minutes,
+                delivery_retry_seconds=settings.delivery_retry_seconds,
+            )
             if settings.worker
             else None
         )
@@ -204,6 +218,8 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(accounts.router)
     app.include_router(account_pages.router)
     app.include_router(records.router)
+    app.include_router(destinations.router)
+    app.include_router(destination_pages.router)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:

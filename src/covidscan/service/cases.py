@@ -383,9 +383,11 @@ def submit_review(
     )
     if sign:
         # The site's local figures and status follow every signed verdict at once (cheap, no training).
+        from covidscan.service.delivery import queue_deliveries  # delivery builds on this module
         from covidscan.service.monitoring import refresh_site  # monitoring builds on this module
 
         refresh_site(db, case.site)
+        queue_deliveries(db, case, review)  # the signed version goes to each PACS (issue 16 §3)
     return review
 
 

@@ -153,15 +153,20 @@ def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tup
 
 
 def worker(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
-    """Predict queued cases in this process (next to `covidscan serve --no-worker`) until Ctrl-C."""
+    """Predict queued cases and send signed results to the PACS destinations in this process (next to
+    `covidscan serve --no-worker`) until Ctrl-C."""
+    import threading
+
     from covidscan.service.settings import load_settings
     from covidscan.service.worker import Worker
 
     db, store = _open(data_dir, database_url)
     settings = load_settings(data_dir=data_dir, database_url=database_url)
-    w = Worker(db, store, orphan_minutes=settings.orphan_minutes)
+    retry = settings.delivery_retry_seconds
+    w = Worker(db, store, orphan_minutes=settings.orphan_minutes, delivery_retry_seconds=retry)
     w.scorer()
     out.print(f"worker {w.owner} waiting for cases in {store.root.parent}")
+    threading.Thread(target=w.loop, args=(w.sender.run_once,), name="covidscan-delivery", daemon=True).start()
     try:
         w.loop()
     except KeyboardInterrupt:

@@ -57,6 +57,9 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     NO_RESULT = "no_result"  # 409: the model gave the case no result; give your own finding (agree=false)
     # issue 15 §2 (integrity helper):
     STORAGE_FULL = "storage_full"  # 507: the disk holding the files or the database is full
+    # issue 16 §3 (destinations, pacsout helper):
+    DESTINATION_INVALID = "destination_invalid"  # 422: a destination setting that cannot be sent to
+    DESTINATION_NAME_TAKEN = "destination_name_taken"  # 409: another destination has that name
 
 
 class ServiceError(CovidscanError):
@@ -151,6 +154,13 @@ class StorageFull(ServiceError):
 
     http_status = 507
     code = ErrorCode.STORAGE_FULL
+
+
+class DestinationInvalid(ServiceError):
+    """A destination's settings that nothing can be sent to (HTTP 422); the message names the field."""
+
+    http_status = 422
+    code = ErrorCode.DESTINATION_INVALID
 
 
 class LoginRequired(Exception):

@@ -170,6 +170,7 @@ class Case(Base):
     site: Mapped[Site] = relationship()
     images: Mapped[list[CaseImage]] = relationship(order_by="CaseImage.position", back_populates="case")
     reviews: Mapped[list[Review]] = relationship(order_by="Review.version", back_populates="case")
+    deliveries: Mapped[list[Delivery]] = relationship(order_by="Delivery.id", viewonly=True)
 
     @property
     def no_result(self) -> str | None:
@@ -312,3 +313,56 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
+
+
+# issue 16 §3: signed results sent back to the hospital's PACS
+DESTINATION_KINDS = ("dicom", "stow")  # dicom: C-STORE to host/port/AE title; stow: a DICOMweb STOW-RS URL
+# superseded: an amendment was signed before this older version went out; the newer version is sent instead
+DELIVERY_STATES = ("queued", "sending", "sent", "failed", "superseded")
+
+
+class Destination(Base):
+    """Where signed results are sent (configured by an admin). Credentials are stored as given: the
+    database must be protected like the PACS credentials it holds."""
+
+    __tablename__ = "destinations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))  # one of DESTINATION_KINDS
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None] = mapped_column(Integer)
+    called_ae: Mapped[str | None] = mapped_column(String(16))  # the PACS's AE title
+    calling_ae: Mapped[str | None] = mapped_column(String(16))  # covidscan's own, as the PACS knows it
+    url: Mapped[str | None] = mapped_column(Text)  # the DICOMweb root; STOW-RS posts to {url}/studies
+    bearer_token: Mapped[str | None] = mapped_column(Text)
+    basic_user: Mapped[str | None] = mapped_column(String(255))
+    basic_password: Mapped[str | None] = mapped_column(Text)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Delivery(Base):
+    """One signed version of a case sent to one destination: claimed by a worker like a job (owner and
+    lease), retried with growing waits, ``sent`` or ``failed`` in the end."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("case_id", "review_version", "destination_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("cases.id"), index=True)
+    review_version: Mapped[int] = mapped_column(Integer)
+    # Kept when the destination is deleted (its name stays here): the history of what went where.
+    destination_id: Mapped[int | None] = mapped_column(
+        ForeignKey("destinations.id", name="fk_deliveries_destination_id", ondelete="SET NULL"), index=True
+    )
+    destination_name: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="queued", index=True)  # one of DELIVERY_STATES
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_uids: Mapped[list[str] | None] = mapped_column(JSON)  # SOP Instance UIDs the destination accepted
+    owner: Mapped[str | None] = mapped_column(String(128))  # host:pid:nonce of the worker sending it
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    destination: Mapped[Destination | None] = relationship()

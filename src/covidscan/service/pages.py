@@ -38,6 +38,7 @@ from covidscan.service.cases import (
     visible_cases,
     worklist,
 )
+from covidscan.service.delivery import list_destinations
 from covidscan.service.deps import (
     DEVICE_COOKIE,
     LOGIN_CSRF_COOKIE,
@@ -455,6 +456,7 @@ def _admin_page(
         chain=verify_chain(s),
         agreement=agreement_by_month(s),
         run=active_run(s),
+        destinations=list_destinations(s),
         message=message,
         error=error,
     )

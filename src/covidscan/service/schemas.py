@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from covidscan.evaluation.site import COURSE_FIGURES
 from covidscan.service.cases import current_review
 from covidscan.service.errors import ErrorCode
-from covidscan.service.models import Case, CaseImage, Review, Site, SiteRun, User
+from covidscan.service.models import Case, CaseImage, Delivery, Destination, Review, Site, SiteRun, User
 from covidscan.service.sites import reader_first_applies
 
 CaseStatus = Literal["queued", "running", "ready", "failed", "signed", "no_result"]
@@ -274,6 +274,9 @@ class CaseOut(BaseModel):
         "the prediction failed); null when it has one. Such a case takes only your own finding "
         "(agree=false; agreeing is a 409 no_result) and is never a model-agreement statistic",
     )
+    deliveries: list[DeliveryOut] = Field(
+        default_factory=list, description="The signed versions sent (or being sent) to the PACS destinations"
+    )
 
     @classmethod
     def from_case(cls, case: Case, *, hidden: bool = False, first_read: str | None = None) -> CaseOut:
@@ -296,6 +299,7 @@ class CaseOut(BaseModel):
             hidden_until_first_read=hidden,
             first_read=first_read,
             no_result=case.no_result,
+            deliveries=[DeliveryOut.from_delivery(d) for d in case.deliveries],
         )
 
 
@@ -487,3 +491,123 @@ class WorklistOut(BaseModel):
     total: int = Field(description="Cases matching the filters and search, on every page together")
     offset: int = Field(description="Cases skipped before this page")
     limit: int = Field(description="The most rows a page holds; the next page starts at offset + limit")
+
+
+# issue 16 §3: PACS destinations and deliveries
+DestinationKind = Literal["dicom", "stow"]
+DeliveryState = Literal["queued", "sending", "sent", "failed", "superseded"]
+
+
+class DestinationIn(BaseModel):
+    """A PACS to send signed results to: a DICOM node (C-STORE) or a DICOMweb server (STOW-RS).
+    Credentials are stored as given (plain text in the database)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(max_length=64, description="Unique, shown on case pages and in the audit log")
+    kind: DestinationKind = Field(description="dicom: C-STORE to host/port/AE title; stow: STOW-RS to url")
+    host: str | None = Field(None, max_length=255, description="dicom: the PACS's host name or address")
+    port: int | None = Field(None, description="dicom: its DICOM port")
+    called_ae: str | None = Field(None, max_length=16, description="dicom: the PACS's AE title")
+    calling_ae: str | None = Field(
+        None, max_length=16, description="dicom: covidscan's AE title in the PACS (default COVIDSCAN)"
+    )
+    url: str | None = Field(None, max_length=2048, description="stow: the DICOMweb root (POST {url}/studies)")
+    bearer_token: str | None = Field(None, max_length=4096, description="stow: sent as Authorization: Bearer")
+    basic_user: str | None = Field(None, max_length=255, description="stow: HTTP basic authentication")
+    basic_password: str | None = Field(None, max_length=4096)
+    active: bool = Field(True, description="Only active destinations are sent to")
+
+
+class DestinationPatch(BaseModel):
+    """The fields of a destination to change (those left out keep their values)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, max_length=64)
+    kind: DestinationKind | None = None
+    host: str | None = Field(None, max_length=255)
+    port: int | None = None
+    called_ae: str | None = Field(None, max_length=16)
+    calling_ae: str | None = Field(None, max_length=16)
+    url: str | None = Field(None, max_length=2048)
+    bearer_token: str | None = Field(None, max_length=4096)
+    basic_user: str | None = Field(None, max_length=255)
+    basic_password: str | None = Field(None, max_length=4096)
+    active: bool | None = None
+
+
+class DestinationOut(BaseModel):
+    """A destination as shown: its settings, never its secrets."""
+
+    id: int
+    name: str
+    kind: DestinationKind
+    host: str | None
+    port: int | None
+    called_ae: str | None
+    calling_ae: str | None
+    url: str | None
+    auth: Literal["none", "bearer", "basic"] = Field(description="How covidscan logs in (STOW-RS)")
+    basic_user: str | None
+    active: bool
+    created_at: datetime
+
+    @classmethod
+    def from_destination(cls, dest: Destination) -> DestinationOut:
+        from covidscan.service.delivery import auth_kind
+
+        fields = ("id", "name", "kind", "host", "port", "called_ae", "calling_ae", "url", "basic_user")
+        return cls(
+            **{f: getattr(dest, f) for f in fields},
+            auth=auth_kind(dest),
+            active=dest.active,
+            created_at=dest.created_at,
+        )
+
+
+class DestinationCheckOut(BaseModel):
+    """What a destination answered to a C-ECHO (DICOM) or a QIDO-RS search (STOW-RS)."""
+
+    ok: bool
+    detail: str
+
+
+class DeliveryOut(BaseModel):
+    """One signed version of a case sent to one destination."""
+
+    id: int
+    destination: str = Field(description="The destination's name (kept when it was deleted since)")
+    destination_id: int | None = Field(description="null once the destination was deleted")
+    review_version: int = Field(description="The verdict's version that is sent")
+    state: DeliveryState = Field(
+        description="queued (waiting for its next attempt), sending, sent, failed (after its last retry), "
+        "superseded (a newer version was signed before it went out)"
+    )
+    attempts: int
+    next_attempt_at: datetime | None = Field(description="When it is tried again (queued only)")
+    last_error: str | None
+    sop_instance_uids: list[str] = Field(description="What the destination accepted")
+    created_at: datetime
+    updated_at: datetime
+    sent_at: datetime | None
+
+    @classmethod
+    def from_delivery(cls, d: Delivery) -> DeliveryOut:
+        return cls(
+            id=d.id,
+            destination=d.destination_name,
+            destination_id=d.destination_id,
+            review_version=d.review_version,
+            state=d.state,
+            attempts=d.attempts,
+            next_attempt_at=d.next_attempt_at if d.state == "queued" else None,
+            last_error=d.last_error,
+            sop_instance_uids=d.sent_uids or [],
+            created_at=d.created_at,
+            updated_at=d.updated_at,
+            sent_at=d.sent_at,
+        )
+
+
+CaseOut.model_rebuild()  # its ``deliveries`` refer to DeliveryOut, defined after it

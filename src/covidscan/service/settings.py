@@ -63,6 +63,10 @@ class ServiceSettings(BaseSettings):
     orphan_minutes: float = Field(
         15.0, ge=0, description="Stored files no case refers to are removed once this old"
     )
+    delivery_retry_seconds: tuple[float, ...] = Field(
+        (60, 300, 900, 3600),
+        description="Waits after each failed send to a PACS (JSON list); failed after the last",
+    )
     audit_key: SecretStr | None = Field(
         None, description="The audit chain's HMAC key (default: data_dir/audit.key, made with mode 0600)"
     )

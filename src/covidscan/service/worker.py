@@ -30,6 +30,7 @@ from covidscan.errors import ConfigError, CovidscanError
 from covidscan.service.audit import record
 from covidscan.service.cases import no_result_reason, priority
 from covidscan.service.db import Database
+from covidscan.service.delivery import RETRY_SECONDS, Sender, default_outputs
 from covidscan.service.errors import StorageFull
 from covidscan.service.models import Case, CaseImage, Job, Setting, SiteRun, utcnow
 from covidscan.service.monitoring import after_prediction
@@ -80,12 +81,26 @@ class Worker:
     """Claims and predicts queued cases and trains sites' challengers; each run's Predictor is loaded once."""
 
     def __init__(
-        self, db: Database, store: BlobStore, *, poll_seconds: float = 0.5, orphan_minutes: float = 15.0
+        self,
+        db: Database,
+        store: BlobStore,
+        *,
+        poll_seconds: float = 0.5,
+        orphan_minutes: float = 15.0,
+        delivery_retry_seconds: tuple[float, ...] = RETRY_SECONDS,
     ) -> None:
         self.db, self.store, self.poll_seconds = db, store, poll_seconds
         self.orphan_seconds = orphan_minutes * 60
         self._next_sweep = 0.0  # monotonic time of the next orphan sweep: the first idle moment
         self.owner = f"{HOST}:{os.getpid()}:{secrets.token_hex(4)}"
+        # Signed results to the PACS, in a thread of their own: a slow PACS never holds up prediction.
+        self.sender = Sender(
+            db,
+            owner=self.owner,
+            stale_owners=self._stale_owners,
+            outputs=default_outputs(store),
+            retry_seconds=delivery_retry_seconds,
+        )
         self._scorers: dict[str, Scorer] = {}
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -290,8 +305,9 @@ class Worker:
         self._wake.set()
 
     def loop(self, step=None) -> None:
-        """Work until :meth:`stop` (``step``: :meth:`run_once`, or :meth:`train_once` for the training
-        thread); sleeps ``poll_seconds`` (or until woken) when there is nothing to do."""
+        """Work until :meth:`stop` (``step``: :meth:`run_once`, :meth:`train_once` for the training
+        thread, or the sender's for deliveries); sleeps ``poll_seconds`` (or until woken) when there is
+        nothing to do."""
         step = step or self.run_once
         while not self._stop.is_set():
             try:
@@ -304,8 +320,13 @@ class Worker:
                 self._wake.clear()
 
     def start(self) -> None:
-        """Run :meth:`loop` for predictions and for challengers, each in a daemon thread."""
-        for name, step in (("covidscan-worker", self.run_once), ("covidscan-adapt", self.train_once)):
+        """Run :meth:`loop` for predictions, challengers and deliveries to PACS, each in a daemon thread."""
+        steps = (
+            ("covidscan-worker", self.run_once),
+            ("covidscan-adapt", self.train_once),
+            ("covidscan-delivery", self.sender.run_once),
+        )
+        for name, step in steps:
             thread = threading.Thread(target=self.loop, args=(step,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
