@@ -57,6 +57,9 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     NO_RESULT = "no_result"  # 409: the model gave the case no result; give your own finding (agree=false)
     # issue 15 §2 (integrity helper):
     STORAGE_FULL = "storage_full"  # 507: the disk holding the files or the database is full
+    # issue 16 §1 (DICOM in):
+    WRONG_MODALITY = "wrong_modality"  # 422: a DICOM image of a modality or body part the run does not read
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415: a STOW-RS body not of multipart/related DICOM
 
 
 class ServiceError(CovidscanError):
@@ -186,3 +189,10 @@ def error_code(exc: CovidscanError) -> ErrorCode:
 def code_for_status(status: int) -> ErrorCode:
     """The code of an HTTP error raised by the framework rather than by covidscan."""
     return _STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
+
+
+class UnsupportedMediaType(ServiceError):
+    """A request body of a type the route does not take (HTTP 415); the message names the right one."""
+
+    http_status = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE

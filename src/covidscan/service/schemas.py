@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from covidscan.evaluation.site import COURSE_FIGURES
 from covidscan.service.cases import current_review
@@ -487,3 +487,16 @@ class WorklistOut(BaseModel):
     total: int = Field(description="Cases matching the filters and search, on every page together")
     offset: int = Field(description="Cases skipped before this page")
     limit: int = Field(description="The most rows a page holds; the next page starts at offset + limit")
+
+
+class DicomAttribute(BaseModel):
+    """One attribute of a data set in the DICOM JSON model (PS3.18 F.2): its VR and its values."""
+
+    model_config = ConfigDict(extra="allow")  # BulkDataURI or InlineBinary instead of Value
+
+    vr: str = Field(description="Value representation, e.g. UI, DA, PN, SQ")
+    Value: list[Any] | None = Field(None, description="The values (absent when the attribute is empty)")
+
+
+class DicomJsonObject(RootModel[dict[str, DicomAttribute]]):
+    """A data set in the DICOM JSON model (``application/dicom+json``), keyed by tag, e.g. ``0020000D``."""
