@@ -104,3 +104,15 @@ def start_server(
             time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"server did not start in 180 s: {log.read_text()[-2000:]}")
+
+
+def migrations_head() -> str:
+    """The newest Alembic revision of the service's migrations (what a migrated database is stamped with)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from covidscan.service.db import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return str(ScriptDirectory.from_config(cfg).get_current_head())
