@@ -194,9 +194,9 @@ def test_site_comes_from_the_sender_then_dicom_institution_then_station_then_the
         assert tags.items() >= {"InstitutionName": "St Mary Hospital", "StationName": "CT-2"}.items()
         # a DICOM association's calling AE title comes before the file's InstitutionName (not before `site`)
         lab = _user(s, "lab")
-        for explicit, sender, site in [(None, "PACS-A", "PACS-A"), (None, " ", "St Mary Hospital"),
-                                       ("Ward 3", "PACS-A", "Ward 3")]:
-            assert resolve_site(s, explicit=explicit, submitter=lab, dicom=tags, sender_ae=sender).name == site
+        for given, sender, site in [(None, "PACS-A", "PACS-A"), (None, " ", "St Mary Hospital"),
+                                    ("Ward 3", "PACS-A", "Ward 3")]:
+            assert resolve_site(s, explicit=given, submitter=lab, dicom=tags, sender_ae=sender).name == site
         record = s.scalar(select(AuditEvent).where(AuditEvent.action == "site_created",
                                                    AuditEvent.detail["name"].as_string() == "Scanner B"))
         assert record is not None and record.actor == "lab"
