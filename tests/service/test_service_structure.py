@@ -36,7 +36,12 @@ JSON_ROUTES = {
     ("/api/v1/users/{name}/activate", "post"): "AccessChanged",
     ("/api/v1/users/{name}/revoke", "post"): "AccessChanged",
     ("/api/v1/users/{name}/password", "post"): "AccessChanged",
+    ("/dicomweb/studies", "post"): "DicomJsonObject",
+    ("/dicomweb/studies", "get"): "DicomJsonObject",
+    ("/dicomweb/studies/{study}/series", "get"): "DicomJsonObject",
+    ("/dicomweb/studies/{study}/series/{series}/instances", "get"): "DicomJsonObject",
 }
+JSON_TYPES = ("application/json", "application/dicom+json")  # DICOMweb answers in the DICOM JSON model
 
 
 def _ref(schema: dict) -> str:
@@ -50,9 +55,9 @@ def test_every_json_route_documents_its_answer_and_its_error_body(service) -> No
     assert set(JSON_ROUTES) <= set(operations)
     for (path, method), op in operations.items():
         ok = next(body for status, body in op["responses"].items() if status.startswith("2"))
-        if {"text/csv", "image/png"} & set(ok.get("content", {})):  # the verdict export, the course plot
+        if not set(JSON_TYPES) & set(ok.get("content", {})):  # the verdict export, the course plot, WADO-RS
             continue
-        model = _ref(ok["content"]["application/json"]["schema"])
+        model = _ref(next(ok["content"][kind] for kind in JSON_TYPES if kind in ok["content"])["schema"])
         assert model == JSON_ROUTES[path, method], (path, method, model)
         for status in ("401", "403", "404", "422"):
             error = op["responses"][status]["content"]["application/json"]["schema"]

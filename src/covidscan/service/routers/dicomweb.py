@@ -44,14 +44,31 @@ from covidscan.service.models import Case, CaseImage, User
 from covidscan.service.schemas import DicomJsonObject, ErrorBody
 from covidscan.service.storage import BlobStore
 
-router = APIRouter(prefix="/dicomweb", tags=["dicomweb"], responses={**ERRORS, 415: {"model": ErrorBody}})
+STOW_SCHEMA = f"#/components/schemas/{DicomJsonObject.__name__}"
+# Errors are JSON (ErrorBody) whatever the route's own media type, which a "model" entry would take.
+ERROR_BODY = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}}
+router = APIRouter(
+    prefix="/dicomweb",
+    tags=["dicomweb"],
+    responses={status: {"description": "Error", "content": ERROR_BODY} for status in [*ERRORS, 415]},
+)
 DICOM_JSON = "application/dicom+json"
 STUDY_HEADER = ("PatientName", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription")
 SERIES_HEADER = ("Modality", "SeriesNumber", "SeriesDescription")
 INSTANCE_HEADER = ("InstanceNumber", "Rows", "Columns")
 Uid = Annotated[str, Path(max_length=64, pattern=r"^[0-9.]+$", description="A DICOM UID")]
-JSON_ANSWER = {200: {"model": list[DicomJsonObject], "content": {DICOM_JSON: {}}}}
-DICOM_ANSWER = {200: {"content": {'multipart/related; type="application/dicom"': {}}}}
+
+
+class DicomJSONResponse(JSONResponse):
+    """JSON in the DICOM JSON model (PS3.18 F.2)."""
+
+    media_type = DICOM_JSON
+
+
+class DicomFilesResponse(StreamingResponse):
+    """DICOM Part 10 files, one part each: ``multipart/related; type="application/dicom"``."""
+
+    media_type = 'multipart/related; type="application/dicom"'
 
 
 # ------------------------------------------------------------------ STOW-RS
@@ -122,7 +139,12 @@ def _item(**attrs: Any) -> Dataset:
 
 @router.post(
     "/studies",
-    responses={**JSON_ANSWER, 202: {"description": "Some instances stored"}, 409: {"description": "None"}},
+    response_class=DicomJSONResponse,
+    response_model=DicomJsonObject,
+    responses={
+        status: {"description": what, "content": {DICOM_JSON: {"schema": {"$ref": STOW_SCHEMA}}}}
+        for status, what in [(202, "Some instances stored, some refused"), (409, "No instance stored")]
+    },
 )
 def stow(
     request: Request,
@@ -131,7 +153,7 @@ def stow(
     store: StoreDep,
     settings: SettingsDep,
     parts: Annotated[list[bytes], Depends(stow_parts)],
-) -> JSONResponse:
+) -> DicomJSONResponse:
     """STOW-RS: store DICOM instances; each series becomes a case (submitters and admins)."""
     modality = served_modality(db)
     db.commit()  # decoding happens outside any transaction (SQLite's write lock)
@@ -174,7 +196,7 @@ def stow(
         ]
     status = 409 if not stored else 202 if failed else 200
     warnings = [f'299 covidscan "{o.sop or "part"}: {_header_text(o.reason)}"' for o in failed[:20]]
-    response = JSONResponse(answer.to_json_dict(), status_code=status, media_type=DICOM_JSON)
+    response = DicomJSONResponse(answer.to_json_dict(), status_code=status)
     for warning in warnings:
         response.headers.append("Warning", warning)
     return response
@@ -268,12 +290,12 @@ def _page(request: Request, rows: list[Any]) -> list[Any]:
     return rows[offset : offset + limit if limit is not None else None]
 
 
-def _json(datasets: list[Dataset]) -> JSONResponse:
-    return JSONResponse([ds.to_json_dict() for ds in datasets], media_type=DICOM_JSON)
+def _json(datasets: list[Dataset]) -> DicomJSONResponse:
+    return DicomJSONResponse([ds.to_json_dict() for ds in datasets])
 
 
-@router.get("/studies", responses=JSON_ANSWER)
-def search_studies(request: Request, db: SessionDep, who: CurrentUser, store: StoreDep) -> JSONResponse:
+@router.get("/studies", response_class=DicomJSONResponse, response_model=list[DicomJsonObject])
+def search_studies(request: Request, db: SessionDep, who: CurrentUser, store: StoreDep) -> DicomJSONResponse:
     """QIDO-RS: the studies you may see (match ``PatientID``, ``StudyInstanceUID``; ``offset``, ``limit``)."""
     match = _filters(request, ("PatientID", "00100020"), ("StudyInstanceUID", "0020000D"))
     held = _held(db, who.user, study=match["StudyInstanceUID"], patient_id=match["PatientID"])
@@ -297,10 +319,10 @@ def search_studies(request: Request, db: SessionDep, who: CurrentUser, store: St
     return _json(answers)
 
 
-@router.get("/studies/{study}/series", responses=JSON_ANSWER)
+@router.get("/studies/{study}/series", response_class=DicomJSONResponse, response_model=list[DicomJsonObject])
 def search_series(
     request: Request, db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid
-) -> JSONResponse:
+) -> DicomJSONResponse:
     """QIDO-RS: the series of a study (match ``SeriesInstanceUID``, ``Modality``)."""
     match = _filters(request, ("SeriesInstanceUID", "0020000E"), ("Modality", "00080060"))
     series: dict[str, list[_Held]] = defaultdict(list)
@@ -319,10 +341,14 @@ def search_series(
     return _json(_page(request, answers))
 
 
-@router.get("/studies/{study}/series/{series}/instances", responses=JSON_ANSWER)
+@router.get(
+    "/studies/{study}/series/{series}/instances",
+    response_class=DicomJSONResponse,
+    response_model=list[DicomJsonObject],
+)
 def search_instances(
     request: Request, db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid, series: Uid
-) -> JSONResponse:
+) -> DicomJSONResponse:
     """QIDO-RS: the instances of a series (match ``SOPInstanceUID``), in InstanceNumber order."""
     match = _filters(request, ("SOPInstanceUID", "00080018"))
     answers = []
@@ -340,7 +366,7 @@ def search_instances(
 
 
 # ------------------------------------------------------------------ WADO-RS
-def _multipart(store: BlobStore, held: list[_Held]) -> StreamingResponse:
+def _multipart(store: BlobStore, held: list[_Held]) -> DicomFilesResponse:
     """The stored files, as received, one part each (read one at a time while sending)."""
     boundary = secrets.token_hex(16)
 
@@ -351,11 +377,10 @@ def _multipart(store: BlobStore, held: list[_Held]) -> StreamingResponse:
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
-    media = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    return StreamingResponse(body(), media_type=media)
+    return DicomFilesResponse(body(), media_type=f"{DicomFilesResponse.media_type}; boundary={boundary}")
 
 
-def _retrieve(db: Session, who: Any, store: BlobStore, what: str, **where: str) -> StreamingResponse:
+def _retrieve(db: Session, who: Any, store: BlobStore, what: str, **where: str) -> DicomFilesResponse:
     held = _held(db, who.user, **where)
     if not held:
         raise NotFound(f"no {what} you may see")
@@ -364,23 +389,23 @@ def _retrieve(db: Session, who: Any, store: BlobStore, what: str, **where: str) 
     return _multipart(store, held)
 
 
-@router.get("/studies/{study}", responses=DICOM_ANSWER)
-def retrieve_study(db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid) -> StreamingResponse:
+@router.get("/studies/{study}", response_class=DicomFilesResponse)
+def retrieve_study(db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid) -> DicomFilesResponse:
     """WADO-RS: every instance of a study you may see, as stored."""
     return _retrieve(db, who, store, f"study {study}", study=study)
 
 
-@router.get("/studies/{study}/series/{series}", responses=DICOM_ANSWER)
+@router.get("/studies/{study}/series/{series}", response_class=DicomFilesResponse)
 def retrieve_series(
     db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid, series: Uid
-) -> StreamingResponse:
+) -> DicomFilesResponse:
     """WADO-RS: every instance of a series, as stored."""
     return _retrieve(db, who, store, f"series {series}", study=study, series=series)
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}", responses=DICOM_ANSWER)
+@router.get("/studies/{study}/series/{series}/instances/{sop}", response_class=DicomFilesResponse)
 def retrieve_instance(
     db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid, series: Uid, sop: Uid
-) -> StreamingResponse:
+) -> DicomFilesResponse:
     """WADO-RS: one instance, as stored."""
     return _retrieve(db, who, store, f"instance {sop}", study=study, series=series, sop=sop)
