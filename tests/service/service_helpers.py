@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,9 +75,10 @@ def start_server(
     *,
     database_url: str | None = None,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """`covidscan serve` in its own process (``env`` added to this one's environment); returns once
-    /healthz answers."""
+    """`covidscan serve` in its own process (``env`` added to this one's environment, ``args`` to its
+    command line); returns once /healthz answers."""
     argv = [
         sys.executable,
         "-m",
@@ -92,6 +93,7 @@ def start_server(
     ]
     if database_url is not None:
         argv += ["--database-url", database_url]
+    argv += args
     environment = {**os.environ, **(env or {})}
     proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=environment)
     deadline = time.monotonic() + 180

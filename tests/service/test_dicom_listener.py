@@ -259,11 +259,8 @@ def test_covidscan_serve_dicom_port_with_dcmtk(tiny_run: Path, tmp_path: Path) -
         tmp_path / "data",
         http,
         tmp_path / "serve.log",
-        env={
-            "COVIDSCAN_DICOM_PORT": str(dicom),
-            "COVIDSCAN_DICOM_AE_TITLE": "PACSIN",
-            "COVIDSCAN_DICOM_QUIET_SECONDS": "1",
-        },
+        args=["--dicom-port", str(dicom), "--dicom-ae-title", "PACSIN"],
+        env={"COVIDSCAN_DICOM_QUIET_SECONDS": "1"},
     )
     try:
         echo = subprocess.run(
@@ -286,3 +283,26 @@ def test_covidscan_serve_dicom_port_with_dcmtk(tiny_run: Path, tmp_path: Path) -
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_deactivating_the_dicom_account_stops_intake(listener: Listener) -> None:
+    """An admin turns DICOM intake off by deactivating the ``dicom`` account: instances get 0x0124."""
+    slices = series("dicom-off", n=1)
+    assert send(listener.port, slices) == [0x0000]  # the account exists from here on
+    admin = listener.headers("admin")
+    assert httpx.post(f"{listener.url}/api/v1/users/dicom/deactivate", headers=admin).status_code == 200
+    try:
+        assert send(listener.port, series("dicom-off-2", n=1)) == [0x0124]
+    finally:
+        assert httpx.post(f"{listener.url}/api/v1/users/dicom/activate", headers=admin).status_code == 200
+    wait_cases(listener, "dicom-off", 1)
+    assert listener.cases("dicom-off-2") == []
+
+
+@pytest.mark.parametrize("title", ["", "BACK\\SLASH", "SEVENTEEN-LETTERS", "é"])
+def test_a_bad_ae_title_is_refused_with_its_setting(title: str, tmp_path: Path) -> None:
+    from covidscan.errors import ConfigError
+    from covidscan.service.settings import load_settings
+
+    with pytest.raises(ConfigError, match="--dicom-ae-title or COVIDSCAN_DICOM_AE_TITLE"):
+        load_settings(data_dir=tmp_path, dicom_ae_title=title)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
@@ -73,12 +73,20 @@ class ServiceSettings(BaseSettings):
     dicom_port: int | None = Field(None, ge=0, le=65535, description="DICOM listener port (0: any free one)")
     dicom_host: str = Field("127.0.0.1", description="Address the DICOM listener binds (serve: its --host)")
     dicom_ae_title: str = Field(
-        "COVIDSCAN", min_length=1, max_length=16, pattern=r"^[ -\[\]-~]*[!-\[\]-~][ -\[\]-~]*$",
-        description="The listener's AE title: up to 16 printable ASCII characters, no backslash",
+        "COVIDSCAN", description="The listener's AE title: up to 16 printable ASCII characters, no backslash"
     )
     dicom_quiet_seconds: float = Field(
         10.0, gt=0, description="A series becomes a case once no instance of it arrived for this long"
     )
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        """DICOM's AE title (PS3.5 AE): 1-16 characters of printable ASCII without a backslash."""
+        value = value.strip()
+        if not 1 <= len(value) <= 16 or any(not " " <= c <= "~" or c == "\\" for c in value):
+            raise ValueError("give 1 to 16 printable ASCII characters without a backslash, e.g. COVIDSCAN")
+        return value
 
     @property
     def url(self) -> str:
