@@ -72,9 +72,35 @@ class DicomFilesResponse(StreamingResponse):
 
 
 # ------------------------------------------------------------------ STOW-RS
-async def stow_parts(request: Request) -> list[bytes]:
-    """The DICOM parts of a ``multipart/related; type="application/dicom"`` body (415 for another type,
-    413 past the upload limit also without a Content-Length)."""
+@dataclass(frozen=True)
+class StowBody:
+    """A STOW-RS request body as received, with the multipart boundary of its content type."""
+
+    boundary: bytes
+    data: bytes
+
+    def parts(self) -> list[bytes]:
+        """The body's parts (CPU-bound: called in the route's worker thread, not on the event loop)."""
+        parts: list[bytearray] = []
+        parser = MultipartParser(
+            self.boundary,
+            {
+                "on_part_begin": lambda: parts.append(bytearray()),
+                "on_part_data": lambda data, start, end: parts[-1].extend(data[start:end]),
+            },
+        )
+        parser.write(self.data)
+        parser.finalize()
+        if not parts:
+            raise UploadRejected(
+                "body", "no DICOM parts in the request; attach at least one", ErrorCode.NO_FILES
+            )
+        return [bytes(p) for p in parts]
+
+
+async def stow_body(request: Request) -> StowBody:
+    """The body of a ``multipart/related; type="application/dicom"`` request (415 for another type, 413
+    past the upload limit also without a Content-Length)."""
     media, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if media != b"multipart/related" or options.get(b"type", b"application/dicom") != b"application/dicom":
@@ -83,26 +109,15 @@ async def stow_parts(request: Request) -> list[bytes]:
         )
     if not boundary:
         raise UnsupportedMediaType("the multipart/related content type has no boundary parameter")
-    parts: list[bytearray] = []
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": lambda: parts.append(bytearray()),
-            "on_part_data": lambda data, start, end: parts[-1].extend(data[start:end]),
-        },
-    )
-    limit, total = request.app.state.settings.max_upload_bytes, 0
+    chunks, total, limit = [], 0, request.app.state.settings.max_upload_bytes
     async for chunk in request.stream():
         total += len(chunk)
         if total > limit:
             raise UploadRejected(
                 "body", f"request too large: at most {limit} bytes", ErrorCode.UPLOAD_TOO_LARGE
             )
-        parser.write(chunk)
-    parser.finalize()
-    if not parts:
-        raise UploadRejected("body", "no DICOM parts in the request; attach at least one", ErrorCode.NO_FILES)
-    return [bytes(p) for p in parts]
+        chunks.append(chunk)
+    return StowBody(boundary, b"".join(chunks))
 
 
 @dataclass
@@ -152,12 +167,12 @@ def stow(
     who: SubmitterUser,
     store: StoreDep,
     settings: SettingsDep,
-    parts: Annotated[list[bytes], Depends(stow_parts)],
+    body: Annotated[StowBody, Depends(stow_body)],
 ) -> DicomJSONResponse:
     """STOW-RS: store DICOM instances; each series becomes a case (submitters and admins)."""
     modality = served_modality(db)
     db.commit()  # decoding happens outside any transaction (SQLite's write lock)
-    outcomes = [_outcome(data, modality, settings.max_pixels) for data in parts]
+    outcomes = [_outcome(data, modality, settings.max_pixels) for data in body.parts()]
     series: dict[str, list[_Outcome]] = defaultdict(list)
     for item in outcomes:
         if item.instance is not None:
