@@ -90,6 +90,8 @@ class DicomListener:
     def start(self) -> None:
         """Bind and serve in background threads; pending instances left by an earlier run become cases
         once quiet. A port that cannot be bound is a :class:`ConfigError`."""
+        # pynetdicom logs every request at INFO: a line per slice; refusals and cases are logged here.
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         ae = AE(ae_title=self.ae_title)
         ae.require_called_aet = True  # an association addressed to another AE title was meant elsewhere
         for context in AllStoragePresentationContexts:
