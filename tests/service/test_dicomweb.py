@@ -197,6 +197,29 @@ def test_wado_returns_the_very_bytes_stored(web: Web) -> None:
     assert (hidden.status_code, hidden.json()["code"]) == (404, "not_found")
 
 
+def test_a_viewer_reads_metadata_then_frames(web: Web) -> None:
+    """What a DICOMweb viewer (OHIF) asks for: a series' metadata, then each instance's frame."""
+    slices = series("viewer", n=2)
+    web.client("lab").store_instances(slices)
+    study, uid = slices[0].StudyInstanceUID, slices[0].SeriesInstanceUID
+    doctor = web.client("doctor")
+    metadata = [pydicom.Dataset.from_json(m) for m in doctor.retrieve_series_metadata(study, uid)]
+    assert [(m.SOPInstanceUID, m.Rows, m.RescaleIntercept) for m in metadata] == [
+        (ds.SOPInstanceUID, ds.Rows, ds.RescaleIntercept) for ds in slices
+    ]
+    raw = doctor.retrieve_series_metadata(study, uid)[0]["7FE00010"]
+    assert raw["BulkDataURI"].endswith(f"/instances/{slices[0].SOPInstanceUID}/frames/1")
+    assert len(doctor.retrieve_study_metadata(study)) == 2
+    (frame,) = doctor.retrieve_instance_frames(study, uid, slices[1].SOPInstanceUID, frame_numbers=[1])
+    assert frame == slices[1].PixelData
+    # (dicomweb-client sends a Host header without the port, so the URI it got names none: its path is used)
+    path = httpx.URL(raw["BulkDataURI"]).path
+    missing = httpx.get(f"{web.url}{path[:-1]}2", headers=web.headers("doctor"), timeout=30)
+    assert (missing.status_code, missing.json()["code"]) == (404, "not_found")
+    with pytest.raises(HTTPError):  # not theirs
+        web.client("lab2").retrieve_series_metadata(study, uid)
+
+
 def test_uploaded_dicom_is_listed_too(web: Web) -> None:
     """Uploads of DICOM files (POST /api/v1/cases) keep the same identifiers, so DICOMweb shows them."""
     slices = series("upload-dicom", n=2)

@@ -40,6 +40,8 @@ JSON_ROUTES = {
     ("/dicomweb/studies", "get"): "DicomJsonObject",
     ("/dicomweb/studies/{study}/series", "get"): "DicomJsonObject",
     ("/dicomweb/studies/{study}/series/{series}/instances", "get"): "DicomJsonObject",
+    ("/dicomweb/studies/{study}/metadata", "get"): "DicomJsonObject",
+    ("/dicomweb/studies/{study}/series/{series}/metadata", "get"): "DicomJsonObject",
 }
 JSON_TYPES = ("application/json", "application/dicom+json")  # DICOMweb answers in the DICOM JSON model
 

@@ -23,6 +23,7 @@ import pydicom
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from python_multipart.multipart import MultipartParser, parse_options_header
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -381,33 +382,40 @@ def search_instances(
 
 
 # ------------------------------------------------------------------ WADO-RS
-def _multipart(store: BlobStore, held: list[_Held]) -> DicomFilesResponse:
-    """The stored files, as received, one part each (read one at a time while sending)."""
+def _multipart(parts: Iterator[tuple[str, bytes]], kind: str) -> DicomFilesResponse:
+    """``multipart/related; type=kind`` of (content type, bytes) parts, produced while sending."""
     boundary = secrets.token_hex(16)
 
     def body() -> Iterator[bytes]:
-        for h in held:
-            yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            yield store.read(h.sha256)
+        for content_type, data in parts:
+            yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
+            yield data
             yield b"\r\n"
         yield f"--{boundary}--\r\n".encode()
 
-    return DicomFilesResponse(body(), media_type=f"{DicomFilesResponse.media_type}; boundary={boundary}")
+    return DicomFilesResponse(body(), media_type=f'multipart/related; type="{kind}"; boundary={boundary}')
 
 
-def _retrieve(db: Session, who: Any, store: BlobStore, what: str, **where: str) -> DicomFilesResponse:
+def _visible(db: Session, who: Any, what: str, *, audit: bool = True, **where: str) -> list[_Held]:
+    """The images a retrieval asks for (404 when the caller may see none); each case's view is audited."""
     held = _held(db, who.user, **where)
     if not held:
         raise NotFound(f"no {what} you may see")
-    for case_id in sorted({h.case_id for h in held}):
-        record(db, "view", actor=who.user.name, target=f"case:{case_id}", via="wado-rs")
-    return _multipart(store, held)
+    if audit:
+        for case_id in sorted({h.case_id for h in held}):
+            record(db, "view", actor=who.user.name, target=f"case:{case_id}", via="wado-rs")
+    return held
+
+
+def _files(store: BlobStore, held: list[_Held]) -> DicomFilesResponse:
+    """The stored files, as received (read one at a time while sending)."""
+    return _multipart((("application/dicom", store.read(h.sha256)) for h in held), "application/dicom")
 
 
 @router.get("/studies/{study}", response_class=DicomFilesResponse)
 def retrieve_study(db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid) -> DicomFilesResponse:
     """WADO-RS: every instance of a study you may see, as stored."""
-    return _retrieve(db, who, store, f"study {study}", study=study)
+    return _files(store, _visible(db, who, f"study {study}", study=study))
 
 
 @router.get("/studies/{study}/series/{series}", response_class=DicomFilesResponse)
@@ -415,7 +423,7 @@ def retrieve_series(
     db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid, series: Uid
 ) -> DicomFilesResponse:
     """WADO-RS: every instance of a series, as stored."""
-    return _retrieve(db, who, store, f"series {series}", study=study, series=series)
+    return _files(store, _visible(db, who, f"series {series}", study=study, series=series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}", response_class=DicomFilesResponse)
@@ -423,4 +431,65 @@ def retrieve_instance(
     db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid, series: Uid, sop: Uid
 ) -> DicomFilesResponse:
     """WADO-RS: one instance, as stored."""
-    return _retrieve(db, who, store, f"instance {sop}", study=study, series=series, sop=sop)
+    return _files(store, _visible(db, who, f"instance {sop}", study=study, series=series, sop=sop))
+
+
+def _metadata(request: Request, store: BlobStore, held: list[_Held]) -> DicomJSONResponse:
+    """Each instance's attributes without its pixel data, which is a BulkDataURI to its frame (what a
+    DICOMweb viewer such as OHIF reads before asking for the pixels)."""
+    base = str(request.base_url).rstrip("/") + "/dicomweb/studies"
+    answers = []
+    for h in held:
+        ds = pydicom.dcmread(store.path(h.sha256), stop_before_pixels=True)
+        attributes = ds.to_json_dict(bulk_data_threshold=2**20)
+        frames = f"{base}/{h.study}/series/{h.series}/instances/{h.sop}/frames/1"
+        attributes["7FE00010"] = {"vr": "OW", "BulkDataURI": frames}
+        answers.append(attributes)
+    return DicomJSONResponse(answers)
+
+
+@router.get(
+    "/studies/{study}/metadata", response_class=DicomJSONResponse, response_model=list[DicomJsonObject]
+)
+def study_metadata(
+    request: Request, db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid
+) -> DicomJSONResponse:
+    """WADO-RS: the metadata of every instance of a study (pixel data by BulkDataURI)."""
+    return _metadata(request, store, _visible(db, who, f"study {study}", study=study))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/metadata",
+    response_class=DicomJSONResponse,
+    response_model=list[DicomJsonObject],
+)
+def series_metadata(
+    request: Request, db: SessionDep, who: CurrentUser, store: StoreDep, study: Uid, series: Uid
+) -> DicomJSONResponse:
+    """WADO-RS: the metadata of every instance of a series (pixel data by BulkDataURI)."""
+    return _metadata(request, store, _visible(db, who, f"series {series}", study=study, series=series))
+
+
+@router.get(
+    "/studies/{study}/series/{series}/instances/{sop}/frames/{frames}", response_class=DicomFilesResponse
+)
+def retrieve_frames(
+    db: SessionDep,
+    who: CurrentUser,
+    store: StoreDep,
+    study: Uid,
+    series: Uid,
+    sop: Uid,
+    frames: Annotated[str, Path(max_length=64, pattern=r"^[0-9]+(,[0-9]+)*$")],
+) -> DicomFilesResponse:
+    """WADO-RS: an instance's frame as uncompressed pixel values (explicit VR little endian); the
+    instances held here are single-frame, so the only frame is 1."""
+    wanted = [int(f) for f in frames.split(",")]
+    (held,) = _visible(db, who, f"instance {sop}", audit=False, study=study, series=series, sop=sop)
+    if any(f != 1 for f in wanted):
+        raise NotFound(f"instance {sop} has one frame (1); asked for {frames}")
+    ds = pydicom.dcmread(store.path(held.sha256))
+    plain = ds.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+    pixels = ds.PixelData if plain else ds.pixel_array.tobytes()  # decoded where it came compressed
+    kind = f"application/octet-stream; transfer-syntax={ExplicitVRLittleEndian}"
+    return _multipart(((kind, pixels) for _ in wanted), "application/octet-stream")
