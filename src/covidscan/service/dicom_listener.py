@@ -234,7 +234,7 @@ class DicomListener:
                 instances.append(
                     check_instance(self.store.read(digest), modality=None, max_pixels=self.max_pixels)
                 )
-            except (InstanceRefused, CovidscanError) as exc:
+            except CovidscanError as exc:  # InstanceRefused too
                 log.error(
                     "DICOM series %s: a received instance is unreadable now and left out: %s", series, exc
                 )
