@@ -306,3 +306,26 @@ def test_a_bad_ae_title_is_refused_with_its_setting(title: str, tmp_path: Path) 
 
     with pytest.raises(ConfigError, match="--dicom-ae-title or COVIDSCAN_DICOM_AE_TITLE"):
         load_settings(data_dir=tmp_path, dicom_ae_title=title)
+
+
+def test_the_orphan_sweep_keeps_the_files_of_pending_instances(tmp_path: Path) -> None:
+    """A series still arriving is referenced by its pending rows only: the worker's sweep keeps its files."""
+    from covidscan.service.db import Database, migrate
+    from covidscan.service.models import DicomPending
+    from covidscan.service.storage import BlobStore
+    from covidscan.service.worker import Worker
+
+    db = Database(f"sqlite:///{tmp_path / 'sweep.sqlite3'}")
+    migrate(db.engine)
+    store = BlobStore(tmp_path / "blobs")
+    pending, orphan = store.put(b"an instance waiting for its series"), store.put(b"left by a killed upload")
+    with db.session() as s:
+        s.add(
+            DicomPending(
+                study_uid="1.2", series_uid="1.2.3", sop_uid="1.2.3.4", sha256=pending, calling_ae="A"
+            )
+        )
+    time.sleep(0.05)
+    assert Worker(db, store, orphan_minutes=0).sweep_orphans() == 1
+    assert store.path(pending).exists() and not store.path(orphan).exists()
+    db.dispose()
