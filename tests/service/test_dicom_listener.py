@@ -329,3 +329,20 @@ def test_the_orphan_sweep_keeps_the_files_of_pending_instances(tmp_path: Path) -
     assert Worker(db, store, orphan_minutes=0).sweep_orphans() == 1
     assert store.path(pending).exists() and not store.path(orphan).exists()
     db.dispose()
+
+
+@pytest.mark.shared
+def test_real_samples_from_shared(listener: Listener) -> None:
+    """The public samples of ../shared, as a PACS would push them: the CT (pydicom's CT_small) becomes a
+    case of the CT run; the chest CR in JPEG 2000 decodes but is an X-ray, which the CT run does not read."""
+    from test_service_viewer import SHARED_DICOM
+
+    if not SHARED_DICOM.is_dir():
+        pytest.skip(f"{SHARED_DICOM} is absent")
+    ct = pydicom.dcmread(SHARED_DICOM / "CT_small.dcm")
+    cr = pydicom.dcmread(SHARED_DICOM / "RG1_J2KR.dcm")
+    assert send(listener.port, [ct]) == [0x0000]
+    assert send(listener.port, [cr], syntaxes=[cr.file_meta.TransferSyntaxUID]) == [0xC001]
+    (case,) = wait_cases(listener, ct.PatientID, 1)
+    assert (case["n_images"], case["site"]["name"]) == (1, CALLING)
+    assert listener.cases(cr.PatientID) == []
