@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -75,9 +75,10 @@ def start_server(
     *,
     database_url: str | None = None,
     env: Mapping[str, str] | None = None,
+    args: Sequence[str] = (),
 ) -> subprocess.Popen:
-    """`covidscan serve` in its own process (``env`` added to this one's environment); returns once
-    /healthz answers."""
+    """`covidscan serve` in its own process (``env`` added to this one's environment, ``args`` to its
+    command line); returns once /healthz answers."""
     argv = [
         sys.executable,
         "-m",
@@ -92,6 +93,7 @@ def start_server(
     ]
     if database_url is not None:
         argv += ["--database-url", database_url]
+    argv += args
     environment = {**os.environ, **(env or {})}
     proc = subprocess.Popen(argv, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=environment)
     deadline = time.monotonic() + 180
@@ -104,3 +106,15 @@ def start_server(
             time.sleep(0.2)
     proc.kill()
     raise AssertionError(f"server did not start in 180 s: {log.read_text()[-2000:]}")
+
+
+def migrations_head() -> str:
+    """The newest Alembic revision of the service's migrations (what a migrated database is stamped with)."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from covidscan.service.db import MIGRATIONS
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return str(ScriptDirectory.from_config(cfg).get_current_head())

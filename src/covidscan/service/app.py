@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, urlsplit
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation import format_value_ci
 from covidscan.service.auth import session_for_cookie, user_for_token
+from covidscan.service.db import Database
 from covidscan.service.deps import SESSION_COOKIE, UNSAFE_METHODS, bearer_token, get_settings
 from covidscan.service.errors import (
     AuthRequired,
@@ -33,7 +35,11 @@ from covidscan.service.errors import (
 )
 from covidscan.service.schemas import ErrorBody
 from covidscan.service.settings import ServiceSettings, active_run, open_service
+from covidscan.service.storage import BlobStore
 from covidscan.service.worker import Worker
+
+if TYPE_CHECKING:
+    from covidscan.service.dicom_listener import DicomListener
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
@@ -126,7 +132,7 @@ class AuthBeforeBody:
         if await run_in_threadpool(_authenticated, request):
             await self.app(scope, receive, send)
             return
-        if scope["path"].startswith("/api/"):
+        if scope["path"].startswith(("/api/", "/dicomweb/")):
             response: Response = error_response(
                 401,
                 "authentication required: send 'Authorization: Bearer TOKEN'",
@@ -160,6 +166,26 @@ def _authenticated(request: Request) -> bool:
         return sid is not None and session_for_cookie(s, sid, idle) is not None
 
 
+def dicom_listener(
+    settings: ServiceSettings, db: Database, store: BlobStore, worker: Worker | None
+) -> DicomListener | None:
+    """The DICOM listener the settings ask for (``dicom_port``), not started; None without a port."""
+    if settings.dicom_port is None:
+        return None
+    from covidscan.service.dicom_listener import DicomListener
+
+    return DicomListener(
+        db,
+        store,
+        host=settings.dicom_host,
+        port=settings.dicom_port,
+        ae_title=settings.dicom_ae_title,
+        quiet_seconds=settings.dicom_quiet_seconds,
+        max_pixels=settings.max_pixels,
+        on_case=worker.wake if worker is not None else None,
+    )
+
+
 def create_app(settings: ServiceSettings) -> FastAPI:
     """The application; the database is migrated and the worker started when it starts serving."""
     from covidscan.service import api, pages
@@ -168,6 +194,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         accounts,
         destination_pages,
         destinations,
+        dicomweb,
         records,
         site_pages,
         sites,
@@ -196,9 +223,14 @@ def create_app(settings: ServiceSettings) -> FastAPI:
         if worker is not None:
             worker.scorer()  # load the model now: the first case should not wait for it
             worker.start()
+        app.state.dicom_listener = listener = dicom_listener(settings, db, store, worker)
         try:
+            if listener is not None:
+                listener.start()
             yield
         finally:
+            if listener is not None:
+                listener.stop()
             if worker is not None:
                 worker.stop()
             db.dispose()
@@ -220,6 +252,7 @@ def create_app(settings: ServiceSettings) -> FastAPI:
     app.include_router(records.router)
     app.include_router(destinations.router)
     app.include_router(destination_pages.router)
+    app.include_router(dicomweb.router)
 
     @app.get("/docs", include_in_schema=False)
     def docs() -> HTMLResponse:

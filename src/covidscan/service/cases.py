@@ -62,18 +62,20 @@ def create_case(
     patient_id: str | None,
     *,
     site: str | None = None,
+    sender_ae: str | None = None,
 ) -> Case:
     """Store checked uploads (content-addressed) as a new case and queue its prediction job.
 
-    The case's site is ``site`` (the name the sender gave), else the first DICOM upload's InstitutionName
-    or StationName, else the submitter account's (:func:`covidscan.service.sites.resolve_site`).
+    The case's site is ``site`` (the name the sender gave), else ``sender_ae`` (the calling AE title of a
+    DICOM association), else the first DICOM upload's InstitutionName or StationName, else the submitter
+    account's (:func:`covidscan.service.sites.resolve_site`). A DICOM file's UIDs are kept with its image.
     """
     from covidscan.service.sites import resolve_site  # sites builds on this module
 
     if user.role not in ("submitter", "admin"):
         raise NotAllowed(f"user {user.name} ({user.role}) cannot submit cases")
     dicom = next((item.info.dicom for item in checked if item.info.dicom), None)
-    case_site = resolve_site(db, explicit=site, submitter=user, dicom=dicom)
+    case_site = resolve_site(db, explicit=site, submitter=user, dicom=dicom, sender_ae=sender_ae)
     case = Case(
         patient_id=(patient_id or None) and patient_id[:128],
         submitted_by=user.id,
@@ -84,6 +86,7 @@ def create_case(
     db.flush()
     for position, item in enumerate(checked):
         up, info = item.upload, item.info
+        ids = info.dicom or {}
         db.add(
             CaseImage(
                 case_id=case.id,
@@ -95,6 +98,10 @@ def create_case(
                 display_sha256=store.put(info.display_png),
                 width=info.width,
                 height=info.height,
+                study_uid=ids.get("StudyInstanceUID", "")[:64] or None,
+                series_uid=ids.get("SeriesInstanceUID", "")[:64] or None,
+                sop_uid=ids.get("SOPInstanceUID", "")[:64] or None,
+                sop_class_uid=ids.get("SOPClassUID", "")[:64] or None,
             )
         )
     db.add(Job(case_id=case.id))

@@ -87,6 +87,18 @@ def serve(
             help="Predict in this process, else run `covidscan worker` (or env COVIDSCAN_WORKER).",
         ),
     ] = None,
+    dicom_port: Annotated[
+        int | None,
+        typer.Option(
+            "--dicom-port",
+            help="Also receive DICOM (C-STORE, C-ECHO) on this port at --host; each series becomes a case "
+            "(or env COVIDSCAN_DICOM_PORT).",
+        ),
+    ] = None,
+    dicom_ae_title: Annotated[
+        str | None,
+        typer.Option("--dicom-ae-title", help="The listener's AE title (default COVIDSCAN)."),
+    ] = None,
 ) -> None:
     """Run the review service: doctors read, correct and sign the model's results.
 
@@ -100,10 +112,15 @@ def serve(
 
     if not 1 <= port <= 65535:  # checked before the demo trains a model, not when uvicorn binds
         raise ConfigError(f"--port {port} is not a TCP port: give a number from 1 to 65535")
-    flags = {"data_dir": data_dir, "database_url": database_url, "run": run, "worker": worker}
+    flags = {
+        "data_dir": data_dir, "database_url": database_url, "run": run, "worker": worker,
+        "dicom_port": dicom_port, "dicom_ae_title": dicom_ae_title, "dicom_host": host,
+    }
     if demo:
         flags["data_dir"], flags["run"] = _prepare_demo(data_dir or Path("covidscan-demo"), run, host, port)
     settings = load_settings(**flags)
+    if settings.dicom_port:
+        _check_bindable(host, settings.dicom_port)
     db, _ = open_service(settings)  # bad URLs, runs or folders end here with one clear line, not in uvicorn
     with db.session() as s:
         in_use = active_run(s)
@@ -113,7 +130,21 @@ def serve(
             f"no run is active in {settings.data_dir}; pass --run RUN (a `covidscan train` folder)"
         )
     out.print(f"covidscan review service on http://{host}:{port}/  (data: {settings.data_dir})")
+    if settings.dicom_port is not None:
+        out.print(f"DICOM listener: AE title {settings.dicom_ae_title} on {host}:{settings.dicom_port}; "
+                  f"STOW-RS: http://{host}:{port}/dicomweb/studies")
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Refuse a DICOM port that is taken (one clear line here, not a failed start inside Uvicorn)."""
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"--dicom-port {port}: cannot listen on {host}:{port} ({exc.strerror})") from None
 
 
 def _prepare_demo(data_dir: Path, run: Path | None, host: str, port: int) -> tuple[Path, Path]:

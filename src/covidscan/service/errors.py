@@ -60,6 +60,9 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     # issue 16 §3 (destinations, pacsout helper):
     DESTINATION_INVALID = "destination_invalid"  # 422: a destination setting that cannot be sent to
     DESTINATION_NAME_TAKEN = "destination_name_taken"  # 409: another destination has that name
+    # issue 16 §1 (DICOM in):
+    WRONG_MODALITY = "wrong_modality"  # 422: a DICOM image of a modality or body part the run does not read
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415: a STOW-RS body not of multipart/related DICOM
 
 
 class ServiceError(CovidscanError):
@@ -196,3 +199,10 @@ def error_code(exc: CovidscanError) -> ErrorCode:
 def code_for_status(status: int) -> ErrorCode:
     """The code of an HTTP error raised by the framework rather than by covidscan."""
     return _STATUS_CODES.get(status, ErrorCode.INTERNAL if status >= 500 else ErrorCode.BAD_REQUEST)
+
+
+class UnsupportedMediaType(ServiceError):
+    """A request body of a type the route does not take (HTTP 415); the message names the right one."""
+
+    http_status = 415
+    code = ErrorCode.UNSUPPORTED_MEDIA_TYPE

@@ -206,6 +206,11 @@ class CaseImage(Base):
     cam_sha256: Mapped[str | None] = mapped_column(String(64))
     # The image's pooled backbone features (a float32 .npy blob): the shift test's and teaching order's input.
     features_sha256: Mapped[str | None] = mapped_column(String(64))
+    # A DICOM file's identifiers (None for other images), so DICOMweb lists studies without reading files.
+    study_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_uid: Mapped[str | None] = mapped_column(String(64), index=True)
+    sop_class_uid: Mapped[str | None] = mapped_column(String(64))
     case: Mapped[Case] = relationship(back_populates="images")
 
 
@@ -366,3 +371,19 @@ class Delivery(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     destination: Mapped[Destination | None] = relationship()
+
+
+class DicomPending(Base):
+    """An instance the DICOM listener accepted (its file already in the store) whose series is still
+    arriving; the rows of a series become one case, in the transaction that deletes them, once the series
+    has been quiet for a while (:mod:`covidscan.service.dicom_listener`). Kept in the database, so a
+    restart loses nothing and no instance becomes two cases."""
+
+    __tablename__ = "dicom_pending"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64))
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))  # the sender's AE title: the case's site
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

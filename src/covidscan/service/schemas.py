@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 from covidscan.evaluation.site import COURSE_FIGURES
 from covidscan.service.cases import current_review
@@ -611,3 +611,16 @@ class DeliveryOut(BaseModel):
 
 
 CaseOut.model_rebuild()  # its ``deliveries`` refer to DeliveryOut, defined after it
+
+
+class DicomAttribute(BaseModel):
+    """One attribute of a data set in the DICOM JSON model (PS3.18 F.2): its VR and its values."""
+
+    model_config = ConfigDict(extra="allow")  # BulkDataURI or InlineBinary instead of Value
+
+    vr: str = Field(description="Value representation, e.g. UI, DA, PN, SQ")
+    Value: list[Any] | None = Field(None, description="The values (absent when the attribute is empty)")
+
+
+class DicomJsonObject(RootModel[dict[str, DicomAttribute]]):
+    """A data set in the DICOM JSON model (``application/dicom+json``), keyed by tag, e.g. ``0020000D``."""

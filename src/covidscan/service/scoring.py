@@ -24,13 +24,19 @@ from covidscan.errors import CovidscanError, ImageRefusedError, InputError
 from covidscan.evaluation.shift import ShiftTest
 from covidscan.inference import Predictor
 from covidscan.inference.shift import run_reference
-from covidscan.io import QualityLimits, read_image, to_uint8
+from covidscan.io import QualityLimits, assess, read_image, to_uint8
 from covidscan.service.errors import ErrorCode, UploadRejected
 
 DISPLAY_MAX_SIDE = 1024  # the PNG shown in the browser; the original is kept untouched
 _METRICS_SHOWN = ("accuracy", "recall", "specificity", "roc_auc", "f1")
 _DECODER_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
 SITE_TAGS = ("InstitutionName", "StationName")  # where a DICOM file says which site it comes from
+# What a DICOM file says it is: stored with its case image (DICOMweb lists it) and read by DICOM intake.
+ID_TAGS = (
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "InstanceNumber"
+)
+# The quality gate's refusals that a DICOM file's own attributes cause: not the run's kind of chest image.
+ATTRIBUTE_REFUSALS = ("missing_modality", "wrong_modality", "body_part")
 
 
 log = logging.getLogger(__name__)
@@ -39,7 +45,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class UploadInfo:
     """What a decoded upload is: the suffix its decoder needs, its size, a PNG to show and, for DICOM, the
-    :data:`SITE_TAGS` it carries (only those present and non-empty)."""
+    :data:`SITE_TAGS` and :data:`ID_TAGS` it carries (only those present and non-empty)."""
 
     suffix: str
     width: int
@@ -48,10 +54,11 @@ class UploadInfo:
     dicom: dict[str, str] | None = None
 
 
-def _site_tags(data: bytes) -> dict[str, str]:
-    """InstitutionName and StationName of a DICOM file that already decoded (so the header reads)."""
-    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=list(SITE_TAGS))
-    return {tag: value for tag in SITE_TAGS if (value := str(ds.get(tag, "") or "").strip())}
+def _dicom_tags(data: bytes) -> dict[str, str]:
+    """The :data:`SITE_TAGS` and :data:`ID_TAGS` of a DICOM file that decoded (so its header reads)."""
+    tags = [*SITE_TAGS, *ID_TAGS]
+    ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=tags)
+    return {tag: value for tag in tags if (value := str(ds.get(tag, "") or "").strip(" \x00"))}
 
 
 def _suffix(name: str, data: bytes) -> str:
@@ -62,13 +69,17 @@ def _suffix(name: str, data: bytes) -> str:
     return suffix if suffix in _DECODER_SUFFIXES else ""
 
 
-def inspect_upload(data: bytes, name: str, *, max_pixels: int) -> UploadInfo:
+def inspect_upload(data: bytes, name: str, *, max_pixels: int, modality: str | None = None) -> UploadInfo:
     """Decode an upload fully (as prediction will) and render a PNG of it; raises :class:`UploadRejected`.
 
     The pixel count is checked from the header before anything is decoded (decompression bombs: 413).
+    With ``modality`` (the run's ``ct`` or ``cxr``), a DICOM file that the quality gate refuses for its own
+    Modality or BodyPartExamined (:data:`ATTRIBUTE_REFUSALS`) is refused here (``wrong_modality``), as DICOM
+    intake does, instead of becoming a case the model gives no result.
     """
+    limits = QualityLimits(max_pixels=max_pixels)
     try:
-        loaded = read_image(data, name=name, limits=QualityLimits(max_pixels=max_pixels))
+        loaded = read_image(data, name=name, limits=limits)
     except ImageRefusedError as exc:
         code = ErrorCode.TOO_MANY_PIXELS if "too_large" in exc.codes else ErrorCode.IMAGE_REFUSED
         raise UploadRejected(name, exc.reason, code) from None
@@ -78,12 +89,16 @@ def inspect_upload(data: bytes, name: str, *, max_pixels: int) -> UploadInfo:
             f"not a readable image ({exc.reason}); send PNG, JPEG, BMP, TIFF or DICOM files",
             ErrorCode.NOT_AN_IMAGE,
         ) from None
+    if modality is not None and loaded.meta.format == "DICOM":
+        refused = [r for r in assess(loaded, modality, limits).refusals if r.startswith(ATTRIBUTE_REFUSALS)]
+        if refused:
+            raise UploadRejected(name, "; ".join(refused), ErrorCode.WRONG_MODALITY)
     height, width = loaded.pixels.shape
     shown = Image.fromarray(to_uint8(loaded.pixels))
     shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
     buf = io.BytesIO()
     shown.save(buf, format="PNG")
-    dicom = _site_tags(data) if loaded.meta.format == "DICOM" else None
+    dicom = _dicom_tags(data) if loaded.meta.format == "DICOM" else None
     return UploadInfo(_suffix(name, data), width, height, buf.getvalue(), dicom)
 
 

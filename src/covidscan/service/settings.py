@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,10 @@ from covidscan.service.storage import BlobStore
 
 ENV_PREFIX = "COVIDSCAN_"
 # The flag that sets each field, for error messages (fields without one are set by environment only).
-FLAGS = {"data_dir": "--data-dir", "database_url": "--database-url", "run": "--run", "worker": "--worker"}
+FLAGS = {
+    "data_dir": "--data-dir", "database_url": "--database-url", "run": "--run", "worker": "--worker",
+    "dicom_port": "--dicom-port", "dicom_ae_title": "--dicom-ae-title",
+}
 
 
 def active_run(s: Session) -> str | None:
@@ -70,6 +73,24 @@ class ServiceSettings(BaseSettings):
     audit_key: SecretStr | None = Field(
         None, description="The audit chain's HMAC key (default: data_dir/audit.key, made with mode 0600)"
     )
+    # DICOM in (issue 16): the C-STORE listener runs when a port is set (`covidscan serve --dicom-port`)
+    dicom_port: int | None = Field(None, ge=0, le=65535, description="DICOM listener port (0: any free one)")
+    dicom_host: str = Field("127.0.0.1", description="Address the DICOM listener binds (serve: its --host)")
+    dicom_ae_title: str = Field(
+        "COVIDSCAN", description="The listener's AE title: up to 16 printable ASCII characters, no backslash"
+    )
+    dicom_quiet_seconds: float = Field(
+        10.0, gt=0, description="A series becomes a case once no instance of it arrived for this long"
+    )
+
+    @field_validator("dicom_ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        """DICOM's AE title (PS3.5 AE): 1-16 characters of printable ASCII without a backslash."""
+        value = value.strip()
+        if not 1 <= len(value) <= 16 or any(not " " <= c <= "~" or c == "\\" for c in value):
+            raise ValueError("give 1 to 16 printable ASCII characters without a backslash, e.g. COVIDSCAN")
+        return value
 
     @property
     def url(self) -> str:

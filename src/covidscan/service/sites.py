@@ -43,6 +43,7 @@ from covidscan.service.models import (
     User,
     utcnow,
 )
+from covidscan.service.scoring import SITE_TAGS
 from covidscan.service.settings import active_run
 from covidscan.service.storage import BlobStore
 
@@ -111,17 +112,21 @@ def _site_called(db: Session, name: str, actor: str) -> Site:
     return site
 
 
-def resolve_site(db: Session, *, explicit: str | None, submitter: User, dicom: dict | None) -> Site:
-    """The site of a new case: ``explicit`` (the sender's ``site``) > the DICOM InstitutionName >
-    StationName > the submitter account's name; created on first use.
+def resolve_site(
+    db: Session, *, explicit: str | None, submitter: User, dicom: dict | None, sender_ae: str | None = None
+) -> Site:
+    """The site of a new case: ``explicit`` (the sender's ``site``) > ``sender_ae`` (the calling AE title
+    of the DICOM association it came by) > the DICOM InstitutionName > StationName > the submitter
+    account's name; created on first use.
 
-    A bad explicit name is refused (:class:`ConfigError`); an unusable DICOM value (empty, control
-    characters) is passed over for the next source, since the sender did not type it.
+    A bad explicit name is refused (:class:`ConfigError`); an unusable AE title or DICOM value (empty,
+    control characters) is passed over for the next source, since the sender did not type it as a site.
     """
     if explicit is not None and explicit.strip():
         return _site_called(db, normalise_site_name(explicit, what="site"), submitter.name)
-    for tag in ("InstitutionName", "StationName"):
-        value = str((dicom or {}).get(tag) or "").strip(" \x00")  # DICOM pads values with spaces or NULs
+    sources = {"calling AE title": sender_ae, **{tag: (dicom or {}).get(tag) for tag in SITE_TAGS}}
+    for tag, raw in sources.items():
+        value = str(raw or "").strip(" \x00")  # DICOM pads values with spaces or NULs
         if value:
             try:
                 name = normalise_site_name(value[:SITE_NAME_MAX], what=tag)

@@ -32,7 +32,7 @@ from covidscan.service.cases import no_result_reason, priority
 from covidscan.service.db import Database
 from covidscan.service.delivery import RETRY_SECONDS, Sender, default_outputs
 from covidscan.service.errors import StorageFull
-from covidscan.service.models import Case, CaseImage, Job, Setting, SiteRun, utcnow
+from covidscan.service.models import Case, CaseImage, DicomPending, Job, Setting, SiteRun, utcnow
 from covidscan.service.monitoring import after_prediction
 from covidscan.service.scoring import ScoredCase, Scorer
 from covidscan.service.settings import active_run
@@ -244,9 +244,10 @@ class Worker:
 
     def sweep_orphans(self) -> int:
         """Remove stored files no case refers to and older than ``orphan_minutes`` (left by uploads
-        interrupted before their case was committed); returns how many."""
+        interrupted before their case was committed); returns how many. The files of DICOM instances
+        waiting for the rest of their series are kept too."""
         columns = (CaseImage.sha256, CaseImage.display_sha256, CaseImage.cam_sha256,
-                   CaseImage.features_sha256)
+                   CaseImage.features_sha256, DicomPending.sha256)
         with self.db.session() as s:
             referenced = {d for col in columns for d in s.scalars(select(col).where(col.is_not(None)))}
         removed = self.store.sweep(referenced, older_than=self.orphan_seconds)
