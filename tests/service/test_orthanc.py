@@ -1,7 +1,6 @@
 """The real PACS of the tests (tests/service/orthanc.py): Debian's Orthanc with DICOMweb on free loopback
 ports, its helpers (upload, push to a DICOM peer with C-STORE), its clean stop; and the end-to-end flow
-PACS → covidscan → doctor signs → SR and SC back in the PACS, which needs the DICOM listener (branch
-``dicomin``) and the records (branch ``records``) and skips, saying so, until both are merged."""
+PACS → covidscan → doctor signs → SR and SC back in the PACS."""
 
 from __future__ import annotations
 
@@ -77,27 +76,16 @@ def test_orthanc_is_stopped_when_its_context_ends(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", pacs.dicom_port))
 
 
-def _e2e_missing() -> str | None:
-    """What the end-to-end test still lacks: the DICOM listener (branch ``dicomin``) or the records
-    (branch ``records``); None once both are merged."""
-    import importlib.util
-
-    from covidscan.service.settings import ServiceSettings
-
-    if "dicom_port" not in ServiceSettings.model_fields:
-        return "needs covidscan's DICOM listener (ServiceSettings.dicom_port, branch dicomin)"
-    if importlib.util.find_spec("covidscan.service.records") is None:
-        return "needs the DICOM SR and SC of a signed case (covidscan.service.records, branch records)"
-    return None
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(_e2e_missing() is not None, reason=str(_e2e_missing()))
 def test_end_to_end_orthanc_pushes_to_covidscan_a_doctor_signs_and_sr_and_sc_come_back(
     orthanc: Orthanc, tiny_run: Path, tmp_path: Path
 ) -> None:
-    """SKELETON until branches ``dicomin`` (the DICOM listener, ``ServiceSettings.dicom_port``) and
-    ``records`` (``covidscan.service.records.dicom_outputs``) are merged: it skips without them."""
+    """The whole path in CI: Orthanc pushes a CT series (C-STORE) to covidscan's listener, it becomes a
+    case, a doctor signs, and the verified SR and the Secondary Captures arrive back in Orthanc, filed in
+    the images' study."""
     from service_helpers import uvicorn_server
     from test_service_viewer import ct_series
 
@@ -152,7 +140,10 @@ def test_end_to_end_orthanc_pushes_to_covidscan_a_doctor_signs_and_sr_and_sc_com
     came_back = [
         ds for ds in orthanc.datasets() if ds.SOPInstanceUID in case["deliveries"][-1]["sop_instance_uids"]
     ]
-    modalities = {ds.Modality for ds in came_back}
-    assert {"SR", "OT"} & modalities and len(came_back) == len(case["deliveries"][-1]["sop_instance_uids"])
+    assert len(came_back) == len(case["deliveries"][-1]["sop_instance_uids"])
+    (sr,) = [ds for ds in came_back if ds.Modality == "SR"]
+    assert sr.VerificationFlag == "VERIFIED" and sr.CompletionFlag == "COMPLETE"
+    assert "840539006" in str(sr.ContentSequence)  # the doctor's finding: Disease caused by SARS-CoV-2
+    assert [ds for ds in came_back if ds.SOPClassUID == SECONDARY_CAPTURE]  # the Grad-CAM overlays
     source_study = {ds.StudyInstanceUID for ds in orthanc.datasets() if ds.Modality == "CT"}
     assert {ds.StudyInstanceUID for ds in came_back} <= source_study  # filed next to the images
