@@ -5,7 +5,6 @@ what a caller may see; WADO-RS returns the very bytes stored; migration 0004 goe
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,14 +12,15 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+import test_sites
 from dicomweb_client import DICOMwebClient
 from requests.exceptions import HTTPError
 from service_helpers import migrations_head, uvicorn_server
 from sqlalchemy import text
 from test_dicom_listener import _jpeg_lossless, series
 
-from conftest import PG_ENV, PG_MISSING, add_accounts, fresh_postgres_database
-from covidscan.service.db import MIGRATIONS, Database
+from conftest import add_accounts
+from covidscan.service.db import Database
 from covidscan.service.settings import ServiceSettings
 
 FAILED = "00081198"  # FailedSOPSequence
@@ -237,24 +237,8 @@ def test_uploaded_dicom_is_listed_too(web: Web) -> None:
 
 
 # ------------------------------------------------------------------ migration 0004
-def _alembic(db: Database, revision: str, *, down: bool = False) -> None:
-    from alembic import command
-    from alembic.config import Config
-
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS))
-    with db.engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        (command.downgrade if down else command.upgrade)(cfg, revision)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'dicom.sqlite3'}"
-    if not os.environ.get(PG_ENV):
-        pytest.skip(PG_MISSING)
-    return fresh_postgres_database(os.environ[PG_ENV])
+_alembic = test_sites._alembic
+empty_url = test_sites.empty_url  # the fixture: a fresh, empty database per test
 
 
 def test_migration_0004_up_and_down(empty_url: str) -> None:
