@@ -45,8 +45,11 @@ def review(
     sign: bool,
     reason: str | None = None,
     comment: str = "",
-    agree: bool = True,
+    agree: bool | None = None,
 ):
+    if agree is None:  # agreeing means giving the model's own finding
+        group = service.client.get(f"/api/v1/cases/{case_id}", headers=service.auth("doctor")).json()["group"]
+        agree = group is not None and finding == group["label"]
     body = {"agree": agree, "finding": finding, "comment": comment, "sign": sign}
     if reason:
         body["amendment_reason"] = reason

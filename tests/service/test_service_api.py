@@ -84,7 +84,7 @@ def test_signed_case_is_locked_and_amendment_keeps_the_old_version(service, ct_s
     service.wait(case_id)
     url, doctor = f"/api/v1/cases/{case_id}/review", service.auth("doctor")
     draft = service.client.post(
-        url, headers=doctor, json={"agree": True, "finding": "covid", "comment": "draft"}
+        url, headers=doctor, json={"agree": False, "finding": "covid", "comment": "draft"}
     )
     assert draft.json()["status"] == "ready" and draft.json()["review"]["signed"] is False
     signed = service.client.post(
@@ -101,11 +101,27 @@ def test_signed_case_is_locked_and_amendment_keeps_the_old_version(service, ct_s
     amended = service.client.post(
         url,
         headers=service.auth("doctor2"),
-        json={"agree": True, "finding": "covid", "sign": True, "amendment_reason": "second reading"},
+        json={"agree": False, "finding": "covid", "sign": True, "amendment_reason": "second reading"},
     )
     assert amended.status_code == 200 and amended.json()["review"]["version"] == 2
     case = service.client.get(f"/api/v1/cases/{case_id}", headers=doctor).json()
     assert case["versions"] == 2 and case["review"]["amendment_reason"] == "second reading"
+
+
+def test_agreeing_gives_the_models_finding(service, ct_slices) -> None:
+    # "agrees with the model; finding covid" on a case the model called non-covid counted as agreement
+    case_id = service.upload("lab", ct_slices[5:6]).json()["id"]
+    label = service.wait(case_id)["group"]["label"]
+    other = "non_covid" if label == "covid" else "covid"
+    url, doctor = f"/api/v1/cases/{case_id}/review", service.auth("doctor")
+    for finding in (other, "indeterminate"):
+        refused = service.client.post(url, headers=doctor, json={"agree": True, "finding": finding})
+        assert refused.status_code == 409 and code(refused) == ErrorCode.CONTRADICTS_MODEL, refused.text
+    # disagreeing with the model (its map, its reasons) while reaching its finding stays possible
+    own = service.client.post(url, headers=doctor, json={"agree": False, "finding": label})
+    assert own.status_code == 200
+    signed = service.client.post(url, headers=doctor, json={"agree": True, "finding": label, "sign": True})
+    assert signed.status_code == 200 and signed.json()["review"]["agree"] is True
 
 
 def test_review_before_prediction_or_with_bad_finding_is_refused(service, ct_slices) -> None:
@@ -206,7 +222,7 @@ def test_export_lists_signed_covid_and_non_covid_originals_for_adapt(service, ct
         r = service.client.post(
             f"/api/v1/cases/{case_id}/review",
             headers=service.auth("doctor"),
-            json={"agree": finding == "covid", "finding": finding, "sign": True},
+            json={"agree": False, "finding": finding, "sign": True},  # the doctor's own reading
         )
         assert r.status_code == 200
     export = service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("admin"))

@@ -14,7 +14,7 @@ def test_patient_ids_typed_as_formulas_are_escaped_and_read_back(service, ct_sli
     case_id = service.upload("lab", ct_slices[0:1], patient_id=PATIENT).json()["id"]
     service.wait(case_id)
     signed = service.client.post(f"/api/v1/cases/{case_id}/review", headers=service.auth("doctor"),
-                                 json={"agree": True, "finding": "covid", "sign": True})
+                                 json={"agree": False, "finding": "covid", "sign": True})
     assert signed.status_code == 200
     export = service.client.get("/api/v1/export/verdicts.csv", headers=service.auth("admin"))
     rows = list(csv.reader(io.StringIO(export.text)))

@@ -114,7 +114,7 @@ def test_doctor_signs_in_the_form_then_the_case_is_locked(service, browser, ct_s
     amended = browser.post(
         f"/cases/{case_id}/review",
         data={
-            "agree": "yes",
+            "agree": "no",
             "finding": "covid",
             "sign": "on",
             "amendment_reason": "CT re-read",

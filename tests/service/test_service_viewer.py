@@ -293,6 +293,10 @@ def test_png_case_signed_by_keyboard_and_next_case_by_key(server, page, tmp_path
     assert page.locator("input[name=agree][value=no]").is_checked()
     page.keyboard.press("a")
     assert page.locator("input[name=agree][value=yes]").is_checked()
+    # agreeing selects the model's finding (an agreeing verdict with another one is refused)
+    model_label = page.locator("#verdict-form").get_attribute("data-model-label")
+    assert model_label in ("covid", "non_covid")
+    assert page.locator("select[name=finding]").input_value() == model_label
     page.keyboard.press("Shift+S")
     page.wait_for_selector("#locked")
     expect(page).to_have_url(f"{url}/cases/{cases['png']}")  # ?saved=1 told the page; then it goes

@@ -125,7 +125,7 @@ def test_reader_first_hides_the_result_and_cam_until_the_first_read(service, ct_
     assert again.status_code == 409 and error_code(again) == ErrorCode.FIRST_READ_REFUSED
     # doctor2 gives a verdict straight away: the result is no longer hidden from them, and a first read
     # after it is refused (they may have seen the model by then)
-    verdict = {"agree": True, "finding": "covid", "sign": False}
+    verdict = {"agree": False, "finding": "covid", "sign": False}
     assert (
         service.client.post(f"{url}/review", headers=service.auth("doctor2"), json=verdict).status_code == 200
     )

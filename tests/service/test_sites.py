@@ -323,7 +323,8 @@ def test_site_verdicts_carry_the_site_and_feed_local_validation(svc) -> None:
             case = _case(s, store, "lab4", site=site, value=200 + i)
             case.patient_id = f"pt-{i}"
             _predicted(case, p)
-            submit_review(s, case, doc, agree=True, finding=finding, comment="", sign=True)
+            agree = finding == case.group["label"]
+            submit_review(s, case, doc, agree=agree, finding=finding, comment="", sign=True)
             signed[case.id] = case
         _case(s, store, "lab4", site="Verdict A", value=250)  # unsigned: not a verdict
         a = find_site(s, "Verdict A")

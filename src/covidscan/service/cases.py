@@ -354,6 +354,14 @@ def submit_review(
         )
     if amending and not sign:
         raise Conflict("an amendment must be signed", ErrorCode.AMENDMENT_UNSIGNED)
+    if agree and case.group is not None and finding != case.group["label"]:
+        # Agreeing means the model's label is the finding; anything else would count as agreement in the
+        # doctors' agreement figures while saying the opposite.
+        raise Conflict(
+            f"case {case.id}: the model says {case.group['label'].replace('_', '-')}; agreeing with it "
+            f"gives that finding, not {finding.replace('_', '-')}: choose disagree, or the model's finding",
+            ErrorCode.CONTRADICTS_MODEL,
+        )
     comment = comment[:5000]
     if latest is not None and not amending:  # a draft: edit it in place
         review = latest

@@ -63,6 +63,8 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     # issue 16 §1 (DICOM in):
     WRONG_MODALITY = "wrong_modality"  # 422: a DICOM image of a modality or body part the run does not read
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415: a STOW-RS body not of multipart/related DICOM
+    # a verdict that agrees with the model but gives another finding (it would count as agreement)
+    CONTRADICTS_MODEL = "contradicts_model"  # 409: agree=true with a finding other than the model's label
 
 
 class ServiceError(CovidscanError):

@@ -54,6 +54,18 @@ function wireDraft(form, key, saved) {
   form.addEventListener("change", save);
 }
 
+// Agreeing with the model means its finding: choosing "agree" selects it (the server refuses an agreeing
+// verdict with another finding, which would count as agreement while saying the opposite).
+function agreeGivesTheModelsFinding(form) {
+  var label = form.dataset.modelLabel;
+  if (!label || !form.elements.finding) return;
+  form.addEventListener("change", function (event) {
+    if (event.target.name === "agree" && event.target.value === "yes" && event.target.checked) {
+      form.elements.finding.value = label;
+    }
+  });
+}
+
 function caseKeys(event) {
   var root = document.getElementById("case");
   if (!root || event.ctrlKey || event.metaKey || event.altKey) return;
@@ -101,6 +113,7 @@ function wireCase() {
   var form = document.getElementById("verdict-form");
   if (form) {
     wireDraft(form, root.dataset.draftKey, saved);
+    agreeGivesTheModelsFinding(form);
   } else if (saved) {
     localStorage.removeItem(root.dataset.draftKey);
   }
