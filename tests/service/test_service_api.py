@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
+from PIL import Image
 from service_helpers import png_bytes
 
 from covidscan.service.errors import ErrorCode
@@ -110,7 +112,10 @@ def test_signed_case_is_locked_and_amendment_keeps_the_old_version(service, ct_s
 
 def test_agreeing_gives_the_models_finding(service, ct_slices) -> None:
     # "agrees with the model; finding covid" on a case the model called non-covid counted as agreement
-    case_id = service.upload("lab", ct_slices[5:6]).json()["id"]
+    name, data = ct_slices[5]
+    mirrored = io.BytesIO()  # an image of its own: the export test below counts every signed copy of a slice
+    Image.open(io.BytesIO(data)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored, format="PNG")
+    case_id = service.upload("lab", [(name, mirrored.getvalue())]).json()["id"]
     label = service.wait(case_id)["group"]["label"]
     other = "non_covid" if label == "covid" else "covid"
     url, doctor = f"/api/v1/cases/{case_id}/review", service.auth("doctor")
