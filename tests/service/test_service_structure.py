@@ -179,3 +179,24 @@ def test_a_bug_is_a_json_500_with_the_internal_code_and_no_traceback(service) ->
     r = client.get("/test-boom")
     assert r.status_code == 500 and r.json()["code"] == ErrorCode.INTERNAL
     assert "secret" not in r.text and "Traceback" not in r.text
+
+
+def test_every_route_ends_its_transaction_before_the_answer_is_validated(service) -> None:
+    # (tests/service/test_db_gate.py shows the stall a route without it has)
+    from fastapi.routing import APIRoute
+
+    from covidscan.service.deps import SessionRoute, get_session
+
+    def uses_session(dependant) -> bool:  # a FastAPI Dependant
+        return dependant.call is get_session or any(uses_session(d) for d in dependant.dependencies)
+
+    def routes(table: list) -> list[APIRoute]:  # FastAPI keeps an included router's routes in its own table
+        found = []
+        for route in table:
+            included = getattr(route, "original_router", None)
+            found += routes(included.routes) if included is not None else [route]
+        return [r for r in found if isinstance(r, APIRoute)]
+
+    with_session = [r for r in routes(service.client.app.routes) if uses_session(r.dependant)]
+    assert len(with_session) > 50
+    assert [r.path for r in with_session if not isinstance(r, SessionRoute)] == []

@@ -27,6 +27,7 @@ from covidscan.service.deps import (
     DoctorUser,
     Principal,
     SessionDep,
+    SessionRoute,
     SettingsDep,
     StoreDep,
     SubmitterUser,
@@ -51,7 +52,7 @@ from covidscan.service.sites import first_read_for, reader_first_applies, record
 
 # Every error the API answers has this body; listed so /openapi.json shows it for each route.
 ERRORS = {status: {"model": ErrorBody} for status in (400, 401, 403, 404, 409, 413, 422)}
-router = APIRouter(responses=ERRORS)
+router = APIRouter(route_class=SessionRoute, responses=ERRORS)
 
 
 def read_uploads(files: list[UploadFile], max_bytes: int) -> list[Upload]:

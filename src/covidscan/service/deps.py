@@ -5,12 +5,15 @@ Route handlers declare what they need as ``Annotated`` aliases (``SessionDep``, 
 ``DoctorUser``, ``PageUser``, ...) instead of looking it up themselves.
 """
 
+import functools
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.routing import APIRoute
 from sqlalchemy.orm import Session
 
 from covidscan.service.auth import Client, csrf_ok, session_for_cookie, throttle_address, user_for_token
@@ -34,6 +37,35 @@ def get_session(request: Request) -> Iterator[Session]:
 
 # scope="function": the commit happens before the response goes out, so a failed commit is the answer.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+
+def _ending_transactions(endpoint: Callable[..., Any]) -> Callable[..., Any]:
+    """``endpoint`` committing its request's session in its own thread as it returns (sync handlers)."""
+    if inspect.iscoroutinefunction(endpoint):
+        return endpoint
+
+    @functools.wraps(endpoint)  # FastAPI reads the signature and annotations through __wrapped__
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        answer = endpoint(*args, **kwargs)
+        for value in kwargs.values():
+            if isinstance(value, Session):
+                value.commit()
+        return answer
+
+    return handler
+
+
+class SessionRoute(APIRoute):
+    """A route whose sync handler ends its transaction before FastAPI validates the answer.
+
+    FastAPI checks a sync handler's return value against its response model in another threadpool hop,
+    and a ``SessionDep`` commits only after that. A transaction left open across the hop holds SQLite's
+    write lock while waiting for a free thread, as every thread waits for the lock: under a login flood
+    with doctors signing, every request stalled until its wait ran out. Every router uses this class.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        super().__init__(path, _ending_transactions(endpoint), **kwargs)
 
 
 def get_settings(request: Request) -> ServiceSettings:

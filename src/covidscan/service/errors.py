@@ -65,6 +65,7 @@ class ErrorCode(str, Enum):  # enum.StrEnum once Python 3.10 is no longer suppor
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"  # 415: a STOW-RS body not of multipart/related DICOM
     # a verdict that agrees with the model but gives another finding (it would count as agreement)
     CONTRADICTS_MODEL = "contradicts_model"  # 409: agree=true with a finding other than the model's label
+    DATABASE_BUSY = "database_busy"  # 503: the request waited too long for its turn to write; try again
 
 
 class ServiceError(CovidscanError):
@@ -159,6 +160,13 @@ class StorageFull(ServiceError):
 
     http_status = 507
     code = ErrorCode.STORAGE_FULL
+
+
+class DatabaseBusy(ServiceError):
+    """The request waited too long for its turn at the database (HTTP 503); nothing of it was kept."""
+
+    http_status = 503
+    code = ErrorCode.DATABASE_BUSY
 
 
 class DestinationInvalid(ServiceError):

@@ -49,6 +49,7 @@ from covidscan.service.deps import (
     PageUser,
     Principal,
     SessionDep,
+    SessionRoute,
     SettingsDep,
     StoreDep,
     check_form_csrf,
@@ -67,7 +68,7 @@ from covidscan.service.settings import active_run
 from covidscan.service.sites import first_read_for, reader_first_applies, record_first_read
 from covidscan.service.worker import set_active_run
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 MEDIA = {
     ".png": "image/png",
     ".jpg": "image/jpeg",

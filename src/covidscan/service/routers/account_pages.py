@@ -13,12 +13,20 @@ from sqlalchemy.orm import Session
 from covidscan.errors import CovidscanError
 from covidscan.service import accounts
 from covidscan.service.auth import Revoked
-from covidscan.service.deps import PageAdmin, PageUser, Principal, SessionDep, check_form_csrf, client_of
+from covidscan.service.deps import (
+    PageAdmin,
+    PageUser,
+    Principal,
+    SessionDep,
+    SessionRoute,
+    check_form_csrf,
+    client_of,
+)
 from covidscan.service.errors import LoginThrottled
 from covidscan.service.models import User
 from covidscan.service.pages import _admin_page, _render
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 Csrf = Annotated[str, Form()]
 UserName = Annotated[str, Path(max_length=64)]
 Secret = Annotated[str, Form(max_length=1024)]

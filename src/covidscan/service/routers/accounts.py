@@ -11,11 +11,16 @@ from sqlalchemy import select
 from covidscan.service import accounts
 from covidscan.service.api import ERRORS
 from covidscan.service.auth import Revoked
-from covidscan.service.deps import AdminUser, CurrentUser, SessionDep, client_of
+from covidscan.service.deps import AdminUser, CurrentUser, SessionDep, SessionRoute, client_of
 from covidscan.service.models import User
 from covidscan.service.schemas import AccessChanged, ErrorBody, PasswordChangeIn, PasswordIn, UserOut
 
-router = APIRouter(prefix="/api/v1", tags=["accounts"], responses={**ERRORS, 429: {"model": ErrorBody}})
+router = APIRouter(
+    route_class=SessionRoute,
+    prefix="/api/v1",
+    tags=["accounts"],
+    responses={**ERRORS, 429: {"model": ErrorBody}},
+)
 UserName = Annotated[str, Path(max_length=64, description="The account's name")]
 
 

@@ -11,12 +11,12 @@ from fastapi.responses import HTMLResponse
 
 from covidscan.errors import CovidscanError
 from covidscan.service import delivery
-from covidscan.service.deps import PageAdmin, SessionDep, check_form_csrf
+from covidscan.service.deps import PageAdmin, SessionDep, SessionRoute, check_form_csrf
 from covidscan.service.errors import DestinationInvalid
 from covidscan.service.pages import _admin_page
 from covidscan.service.routers.destinations import destination_or_404
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 Csrf = Annotated[str, Form()]
 Text = Annotated[str, Form(max_length=4096)]
 

@@ -8,12 +8,14 @@ from sqlalchemy.orm import Session
 
 from covidscan.service import delivery
 from covidscan.service.api import ERRORS
-from covidscan.service.deps import AdminUser, SessionDep
+from covidscan.service.deps import AdminUser, SessionDep, SessionRoute
 from covidscan.service.errors import NotFound
 from covidscan.service.models import Destination
 from covidscan.service.schemas import DestinationCheckOut, DestinationIn, DestinationOut, DestinationPatch
 
-router = APIRouter(prefix="/api/v1/destinations", tags=["destinations"], responses=ERRORS)
+router = APIRouter(
+    route_class=SessionRoute, prefix="/api/v1/destinations", tags=["destinations"], responses=ERRORS
+)
 
 
 def destination_or_404(db: Session, destination_id: int) -> Destination:

@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from covidscan.service.api import ERRORS, wake_worker
 from covidscan.service.audit import record
 from covidscan.service.cases import visible_cases
-from covidscan.service.deps import CurrentUser, SessionDep, SettingsDep, StoreDep, SubmitterUser
+from covidscan.service.deps import CurrentUser, SessionDep, SessionRoute, SettingsDep, StoreDep, SubmitterUser
 from covidscan.service.dicom_in import (
     OUT_OF_RESOURCES,
     Instance,
@@ -49,6 +49,7 @@ STOW_SCHEMA = f"#/components/schemas/{DicomJsonObject.__name__}"
 # Errors are JSON (ErrorBody) whatever the route's own media type, which a "model" entry would take.
 ERROR_BODY = {"application/json": {"schema": {"$ref": f"#/components/schemas/{ErrorBody.__name__}"}}}
 router = APIRouter(
+    route_class=SessionRoute,
     prefix="/dicomweb",
     tags=["dicomweb"],
     responses={status: {"description": "Error", "content": ERROR_BODY} for status in [*ERRORS, 415]},

@@ -16,11 +16,11 @@ from fastapi.responses import Response
 
 from covidscan.service.api import ERRORS, hidden_results, visible_case
 from covidscan.service.audit import record
-from covidscan.service.deps import CurrentUser, SessionDep, StoreDep
+from covidscan.service.deps import CurrentUser, SessionDep, SessionRoute, StoreDep
 from covidscan.service.errors import Conflict, ErrorCode
 from covidscan.service.records import MEDIA_TYPES, gather, render
 
-router = APIRouter(responses=ERRORS, tags=["records"])
+router = APIRouter(route_class=SessionRoute, responses=ERRORS, tags=["records"])
 
 
 def _download(

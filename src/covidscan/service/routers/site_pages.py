@@ -8,17 +8,18 @@ from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Form, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
 from covidscan.errors import ConfigError, CovidscanError
 from covidscan.evaluation.site import LABELS, SiteRules
 from covidscan.service import sites
-from covidscan.service.deps import PageAdmin, PageUser, Principal, SessionDep, check_form_csrf
+from covidscan.service.deps import PageAdmin, PageUser, Principal, SessionDep, SessionRoute, check_form_csrf
 from covidscan.service.pages import _render
 from covidscan.service.routers.sites import run_or_404, site_or_404, site_out
 
-router = APIRouter(include_in_schema=False)
+router = APIRouter(route_class=SessionRoute, include_in_schema=False)
 Csrf = Annotated[str, Form()]
 
 
@@ -82,11 +83,17 @@ def _rules_from_form(form: dict[str, str]) -> dict[str, Any]:
 @router.post("/sites/{site_id}/rules")
 async def rules_form(request: Request, s: SessionDep, who: PageAdmin, site_id: int) -> Response:
     form = {k: v for k, v in (await request.form()).items() if isinstance(v, str)}
-    site = site_or_404(s, site_id)
-    return _act(
-        request, s, who, site_id, form.get("csrf", ""),
-        lambda: sites.set_rules(s, site, _rules_from_form(form), who.user),
-    )
+
+    def act() -> Response:
+        site = site_or_404(s, site_id)
+        return _act(
+            request, s, who, site_id, form.get("csrf", ""),
+            lambda: sites.set_rules(s, site, _rules_from_form(form), who.user),
+        )
+
+    # The database work runs in a thread, never on the event loop: a SQLite write lock waited for there
+    # would stall every request, the transaction holding it among them (its commit needs the loop).
+    return await run_in_threadpool(act)
 
 
 @router.post("/sites/{site_id}/reader-first")

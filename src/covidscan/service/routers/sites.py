@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from covidscan.errors import CovidscanError, ManifestError
 from covidscan.service import sites
 from covidscan.service.api import ERRORS
-from covidscan.service.deps import AdminUser, CurrentUser, SessionDep
+from covidscan.service.deps import AdminUser, CurrentUser, SessionDep, SessionRoute
 from covidscan.service.errors import NotFound
 from covidscan.service.models import Site, SiteRun
 from covidscan.service.schemas import (
@@ -30,7 +30,7 @@ from covidscan.service.schemas import (
 )
 from covidscan.service.settings import active_run, run_label
 
-router = APIRouter(prefix="/api/v1/sites", tags=["sites"], responses=ERRORS)
+router = APIRouter(route_class=SessionRoute, prefix="/api/v1/sites", tags=["sites"], responses=ERRORS)
 
 
 def site_or_404(db: Session, site_id: int) -> Site:
