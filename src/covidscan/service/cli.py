@@ -133,7 +133,17 @@ def serve(
     if settings.dicom_port is not None:
         out.print(f"DICOM listener: AE title {settings.dicom_ae_title} on {host}:{settings.dicom_port}; "
                   f"STOW-RS: http://{host}:{port}/dicomweb/studies")
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=10)
+    # Idle connections stay open 65 s (Uvicorn's default is 5 s): longer than the idle timeout of the proxies
+    # put in front of it (nginx 60 s, cloud load balancers 60 s) and than a loaded client's lag, so a
+    # request never races the server closing the connection it was sent on (answered by nothing).
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=10,
+        timeout_keep_alive=65,
+    )
 
 
 def _check_bindable(host: str, port: int) -> None:
