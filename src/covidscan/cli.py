@@ -387,7 +387,11 @@ def predict(
         Path | None, typer.Option("--cam", help="Folder for one Grad-CAM overlay PNG per image.")
     ] = None,
     engine: Annotated[
-        str, typer.Option(help="auto (onnx if an ONNX file is given or in the run, else torch), torch, onnx.")
+        str,
+        typer.Option(
+            help="auto (onnx if an ONNX file is given or in the run, else torch), torch, onnx, or ray "
+            "(Ray Data: --out is a folder of Parquet shards, resumable; pip install 'covidscan[ray]')."
+        ),
     ] = "auto",
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for the onnx engine.")] = None,
     band: Annotated[
@@ -397,11 +401,24 @@ def predict(
     workers: Annotated[int, typer.Option(help="Threads decoding and preprocessing images.")] = 2,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
     precision: PrecisionOption = "auto",
+    address: Annotated[
+        str | None,
+        typer.Option(help="--engine ray: the cluster (auto, or ray://HOST:10001); default a local Ray."),
+    ] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="--engine ray: actors, one model each (default: the cluster's CPUs).")
+    ] = None,
 ) -> None:
     """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
     from covidscan.inference import check_output, write_predictions
     from covidscan.inference import predict as run_predict
 
+    if engine == "ray":
+        _predict_on_ray(run, inputs, out, cam=cam, onnx=onnx, band=band, batch_size=batch_size,
+                        precision=precision, address=address, num_workers=num_workers)
+        return
+    if address is not None or num_workers is not None:
+        raise ConfigError("--address and --num-workers are for --engine ray")
     check_output(out, run, [*inputs, onnx])
     df = run_predict(
         run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
@@ -424,6 +441,28 @@ def predict(
         first = f"{df['path'].iloc[0]}: {df['error'].iloc[0]}"
         raise ManifestError(f"none of the {_n(len(df), 'input')} could be read (first: {first}); every "
                             f"reason is in {out}")
+
+
+def _predict_on_ray(
+    run: Path, inputs: list[Path], out: Path, *, cam: Path | None, onnx: Path | None, band: float | None,
+    **options: Any,
+) -> None:
+    """`covidscan predict --engine ray`: the Ray Data driver, and what it did."""
+    from covidscan.inference.ray_predict import predict_on_ray
+
+    options_given = (("--cam", cam), ("--onnx", onnx), ("--band", band))
+    given = [name for name, value in options_given if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)} cannot be used with --engine ray; predict without it")
+    if out.suffix.lower() in (".csv", ".json"):
+        raise ConfigError(f"--engine ray writes a folder of Parquet shards: give --out DIR, not {out}")
+    done = predict_on_ray(run, inputs, out, progress=console.is_terminal, **options)
+    out_console.print(
+        f"{_n(done.images, 'image')}: {done.predicted} predicted now, {done.resumed} in earlier shards, "
+        f"{done.errors} with an error (the rows say why); shards in {done.out_dir / 'shards'}"
+    )
+    if done.merged is not None:
+        out_console.print(f"wrote {done.merged}")
 
 
 @app.command("shift")

@@ -1,0 +1,233 @@
+"""``covidscan predict --engine ray``: batch prediction on Ray Data, resumable, one Parquet shard per block.
+
+Paths are read into a Ray Dataset; ``map_batches`` sends each block to one of ``num_workers`` actors, each
+holding one :class:`~covidscan.inference.Predictor` (the model loads once per actor, not per batch); the
+rows land in ``OUT/shards/*.parquet``. Without ``address`` a local Ray uses this machine's cores, so the same
+command works on a laptop and, with ``--address auto`` or ``ray://HOST:10001``, on a cluster.
+
+A rerun on the same folder predicts only the images no shard has yet (a job killed half-way loses at most
+the blocks being written). An unreadable image is a row with its ``error``, never a failed job. When every
+input has a row and there are at most :data:`MERGE_MAX_ROWS`, ``OUT/predictions.csv`` joins the shards in
+input order with the same columns as in-process ``covidscan predict`` (group columns included).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from covidscan.errors import ConfigError
+from covidscan.inference.predict import InputItem, collect_inputs, prediction_table
+from covidscan.inference.predictor import Prediction, Predictor
+from covidscan.models import Precision
+from covidscan.outputs import check_output, run_files, write_csv
+
+log = logging.getLogger(__name__)
+
+MERGE_MAX_ROWS = 1_000_000
+"""Up to this many images the shards are also joined into one CSV (beyond, read the Parquet shards)."""
+SHARDS = "shards"
+MERGED = "predictions.csv"
+_COLUMNS = (
+    "index",
+    "path",
+    "p_covid",
+    "label",
+    "uncertain",
+    "lungs_found",
+    "ood_score",
+    "warnings",
+    "error",
+    "group_id",
+)
+
+
+@dataclass(frozen=True)
+class RayPrediction:
+    """What a ``predict_on_ray`` call did."""
+
+    out_dir: Path
+    images: int  # inputs in all
+    predicted: int  # predicted by this call
+    resumed: int  # found in the shards of an earlier call
+    errors: int  # rows with an error (unreadable, refused), over all shards
+    merged: Path | None  # the joined CSV, when written
+
+
+class _Scorer:
+    """A Ray actor's callable: one Predictor, loaded once, scoring blocks of paths (pandas in and out)."""
+
+    def __init__(self, run_dir: str, precision: Precision, batch_size: int, threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)  # the actor's share of the node's cores, not all of them
+        self.predictor = Predictor.from_run(run_dir, precision=precision, batch_size=batch_size, workers=1)
+
+    def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
+        groups = [g or None for g in block["group_id"]]
+        known = {i: e for i, e in enumerate(block["known_error"]) if e}
+        todo = [i for i in range(len(block)) if i not in known]
+        paths = block["path"].tolist()
+        scored = self.predictor.predict([paths[i] for i in todo], group_ids=[groups[i] for i in todo])
+        preds = [Prediction(source=p, error=known.get(i), group_id=groups[i]) for i, p in enumerate(paths)]
+        for i, pred in zip(todo, scored, strict=True):
+            preds[i] = pred
+        return _rows(block["index"].tolist(), preds)
+
+
+def _rows(indices: Sequence[int], preds: Sequence[Prediction]) -> pd.DataFrame:
+    """Predictions as the shards' columns (missing values null, warnings joined by ``; ``)."""
+    return pd.DataFrame(
+        {
+            "index": np.asarray(indices, dtype=np.int64),
+            "path": [p.source for p in preds],
+            "p_covid": [np.nan if p.p_covid is None else p.p_covid for p in preds],
+            "label": [p.label for p in preds],
+            "uncertain": pd.array([p.uncertain for p in preds], dtype="boolean"),
+            "lungs_found": pd.array([p.lungs_found for p in preds], dtype="boolean"),
+            "ood_score": [np.nan if p.ood_score is None else p.ood_score for p in preds],
+            "warnings": ["; ".join(p.warnings) for p in preds],
+            "error": [p.error or "" for p in preds],
+            "group_id": [p.group_id for p in preds],
+        },
+        columns=list(_COLUMNS),
+    )
+
+
+def _done(shards: Path) -> pd.DataFrame:
+    """The rows of earlier calls; a shard that cannot be read (a write cut off) is removed, its images
+    predicted again."""
+    frames = []
+    for shard in sorted(shards.glob("*.parquet")):
+        try:
+            frames.append(pd.read_parquet(shard))
+        except Exception as exc:  # pyarrow raises several types for a truncated file
+            log.warning("removing unreadable shard %s (%s); its images are predicted again", shard, exc)
+            shard.unlink()
+    if not frames:
+        return pd.DataFrame(columns=list(_COLUMNS))
+    return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
+
+
+def _start_ray(address: str | None) -> Any:
+    """Ray, connected to ``address`` or started locally with this machine's cores."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--engine ray needs Ray: pip install 'covidscan[ray]'") from None
+    if not ray.is_initialized():
+        local = {} if address else {"num_cpus": os.cpu_count() or 1}
+        try:
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=False,
+                logging_level=logging.WARNING,
+                **local,
+            )
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}; check --address") from None
+    return ray
+
+
+def predict_on_ray(
+    run_dir: str | Path,
+    inputs: str | Path | Sequence[str | Path],
+    out_dir: str | Path,
+    *,
+    address: str | None = None,
+    num_workers: int | None = None,
+    batch_size: int = 32,
+    precision: Precision = "auto",
+    progress: bool = True,
+) -> RayPrediction:
+    """Predict every image of ``inputs`` with ``run_dir`` on Ray; shards (and the joined CSV) in ``out_dir``.
+
+    ``num_workers``: actors, each with one Predictor (default: the cluster's CPUs); ``batch_size``: images
+    per block and forward pass. See the module docstring for resuming and the output.
+    """
+    run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file; --engine ray writes a folder of Parquet shards")
+    check_output(out_dir, [*run_files(run_dir), *([inputs] if isinstance(inputs, (str, Path)) else inputs)])
+    # Loaded here too: a bad run fails at once, not inside Ray; its calibration groups the joined rows.
+    predictor = Predictor.from_run(run_dir, engine="torch", fast=False)
+    items = collect_inputs(inputs)
+    shards = out_dir / SHARDS
+    shards.mkdir(parents=True, exist_ok=True)
+    done = _done(shards)
+    seen = set(done["path"])
+    todo = [(i, item) for i, item in enumerate(items) if item.path not in seen]
+    if todo:
+        ray = _start_ray(address)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = progress
+        workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
+        table = pd.DataFrame(
+            {
+                "index": [i for i, _ in todo],
+                "path": [item.path for _, item in todo],
+                "group_id": [item.group_id or "" for _, item in todo],
+                "known_error": [item.error or "" for _, item in todo],
+            }
+        )
+        blocks = [table.iloc[i : i + batch_size] for i in range(0, len(table), batch_size)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # Ray's own deprecation notes, not the user's
+            (
+                ray.data.from_pandas(blocks)
+                .map_batches(
+                    _Scorer,
+                    fn_constructor_kwargs={
+                        "run_dir": str(run_dir),
+                        "precision": precision,
+                        "batch_size": batch_size,
+                        "threads": threads,
+                    },
+                    batch_format="pandas",
+                    batch_size=batch_size,
+                    compute=ray.data.ActorPoolStrategy(size=workers),
+                    num_cpus=threads,
+                )
+                .write_parquet(str(shards))
+            )
+        done = _done(shards)
+    merged = _merge(predictor, items, done, out_dir) if len(items) <= MERGE_MAX_ROWS else None
+    return RayPrediction(
+        out_dir, len(items), len(todo), len(items) - len(todo), int((done["error"] != "").sum()), merged
+    )
+
+
+def _merge(predictor: Predictor, items: list[InputItem], done: pd.DataFrame, out_dir: Path) -> Path | None:
+    """The shards as one CSV in input order, with the group columns of in-process predict; None while
+    some input has no row yet."""
+    by_path = {row.path: row for row in done.itertuples(index=False)}
+    if any(item.path not in by_path for item in items):
+        return None
+    preds = []
+    for item in items:
+        row = by_path[item.path]
+        preds.append(
+            Prediction(
+                source=item.path,
+                p_covid=None if pd.isna(row.p_covid) else float(row.p_covid),
+                label=None if row.label is None or pd.isna(row.label) else str(row.label),
+                uncertain=None if pd.isna(row.uncertain) else bool(row.uncertain),
+                lungs_found=None if pd.isna(row.lungs_found) else bool(row.lungs_found),
+                warnings=tuple(w for w in str(row.warnings).split("; ") if w),
+                error=row.error or None,
+                group_id=None if row.group_id is None or pd.isna(row.group_id) else str(row.group_id),
+                ood_score=None if pd.isna(row.ood_score) else float(row.ood_score),
+            )
+        )
+    df = prediction_table(preds, predictor.aggregate(preds), [item.true_label for item in items])
+    return write_csv(df, out_dir / MERGED, "predictions to ")

@@ -1,0 +1,98 @@
+"""``covidscan predict --engine ray`` on a real local Ray (2 CPUs): the same probabilities as the in-process
+engine, resumable shards, an unreadable file as a row with its error, and the command line."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from covidscan.cli import app
+from covidscan.inference import predict
+from covidscan.inference.ray_predict import MERGED, SHARDS, predict_on_ray
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'covidscan[ray]')")
+pytestmark = pytest.mark.slow  # a local Ray starts in about 10 s
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray with 2 CPUs for the module, as on the 2-core CI machine."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def images(phantom_manifest: Path, tmp_path: Path) -> Path:
+    """12 phantom slices and one corrupt 'image'."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for path in sorted(phantom_manifest.parent.rglob("*.png"))[:12]:
+        if "mask" not in str(path):
+            shutil.copy(path, folder / path.name)
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    return folder
+
+
+def test_the_same_probabilities_as_the_torch_engine_and_a_bad_file_is_a_row(
+    local_ray, tiny_run: Path, images: Path, tmp_path: Path
+):
+    done = predict_on_ray(tiny_run, [images], tmp_path / "out", num_workers=2, batch_size=4, progress=False)
+    ref = predict(tiny_run, [images], engine="torch", progress=False)
+    merged = pd.read_csv(done.merged, keep_default_na=False, na_values=[""])
+    assert done.predicted == done.images == len(ref) and done.resumed == 0
+    assert list(merged.columns) == list(ref.columns) and list(merged["path"]) == list(ref["path"])
+    ok = ref["error"] == ""
+    assert (merged.loc[ok, "p_covid"] - ref.loc[ok, "p_covid"]).abs().max() <= 1e-4
+    assert (merged.loc[ok, "label"] == ref.loc[ok, "label"]).all()
+    bad = merged[merged["path"].str.endswith("corrupt.png")]
+    assert len(bad) == 1 and bad["error"].iloc[0] and pd.isna(bad["p_covid"].iloc[0])
+    assert done.errors == 1
+    assert len(list((tmp_path / "out" / SHARDS).glob("*.parquet"))) >= 2  # blocks went to several shards
+
+
+def test_a_rerun_predicts_only_what_is_missing(local_ray, tiny_run: Path, images: Path, tmp_path: Path):
+    out = tmp_path / "out"
+    first = sorted(images.glob("*.png"))[:5]
+    done = predict_on_ray(tiny_run, first, out, num_workers=1, batch_size=4, progress=False)
+    assert (done.predicted, done.resumed) == (5, 0)
+    shard = sorted((out / SHARDS).glob("*.parquet"))[0]
+    cut = len(pd.read_parquet(shard))
+    shard.write_bytes(shard.read_bytes()[:20])  # a shard cut off by a killed job: its images again
+    done = predict_on_ray(tiny_run, [images], out, num_workers=2, batch_size=4, progress=False)
+    assert done.images == 13 and done.resumed == 5 - cut
+    assert done.predicted == 13 - done.resumed
+    merged = pd.read_csv(out / MERGED)
+    assert merged["path"].is_unique and len(merged) == 13
+
+
+def test_the_command_writes_shards_and_the_joined_csv(
+    local_ray, tiny_run: Path, images: Path, tmp_path: Path
+):
+    out = tmp_path / "out"
+    args = ["predict", str(tiny_run), str(images), "--engine", "ray", "--num-workers", "1", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    assert "13 images: 13 predicted now, 0 in earlier shards, 1 with an error" in said
+    assert len(pd.read_csv(out / MERGED)) == 13
+    again = CliRunner().invoke(app, args)
+    assert "0 predicted now, 13 in earlier shards" in " ".join(again.output.split())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--out", "preds.csv"], "give --out DIR"),
+        (["--out", "o", "--cam", "cams"], "--cam cannot be used with --engine ray"),
+    ],
+)
+def test_the_command_refuses_what_ray_does_not_do(
+    tiny_run: Path, images: Path, extra: list[str], message: str
+):
+    result = CliRunner().invoke(app, ["predict", str(tiny_run), str(images), "--engine", "ray", *extra])
+    assert result.exit_code != 0 and message in " ".join(result.output.split())
