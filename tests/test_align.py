@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -67,14 +68,15 @@ def test_the_map_folds_into_a_linear_layer_and_round_trips_through_a_file(method
     assert again.method == method
     np.testing.assert_array_equal(again.transform(site), alignment.transform(site))
     (tmp_path / "bad.safetensors").write_bytes(b"no")
-    with pytest.raises(StorageError, match="bad.safetensors"):
+    with pytest.raises(StorageError, match=r"bad\.safetensors"):
         FeatureAlignment.load(tmp_path / "bad.safetensors")
     with pytest.raises(ConfigError, match="4 features per image but the alignment 5"):
         alignment.transform(site[:, :4])
 
 
-def _two_classes(n: int, covid_share: float, seed: int, scale: float | list[float] = 1.0,
-                 shift: float | list[float] = 0.0) -> np.ndarray:
+def _two_classes(
+    n: int, covid_share: float, seed: int, scale: float | list[float] = 1.0, shift: float | list[float] = 0.0
+) -> np.ndarray:
     """Features of two classes 2 apart on feature 0, ``covid_share`` of them covid, then an affine shift."""
     rng = np.random.default_rng(seed)
     y = rng.random(n) < covid_share
@@ -135,8 +137,9 @@ def test_halves_never_split_a_patient():
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Another scanner's phantoms (scanner-b), 2 slices per patient, as a folder without labels."""
-    manifest = write_phantom_dataset(tmp_path_factory.mktemp("site"), n=80, modality="ct", seed=8,
-                                     slices_per_patient=2, site="scanner-b")
+    manifest = write_phantom_dataset(
+        tmp_path_factory.mktemp("site"), n=80, modality="ct", seed=8, slices_per_patient=2, site="scanner-b"
+    )
     return manifest.parent / "images"
 
 
@@ -175,8 +178,19 @@ def test_the_aligned_run_serves_the_folded_map_exactly(ood_run: Path, site: Path
 @pytest.mark.slow
 def test_the_command_refuses_what_does_not_help_and_writes_nothing(ood_run: Path, site: Path, tmp_path: Path):
     # a bound of 0 on the share called covid: any alignment that changes a label is refused
-    result = covidscan("adapt", str(ood_run), "--unlabelled", "--data", str(site), "--out",
-                       str(tmp_path / "out"), "--max-rate-change", "0", "--align", "coral")
+    result = covidscan(
+        "adapt",
+        str(ood_run),
+        "--unlabelled",
+        "--data",
+        str(site),
+        "--out",
+        str(tmp_path / "out"),
+        "--max-rate-change",
+        "0",
+        "--align",
+        "coral",
+    )
     if result.exit_code == 0:  # coral kept every label of the held-out halves: nothing to refuse here
         pytest.skip("coral changed no label on this site")
     assert result.exit_code == 1 and "refused" in result.output
@@ -184,18 +198,41 @@ def test_the_command_refuses_what_does_not_help_and_writes_nothing(ood_run: Path
 
 
 def test_bad_site_inputs_are_named(ood_run: Path, tmp_path: Path):
-    missing = covidscan("adapt", str(ood_run), "--unlabelled", "--data", str(tmp_path / "nowhere"),
-                        "--out", str(tmp_path / "o1"))
+    missing = covidscan(
+        "adapt",
+        str(ood_run),
+        "--unlabelled",
+        "--data",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o1"),
+    )
     assert missing.exit_code == 2 and "nowhere" in missing.output and "does not exist" in missing.output
     few = write_phantom_dataset(tmp_path / "few", n=10, modality="ct", seed=2).parent / "images"
-    small = covidscan("adapt", str(ood_run), "--unlabelled", "--data", str(few), "--out", str(tmp_path / "o2"))
+    small = covidscan(
+        "adapt", str(ood_run), "--unlabelled", "--data", str(few), "--out", str(tmp_path / "o2")
+    )
     assert small.exit_code == 2 and f"at least {MIN_SITE_IMAGES} usable images" in small.output
     assert "10 of 10" in small.output
-    xrays = write_phantom_dataset(tmp_path / "xr", n=MIN_SITE_IMAGES, modality="cxr", seed=2).parent / "images"
-    other = covidscan("adapt", str(ood_run), "--unlabelled", "--data", str(xrays), "--out",
-                      str(tmp_path / "o3"))
-    assert other.exit_code == 2 and f"0 of {MIN_SITE_IMAGES} images are usable" in other.output
-    assert "refused" in other.output
-    wrong = covidscan("adapt", str(ood_run), "--unlabelled", "--data", str(few), "--out", str(tmp_path / "o4"),
-                      "--align", "mean")
+    xrays = (
+        write_phantom_dataset(tmp_path / "xr", n=MIN_SITE_IMAGES, modality="cxr", seed=2).parent / "images"
+    )
+    other = covidscan(
+        "adapt", str(ood_run), "--unlabelled", "--data", str(xrays), "--out", str(tmp_path / "o3")
+    )
+    # the quality gate refuses X-rays given to a CT run; the error says how many and why
+    usable = re.search(rf"(\d+) of {MIN_SITE_IMAGES} images are usable", other.output)
+    assert other.exit_code == 2 and usable is not None and int(usable.group(1)) < MIN_SITE_IMAGES
+    assert "not like a chest CT slice" in other.output
+    wrong = covidscan(
+        "adapt",
+        str(ood_run),
+        "--unlabelled",
+        "--data",
+        str(few),
+        "--out",
+        str(tmp_path / "o4"),
+        "--align",
+        "mean",
+    )
     assert wrong.exit_code == 2 and "'mean'" in wrong.output

@@ -40,11 +40,15 @@ _MIN_ROWS = 3
 def _matrix(x: Any, name: str, dims: int | None = None) -> np.ndarray:
     arr = np.asarray(x, dtype=np.float64)
     if arr.ndim != 2 or len(arr) < _MIN_ROWS:
-        raise ConfigError(f"{name} must be a 2-D array of at least {_MIN_ROWS} images (images, features); "
-                          f"got shape {arr.shape}")
+        raise ConfigError(
+            f"{name} must be a 2-D array of at least {_MIN_ROWS} images (images, features); "
+            f"got shape {arr.shape}"
+        )
     if dims is not None and arr.shape[1] != dims:
-        raise ConfigError(f"{name} has {arr.shape[1]} features per image but the alignment {dims}; "
-                          "compute both with the same run's backbone")
+        raise ConfigError(
+            f"{name} has {arr.shape[1]} features per image but the alignment {dims}; "
+            "compute both with the same run's backbone"
+        )
     if not np.isfinite(arr).all():
         raise ConfigError(f"{name} contains NaN or infinite values")
     return arr
@@ -111,8 +115,10 @@ class FeatureAlignment:
         """Rewrite ``layer`` (in place) so that ``layer(x)`` computes ``old_layer(transform(x))``."""
         linear, offset = self._fitted()
         if not isinstance(layer, nn.Linear) or layer.in_features != len(offset):
-            raise ConfigError(f"the alignment maps {len(offset)} features; it folds into a linear layer with "
-                              f"as many inputs, got {layer}")
+            raise ConfigError(
+                f"the alignment maps {len(offset)} features; it folds into a linear layer with "
+                f"as many inputs, got {layer}"
+            )
         with torch.no_grad():
             weight = layer.weight.double()
             a = torch.from_numpy(linear)
@@ -131,9 +137,11 @@ class FeatureAlignment:
         path = Path(path)
         meta = {"format": _FORMAT, "method": self.method}
         try:
-            safetensors.numpy.save_file({"linear": np.ascontiguousarray(linear),
-                                         "offset": np.ascontiguousarray(offset)}, str(path),
-                                        metadata={"covidscan": json.dumps(meta)})
+            safetensors.numpy.save_file(
+                {"linear": np.ascontiguousarray(linear), "offset": np.ascontiguousarray(offset)},
+                str(path),
+                metadata={"covidscan": json.dumps(meta)},
+            )
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror or exc}; check the folder") from None
         return path

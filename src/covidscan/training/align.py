@@ -46,8 +46,16 @@ from covidscan.models.align import ALIGN_METHODS, AlignMethod, FeatureAlignment
 from covidscan.outputs import run_inputs, staged_folder, write_text
 from covidscan.preprocess import PreparedSet
 from covidscan.preprocess.prepare import prepare_paths
-from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, load_shift_reference, save_run
-from covidscan.runs import seen_fingerprints
+from covidscan.runs import (
+    LoadedRun,
+    ParentRun,
+    file_sha256,
+    load_ood,
+    load_run,
+    load_shift_reference,
+    save_run,
+    seen_fingerprints,
+)
 from covidscan.training.adapt import _head_logits, parent_split
 from covidscan.training.engine import predict_outputs
 from covidscan.training.run import measure_bf16, prepare_run_dir
@@ -100,6 +108,29 @@ def halves(groups: np.ndarray, seed: int) -> np.ndarray:
     return np.array([side[g] for g in groups])
 
 
+def held_out_aligned(
+    method: AlignMethod, site: np.ndarray, groups: np.ndarray, source: np.ndarray, seed: int = 0
+) -> np.ndarray:
+    """The site's features, each half aligned by a map fitted on the other half (:func:`halves`)."""
+    side = halves(groups, seed)
+    if min((side == 0).sum(), (side == 1).sum()) < MIN_IMAGES // 2:
+        raise ManifestError(
+            f"the site's images fall into {len(np.unique(groups))} patients: too few to hold "
+            f"half of them out (each half needs {MIN_IMAGES // 2} images); give more patients"
+        )
+    aligned = np.empty_like(site, dtype=np.float64)
+    for half in (0, 1):
+        fitted = FeatureAlignment(method).fit(site[side != half], source)
+        aligned[side == half] = fitted.transform(site[side == half])
+    return aligned
+
+
+def head_probabilities(parent: LoadedRun, features: np.ndarray) -> np.ndarray:
+    """The run's calibrated P(covid) of pooled backbone features (its head and temperature)."""
+    z = _head_logits(parent.model.head_tail, torch.from_numpy(np.asarray(features, np.float32)))
+    return parent.calibration.proba(z)
+
+
 def judge_alignment(
     method: AlignMethod,
     site: np.ndarray,
@@ -119,29 +150,28 @@ def judge_alignment(
     never fitted on); ``positive`` maps features to a 0/1 array (the run's label: covid or not). Each half
     of the site is aligned by a map fitted on the other half, then the rule of the module docstring decides.
     """
-    side = halves(groups, seed)
-    if min((side == 0).sum(), (side == 1).sum()) < MIN_IMAGES // 2:
-        raise ManifestError(f"the site's images fall into {len(np.unique(groups))} patients: too few to hold "
-                            f"half of them out (each half needs {MIN_IMAGES // 2} images); give more patients")
-    aligned = np.empty_like(site, dtype=np.float64)
-    for half in (0, 1):
-        fitted = FeatureAlignment(method).fit(site[side != half], source)
-        aligned[side == half] = fitted.transform(site[side == half])
+    aligned = held_out_aligned(method, site, groups, source, seed)
     test = ShiftTest(seed=seed).fit(reference)
     before, after = test.test(site).auc, test.test(aligned).auc
     rate_before = float(np.mean(positive(site)))
     rate_after = float(np.mean(positive(aligned)))
     # an out-of-fold AUC below 0.5 is noise, not a group "more alike than alike": count it as 0.5
     if max(after, 0.5) > max(before, 0.5) - min_gain:
-        reason = (f"refused: the shift test's AUC went {before:.3f} -> {after:.3f}, not {min_gain} closer to "
-                  "the validation images")
+        reason = (
+            f"refused: the shift test's AUC went {before:.3f} -> {after:.3f}, not {min_gain} closer to "
+            "the validation images"
+        )
     elif abs(rate_after - rate_before) > max_rate_change:
-        reason = (f"refused: the share called covid moved {rate_before:.2f} -> {rate_after:.2f}, more than "
-                  f"{max_rate_change} (label shift cannot be told from a corrected operating point without "
-                  "labels)")
+        reason = (
+            f"refused: the share called covid moved {rate_before:.2f} -> {rate_after:.2f}, more than "
+            f"{max_rate_change} (label shift cannot be told from a corrected operating point without "
+            "labels)"
+        )
     else:
-        reason = f"accepted: shift AUC {before:.3f} -> {after:.3f}, share called covid {rate_before:.2f} -> " \
-                 f"{rate_after:.2f}"
+        reason = (
+            f"accepted: shift AUC {before:.3f} -> {after:.3f}, share called covid {rate_before:.2f} -> "
+            f"{rate_after:.2f}"
+        )
     return Judgement(method, before, after, rate_before, rate_after, reason.startswith("accepted"), reason)
 
 
@@ -156,12 +186,17 @@ def choose(judgements: list[Judgement]) -> str | None:
 
 def format_judgements(judgements: list[Judgement], kept: str | None) -> str:
     """Markdown table of every method's held-out figures, the kept one marked."""
-    lines = ["| method | shift AUC before | shift AUC after | called covid before | called covid after | "
-             "verdict |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | shift AUC before | shift AUC after | called covid before | called covid after | "
+        "verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for j in judgements:
         name = f"**{j.method}** (kept)" if j.method == kept else j.method
-        lines.append(f"| {name} | {j.shift_auc_before:.3f} | {j.shift_auc_after:.3f} | "
-                     f"{j.positive_rate_before:.2f} | {j.positive_rate_after:.2f} | {j.reason} |")
+        lines.append(
+            f"| {name} | {j.shift_auc_before:.3f} | {j.shift_auc_after:.3f} | "
+            f"{j.positive_rate_before:.2f} | {j.positive_rate_after:.2f} | {j.reason} |"
+        )
     return "\n".join(lines)
 
 
@@ -177,8 +212,10 @@ class _Site:
 def _site_paths(data: Path) -> tuple[list[str], list[str | None]]:
     """Image paths and patient ids (None where unknown) of a folder or a manifest CSV; labels are ignored."""
     if not data.exists():
-        raise ResourceNotFoundError(f"--data {data} does not exist; give the folder of the site's images or "
-                                    "a manifest CSV (path[,patient_id])")
+        raise ResourceNotFoundError(
+            f"--data {data} does not exist; give the folder of the site's images or "
+            "a manifest CSV (path[,patient_id])"
+        )
     if data.is_dir():
         paths = [str(p) for p in list_images(data)]
         return paths, [None] * len(paths)
@@ -191,29 +228,40 @@ def _read_site(data: Path, parent: LoadedRun, strict: bool, progress: bool) -> _
     """Prepare the site's images (the quality gate refuses another modality); at least MIN_SITE_IMAGES."""
     paths, pids = _site_paths(data)
     checkpoint = parent.checkpoint
-    prepared, errors = prepare_paths(paths, checkpoint.preprocess, checkpoint.input_size, progress=progress,
-                                     desc="site images")
+    prepared, errors = prepare_paths(
+        paths, checkpoint.preprocess, checkpoint.input_size, progress=progress, desc="site images"
+    )
     kept = [i for i, p in enumerate(prepared) if p is not None]
     if len(kept) < MIN_SITE_IMAGES or (strict and errors):
         listing = "".join(f"\n  {e}" for e in errors[:5]) + (
-            f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else "")
-        why = ("--strict makes any of them an error" if strict and errors else
-               f"unlabelled alignment needs at least {MIN_SITE_IMAGES} usable images of a {checkpoint.modality} "
-               "run's modality (half fit the alignment, half judge it)")
+            f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        )
+        why = (
+            "--strict makes any of them an error"
+            if strict and errors
+            else f"unlabelled alignment needs at least {MIN_SITE_IMAGES} usable images of the run's "
+            f"modality, {checkpoint.modality} (half fit the alignment, half judge it)"
+        )
         raise ManifestError(f"{data}: {len(kept)} of {len(paths)} images are usable ({why}){listing}")
     images = [prepared[i] for i in kept]
     assert all(p is not None for p in images)
-    groups = [pids[i] or (p.meta.series_uid or p.meta.patient_id if p.meta is not None else None)
-              for i, p in zip(kept, images, strict=True)]
+    groups = [
+        pids[i] or (p.meta.series_uid or p.meta.patient_id if p.meta is not None else None)
+        for i, p in zip(kept, images, strict=True)
+    ]
     has_patients = all(g is not None for g in groups)
     site = PreparedSet(
-        images=np.stack([p.pixels for p in images]), labels=np.zeros(len(images), np.int64),
-        patient_ids=groups, paths=[paths[i] for i in kept], lungs_found=[p.lungs_found for p in images],
+        images=np.stack([p.pixels for p in images]),
+        labels=np.zeros(len(images), np.int64),
+        patient_ids=groups,
+        paths=[paths[i] for i in kept],
+        lungs_found=[p.lungs_found for p in images],
         stats=np.stack([p.stats for p in images]),
         excluded=[{"path": str(e.path), "reason": str(e)} for e in errors],
     )
-    group_ids = np.array([g if g is not None else f"image:{path}" for g, path in zip(groups, site.paths,
-                                                                                      strict=True)])
+    group_ids = np.array(
+        [g if g is not None else f"image:{path}" for g, path in zip(groups, site.paths, strict=True)]
+    )
     return _Site(site, group_ids, has_patients)
 
 
@@ -257,15 +305,19 @@ def align_run(
     if method not in ("auto", *ALIGN_METHODS):
         raise ConfigError(f"alignment method must be auto, {' or '.join(ALIGN_METHODS)}, got {method!r}")
     if not 0 <= max_rate_change <= 1 or not 0 <= min_gain < 0.5:
-        raise ConfigError(f"--max-rate-change must be in [0, 1] and the minimum shift gain in [0, 0.5); got "
-                          f"{max_rate_change} and {min_gain}")
+        raise ConfigError(
+            f"--max-rate-change must be in [0, 1] and the minimum shift gain in [0, 0.5); got "
+            f"{max_rate_change} and {min_gain}"
+        )
     data, out = Path(data), Path(out)
     parent = load_run(run_dir)
     head = parent.config.model.head
     if parent.model.backbone.name == PIXELS or head not in ALIGNABLE_HEADS:
-        raise ConfigError(f"{parent.path} has head {head!r} on backbone {parent.model.backbone.name!r}: "
-                          f"unlabelled alignment needs a head on pooled backbone features "
-                          f"({' or '.join(ALIGNABLE_HEADS)}); adapt it with signed cases instead")
+        raise ConfigError(
+            f"{parent.path} has head {head!r} on backbone {parent.model.backbone.name!r}: "
+            f"unlabelled alignment needs a head on pooled backbone features "
+            f"({' or '.join(ALIGNABLE_HEADS)}); adapt it with signed cases instead"
+        )
     site = _read_site(data, parent, strict, progress)
     prepare_run_dir(out, overwrite, [*run_inputs(parent.path), data, *site.prepared.paths])
     model, batch = parent.model, parent.config.train.batch_size
@@ -274,15 +326,25 @@ def align_run(
     val = parent_split(parent, "val", progress)
     _, source = predict_outputs(model, train.images, batch_size=batch)
     _, reference = predict_outputs(model, val.images, batch_size=batch)
-    tail, calibration = parent.model.head_tail, parent.calibration
+    calibration = parent.calibration
 
     def positive(x: np.ndarray) -> np.ndarray:
-        p = calibration.proba(_head_logits(tail, torch.from_numpy(np.asarray(x, np.float32))))
-        return calibration.label(p) == CLASSES[1]
+        return calibration.label(head_probabilities(parent, x)) == CLASSES[1]
 
-    judgements = [judge_alignment(m, site_feats, site.groups, source, reference, positive, min_gain=min_gain,
-                                  max_rate_change=max_rate_change, seed=seed)
-                  for m in (ALIGN_METHODS if method == "auto" else (method,))]
+    judgements = [
+        judge_alignment(
+            m,
+            site_feats,
+            site.groups,
+            source,
+            reference,
+            positive,
+            min_gain=min_gain,
+            max_rate_change=max_rate_change,
+            seed=seed,
+        )
+        for m in (ALIGN_METHODS if method == "auto" else (method,))
+    ]
     kept = choose(judgements)
     if kept is None:
         return AlignResult(judgements, None, None)
@@ -293,52 +355,94 @@ def align_run(
     cfg: ExperimentConfig = parent.config.model_copy(update={"name": f"{parent.config.name}-aligned"})
     chosen = next(j for j in judgements if j.method == kept)
     lineage = ParentRun(
-        path=str(parent.path.resolve()), weights_sha256=parent.checkpoint.weights_sha256,
-        data=str(data.resolve()), data_sha256=_data_sha256(data, site.prepared.paths),
-        n_images=len(site.prepared), n_patients=len(set(site.groups)) if site.has_patients else None,
+        path=str(parent.path.resolve()),
+        weights_sha256=parent.checkpoint.weights_sha256,
+        data=str(data.resolve()),
+        data_sha256=_data_sha256(data, site.prepared.paths),
+        n_images=len(site.prepared),
+        n_patients=len(set(site.groups)) if site.has_patients else None,
         mode=f"align:{kept}",
-        cross_validation={j.method: {k: float(v) for k, v in j.to_dict().items()
-                                     if k not in ("method", "reason")} for j in judgements},
+        cross_validation={
+            j.method: {k: float(v) for k, v in j.to_dict().items() if k not in ("method", "reason")}
+            for j in judgements
+        },
     )
     stored = load_shift_reference(parent.path, parent.checkpoint)
     info = parent.checkpoint.shift_reference
-    shift_reference = (stored, info.source) if stored is not None and info is not None else (
-        shift_features(reference, val.stats), "validation split (computed when aligning)")
+    shift_reference = (
+        (stored, info.source)
+        if stored is not None and info is not None
+        else (shift_features(reference, val.stats), "validation split (computed when aligning)")
+    )
     ood, ood_info = load_ood(parent.path, parent.checkpoint), parent.checkpoint.ood
     with staged_folder(out) as stage:
-        save_run(stage, cfg, aligned, calibration, parent=lineage,
-                 bf16=measure_bf16(aligned, site.prepared, calibration, batch),
-                 ood=None if ood is None or ood_info is None else (ood, ood_info.n_train, ood_info.n_val),
-                 fingerprints=seen_fingerprints(parent.path, parent.checkpoint),
-                 shift_reference=shift_reference)
+        save_run(
+            stage,
+            cfg,
+            aligned,
+            calibration,
+            parent=lineage,
+            bf16=measure_bf16(aligned, site.prepared, calibration, batch),
+            ood=None if ood is None or ood_info is None else (ood, ood_info.n_train, ood_info.n_val),
+            fingerprints=seen_fingerprints(parent.path, parent.checkpoint),
+            shift_reference=shift_reference,
+        )
         alignment.save(stage / ALIGNMENT_FILE)
         write_text(stage / "splits.csv", (parent.path / "splits.csv").read_text(encoding="utf-8"))
-        record = {"kept": kept, "judgements": [j.to_dict() for j in judgements], "data": str(data),
-                  "n_images": len(site.prepared), "excluded": site.prepared.excluded,
-                  "min_gain": min_gain, "max_rate_change": max_rate_change, "seed": seed}
+        record = {
+            "kept": kept,
+            "judgements": [j.to_dict() for j in judgements],
+            "data": str(data),
+            "n_images": len(site.prepared),
+            "excluded": site.prepared.excluded,
+            "min_gain": min_gain,
+            "max_rate_change": max_rate_change,
+            "seed": seed,
+        }
         write_text(stage / JUDGEMENT_FILE, json.dumps(record, indent=2))
         write_text(stage / "report.md", _report(cfg.name, data, site, judgements, kept, chosen))
         write_model_card(stage)
     return AlignResult(judgements, kept, out)
 
 
-def _report(name: str, data: Path, site: _Site, judgements: list[Judgement], kept: str,
-            chosen: Judgement) -> str:
-    unit = "patient" if site.has_patients else "image (no patient ids: slices of one patient may fall on "\
-                                                "both sides, which flatters the judgement)"
-    return "\n".join([
-        f"# {name}: unlabelled alignment ({kept}) to {data}", "",
-        f"{len(site.prepared)} site images ({len(site.prepared.excluded)} left out by the quality gate), no "
-        f"labels. Each method was judged on held-out halves of the site, split by {unit}: one half aligned by "
-        "a map fitted on the other. Kept only if the shift test's AUC against the run's validation images "
-        "dropped and the share called covid did not move beyond the bound.", "",
-        format_judgements(judgements, kept), "",
-        f"Kept: {kept} ({chosen.reason}). Nothing here says how accurate the aligned run is at this site: that "
-        "takes signed cases (`covidscan adapt RUN --data signed.csv`). The run's calibration, OOD detector "
-        "and shift reference are the parent's, so the site's images are still flagged as unlike the training "
-        "images and the shift alarm still rings.", "",
-    ])
+def _report(
+    name: str, data: Path, site: _Site, judgements: list[Judgement], kept: str, chosen: Judgement
+) -> str:
+    unit = (
+        "patient"
+        if site.has_patients
+        else "image (no patient ids: slices of one patient may fall on "
+        "both sides, which flatters the judgement)"
+    )
+    intro = (
+        f"{len(site.prepared)} site images ({len(site.prepared.excluded)} left out by the quality gate), "
+        f"no labels. Each method was judged on held-out halves of the site, split by {unit}: one half "
+        "aligned by a map fitted on the other. Kept only if the shift test's AUC against the run's "
+        "validation images dropped and the share called covid did not move beyond the bound."
+    )
+    caveat = (
+        f"Kept: {kept} ({chosen.reason}). Nothing here says how accurate the aligned run is at this site: "
+        "that takes signed cases (`covidscan adapt RUN --data signed.csv`). The run's calibration, OOD "
+        "detector and shift reference are the parent's, so the site's images are still flagged as unlike "
+        "the training images and the shift alarm still rings."
+    )
+    title = f"# {name}: unlabelled alignment ({kept}) to {data}"
+    return "\n\n".join([title, intro, format_judgements(judgements, kept), caveat]) + "\n"
 
 
-__all__ = ["ALIGNMENT_FILE", "JUDGEMENT_FILE", "MAX_RATE_CHANGE", "MIN_SHIFT_GAIN", "MIN_SITE_IMAGES",
-           "AlignResult", "Judgement", "align_run", "choose", "format_judgements", "halves", "judge_alignment"]
+__all__ = [
+    "ALIGNMENT_FILE",
+    "JUDGEMENT_FILE",
+    "MAX_RATE_CHANGE",
+    "MIN_SHIFT_GAIN",
+    "MIN_SITE_IMAGES",
+    "AlignResult",
+    "Judgement",
+    "align_run",
+    "choose",
+    "format_judgements",
+    "halves",
+    "head_probabilities",
+    "held_out_aligned",
+    "judge_alignment",
+]
