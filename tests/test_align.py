@@ -20,6 +20,7 @@ from covidscan.runs import load_checkpoint
 from covidscan.training.align import (
     ALIGNMENT_FILE,
     MIN_SITE_IMAGES,
+    Judgement,
     align_run,
     choose,
     halves,
@@ -124,6 +125,15 @@ def test_the_rule_refuses_an_alignment_that_would_undo_label_shift():
     assert judged.shift_auc_after < judged.shift_auc_before  # alignment "closes" the gap ...
     assert judged.positive_rate_before > 0.8 and judged.positive_rate_after < 0.7  # ... by calling fewer
     assert not judged.accepted and "share called covid" in judged.reason
+
+
+def test_auto_keeps_the_simpler_method_unless_the_other_is_clearly_closer():
+    def judged(method: str, after: float, accepted: bool = True) -> Judgement:
+        return Judgement(method, 0.9, after, 0.5, 0.5, accepted, "")
+
+    assert choose([judged("standardize", 0.50), judged("coral", 0.47)]) == "standardize"  # within noise
+    assert choose([judged("standardize", 0.60), judged("coral", 0.50)]) == "coral"
+    assert choose([judged("standardize", 0.40, accepted=False), judged("coral", 0.50)]) == "coral"
 
 
 def test_halves_never_split_a_patient():

@@ -175,13 +175,17 @@ def judge_alignment(
     return Judgement(method, before, after, rate_before, rate_after, reason.startswith("accepted"), reason)
 
 
-def choose(judgements: list[Judgement]) -> str | None:
-    """The accepted method with the lowest held-out shift AUC (ties: the simpler, listed first); or None."""
+def choose(judgements: list[Judgement], tie: float = MIN_SHIFT_GAIN) -> str | None:
+    """The accepted method with the lowest held-out shift AUC, or None.
+
+    AUCs within ``tie`` of the lowest count as equal (a difference the shift test cannot resolve), and the
+    simpler method, listed first, wins.
+    """
     accepted = [j for j in judgements if j.accepted]
     if not accepted:
         return None
     best = min(j.shift_auc_after for j in accepted)
-    return next(j.method for j in accepted if j.shift_auc_after <= best + 1e-9)
+    return next(j.method for j in accepted if j.shift_auc_after <= best + tie)
 
 
 def format_judgements(judgements: list[Judgement], kept: str | None) -> str:
@@ -293,14 +297,15 @@ def align_run(
     """Align the run in ``run_dir`` to the unlabelled site images in ``data`` (a folder or a manifest).
 
     ``method``: ``standardize``, ``coral`` or ``auto`` (both judged; the accepted one with the lowest
-    held-out shift AUC is kept). The rule (:func:`judge_alignment`, with ``min_gain`` and
-    ``max_rate_change``) is judged on held-out halves of the site; when it refuses every method nothing is
-    written and ``AlignResult.method`` is None. Otherwise the map is refitted on all site images, folded into
-    the head's first linear layer and written to ``out`` as an ordinary run with the parent's calibration,
-    OOD detector and shift reference (the images are still unlike the training images: only signed cases
-    can validate the run here), plus ``alignment.safetensors`` (the map) and ``alignment.json`` (the
-    judgements). The parent's training and validation images are read again (its splits.csv) for the
-    training features and the shift test's reference.
+    held-out shift AUC is kept, the simpler within ``MIN_SHIFT_GAIN`` of it). The rule
+    (:func:`judge_alignment`, with ``min_gain`` and ``max_rate_change``) is judged on held-out halves of
+    the site; when it refuses every method nothing is written and ``AlignResult.method`` is None.
+    Otherwise the map is refitted on all site images, folded into the head's first linear layer and
+    written to ``out`` as an ordinary run with the parent's calibration, OOD detector and shift reference
+    (the images are still unlike the training images: only signed cases can validate the run here), plus
+    ``alignment.safetensors`` (the map) and ``alignment.json`` (the judgements). The parent's training
+    and validation images are read again (its splits.csv) for the training features and the shift
+    test's reference.
     """
     if method not in ("auto", *ALIGN_METHODS):
         raise ConfigError(f"alignment method must be auto, {' or '.join(ALIGN_METHODS)}, got {method!r}")
