@@ -183,6 +183,9 @@ def test_the_aligned_run_serves_the_folded_map_exactly(ood_run: Path, site: Path
     served = np.array([p.p_covid for p in aligned.score(prepared)])
     np.testing.assert_allclose(served, expected, atol=1e-5)
     assert not np.allclose(served, parent.calibration.proba(z_parent), atol=1e-3)  # it did change them
+    # the map lives in the weights, so the ONNX engine serves it too
+    onnx = Predictor.from_run(run, engine="onnx")
+    np.testing.assert_allclose([p.p_covid for p in onnx.score(prepared)], expected, atol=1e-4)
 
 
 @pytest.mark.slow
