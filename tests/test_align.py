@@ -249,3 +249,19 @@ def test_bad_site_inputs_are_named(ood_run: Path, tmp_path: Path):
         "mean",
     )
     assert wrong.exit_code == 2 and "'mean'" in wrong.output
+    mixed = covidscan(
+        "adapt",
+        str(ood_run),
+        "--unlabelled",
+        "--mode",
+        "head",
+        "--data",
+        str(few),
+        "--out",
+        str(tmp_path / "o5"),
+    )
+    assert mixed.exit_code == 2 and "--mode does not go with --unlabelled" in mixed.output
+    stray = covidscan(
+        "adapt", str(ood_run), "--align", "coral", "--data", str(few), "--out", str(tmp_path / "o6")
+    )
+    assert stray.exit_code == 2 and "--align does not go with labelled adaptation" in stray.output

@@ -364,6 +364,12 @@ def adapt(
     ] = 0.2,
 ) -> None:
     """Adapt a run to a new site from its labelled cases; reports what each mode gains, out of fold."""
+    given = ({"--mode": mode != "auto", "--mix-original": mix_original, "--allow-overlap": allow_overlap}
+             if unlabelled else {"--align": align != "auto", "--max-rate-change": max_rate_change != 0.2})
+    misplaced = [name for name, used in given.items() if used]
+    if misplaced:
+        raise ConfigError(f"{', '.join(misplaced)} {'do' if len(misplaced) > 1 else 'does'} not go with "
+                          f"{'--unlabelled' if unlabelled else 'labelled adaptation (add --unlabelled)'}")
     if unlabelled:
         from covidscan.training.align import align_run, format_judgements
 
