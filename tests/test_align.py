@@ -169,6 +169,7 @@ def test_the_aligned_run_serves_the_folded_map_exactly(ood_run: Path, site: Path
     assert checkpoint.parent is not None and checkpoint.parent.mode == f"align:{result.method}"
     assert checkpoint.calibration == load_checkpoint(ood_run).calibration
     alignment = FeatureAlignment.load(run / ALIGNMENT_FILE)
+    assert "unlabelled, on held-out site images" in (run / "model_card.md").read_text(encoding="utf-8")
 
     paths = [str(p) for p in list_images(site)][:16]
     parent = Predictor.from_run(ood_run, fast=False)

@@ -363,7 +363,8 @@ def adapt(
                                  "site images called covid by more than this (a guard against label shift).")
     ] = 0.2,
 ) -> None:
-    """Adapt a run to a new site from its labelled cases; reports what each mode gains, out of fold."""
+    """Adapt a run to a new site from its labelled cases (reports what each mode gains, out of fold), or
+    with --unlabelled align it to the site's images, kept only if held-out images say it helps."""
     given = ({"--mode": mode != "auto", "--mix-original": mix_original, "--allow-overlap": allow_overlap}
              if unlabelled else {"--align": align != "auto", "--max-rate-change": max_rate_change != 0.2})
     misplaced = [name for name, used in given.items() if used]
