@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -137,7 +138,7 @@ def judge_alignment(
     groups: np.ndarray,
     source: np.ndarray,
     reference: np.ndarray,
-    positive: Any,
+    positive: Callable[[np.ndarray], np.ndarray],
     *,
     min_gain: float = MIN_SHIFT_GAIN,
     max_rate_change: float = MAX_RATE_CHANGE,
