@@ -333,7 +333,8 @@ def evaluate(
 def adapt(
     run: Annotated[Path, typer.Argument(help="Run directory to adapt (written by `covidscan train`).")],
     data: Annotated[
-        Path, typer.Option(help="The site's labelled cases: manifest CSV (path,label,patient_id).")
+        Path, typer.Option(help="The site's labelled cases: manifest CSV (path,label,patient_id); with "
+                                "--unlabelled, a folder or manifest of its images.")
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write the adapted run to.")],
     mode: Annotated[
@@ -349,8 +350,39 @@ def adapt(
         bool, typer.Option(help="Adapt even on images the parent was trained or validated on (inflated!).")
     ] = False,
     strict: Strict = False,
+    unlabelled: Annotated[
+        bool, typer.Option(help="No verdicts yet: --data is a folder or manifest of the site's images, whose "
+                                "features are aligned to the training features, kept only if held-out "
+                                "images say it helps.")
+    ] = False,
+    align: Annotated[
+        str, typer.Option(help="With --unlabelled: auto (both judged), standardize or coral.")
+    ] = "auto",
+    max_rate_change: Annotated[
+        float, typer.Option(help="With --unlabelled: refuse an alignment that moves the share of held-out "
+                                 "site images called covid by more than this (a guard against label shift).")
+    ] = 0.2,
 ) -> None:
-    """Adapt a run to a new site from its labelled cases; reports what each mode gains, out of fold."""
+    """Adapt a run to a new site from its labelled cases (reports what each mode gains, out of fold), or
+    with --unlabelled align it to the site's images, kept only if held-out images say it helps."""
+    given = ({"--mode": mode != "auto", "--mix-original": mix_original, "--allow-overlap": allow_overlap}
+             if unlabelled else {"--align": align != "auto", "--max-rate-change": max_rate_change != 0.2})
+    misplaced = [name for name, used in given.items() if used]
+    if misplaced:
+        raise ConfigError(f"{', '.join(misplaced)} {'do' if len(misplaced) > 1 else 'does'} not go with "
+                          f"{'--unlabelled' if unlabelled else 'labelled adaptation (add --unlabelled)'}")
+    if unlabelled:
+        from covidscan.training.align import align_run, format_judgements
+
+        aligned = align_run(run, data, out, method=align, max_rate_change=max_rate_change,
+                            overwrite=overwrite, strict=strict, progress=_progress())
+        out_console.print(format_judgements(aligned.judgements, aligned.method))
+        if aligned.run_dir is None:
+            console.print("alignment refused on held-out site images: nothing written; the run serves the "
+                          "site as it is until signed cases allow `covidscan adapt --data signed.csv`")
+            raise typer.Exit(1)
+        out_console.print(f"run: {aligned.run_dir}; report: {aligned.run_dir / 'report.md'}")
+        return
     from covidscan.training.adapt import adapt_run, format_comparison
 
     result = adapt_run(run, data, out, mode=mode, mix_original=mix_original, folds=folds,

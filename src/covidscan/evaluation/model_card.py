@@ -409,8 +409,14 @@ def _lineage(run: _Run) -> list[str]:
     parent = run.checkpoint.get("parent")
     if not parent:
         return ["## Lineage", "", "Trained by `covidscan train` (not adapted from another run)."]
-    cv = "; ".join(f"{mode}: ROC AUC {_num(m.get('roc_auc'))}" for mode, m in parent.get(
-        "cross_validation", {}).items())
+    compared = parent.get("cross_validation", {}).items()
+    if str(parent.get("mode", "")).startswith("align:"):  # `adapt --unlabelled`: no labels, no AUC
+        cv = "; ".join(f"{mode}: shift AUC {_num(m.get('shift_auc_before'))} -> "
+                       f"{_num(m.get('shift_auc_after'))}, {'kept' if m.get('accepted') else 'refused'}"
+                       for mode, m in compared)
+        cv = f"unlabelled, on held-out site images: {cv}" if cv else cv
+    else:
+        cv = "; ".join(f"{mode}: ROC AUC {_num(m.get('roc_auc'))}" for mode, m in compared)
     return ["## Lineage", "",
             f"Adapted (`covidscan adapt`, mode **{parent.get('mode')}**) from `{parent.get('path')}` "
             f"(weights SHA-256 `{parent.get('weights_sha256')}`) on `{parent.get('data')}` (SHA-256 "

@@ -155,15 +155,21 @@ def _embed(parent: LoadedRun, prepared: PreparedSet, progress: bool, desc: str) 
                  progress=progress, desc=desc)[:, 0]
 
 
-def _original_features(parent: LoadedRun, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
-    """Features and labels of the parent's own training images (its splits.csv), eval transform."""
+def parent_split(parent: LoadedRun, split: str, progress: bool) -> PreparedSet:
+    """The parent's own images of one split (``train``, ``val``, ``test``; its splits.csv), prepared."""
     splits = parent.path / "splits.csv"
     if not splits.is_file():
-        raise ManifestError(f"{splits} is missing: the parent's training images are unknown")
+        raise ManifestError(f"{splits} is missing: the parent's {split} images are unknown")
     df = read_manifest(splits)
-    df = df[df["split"] == "train"]
-    prepared = prepare_manifest(df, parent.checkpoint.preprocess, parent.checkpoint.input_size,
-                                progress=progress)
+    df = df[df["split"] == split]
+    if df.empty:
+        raise ManifestError(f"{splits} lists no {split} images")
+    return prepare_manifest(df, parent.checkpoint.preprocess, parent.checkpoint.input_size, progress=progress)
+
+
+def _original_features(parent: LoadedRun, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
+    """Features and labels of the parent's own training images (its splits.csv), eval transform."""
+    prepared = parent_split(parent, "train", progress)
     return _embed(parent, prepared, progress, "original features"), prepared.labels
 
 
