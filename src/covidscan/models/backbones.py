@@ -88,8 +88,8 @@ TORCHVISION_BACKBONES: dict[str, _TorchvisionSpec] = {
 
 def backbone_names_help() -> str:
     """Human list of accepted backbone names."""
-    return (", ".join(TORCHVISION_BACKBONES) + f", {astra.ASTRA} (the Astra chest-CT encoder), timm:NAME "
-            "(any name in timm.list_models()), or pixels (BPNN)")
+    return (", ".join(TORCHVISION_BACKBONES) + ", timm:NAME (any name in timm.list_models()), "
+            f"{astra.ASTRA} (the Astra chest-CT encoder), or pixels (BPNN)")
 
 
 class Backbone(nn.Module):
