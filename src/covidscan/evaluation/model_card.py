@@ -24,6 +24,7 @@ from covidscan.errors import RunNotFoundError, StorageError
 from covidscan.evaluation.metrics import METRIC_NAMES
 from covidscan.evaluation.report import METRIC_LABELS, format_value_ci
 from covidscan.evaluation.schema import MetricsSchemaError, read_metrics
+from covidscan.models import astra
 from covidscan.outputs import read_csv
 
 CARD_NAME = "model_card.md"
@@ -251,6 +252,8 @@ def _details(run: _Run) -> list[str]:
         ("backbone", f"{model.get('backbone')} (initial weights: {model.get('weights')}; "
                      f"train mode: {model.get('train_mode')})"),
         ("head", f"{model.get('head')} (dropout {model.get('dropout')})"),
+        *([("backbone weights", astra.provenance(str(model.get("weights", "imagenet"))))]
+          if model.get("backbone") == astra.ASTRA else []),  # weights with a licence of their own
         ("weights SHA-256", f"`{ck.get('weights_sha256', 'n/a')}` (model.safetensors)"),
         ("preprocessing", _preprocessing(ck.get("preprocess") or {})),
         ("input size", f"{size} px, normalised with mean {ck.get('mean')} and std {ck.get('std')}"),

@@ -23,6 +23,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from covidscan.errors import ConfigError, WeightsNotFoundError
+from covidscan.models import astra
 from covidscan.models.weights import (
     PACKAGED_WEIGHTS,
     load_strict,
@@ -87,7 +88,8 @@ TORCHVISION_BACKBONES: dict[str, _TorchvisionSpec] = {
 
 def backbone_names_help() -> str:
     """Human list of accepted backbone names."""
-    return ", ".join(TORCHVISION_BACKBONES) + ", timm:NAME (any name in timm.list_models()), or pixels (BPNN)"
+    return (", ".join(TORCHVISION_BACKBONES) + ", timm:NAME (any name in timm.list_models()), "
+            f"{astra.ASTRA} (the Astra chest-CT encoder), or pixels (BPNN)")
 
 
 class Backbone(nn.Module):
@@ -247,6 +249,13 @@ def _torchvision_backbone(name: str, weights: str, input_size: tuple[int, int]) 
                     mean=preset.mean, std=preset.std, input_size=input_size)
 
 
+def _astra_backbone(weights: str, input_size: tuple[int, int]) -> Backbone:
+    """The Astra chest-CT encoder in its exact 2-D form (see :mod:`covidscan.models.astra`)."""
+    stages = _resnet_stages(astra.load_encoder_2d(weights))
+    return Backbone(astra.ASTRA, nn.Sequential(stages), blocks=list(stages.values()), mean=astra.MEAN,
+                    std=astra.STD, input_size=input_size)
+
+
 def _timm_model(arch: str, weights: str) -> nn.Module:
     kwargs = {"num_classes": 0, "global_pool": ""}
     if weights != "imagenet":
@@ -316,10 +325,11 @@ def _timm_backbone(name: str, arch: str, weights: str, input_size: tuple[int, in
 def build_backbone(
     name: str, weights: str | Path = "imagenet", input_size: tuple[int, int] = (224, 224)
 ) -> Backbone:
-    """Backbone by name: ``resnet50``, ``vgg19``, ``mobilenet_v2``, ``timm:NAME`` or ``pixels`` (BPNN).
+    """Backbone by name: ``resnet50``, ``vgg19``, ``mobilenet_v2``, ``astra_ct``, ``timm:NAME``, ``pixels``.
 
-    ``weights``: ``"imagenet"`` (library cache / download), ``"none"`` (random init) or a path to a
-    state_dict of the library's full model (classifier keys optional). ``input_size`` is (H, W).
+    ``weights``: ``"imagenet"`` (library cache / download; for ``astra_ct`` its chest-CT weights, also named
+    ``"astra"``), ``"none"`` (random init) or a path to a state_dict of the library's full model (classifier
+    keys optional). ``input_size`` is (H, W).
     """
     weights = str(weights)
     if name == PIXELS:
@@ -330,6 +340,8 @@ def build_backbone(
                         input_size=input_size)
     if name in TORCHVISION_BACKBONES:
         return _torchvision_backbone(name, weights, input_size)
+    if name == astra.ASTRA:
+        return _astra_backbone(weights, input_size)
     if name.startswith("timm:"):
         return _timm_backbone(name, name.removeprefix("timm:"), weights, input_size)
     raise ConfigError(f"unknown backbone {name!r}; use one of {backbone_names_help()}")

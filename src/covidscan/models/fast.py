@@ -145,14 +145,17 @@ def bf16_verdict(
     if not p32:
         return Bf16Verdict(allowed=False, reason="no test images to check bf16 on", torch=torch.__version__)
     a, b = np.concatenate(p32), np.concatenate(p16)
-    changed = int(((a >= threshold) != (b >= threshold)).sum())
+    # A NaN probability compares False with any threshold: count it as a changed label whatever fp32 said.
+    finite = np.isfinite(b)
+    changed = int((((a >= threshold) != (b >= threshold)) | ~finite).sum())
     share = changed / len(a)
+    nan_words = f", {int((~finite).sum())} of them not finite" if not finite.all() else ""
     return Bf16Verdict(
         allowed=share <= MAX_LABEL_CHANGE,
         reason=f"{changed} of {len(a)} test labels changed ({share:.2%}; at most {MAX_LABEL_CHANGE:.1%} "
-        "allowed)",
+        f"allowed){nan_words}",
         images=len(a),
         labels_changed=changed,
-        max_abs_dp=float(np.abs(a - b).max()),
+        max_abs_dp=float(np.abs(a - b)[finite].max()) if finite.any() else None,
         torch=torch.__version__,
     )
