@@ -31,6 +31,8 @@ from covidscan.errors import ConfigError
 from covidscan.models.classifier import Classifier, ModelConfig, build_model, pool_features
 
 ENSEMBLE = "ensemble"
+MEMBERS_DIR = "members"
+"""The folder of an ensemble run holding ``NAME/`` per member (see :class:`EnsembleMember`)."""
 """The :attr:`EnsembleBackbone.name` (where a single run has its backbone's name)."""
 _SHA256 = r"^[0-9a-f]{64}$"
 
@@ -215,6 +217,7 @@ def build_ensemble(config: EnsembleConfig) -> EnsembleClassifier:
 
 __all__ = [
     "ENSEMBLE",
+    "MEMBERS_DIR",
     "EnsembleBackbone",
     "EnsembleClassifier",
     "EnsembleConfig",

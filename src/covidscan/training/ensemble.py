@@ -30,13 +30,13 @@ from covidscan.data import read_manifest
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import Calibration
 from covidscan.models import PIXELS, EnsembleClassifier, EnsembleConfig, EnsembleMember
+from covidscan.models.ensemble import MEMBERS_DIR
 from covidscan.outputs import read_csv, run_inputs, staged_folder
 from covidscan.preprocess import prepare_manifest
 from covidscan.runs import LoadedRun, load_run
 from covidscan.system import resolve_device
 from covidscan.training.run import finish_run, prepare_run_dir
 
-MEMBERS_DIR = "members"
 MEMBER_FILES = ("config.yaml", "checkpoint.json", "metrics.json", "history.json", "model_card.md")
 """What ``members/NAME/`` keeps of each member run (those it has): enough to re-create and judge it."""
 _SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
@@ -252,4 +252,4 @@ def build_ensemble_run(
     return EnsembleResult(out, names, metrics, calibration)
 
 
-__all__ = ["MEMBERS_DIR", "EnsembleResult", "build_ensemble_run", "check_compatible", "ensemble_config"]
+__all__ = ["EnsembleResult", "build_ensemble_run", "check_compatible", "ensemble_config"]
