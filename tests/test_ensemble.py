@@ -34,8 +34,14 @@ from covidscan.training.adapt import adapt_run
 from covidscan.training.ensemble import build_ensemble_run
 from covidscan.training.run import load_dataset
 
-SETTINGS = ["model.weights=none", "model.input_size=64", "train.epochs=2", "train.views=1",
-            "evaluation.n_bootstrap=20", "data.ratios=[0.45,0.35,0.2]"]
+SETTINGS = [
+    "model.weights=none",
+    "model.input_size=64",
+    "train.epochs=2",
+    "train.views=1",
+    "evaluation.n_bootstrap=20",
+    "data.ratios=[0.45,0.35,0.2]",
+]
 # Two members that normalise differently (ImageNet mean/std; 0.5/0.5): each must get its own input.
 BACKBONES = ("timm:resnet18", "timm:tf_efficientnet_lite0")
 TEMPERATURES = (0.8, 1.6)
@@ -54,8 +60,9 @@ def _pixels(n: int = 3) -> np.ndarray:
     return np.random.default_rng(0).random((n, 64, 64), dtype=np.float32)
 
 
-def _saved_run(out: Path, backbone: str, seed: int, temperature: float, splits: pd.DataFrame,
-               *more: str) -> Path:
+def _saved_run(
+    out: Path, backbone: str, seed: int, temperature: float, splits: pd.DataFrame, *more: str
+) -> Path:
     """A run directory of an untrained model with the given splits (what `ensemble` reads of a run)."""
     cfg = _cfg(backbone, *more)
     save_run(out, cfg, _member(backbone, seed, *more), Calibration(temperature=temperature, threshold=0.5))
@@ -98,8 +105,9 @@ def test_ensemble_logits_are_the_weighted_mean_of_the_members() -> None:
         # The frozen-base cache and adapt's head see the same model in two steps.
         torch.testing.assert_close(ensemble.head_tail(ensemble.embed(x)), logits, atol=1e-6, rtol=1e-6)
         # The serving engine folds BatchNorm in every member: the same logits.
-        torch.testing.assert_close(FastClassifier(ensemble).forward_pooled(x)[0], logits, atol=1e-4,
-                                   rtol=1e-4)
+        torch.testing.assert_close(
+            FastClassifier(ensemble).forward_pooled(x)[0], logits, atol=1e-4, rtol=1e-4
+        )
     ensemble.head_tail.reset_parameters()  # adapt's fresh head: a plain mean
     assert ensemble.head_tail.weights.tolist() == [0.5, 0.5]
 
@@ -126,8 +134,9 @@ def test_members_with_other_feature_map_sizes_are_refused() -> None:
 # ---------------------------------------------------------------------------------------- runs
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_phantom_dataset(tmp_path_factory.mktemp("ensemble_data"), n=60, modality="ct", seed=3,
-                                 slices_per_patient=2)
+    return write_phantom_dataset(
+        tmp_path_factory.mktemp("ensemble_data"), n=60, modality="ct", seed=3, slices_per_patient=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +144,10 @@ def members(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     """Two member runs of untrained models on the same split, with other temperatures."""
     splits = load_dataset(data, _cfg(BACKBONES[0]))
     root = tmp_path_factory.mktemp("members")
-    return [_saved_run(root / f"m{i}", backbone, i, t, splits)
-            for i, (backbone, t) in enumerate(zip(BACKBONES, TEMPERATURES, strict=True))]
+    return [
+        _saved_run(root / f"m{i}", backbone, i, t, splits)
+        for i, (backbone, t) in enumerate(zip(BACKBONES, TEMPERATURES, strict=True))
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -166,9 +177,16 @@ def test_ensemble_probabilities_are_the_calibrated_mean_of_member_logits(
     # One calibration, refitted on the shared validation split as training fits one.
     val = _prepared_split(ensemble, "val")
     ev = load_run(ensemble).config.evaluation
-    refit = Calibration.fit(scaled["val"], val.labels, groups=val.groups, calibrate=ev.calibrate,
-                            method=ev.threshold, fixed_threshold=ev.fixed_threshold, aggregate=ev.aggregate,
-                            band=ev.band)
+    refit = Calibration.fit(
+        scaled["val"],
+        val.labels,
+        groups=val.groups,
+        calibrate=ev.calibrate,
+        method=ev.threshold,
+        fixed_threshold=ev.fixed_threshold,
+        aggregate=ev.aggregate,
+        band=ev.band,
+    )
     assert mine.calibration.temperature == pytest.approx(refit.temperature, rel=1e-3)
     assert mine.calibration.threshold == pytest.approx(refit.threshold, abs=1e-3)
     assert mine.calibration.temperature != pytest.approx(1.0)  # it was fitted, not left alone
@@ -182,7 +200,8 @@ def test_ensemble_run_is_self_contained(members: list[Path], ensemble: Path, tmp
     assert checkpoint.ensemble is not None
     assert [m.model.backbone for m in checkpoint.ensemble.members] == list(BACKBONES)
     assert [m.weights_sha256 for m in checkpoint.ensemble.members] == [
-        load_run(run).checkpoint.weights_sha256 for run in members]
+        load_run(run).checkpoint.weights_sha256 for run in members
+    ]
     assert checkpoint.model_name == f"ensemble({', '.join(BACKBONES)})"
     assert checkpoint.ood is not None and checkpoint.shift_reference is not None
     for member, run in zip(checkpoint.ensemble.members, members, strict=True):
@@ -212,8 +231,11 @@ def test_incompatible_runs_are_refused_naming_the_run(
     no_clahe = _saved_run(tmp_path / "no-clahe", BACKBONES[1], 6, 1.0, splits, "preprocess.clahe=false")
     out = tmp_path / "out"
     cases = [
-        ([members[0], other_split], rf"{other_split}.*validation split differs \(0 images or labels only in "
-                                    r"it, 1 only in"),
+        (
+            [members[0], other_split],
+            rf"{other_split}.*validation split differs \(0 images or labels only in "
+            r"it, 1 only in",
+        ),
         ([members[0], no_clahe], rf"{no_clahe}.*preprocess\.clahe False where .* has True"),
         ([members[0], ensemble], rf"{ensemble} is itself an ensemble"),
         ([members[0], members[0]], "same weights"),
@@ -231,9 +253,16 @@ def test_a_damaged_member_record_is_caught(ensemble: Path, tmp_path: Path) -> No
     checkpoint = load_run(moved).checkpoint
     assert checkpoint.ensemble is not None
     first = checkpoint.ensemble.members[0]
-    edited = checkpoint.ensemble.model_copy(update={"members": (
-        first.model_copy(update={"model": first.model.model_copy(update={"backbone": "timm:resnet10t"})}),
-        *checkpoint.ensemble.members[1:])})
+    edited = checkpoint.ensemble.model_copy(
+        update={
+            "members": (
+                first.model_copy(
+                    update={"model": first.model.model_copy(update={"backbone": "timm:resnet10t"})}
+                ),
+                *checkpoint.ensemble.members[1:],
+            )
+        }
+    )
     write_checkpoint(moved, checkpoint.model_copy(update={"ensemble": edited}))
     with pytest.raises(StorageError, match="disagree on ensemble"):
         load_run(moved)
@@ -242,8 +271,17 @@ def test_a_damaged_member_record_is_caught(ensemble: Path, tmp_path: Path) -> No
 def test_ensemble_predicts_evaluates_and_explains(ensemble: Path, tmp_path: Path) -> None:
     site = write_phantom_dataset(tmp_path / "site", n=20, modality="ct", seed=9, slices_per_patient=2)
     images = sorted((site.parent / "images").rglob("*.png"))[:4]
-    result = _invoke("predict", str(ensemble), *map(str, images), "--out", str(tmp_path / "p.csv"),
-                     "--cam", str(tmp_path / "cams"), "--precision", "fp32")
+    result = _invoke(
+        "predict",
+        str(ensemble),
+        *map(str, images),
+        "--out",
+        str(tmp_path / "p.csv"),
+        "--cam",
+        str(tmp_path / "cams"),
+        "--precision",
+        "fp32",
+    )
     assert result.exit_code == 0, result.output
     rows = read_csv(tmp_path / "p.csv")
     assert rows["p_covid"].notna().all() and rows["ood_score"].notna().all()
@@ -280,8 +318,9 @@ def test_review_service_scorer_loads_an_ensemble(ensemble: Path, data: Path) -> 
 
 @pytest.mark.slow
 def test_adapting_an_ensemble_refits_the_members_heads_jointly(ensemble: Path, tmp_path: Path) -> None:
-    site = write_phantom_dataset(tmp_path / "site", n=24, modality="ct", seed=11, slices_per_patient=2,
-                                 site="scanner-b")
+    site = write_phantom_dataset(
+        tmp_path / "site", n=24, modality="ct", seed=11, slices_per_patient=2, site="scanner-b"
+    )
     result = adapt_run(ensemble, site, tmp_path / "adapted", mode="head", folds=2, progress=False)
     adapted, parent = load_run(result.run_dir), load_run(ensemble)
     assert adapted.checkpoint.ensemble == parent.checkpoint.ensemble
@@ -292,8 +331,10 @@ def test_adapting_an_ensemble_refits_the_members_heads_jointly(ensemble: Path, t
         torch.testing.assert_close(value, parent.model.state_dict()[key])  # the members' backbones stay
     images = _prepared_split(ensemble, "test").images
     predictor = Predictor.from_run(result.run_dir, engine="torch", precision="fp32")
-    assert not np.allclose(predictor.logits(images), Predictor.from_run(ensemble, engine="torch",
-                                                                        precision="fp32").logits(images))
+    assert not np.allclose(
+        predictor.logits(images),
+        Predictor.from_run(ensemble, engine="torch", precision="fp32").logits(images),
+    )
 
 
 @pytest.mark.slow
@@ -301,8 +342,15 @@ def test_ensemble_of_trained_runs_from_the_command_line(data: Path, tmp_path: Pa
     runs = []
     for i, backbone in enumerate(("timm:resnet18", "timm:resnet10t")):
         runs.append(tmp_path / f"run{i}")
-        result = _invoke("train", "paper-a-resnet50", "--data", str(data), "--out", str(runs[-1]),
-                         *[arg for s in [*SETTINGS, f"model.backbone={backbone}"] for arg in ("--set", s)])
+        result = _invoke(
+            "train",
+            "paper-a-resnet50",
+            "--data",
+            str(data),
+            "--out",
+            str(runs[-1]),
+            *[arg for s in [*SETTINGS, f"model.backbone={backbone}"] for arg in ("--set", s)],
+        )
         assert result.exit_code == 0, result.output
     result = _invoke("ensemble", *map(str, runs), "--out", str(tmp_path / "ens"), "--name", "both")
     assert result.exit_code == 0, result.output
