@@ -11,6 +11,7 @@ A run directory holds::
     ood.safetensors      the out-of-distribution detector (training features and image statistics)
     fingerprints.csv     pixel and perceptual hashes of every training and validation image
     shift_reference.safetensors  the shift features of the validation images (the shift test's reference)
+    members/NAME/        an ensemble's (``covidscan ensemble``): each member's config.yaml, checkpoint.json
     figures/*.png, report.md
 
 Nothing that predicts from a run writes into it, so one run can serve many processes at once. Loading

@@ -110,7 +110,7 @@ def check_compatible(runs: Sequence[LoadedRun]) -> None:
             for what, a, b in (
                 ("modality", first_ck.modality, ck.modality),
                 ("input size", tuple(first_ck.input_size), tuple(ck.input_size)),
-                *((f"preprocess.{k}", pre_a[k], pre_b[k]) for k in pre_a if pre_a[k] != pre_b[k]),
+                *((f"preprocess.{k}", pre_a[k], pre_b[k]) for k in pre_a if k != "modality"),
                 (
                     "feature map size (h, w)",
                     first.model.backbone.feature_shape[1:],
