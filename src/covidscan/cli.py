@@ -391,6 +391,24 @@ def adapt(
     out_console.print(f"run: {result.run_dir}; report: {result.run_dir / 'report.md'}")
 
 
+@app.command("ensemble")
+def ensemble(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more trained runs (same data, split and "
+                                                    "preprocessing; different backbones or seeds).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write the ensemble to.")],
+    name: Annotated[str | None, typer.Option(help="The run's name (default: ensemble-N-FIRST).")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
+) -> None:
+    """Combine trained runs into one ensemble run: averaged logits, calibrated on their validation split."""
+    from covidscan.evaluation import format_metrics_table
+    from covidscan.training.ensemble import build_ensemble_run
+
+    result = build_ensemble_run(runs, out, name=name, overwrite=overwrite, progress=_progress())
+    out_console.print(format_metrics_table(result.metrics))
+    out_console.print(f"run: {result.run_dir} ({len(result.members)} members); "
+                      f"report: {result.run_dir / 'report.md'}")
+
+
 @app.command("reproduce")
 def reproduce(
     paper: Annotated[str, typer.Argument(help="paper-a (CT) or paper-b (X-ray).")],

@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from covidscan.errors import ConfigError
-from covidscan.models import ModelConfig
+from covidscan.models import EnsembleConfig, ModelConfig
 from covidscan.preprocess import PreprocessConfig
 
 
@@ -79,6 +79,9 @@ class ExperimentConfig(_Strict):
     evaluation: EvalConfig = EvalConfig()
     published: dict[str, float] | None = Field(
         None, description="figures the paper reports for this row, shown beside ours in reproduce tables"
+    )
+    ensemble: EnsembleConfig | None = Field(
+        None, description="set by `covidscan ensemble` only: the members (``model`` is then the first's)"
     )
 
     @model_validator(mode="before")

@@ -11,6 +11,7 @@ A run directory holds::
     ood.safetensors      the out-of-distribution detector (training features and image statistics)
     fingerprints.csv     pixel and perceptual hashes of every training and validation image
     shift_reference.safetensors  the shift features of the validation images (the shift test's reference)
+    members/NAME/        an ensemble's (``covidscan ensemble``): each member's config.yaml, checkpoint.json
     figures/*.png, report.md
 
 Nothing that predicts from a run writes into it, so one run can serve many processes at once. Loading
@@ -41,7 +42,15 @@ from covidscan.config import ExperimentConfig, dump_config, load_config
 from covidscan.data.fingerprints import Fingerprints
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
-from covidscan.models import Bf16Verdict, Classifier, ModelConfig, OODDetector, build_model
+from covidscan.models import (
+    Bf16Verdict,
+    Classifier,
+    EnsembleConfig,
+    ModelConfig,
+    OODDetector,
+    build_ensemble,
+    build_model,
+)
 from covidscan.outputs import read_csv, write_text, writing
 from covidscan.preprocess import PreprocessConfig
 from covidscan.preprocess.lungseg import lung_model_path
@@ -152,6 +161,8 @@ class Checkpoint(BaseModel):
     shift_reference: ShiftReferenceInfo | None = None
     """None on runs written before covidscan stored it (it is then computed from splits.csv's validation
     rows), and on runs without backbone features or without a validation split."""
+    ensemble: EnsembleConfig | None = None
+    """Set on runs written by ``covidscan ensemble``: the members (``model`` is then the first member's)."""
     seal: str | None = Field(None, pattern=SHA256)
     """SHA-256 of this file's other keys (:func:`checkpoint_seal`): a threshold or temperature edited by
     hand is caught on load. None on runs written before covidscan sealed its checkpoints."""
@@ -177,8 +188,8 @@ class Checkpoint(BaseModel):
 
     @property
     def model_name(self) -> str:
-        """The backbone's name, e.g. ``mobilenet_v2`` or ``timm:resnet18``."""
-        return self.model.backbone
+        """The backbone's name, e.g. ``mobilenet_v2`` or ``timm:resnet18`` (an ensemble: ``ensemble(..)``)."""
+        return self.model.backbone if self.ensemble is None else self.ensemble.description
 
 
 @dataclass
@@ -291,6 +302,7 @@ def save_run(
         lung_model_sha256=lung_sha,
         fingerprints=fingerprint_info,
         shift_reference=shift_info,
+        ensemble=cfg.ensemble,
     )
     return write_checkpoint(out, checkpoint)
 
@@ -500,7 +512,8 @@ def _check_belongs_together(run: Path, checkpoint: Checkpoint, config: Experimen
             "train again"
         )
     pairs = {"name": (checkpoint.name, config.name), "model": (checkpoint.model, config.model),
-             "preprocess": (checkpoint.preprocess, config.preprocess)}
+             "preprocess": (checkpoint.preprocess, config.preprocess),
+             "ensemble": (checkpoint.ensemble, config.ensemble)}
     differ = [key for key, (ours, theirs) in pairs.items() if ours != theirs]
     if differ:
         raise StorageError(
@@ -537,7 +550,8 @@ def load_run(path: str | Path) -> LoadedRun:
         raise StorageError(f"{run / 'config.yaml'}: {exc}") from None
     _check_belongs_together(run, checkpoint, config)
     # The saved weights replace any pretrained ones, so never look for ImageNet files when loading.
-    model = build_model(checkpoint.model.model_copy(update={"weights": "none"}))
+    model = (build_ensemble(checkpoint.ensemble) if checkpoint.ensemble is not None
+             else build_model(checkpoint.model.model_copy(update={"weights": "none"})))
     _check_model_inputs(run, checkpoint, model)
     _check_seal(run)
     weights = run / "model.safetensors"

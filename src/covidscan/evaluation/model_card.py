@@ -25,6 +25,7 @@ from covidscan.evaluation.metrics import METRIC_NAMES
 from covidscan.evaluation.report import METRIC_LABELS, format_value_ci
 from covidscan.evaluation.schema import MetricsSchemaError, read_metrics
 from covidscan.models import astra
+from covidscan.models.ensemble import MEMBERS_DIR
 from covidscan.outputs import read_csv
 
 CARD_NAME = "model_card.md"
@@ -206,7 +207,9 @@ def _intended_use(run: _Run) -> list[str]:
     planned = ((run.config or {}).get("train") or {}).get("epochs")
     ran = len(run.history) if run.history else None
     of_planned = f" of {planned} planned" if planned and planned != ran else ""
+    members = (run.checkpoint.get("ensemble") or {}).get("members")
     epochs = ("adapted from a parent run" if run.checkpoint.get("parent") else
+              f"an ensemble of {len(members)} trained runs" if members else
               "epochs not recorded" if ran is None else f"{ran} epoch{'s' * (ran != 1)}{of_planned}")
     external = (f"external evaluation on {', '.join(run.external)}" if run.external else
                 "no external evaluation")
@@ -246,14 +249,19 @@ def _details(run: _Run) -> list[str]:
     ck, model, cal = run.checkpoint, run.model, run.calibration
     size = "×".join(str(v) for v in ck.get("input_size", ()))
     bf16 = ck.get("bf16")
+    members = [(m.get("name"), m.get("model") or {}) for m in (ck.get("ensemble") or {}).get("members", [])]
+    licensed = [m.get("weights", "imagenet") for m in ([m for _, m in members] or [model])
+                if m.get("backbone") == astra.ASTRA]
     rows = [
         ("name", ck.get("name", run.path.name)),
         ("trained on", MODALITY_WORDS.get(run.modality, run.modality)),
-        ("backbone", f"{model.get('backbone')} (initial weights: {model.get('weights')}; "
-                     f"train mode: {model.get('train_mode')})"),
-        ("head", f"{model.get('head')} (dropout {model.get('dropout')})"),
-        *([("backbone weights", astra.provenance(str(model.get("weights", "imagenet"))))]
-          if model.get("backbone") == astra.ASTRA else []),  # weights with a licence of their own
+        *((f"member {name}", f"{m.get('backbone')} (initial weights: {m.get('weights')}), head "
+                             f"{m.get('head')}; `{MEMBERS_DIR}/{name}/`") for name, m in members),
+        *(() if members else (
+            ("backbone", f"{model.get('backbone')} (initial weights: {model.get('weights')}; "
+                         f"train mode: {model.get('train_mode')})"),
+            ("head", f"{model.get('head')} (dropout {model.get('dropout')})"))),
+        *(("backbone weights", astra.provenance(str(w))) for w in licensed[:1]),  # a licence of their own
         ("weights SHA-256", f"`{ck.get('weights_sha256', 'n/a')}` (model.safetensors)"),
         ("preprocessing", _preprocessing(ck.get("preprocess") or {})),
         ("input size", f"{size} px, normalised with mean {ck.get('mean')} and std {ck.get('std')}"),
@@ -410,6 +418,14 @@ def _limitations(run: _Run) -> list[str]:
 
 def _lineage(run: _Run) -> list[str]:
     parent = run.checkpoint.get("parent")
+    members = (run.checkpoint.get("ensemble") or {}).get("members")
+    if members and not parent:
+        built = "; ".join(f"`{m.get('run')}` (weights SHA-256 `{m.get('weights_sha256')}`)" for m in members)
+        return ["## Lineage", "",
+                f"Built by `covidscan ensemble` from {len(members)} trained runs: {built}. The mean of their "
+                "temperature-scaled logits was calibrated on their shared validation split; each member's "
+                f"config.yaml (it re-creates the member), checkpoint.json and metrics.json are in "
+                f"`{MEMBERS_DIR}/`."]
     if not parent:
         return ["## Lineage", "", "Trained by `covidscan train` (not adapted from another run)."]
     compared = parent.get("cross_validation", {}).items()

@@ -1,8 +1,9 @@
 """Grad-CAM maps of a classifier, their mapping back onto the original image, and how well they localise.
 
-The maps come from ``pytorch_grad_cam`` on :func:`covidscan.models.gradcam_target_layer`; everything here
-is plain NumPy after that. A CAM is an ``(H, W)`` float32 array in [0, 1] (each map is scaled so that its
-maximum is 1, or is all zeros when the target has no positive evidence anywhere).
+The maps come from ``pytorch_grad_cam`` on the model's ``cam_layers`` (the backbone's final feature map; for
+an ensemble every member's, whose normalised maps it averages); everything here is plain NumPy after that. A
+CAM is an ``(H, W)`` float32 array in [0, 1] (each map is scaled so that its maximum is 1, or is all zeros
+when the target has no positive evidence anywhere).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 
 from covidscan import CLASSES
 from covidscan.errors import ConfigError, CovidscanError
-from covidscan.models import Classifier, gradcam_target_layer
+from covidscan.models import Classifier
 
 CAM_METHODS = {
     "gradcam": GradCAM,
@@ -85,7 +86,7 @@ def gradcam(
             f"Grad-CAM needs a normalised (N, 3, H, W) batch, got shape {tuple(batch.shape)}"
         )
     try:
-        layer = gradcam_target_layer(model)
+        layers = model.cam_layers
     except ConfigError as err:
         raise ConfigError(
             f"{err}: Grad-CAM needs a convolutional backbone (the BPNN sees raw pixels and has no feature "
@@ -96,7 +97,7 @@ def gradcam(
     # Grad-CAM needs autograd even when called from inference code; inference tensors cannot take part.
     with torch.inference_mode(False), torch.enable_grad(), _restored(model):
         batch = batch.detach().clone().requires_grad_(True)
-        cam = CAM_METHODS[method](model, [layer])
+        cam = CAM_METHODS[method](model, layers)
         try:
             maps = cam(batch, targets=[LogitMargin(target)] * len(batch))
         finally:

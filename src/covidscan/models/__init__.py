@@ -17,6 +17,7 @@ from covidscan.models.classifier import (
     gradcam_target_layer,
     pool_features,
 )
+from covidscan.models.ensemble import EnsembleClassifier, EnsembleConfig, EnsembleMember, build_ensemble
 from covidscan.models.fast import (
     PRECISIONS,
     Bf16Verdict,
@@ -41,6 +42,9 @@ __all__ = [
     "Backbone",
     "Bf16Verdict",
     "Classifier",
+    "EnsembleClassifier",
+    "EnsembleConfig",
+    "EnsembleMember",
     "FastClassifier",
     "FeatureDensity",
     "ImageStatsEnvelope",
@@ -51,6 +55,7 @@ __all__ = [
     "bf16_verdict",
     "binary_logits",
     "build_backbone",
+    "build_ensemble",
     "build_model",
     "count_parameters",
     "downloads_disabled",

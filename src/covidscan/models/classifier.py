@@ -111,6 +111,11 @@ class Classifier(nn.Module):
         return self.head[self._first_trainable :]
 
     @property
+    def cam_layers(self) -> list[nn.Module]:
+        """The modules whose output maps Grad-CAM weighs: the backbone's final feature map."""
+        return [gradcam_target_layer(self)]
+
+    @property
     def input_size(self) -> tuple[int, int]:
         """(H, W) the model was built for."""
         return self.backbone.input_size

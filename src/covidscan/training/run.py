@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 from covidscan.config import ExperimentConfig
 from covidscan.data import audit_manifest, check_trainable, read_manifest, split_manifest
 from covidscan.data.fingerprints import Fingerprints
-from covidscan.errors import ManifestError
+from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation import (
     Calibration,
     evaluate_calibrated,
@@ -118,6 +118,10 @@ def train_experiment(
     read) are left out and listed in ``excluded.csv`` and the report; ``strict`` makes any of them an error
     instead.
     """
+    if cfg.ensemble is not None:
+        raise ConfigError(f"the config of {cfg.name!r} is an ensemble's: train each member with its own "
+                          "config (the ensemble run's members/*/config.yaml), then combine them with "
+                          "`covidscan ensemble`")
     out = Path(out)
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
@@ -174,7 +178,26 @@ def _train_into(
         module = model
 
     result = fit(module, train_data, val_data, cfg.train, device=device, progress=progress)
+    notes = _protocol_notes(cfg, df, has_val, result) + excluded_notes(prepared.excluded)
+    metrics, calibration = finish_run(out, cfg, model, (train_set, val_set, test_set), device, notes=notes,
+                                      history=result.history)
+    return TrainResult(out, metrics, result, calibration)
 
+
+def finish_run(
+    out: Path, cfg: ExperimentConfig, model: Classifier, sets: tuple[PreparedSet, PreparedSet, PreparedSet],
+    device: torch.device, *, notes: list[str], history: list[dict[str, float]] | None = None,
+) -> tuple[dict[str, Any], Calibration]:
+    """Calibrate a fitted ``model`` on the validation set, test it, fit its OOD detector and write the run
+    (weights, checkpoint, metrics, report, model card) into ``out``; returns the metrics and calibration.
+
+    Every run is finished this way: ``train`` after fitting, ``ensemble`` after combining trained runs.
+    ``sets`` are the prepared (train, validation, test) images; ``notes`` go into the report, before the
+    calibration's and the OOD detector's own.
+    """
+    train_set, val_set, test_set = sets
+    has_val = len(val_set) > 0
+    bs, seed = cfg.train.batch_size, cfg.train.seed
     ev = cfg.evaluation
     z_test, f_test = predict_outputs(model, test_set.images, batch_size=bs, device=device)
     groups_test = test_set.groups
@@ -214,7 +237,8 @@ def _train_into(
     seen = Fingerprints.of(train_set, "train") + Fingerprints.of(val_set, "val")
     save_run(out, cfg, model, calibration, bf16=verdict, ood=ood, fingerprints=seen,
              shift_reference=_shift_reference(model, f_val, val_set))
-    (out / "history.json").write_text(json.dumps(result.history, indent=2), encoding="utf-8")
+    if history is not None:
+        (out / "history.json").write_text(json.dumps(history, indent=2), encoding="utf-8")
     write_evaluation(
         out,
         metrics,
@@ -222,12 +246,11 @@ def _train_into(
         calibration.proba(z_test),
         title=f"{cfg.name}: test split",
         config=cfg.model_dump(mode="json"),
-        history=result.history,
-        notes=_protocol_notes(cfg, df, has_val, result, calibration) + _ood_notes(ood, metrics)
-        + excluded_notes(prepared.excluded),
+        history=history,
+        notes=notes + [f"Calibration: {note}." for note in calibration.notes] + _ood_notes(ood, metrics),
     )
     write_model_card(out)
-    return TrainResult(out, metrics, result, calibration)
+    return metrics, calibration
 
 
 def _shift_reference(
@@ -274,15 +297,12 @@ def _ood_notes(ood: tuple[OODDetector, int, int] | None, metrics: dict[str, Any]
             "the test images are flagged unlike_training_data."]
 
 
-def _protocol_notes(
-    cfg: ExperimentConfig, df: pd.DataFrame, has_val: bool, fitted: FitResult, calibration: Calibration
-) -> list[str]:
+def _protocol_notes(cfg: ExperimentConfig, df: pd.DataFrame, has_val: bool, fitted: FitResult) -> list[str]:
     counts = df.groupby("split")["label"].value_counts().unstack(fill_value=0)
     notes = [f"Split sizes (images): {counts.to_dict(orient='index')}"]
     if has_val:
         notes.append(f"Weights of epoch {fitted.best_epoch} (lowest validation loss) of "
                      f"{len(fitted.history)} trained.")
-    notes += [f"Calibration: {note}." for note in calibration.notes]
     if cfg.data.split_by == "image" and "patient_id" in df and df["patient_id"].notna().any():
         notes.append(
             "WARNING: images were split at random, not by patient. Slices of one patient can sit in both "
