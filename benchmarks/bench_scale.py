@@ -8,8 +8,8 @@ cost then says what N machines would take for a million images.
     python benchmarks/bench_scale.py --json benchmarks/bench_scale.json            # a run trained here
     python benchmarks/bench_scale.py --run RUN --images FOLDER --json OUT.json
 
-Without ``--run`` it trains the ``covidscan-ct`` architecture (EfficientNet-Lite0 at 224 px after CLAHE and
-the lung crop) for one epoch on generated CT phantoms with random weights: the cost per image is the
+Without ``--run`` it trains the ``covidscan-ct`` preset with EfficientNet-Lite0 at 224 px (after CLAHE and the
+lung crop) for one epoch on generated CT phantoms with random weights: the cost per image is the
 architecture's, whatever the weights.
 """
 
@@ -31,14 +31,21 @@ from covidscan.models.fast import bf16_supported
 
 
 def train_run(work: Path, n: int) -> tuple[Path, Path]:
-    """The covidscan-ct architecture trained for one epoch on ``n`` phantoms; returns (run, images folder)."""
+    """covidscan-ct with EfficientNet-Lite0, one epoch on ``n`` phantoms; returns (run, images folder)."""
     from covidscan.config import load_config
     from covidscan.data.synthetic import write_phantom_dataset
     from covidscan.training import train_experiment
 
     manifest = write_phantom_dataset(work / "phantoms", n=n, modality="ct", seed=3, slices_per_patient=2)
     cfg = load_config(
-        "covidscan-ct", ["model.weights=none", "train.epochs=1", "train.views=1", "evaluation.n_bootstrap=0"]
+        "covidscan-ct",
+        [
+            "model.backbone=timm:tf_efficientnet_lite0",
+            "model.weights=none",
+            "train.epochs=1",
+            "train.views=1",
+            "evaluation.n_bootstrap=0",
+        ],
     )
     train_experiment(cfg, manifest, work / "run", progress=False)
     return work / "run", manifest.parent / "images"
