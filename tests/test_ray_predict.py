@@ -3,6 +3,7 @@ engine, resumable shards, an unreadable file as a row with its error, and the co
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 from covidscan.cli import app
 from covidscan.inference import predict
 from covidscan.inference.ray_predict import MERGED, SHARDS, predict_on_ray
+from covidscan.outputs import read_csv
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'covidscan[ray]')")
 pytestmark = pytest.mark.slow  # a local Ray starts in about 10 s
@@ -96,3 +98,18 @@ def test_the_command_refuses_what_ray_does_not_do(
 ):
     result = CliRunner().invoke(app, ["predict", str(tiny_run), str(images), "--engine", "ray", *extra])
     assert result.exit_code != 0 and message in " ".join(result.output.split())
+
+
+def test_a_file_name_that_is_not_utf8_is_predicted_and_kept(
+    local_ray, tiny_run: Path, images: Path, tmp_path: Path
+):
+    # Arrow (Ray's blocks, Parquet) carries only valid UTF-8 text; the name travels as its own bytes
+    source = next(images.glob("*.png"))
+    odd = os.fsdecode(bytes(images) + b"/\xff-slice.png")
+    shutil.copy(source, odd)
+    done = predict_on_ray(tiny_run, [odd, source], tmp_path / "out", num_workers=1, progress=False)
+    merged = read_csv(done.merged)
+    assert list(merged["path"]) == [odd, str(source)] and merged["p_covid"].notna().all()
+    assert merged["p_covid"].iloc[0] == pytest.approx(merged["p_covid"].iloc[1], abs=1e-6)  # same pixels
+    again = predict_on_ray(tiny_run, [odd, source], tmp_path / "out", num_workers=1, progress=False)
+    assert (again.predicted, again.resumed) == (0, 2)

@@ -28,12 +28,13 @@ from covidscan.errors import ConfigError
 from covidscan.inference.predict import InputItem, collect_inputs, prediction_table
 from covidscan.inference.predictor import Prediction, Predictor
 from covidscan.models import Precision
-from covidscan.outputs import check_output, run_files, write_csv
+from covidscan.outputs import ENCODING_ERRORS, check_output, run_files, write_csv
 
 log = logging.getLogger(__name__)
 
 MERGE_MAX_ROWS = 1_000_000
 """Up to this many images the shards are also joined into one CSV (beyond, read the Parquet shards)."""
+_TEXT = ("path", "label", "warnings", "error", "group_id", "known_error")
 SHARDS = "shards"
 MERGED = "predictions.csv"
 _COLUMNS = (
@@ -72,6 +73,7 @@ class _Scorer:
         self.predictor = Predictor.from_run(run_dir, precision=precision, batch_size=batch_size, workers=1)
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
+        block = _decoded(block)
         groups = [g or None for g in block["group_id"]]
         known = {i: e for i, e in enumerate(block["known_error"]) if e}
         todo = [i for i in range(len(block)) if i not in known]
@@ -83,22 +85,54 @@ class _Scorer:
         return _rows(block["index"].tolist(), preds)
 
 
+def _encoded(table: pd.DataFrame) -> pd.DataFrame:
+    """Text columns as UTF-8 bytes, a file name that is not UTF-8 as its own bytes: Ray and Parquet carry
+    text as Arrow strings, which must be valid UTF-8 (such a name would fail the whole block)."""
+    text = [c for c in _TEXT if c in table]
+    return table.assign(
+        **{
+            c: [v.encode("utf-8", ENCODING_ERRORS) if isinstance(v, str) else None for v in table[c]]
+            for c in text
+        }
+    )
+
+
+def _decoded(table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`_encoded` undone."""
+    text = [c for c in _TEXT if c in table]
+    return table.assign(
+        **{
+            c: pd.Series(
+                [
+                    bytes(v).decode("utf-8", ENCODING_ERRORS) if isinstance(v, bytes | bytearray) else None
+                    for v in table[c]
+                ],
+                index=table.index,
+                dtype=object,
+            )
+            for c in text
+        }
+    )
+
+
 def _rows(indices: Sequence[int], preds: Sequence[Prediction]) -> pd.DataFrame:
-    """Predictions as the shards' columns (missing values null, warnings joined by ``; ``)."""
-    return pd.DataFrame(
-        {
-            "index": np.asarray(indices, dtype=np.int64),
-            "path": [p.source for p in preds],
-            "p_covid": [np.nan if p.p_covid is None else p.p_covid for p in preds],
-            "label": [p.label for p in preds],
-            "uncertain": pd.array([p.uncertain for p in preds], dtype="boolean"),
-            "lungs_found": pd.array([p.lungs_found for p in preds], dtype="boolean"),
-            "ood_score": [np.nan if p.ood_score is None else p.ood_score for p in preds],
-            "warnings": ["; ".join(p.warnings) for p in preds],
-            "error": [p.error or "" for p in preds],
-            "group_id": [p.group_id for p in preds],
-        },
-        columns=list(_COLUMNS),
+    """Predictions as the shards' columns (missing values null, warnings joined by ``; ``), text encoded."""
+    return _encoded(
+        pd.DataFrame(
+            {
+                "index": np.asarray(indices, dtype=np.int64),
+                "path": [p.source for p in preds],
+                "p_covid": [np.nan if p.p_covid is None else p.p_covid for p in preds],
+                "label": [p.label for p in preds],
+                "uncertain": pd.array([p.uncertain for p in preds], dtype="boolean"),
+                "lungs_found": pd.array([p.lungs_found for p in preds], dtype="boolean"),
+                "ood_score": [np.nan if p.ood_score is None else p.ood_score for p in preds],
+                "warnings": ["; ".join(p.warnings) for p in preds],
+                "error": [p.error or "" for p in preds],
+                "group_id": [p.group_id for p in preds],
+            },
+            columns=list(_COLUMNS),
+        )
     )
 
 
@@ -114,7 +148,7 @@ def _done(shards: Path) -> pd.DataFrame:
             shard.unlink()
     if not frames:
         return pd.DataFrame(columns=list(_COLUMNS))
-    return pd.concat(frames, ignore_index=True).drop_duplicates("path", keep="last")
+    return _decoded(pd.concat(frames, ignore_index=True)).drop_duplicates("path", keep="last")
 
 
 def _start_ray(address: str | None) -> Any:
@@ -172,13 +206,16 @@ def predict_on_ray(
         context.enable_progress_bars = progress
         workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
-        table = pd.DataFrame(
-            {
-                "index": [i for i, _ in todo],
-                "path": [item.path for _, item in todo],
-                "group_id": [item.group_id or "" for _, item in todo],
-                "known_error": [item.error or "" for _, item in todo],
-            }
+        table = _encoded(
+            pd.DataFrame(
+                {
+                    "index": [i for i, _ in todo],
+                    "path": [item.path for _, item in todo],
+                    "group_id": [item.group_id or "" for _, item in todo],
+                    "known_error": [item.error or "" for _, item in todo],
+                },
+                dtype=object,
+            )
         )
         blocks = [table.iloc[i : i + batch_size] for i in range(0, len(table), batch_size)]
         with warnings.catch_warnings():
