@@ -94,10 +94,14 @@ probability per patient), average precision."""
 
 @dataclass(frozen=True)
 class GridAxis:
-    """One ``--grid key=v1,v2,...``: a setting and the values (as typed) it takes."""
+    """One ``--grid``: the settings it varies together and, per grid value, their values (as typed)."""
 
-    key: str
-    values: tuple[str, ...]
+    keys: tuple[str, ...]
+    values: tuple[tuple[str, ...], ...]
+
+    def assignments(self, value: tuple[str, ...]) -> list[str]:
+        """``key=value`` overrides of one of this axis's values."""
+        return [f"{k}={v}" for k, v in zip(self.keys, value, strict=True)]
 
 
 @dataclass
@@ -195,25 +199,39 @@ def _split_values(text: str) -> list[str]:
 
 
 def parse_grid(specs: Sequence[str]) -> list[GridAxis]:
-    """``key=v1,v2`` specs into axes; a malformed spec, a key given twice or one a grid may not vary is a
+    """``key=v1,v2`` specs into axes; ``key1,key2=[a1,a2],[b1,b2]`` varies two settings together (a
+    backbone and its weights file). A malformed spec, a key given twice or one a grid may not vary is a
     ConfigError naming it."""
     axes: list[GridAxis] = []
     for spec in specs:
-        key, sep, raw = spec.partition("=")
-        key = key.strip()
-        values = tuple(_split_values(raw)) if sep else ()
-        if not key or not values or "" in values:
+        lhs, sep, raw = spec.partition("=")
+        keys = tuple(k.strip() for k in lhs.split(","))
+        values = [_split_values(raw)] if sep else []
+        if len(keys) > 1 and values:  # linked settings: every value is a [v1,v2,...] of len(keys)
+            values = [
+                _split_values(v[1:-1]) if v.startswith("[") and v.endswith("]") else [v] for v in values[0]
+            ]
+            if any(len(v) != len(keys) for v in values):
+                raise ConfigError(
+                    f"--grid {spec}: give each value as [{','.join(keys)}] "
+                    f"({len(keys)} values in brackets), e.g. {lhs}=[a,b],[c,d]"
+                )
+        elif values:
+            values = [[v] for v in values[0]]
+        if not all(keys) or not values or any("" in v for v in values):
             raise ConfigError(f"--grid {spec!r} must look like key=value1,value2, e.g. model.dropout=0.1,0.3")
-        refused = next(
-            (why for prefix, why in REFUSED.items() if key == prefix or key.startswith(prefix + ".")), None
-        )
-        if refused:
-            raise ConfigError(f"--grid {spec}: {key} cannot be tuned: {refused}")
-        if any(a.key == key for a in axes):
-            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=a,b")
-        if len(set(values)) < len(values):
+        for key in keys:
+            refused = next(
+                (why for prefix, why in REFUSED.items() if key == prefix or key.startswith(prefix + ".")),
+                None,
+            )
+            if refused:
+                raise ConfigError(f"--grid {spec}: {key} cannot be tuned: {refused}")
+            if sum(k == key for a in axes for k in a.keys) or keys.count(key) > 1:
+                raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=a,b")
+        if len({tuple(v) for v in values}) < len(values):
             raise ConfigError(f"--grid {spec}: a value is listed twice")
-        axes.append(GridAxis(key, values))
+        axes.append(GridAxis(keys, tuple(tuple(v) for v in values)))
     return axes
 
 
@@ -222,7 +240,7 @@ def grid_settings(preset: str | Path, overrides: Sequence[str], axes: Sequence[G
     naming its ``--grid``."""
     settings = []
     for values in itertools.product(*(a.values for a in axes)):
-        assignments = tuple(f"{a.key}={v}" for a, v in zip(axes, values, strict=True))
+        assignments = tuple(x for a, v in zip(axes, values, strict=True) for x in a.assignments(v))
         cfg = load_config(preset, overrides, grid=assignments)
         try:
             check_combination(cfg.model)
@@ -663,9 +681,9 @@ def format_tune(result: TuneResult) -> Table:
     )
     keys = [a.split("=", 1)[0] for a in result.settings[0].assignments]
     for key in ["#", *keys]:
-        table.add_column(key)
+        table.add_column(key, overflow="fold")
     for name in ("ROC AUC", "patient ROC AUC", "PR AUC", "below best (paired)", "s"):
-        table.add_column(name, justify="right")
+        table.add_column(name, justify="right", overflow="fold")
     table.add_column("")
     for i, s in enumerate(result.settings):
         below = "—" if i == result.best else _ci_text(result.paired_difference(i))
