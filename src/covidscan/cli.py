@@ -575,7 +575,8 @@ def tune(
     out_console.print(tuning.format_tune(result))
     out_console.print(f"best: {result.best_setting.label}" + (f"; written to {out}" if out else ""))
     if train_best and out is not None:
-        trained = tuning.train_best(result, data, out / "best", strict=strict, progress=_progress())
+        trained = tuning.train_best(result, data, out / "best", overwrite=overwrite, strict=strict,
+                                    progress=_progress())
         out_console.print(format_metrics_table(trained.metrics))
         out_console.print(f"report: {trained.run_dir / 'report.md'}")
 # ---------------------------------------------------------------- end of settings by cross-validation block

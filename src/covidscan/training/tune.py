@@ -55,7 +55,7 @@ from covidscan.evaluation.metrics import aggregate_by_patient
 from covidscan.models import build_model
 from covidscan.models.classifier import check_combination
 from covidscan.outputs import check_folder, check_output, replaced_file, write_csv, write_text
-from covidscan.preprocess import eval_transform, prepare_manifest, train_transform
+from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest, train_transform
 from covidscan.system import cache_dir, resolve_device
 from covidscan.training.crossval import head_logits, one_thread, patient_counts, patient_folds, patient_groups
 from covidscan.training.engine import CachedFeatures, embed, fit
@@ -304,64 +304,45 @@ class Features:
 
 
 class FeatureStore:
-    """Features on disk, one ``<key>.pt`` per feature key; extracts what is missing (counted)."""
+    """Features on disk, one ``<key>.pt`` per feature key; extracts what is missing (counted in
+    ``extractions``). The images prepared last are kept in memory, so backbones that share preprocessing
+    and input size (the X-ray lung U-Net is slow) prepare them once."""
 
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = Path(folder) if folder is not None else cache_dir("features")
         self.extractions = 0
+        self._prepared: tuple[str, PreparedSet] | None = None
 
     def get(
         self, cfg: ExperimentConfig, df: pd.DataFrame, *, strict: bool, progress: bool
     ) -> tuple[Features, FeatureEntry, list[dict[str, str]]]:
         """The features of ``df``'s images under ``cfg``, loaded or extracted (and then stored)."""
-        paths = df["path"].astype(str).tolist()
-        key = feature_key(cfg, paths)
+        key = feature_key(cfg, df["path"].astype(str).tolist())
         file = self.folder / f"{key}.pt"
         describe = {k: v for k, v in feature_settings(cfg).items() if not k.startswith("data.")}
         start = time.perf_counter()
         stored = self._load(file)
-        if stored is not None:
+        extracted = stored is None
+        if stored is None:
+            stored = self._extract(cfg, df, strict=strict, progress=progress)
             feats, excluded = stored
-            return (
-                feats,
-                FeatureEntry(
-                    key,
-                    file,
-                    describe,
-                    False,
-                    time.perf_counter() - start,
-                    len(feats.paths),
-                    int(feats.clean.shape[1]),
-                ),
-                excluded,
-            )
-        feats, excluded = self._extract(cfg, df, strict=strict, progress=progress)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with replaced_file(file, "cached features to ") as side:
-            torch.save(
-                {
-                    "paths": feats.paths,
-                    "aug": feats.aug,
-                    "clean": feats.clean,
-                    "excluded": excluded,
-                    "settings": json.dumps(describe),
-                },
-                side,
-            )
-        self.extractions += 1
-        return (
-            feats,
-            FeatureEntry(
-                key,
-                file,
-                describe,
-                True,
-                time.perf_counter() - start,
-                len(feats.paths),
-                int(feats.clean.shape[1]),
-            ),
-            excluded,
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with replaced_file(file, "cached features to ") as side:
+                torch.save(
+                    {"paths": feats.paths, "aug": feats.aug, "clean": feats.clean, "excluded": excluded}, side
+                )
+            self.extractions += 1
+        feats, excluded = stored
+        entry = FeatureEntry(
+            key,
+            file,
+            describe,
+            extracted,
+            time.perf_counter() - start,
+            len(feats.paths),
+            int(feats.clean.shape[1]),
         )
+        return feats, entry, excluded
 
     @staticmethod
     def _load(file: Path) -> tuple[Features, list[dict[str, str]]] | None:
@@ -374,16 +355,24 @@ class FeatureStore:
             log.warning("cached features %s cannot be read (%s); extracting them again", file, exc)
             return None
 
-    @staticmethod
+    def _prepare(
+        self, cfg: ExperimentConfig, df: pd.DataFrame, size: tuple[int, int], *, strict: bool, progress: bool
+    ) -> PreparedSet:
+        key = json.dumps([cfg.preprocess.model_dump(mode="json"), size, df["path"].astype(str).tolist()])
+        if self._prepared is None or self._prepared[0] != key:
+            self._prepared = None  # free the last set before preparing the next
+            self._prepared = key, prepare_manifest(df, cfg.preprocess, size, progress=progress, strict=strict)
+        return self._prepared[1]
+
     def _extract(
-        cfg: ExperimentConfig, df: pd.DataFrame, *, strict: bool, progress: bool
+        self, cfg: ExperimentConfig, df: pd.DataFrame, *, strict: bool, progress: bool
     ) -> tuple[Features, list[dict[str, str]]]:
         """Prepare and embed every image as ``train`` would: ``views`` augmented copies, and one clean."""
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         device = resolve_device(cfg.train.device)
         model.to(device)
-        prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict)
+        prepared = self._prepare(cfg, df, model.input_size, strict=strict, progress=progress)
         size, mean, std = model.input_size, model.mean, model.std
         views = cfg.train.views if cfg.train.augment else 1
         bs, seed = cfg.train.batch_size, cfg.train.seed
@@ -527,53 +516,61 @@ def tune(
         check_folder(out, overwrite)
     store = FeatureStore(Path(cache) if cache is not None else None)
     fold_seed = base.train.seed if seed is None else seed
+    # One set of folds for every setting, made before any image is read; images the quality gate leaves
+    # out under some preprocessing only drop out of their fold, so the settings stay paired by fold.
+    y = df["label"].map(CLASSES.index).to_numpy(np.int64)
+    groups, has_patients = patient_groups(df)
+    folds_made = make_folds(y, groups, folds, fold_seed)
+    fold_of = np.empty(len(y), np.int64)
+    for f, fold in enumerate(folds_made):
+        fold_of[fold.test] = f
+    position = {p: i for i, p in enumerate(df["path"].astype(str))}
 
-    groups_by_key: dict[str, list[int]] = {}
-    paths = df["path"].astype(str).tolist()
+    by_key: dict[str, list[int]] = {}
     for i, s in enumerate(settings):
-        groups_by_key.setdefault(feature_key(s.config, paths), []).append(i)
-
+        by_key.setdefault(feature_key(s.config, list(position)), []).append(i)
     entries: list[FeatureEntry] = []
     oof: list[pd.DataFrame] = []
-    folds_made: list[Fold] | None = None
-    kept: pd.DataFrame | None = None
-    excluded: list[dict[str, str]] = []
-    for members in groups_by_key.values():
+    excluded: dict[str, dict[str, str]] = {}
+    for members in by_key.values():
         feats, entry, dropped = store.get(settings[members[0]].config, df, strict=strict, progress=progress)
         entries.append(entry)
-        rows = df.set_index(df["path"].astype(str)).loc[feats.paths].reset_index(drop=True)
-        if kept is None or list(rows["path"]) != list(kept["path"]):
-            # The folds depend on the kept images only (the quality gate is the same for most keys).
-            kept, excluded = rows, dropped
-            check_trainable(kept)
-            y = kept["label"].map(CLASSES.index).to_numpy(np.int64)
-            groups, has_patients = patient_groups(kept)
-            folds_made = make_folds(y, groups, folds, fold_seed)
-            fold_of = np.empty(len(y), np.int64)
-            for f, fold in enumerate(folds_made):
-                fold_of[fold.test] = f
-        assert folds_made is not None
+        excluded |= {e["path"]: e for e in dropped}
+        kept = np.array([position[p] for p in feats.paths], np.int64)
+        remap = np.full(len(df), -1)
+        remap[kept] = np.arange(len(kept))
+        kept_folds = [
+            Fold(*(remap[idx][remap[idx] >= 0] for idx in (f.fit, f.val, f.test))) for f in folds_made
+        ]
         with one_thread():
             for i in members:
-                z = cross_validate(settings[i], feats, y, groups if has_patients else None, folds_made)
+                z = cross_validate(
+                    settings[i], feats, y[kept], groups[kept] if has_patients else None, kept_folds
+                )
                 log.info("%s: ROC AUC %.3f", settings[i].label, settings[i].summary("roc_auc")["mean"] or 0)
                 oof.append(
                     pd.DataFrame(
                         {
                             "setting": i,
-                            "path": kept["path"],
-                            "patient_id": groups,
-                            "label": kept["label"],
-                            "fold": fold_of,
+                            "path": df["path"].to_numpy()[kept],
+                            "patient_id": groups[kept],
+                            "label": df["label"].to_numpy()[kept],
+                            "fold": fold_of[kept],
                             "logit": z,
                         }
                     )
                 )
-    assert kept is not None
     means = [s.summary("roc_auc")["mean"] for s in settings]
     best = int(np.argmax([-np.inf if m is None else m for m in means]))
     result = TuneResult(
-        settings, entries, best, len(folds_made or []), len(kept), len(set(groups)), has_patients, excluded
+        settings,
+        entries,
+        best,
+        len(folds_made),
+        len(df),
+        len(set(groups)),
+        has_patients,
+        list(excluded.values()),
     )
     if out is not None:
         result.out = write_tune(
