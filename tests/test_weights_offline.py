@@ -66,7 +66,7 @@ def test_the_proxy_is_what_is_probed(dead_proxy: int):
 @pytest.mark.parametrize(
     ("preset", "weights", "cache"),
     [
-        ("covidscan-ct", "timm:tf_efficientnet_lite0", "hf"),  # Hugging Face hub, which retries for 55 s
+        ("paper-b-mobilenet", "timm:mobilenetv1_100", "hf"),  # Hugging Face hub, which retries for 55 s
         ("paper-a-resnet50", "resnet50", "torch/hub/checkpoints/resnet50-11ad3fa6.pth"),  # torch.hub
     ],
 )
@@ -91,7 +91,7 @@ def test_hf_hub_offline_skips_the_probe_and_says_so(empty_caches: Path, phantom_
                                                      monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
-    result = covidscan("train", "covidscan-ct", "--data", str(phantom_manifest), "--out",
+    result = covidscan("train", "paper-b-mobilenet", "--data", str(phantom_manifest), "--out",
                        str(empty_caches / "run"))
     assert result.returncode == 2 and time.perf_counter() - start < 5
     assert "downloads are off (COVIDSCAN_OFFLINE / HF_HUB_OFFLINE is set)" in result.stderr

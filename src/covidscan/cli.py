@@ -629,6 +629,48 @@ def lungseg_preview(
 # ---------------------------------------------------------------- end of lung segmentation block
 
 
+# ---------------------------------------------------------------- settings by cross-validation (issue 17)
+@app.command("tune")
+def tune(
+    config: Annotated[str, typer.Argument(help="Preset name (see `covidscan presets`) or YAML config file.")],
+    data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree (test rows are not read).")],
+    grid: Annotated[
+        list[str] | None,
+        typer.Option("--grid", help="Values to try: key=v1,v2 (repeatable; every combination is tried)."),
+    ] = None,
+    overrides: Overrides = None,
+    folds: Annotated[int, typer.Option(help="Patient-grouped cross-validation folds.")] = 5,
+    seed: Annotated[int | None, typer.Option(help="Seed of the folds (default: train.seed).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Folder for tune.json, tune.csv, oof.csv, best.yaml.")
+    ] = None,
+    cache: Annotated[
+        Path | None, typer.Option(help="Folder of cached features (default: $COVIDSCAN_CACHE/features).")
+    ] = None,
+    train_best: Annotated[
+        bool, typer.Option(help="Then train the best setting into OUT/best (scored on test, once).")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty --out folder.")] = False,
+    strict: Strict = False,
+) -> None:
+    """Choose settings by patient-grouped cross-validation on the train and validation rows."""
+    from covidscan.evaluation import format_metrics_table
+    from covidscan.training import tune as tuning
+
+    if train_best and out is None:
+        raise ConfigError("--train-best needs --out (the chosen run is written to OUT/best)")
+    result = tuning.tune(config, data, grid or [], overrides=overrides or [], folds=folds, seed=seed, out=out,
+                         overwrite=overwrite, cache=cache, strict=strict, progress=_progress())
+    out_console.print(tuning.format_tune(result))
+    out_console.print(f"best: {result.best_setting.label}" + (f"; written to {out}" if out else ""))
+    if train_best and out is not None:
+        trained = tuning.train_best(result, data, out / "best", overwrite=overwrite, strict=strict,
+                                    progress=_progress())
+        out_console.print(format_metrics_table(trained.metrics))
+        out_console.print(f"report: {trained.run_dir / 'report.md'}")
+# ---------------------------------------------------------------- end of settings by cross-validation block
+
+
 # ---------------------------------------------------------------- review service (issue 10)
 from covidscan.service.cli import register as _register_service  # noqa: E402 - after the core commands
 

@@ -163,15 +163,19 @@ def _non_finite(values: Any, key: str = "") -> Iterator[str]:
         yield key
 
 
-def _blame(path: Path, overrides: Sequence[str], problems: list[tuple[str, str, str]]) -> str:
-    """One message for ``(key, type, message)`` problems, each blamed on its --set or else on the file."""
-    given = {o.partition("=")[0].strip(): o for o in overrides}
+def _blame(
+    path: Path, overrides: Sequence[str], problems: list[tuple[str, str, str]], grid: Sequence[str] = ()
+) -> str:
+    """One message for ``(key, type, message)`` problems, each blamed on its --set (or --grid) or else on
+    the file."""
+    given = {o.partition("=")[0].strip(): f"--set {o}" for o in overrides}
+    given |= {o.partition("=")[0].strip(): f"--grid {o}" for o in grid}
     from_file, from_set = [], []
     for key, kind, msg in problems:
         override = next((o for k, o in given.items() if k == key or key.startswith(k + ".")
                          or k.startswith(key + ".")), None)
         if kind == "extra_forbidden":  # a typo: name the key as typed, and the setting it resembles
-            typo = override.partition("=")[0].strip() if override else key
+            typo = override.split(" ", 1)[1].partition("=")[0].strip() if override else key
             close = difflib.get_close_matches(typo, setting_names(), n=1)
             text = f"{typo} is not a setting" + (f"; did you mean {close[0]}?" if close else "")
         else:
@@ -179,7 +183,7 @@ def _blame(path: Path, overrides: Sequence[str], problems: list[tuple[str, str, 
         if override is None:
             from_file.append(text)
         else:
-            from_set.append(f"--set {override}: {text}")
+            from_set.append(f"{override}: {text}")
     if from_file:
         from_set.insert(0, f"invalid config {path}: {'; '.join(from_file)}")
     return "; ".join(from_set)
@@ -203,14 +207,17 @@ def _config_path(preset_or_path: str | Path) -> Path:
     return path
 
 
-def load_config(preset_or_path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+def load_config(
+    preset_or_path: str | Path, overrides: Sequence[str] = (), *, grid: Sequence[str] = ()
+) -> ExperimentConfig:
     """Load a preset by name (``paper-a-resnet50``) or a YAML file, then apply ``key=value`` overrides.
 
     Errors name the setting, and the ``--set`` that gave it when one did (with a close match for a typo).
+    ``grid`` holds more overrides, applied last and blamed as ``--grid`` (one point of ``covidscan tune``).
     """
     path = _config_path(preset_or_path)
     data = _read_yaml(path)
-    for override in overrides:
+    for override in [*overrides, *grid]:
         _apply_override(data, override)
     try:
         cfg = ExperimentConfig.model_validate(data)
@@ -221,7 +228,7 @@ def load_config(preset_or_path: str | Path, overrides: Sequence[str] = ()) -> Ex
         problems = [(key, "finite_number", "must be a finite number, not inf or nan")
                     for key in _non_finite(cfg.model_dump(mode="python"))]
     if problems:
-        raise ConfigError(_blame(path, overrides, problems))
+        raise ConfigError(_blame(path, overrides, problems, grid))
     return cfg
 
 

@@ -149,7 +149,8 @@ class BPNN(Classifier):
         super().__init__(backbone, mlp_head(input_size[0] * input_size[1], hidden), config)
 
 
-def _check_combination(cfg: ModelConfig) -> None:
+def check_combination(cfg: ModelConfig) -> None:
+    """Refuse a head that does not fit the backbone or its hidden sizes (ConfigError)."""
     if (cfg.head == "bpnn") != (cfg.backbone == PIXELS):
         raise ConfigError(
             f"head {cfg.head!r} with backbone {cfg.backbone!r}: the bpnn head goes with backbone {PIXELS!r} "
@@ -168,7 +169,7 @@ def build_model(cfg: ModelConfig | Mapping[str, Any]) -> Classifier:
             cfg = ModelConfig.model_validate(cfg)
         except ValidationError as err:
             raise ConfigError(f"invalid model settings: {err}") from err
-    _check_combination(cfg)
+    check_combination(cfg)
     if cfg.head == "bpnn":
         if cfg.weights != "none":
             raise ConfigError(

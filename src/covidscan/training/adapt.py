@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 from scipy.special import expit, logit
-from sklearn.model_selection import StratifiedGroupKFold
 from torch import nn
 
 from covidscan import CLASSES
@@ -45,6 +43,11 @@ from covidscan.models import PIXELS, OODDetector
 from covidscan.outputs import read_csv, run_inputs, staged_folder, write_csv
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
 from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run, seen_fingerprints
+from covidscan.training.crossval import head_logits as _head_logits
+from covidscan.training.crossval import one_thread as _one_thread
+from covidscan.training.crossval import patient_counts as _patient_counts
+from covidscan.training.crossval import patient_folds as _folds
+from covidscan.training.crossval import patient_groups as _groups
 from covidscan.training.engine import CachedFeatures, embed, fit, predict_outputs
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
@@ -94,19 +97,6 @@ Fitted = tuple[np.ndarray, Calibration, nn.Module | None]
 Fitter = Callable[[np.ndarray], Fitted]
 
 
-def _patient_counts(y: np.ndarray, groups: np.ndarray) -> dict[str, int]:
-    return {name: len(set(groups[y == i])) for i, name in enumerate(CLASSES)}
-
-
-def _folds(y: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Patient-grouped stratified folds, as many as the rarer class's patients allow; [] when under 2."""
-    k = min(folds, *_patient_counts(y, groups).values())
-    if k < 2:
-        return []
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(y)), y, groups))
-
-
 def _check_patients(df: pd.DataFrame, data: Path) -> None:
     """Refuse local cases with too few patients of a class to cross-validate."""
     y = df["label"].map(CLASSES.index).to_numpy(dtype=np.int64)
@@ -126,13 +116,6 @@ def _read_local(data: Path, parent: LoadedRun) -> pd.DataFrame:
     check_trainable(df.drop(columns="split", errors="ignore"))  # any split column is not used here
     _check_patients(df, data)
     return df
-
-
-def _groups(df: pd.DataFrame) -> tuple[np.ndarray, bool]:
-    """Patient ids when every row has one, else one group per image; and whether they are patients."""
-    if "patient_id" in df and df["patient_id"].notna().all():
-        return df["patient_id"].astype(str).to_numpy(), True
-    return df["path"].to_numpy(), False
 
 
 def _prepare_local(df: pd.DataFrame, data: Path, parent: LoadedRun, strict: bool, progress: bool) -> _Local:
@@ -171,25 +154,6 @@ def _original_features(parent: LoadedRun, progress: bool) -> tuple[torch.Tensor,
     """Features and labels of the parent's own training images (its splits.csv), eval transform."""
     prepared = parent_split(parent, "train", progress)
     return _embed(parent, prepared, progress, "original features"), prepared.labels
-
-
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Run torch on one thread: a head of a few thousand weights trained on a few dozen images spends more
-    on thread hand-offs than on arithmetic (one fit: 26 s on 2 threads, 1.9 s on 1, on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@torch.inference_mode()
-def _head_logits(head: nn.Module, features: torch.Tensor) -> np.ndarray:
-    head.eval()
-    logits = head(features)
-    return (logits[:, 1] - logits[:, 0]).numpy().astype(np.float64)
 
 
 @dataclass
