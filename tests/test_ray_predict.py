@@ -91,6 +91,7 @@ def test_the_command_writes_shards_and_the_joined_csv(
     [
         (["--out", "preds.csv"], "give --out DIR"),
         (["--out", "o", "--cam", "cams"], "--cam cannot be used with --engine ray"),
+        (["--out", "o", "--num-workers", "0"], "--num-workers and --batch-size must be at least 1"),
     ],
 )
 def test_the_command_refuses_what_ray_does_not_do(

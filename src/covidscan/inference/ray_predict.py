@@ -188,6 +188,10 @@ def predict_on_ray(
     ``num_workers``: actors, each with one Predictor (default: the cluster's CPUs); ``batch_size``: images
     per block and forward pass. See the module docstring for resuming and the output.
     """
+    if (num_workers is not None and num_workers < 1) or batch_size < 1:
+        raise ConfigError(
+            f"--num-workers and --batch-size must be at least 1, got {num_workers} and {batch_size}"
+        )
     run_dir, out_dir = Path(run_dir).resolve(), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"--out {out_dir} is a file; --engine ray writes a folder of Parquet shards")
