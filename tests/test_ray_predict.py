@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow  # a local Ray starts in about 10 s
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """One local Ray with 2 CPUs for the module, as on the 2-core CI machine."""
+    """One local Ray with 2 CPUs for the module, as on the 2-core CI machine (no usage report sent)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()

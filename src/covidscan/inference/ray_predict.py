@@ -158,6 +158,8 @@ def _start_ray(address: str | None) -> Any:
     except ImportError:
         raise ConfigError("--engine ray needs Ray: pip install 'covidscan[ray]'") from None
     if not ray.is_initialized():
+        # No usage report to Ray's servers from a hospital's machine unless its administrator asks for it.
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
         local = {} if address else {"num_cpus": os.cpu_count() or 1}
         try:
             ray.init(
