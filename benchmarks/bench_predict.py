@@ -14,15 +14,20 @@ Usage::
     python benchmarks/bench_predict.py                       # ucsd-ct covid folder from ../shared
     python benchmarks/bench_predict.py --run /tmp/runs/ucsd-a-mnv2 --e2e-images 128 --iters 3
 
-Without ``--run`` a mobilenet_v2 run with random weights (``weights: none``) is built on the fly; without
-../shared, CT phantoms are written to a temporary folder. Other processes on the machine make the numbers
-noisy: check ``uptime`` first.
+Without ``--run`` a paper-B MobileNet (v1) run with random weights (``weights: none``) is built on the fly;
+without ../shared, CT phantoms are written to a temporary folder. Other processes on the machine make the
+numbers noisy: check ``uptime`` first. ``--json OUT`` also writes every figure, each with its ``ratio`` to
+the plain baseline, and the CPU's model and instruction sets (AVX2, AVX-512, VNNI, bf16, AMX).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
+import re
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -136,7 +141,7 @@ def timed(fn: Job) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, help="trained run directory (default: random mobilenet_v2)")
+    parser.add_argument("--run", type=Path, help="trained run directory (default: random paper-B MobileNet)")
     parser.add_argument("--data", type=Path, help="folder of images (default: ucsd-ct/covid or phantoms)")
     parser.add_argument("--decode-images", type=int, default=200)
     parser.add_argument("--e2e-images", type=int, default=192)
@@ -146,6 +151,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=2, help="timed repetitions (best is kept)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's own, one per core)")
+    parser.add_argument("--json", type=Path, help="also write every figure (ratios, CPU) here")
     parser.add_argument("--default-malloc", action="store_true",
                         help="keep glibc's default allocator settings (the covidscan CLI changes them)")
     args = parser.parse_args()
@@ -201,6 +207,38 @@ def main() -> None:
     for name, seconds in latencies:
         print(f"{'d':2} {name:48} {1000 * seconds:10.1f}")
     print(f"\ntotal {time.perf_counter() - begin:.0f} s, load average {os.getloadavg()[0]:.2f}")
+    if args.json:
+        figures = {
+            "throughput": [{"part": part, "what": name, "images_per_s": r, "ratio": ratio}
+                           for part, name, r, ratio in table],
+            "predictor_ms": {name: 1000 * seconds for name, seconds in latencies},
+            "cpu": cpu_description(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "load_average_end": os.getloadavg(),
+            "command": " ".join(["python", "benchmarks/bench_predict.py", *sys.argv[1:]]),
+        }
+        args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
+        print(f"wrote {args.json}")
+
+
+def cpu_description() -> dict:
+    """The CPU's model and the instruction sets that decide the engines (Linux /proc/cpuinfo)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        text = ""
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
+    flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
+    wanted = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI",
+              "avx512_bf16": "AVX-512 bf16", "amx_bf16": "AMX bf16", "amx_int8": "AMX int8"}
+    return {
+        "model": model.group(1).strip() if model else platform.processor(),
+        "cores": os.cpu_count(),
+        "features": [name for flag, name in wanted.items() if flag in flags],
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": bf16_supported(),
+    }
 
 
 if __name__ == "__main__":
