@@ -33,9 +33,8 @@ from covidscan.evaluation import evaluate_predictions
 from covidscan.models.align import ALIGN_METHODS
 from covidscan.preprocess import prepare_manifest
 from covidscan.runs import LoadedRun, load_run
-from covidscan.training.adapt import parent_split
+from covidscan.training.adapt import parent_features, parent_split
 from covidscan.training.align import head_probabilities, held_out_aligned, judge_alignment
-from covidscan.training.engine import predict_outputs
 
 
 def _features(parent: LoadedRun, df: pd.DataFrame, cache: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,7 +45,7 @@ def _features(parent: LoadedRun, df: pd.DataFrame, cache: Path) -> tuple[np.ndar
     prepared = prepare_manifest(
         df, parent.checkpoint.preprocess, parent.checkpoint.input_size, progress=False
     )
-    _, x = predict_outputs(parent.model, prepared.images)
+    x = parent_features(parent, prepared.images)
     groups = np.array(
         [g if g is not None else p for g, p in zip(prepared.patient_ids, prepared.paths, strict=True)]
     )
@@ -58,7 +57,7 @@ def _features(parent: LoadedRun, df: pd.DataFrame, cache: Path) -> tuple[np.ndar
 def _split_features(parent: LoadedRun, split: str, cache: Path) -> np.ndarray:
     if cache.is_file():
         return np.load(cache)["x"]
-    _, x = predict_outputs(parent.model, parent_split(parent, split, progress=False).images)
+    x = parent_features(parent, parent_split(parent, split, progress=False).images)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, x=x)
     return x

@@ -14,12 +14,11 @@ from covidscan.config import load_config
 from covidscan.data.synthetic import make_phantom
 from covidscan.errors import ConfigError, ManifestError, WeightsNotFoundError
 from covidscan.evaluation import validate_metrics_schema
-from covidscan.inference import evaluate_run
+from covidscan.inference import Predictor, evaluate_run
 from covidscan.io import read_image
 from covidscan.preprocess import PreprocessConfig, prepare_image
 from covidscan.runs import load_run
 from covidscan.training import train_experiment
-from covidscan.training.engine import predict_outputs
 
 TINY = [
     "model.backbone=timm:resnet18",
@@ -60,11 +59,15 @@ def test_reloaded_run_reproduces_its_predictions(tiny_run: Path, phantom_manifes
     run = load_run(tiny_run)
     cal = run.calibration
     assert run.model.training is False and 0 < cal.threshold < 1 and cal.temperature > 0
-    # fp32: training scored its test split in fp32; auto would serve bf16 where the CPU has it natively
+    # Training scored its test split through the same Predictor path as `evaluate --precision fp32` (auto
+    # would serve bf16 where the CPU has it natively): the same file, the same figures, to the last digit.
     metrics = evaluate_run(tiny_run, tiny_run / "splits.csv", tmp_path, precision="fp32", progress=False)
-    saved = pd.read_csv(tiny_run / "predictions.csv")
-    again = pd.read_csv(tmp_path / "predictions.csv")
-    np.testing.assert_allclose(again["p_covid"], saved["p_covid"], atol=1e-5)
+    assert (tmp_path / "predictions.csv").read_text() == (tiny_run / "predictions.csv").read_text()
+    trained = json.loads((tiny_run / "metrics.json").read_text())
+    for key in ("metrics", "confusion_matrix", "patient_level"):
+        assert metrics[key] == trained[key], key
+    test_ece = {k: v for k, v in trained["calibration"].items() if "_test_" in k}
+    assert test_ece and test_ece.items() <= metrics["calibration"].items()  # the val ones: training only
     assert metrics["threshold"] == pytest.approx(cal.threshold) and metrics["precision"] == "fp32"
 
 
@@ -123,7 +126,7 @@ def test_early_stopping_keeps_the_best_validation_weights(phantom_manifest: Path
     val = splits[splits["split"] == "val"]
     images = np.stack([prepare_image(read_image(p), run.config.preprocess, (64, 64)).pixels
                        for p in val["path"]])
-    z = torch.from_numpy(predict_outputs(run.model, images)[0])
+    z = torch.from_numpy(Predictor.from_run(result.run_dir, precision="fp32").logits(images))
     y = torch.tensor((val["label"] == "covid").to_numpy(), dtype=torch.float32)
     # Cross-entropy of the 2-way softmax equals the logistic loss of z = logit_covid - logit_non_covid.
     loss = torch.nn.functional.binary_cross_entropy_with_logits(z, y).item()

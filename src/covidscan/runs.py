@@ -33,9 +33,10 @@ from typing import Any, Literal
 import numpy as np
 import safetensors
 import safetensors.numpy
+import safetensors.torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from covidscan import CLASSES, __version__
 from covidscan.config import ExperimentConfig, dump_config, load_config
@@ -270,9 +271,9 @@ def save_run(
     with writing(out / "config.yaml"):
         dump_config(cfg, out / "config.yaml")
     weights = out / "model.safetensors"
+    data = weights_bytes(model)
     with writing(weights):
-        # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        weights.write_bytes(data)
     lung_sha = None
     if cfg.preprocess.mask_outside_lungs and cfg.preprocess.modality == "cxr":
         lung_sha = file_sha256(lung_model_path(cfg.preprocess.lung_model))
@@ -286,7 +287,34 @@ def save_run(
             ood_file = detector.save(out / OOD_FILE)
         ood_info = OODInfo(sha256=file_sha256(ood_file), threshold=detector.threshold_,
                            quantile=detector.quantile_, n_train=n_train, n_val=n_val)
-    checkpoint = Checkpoint(
+    checkpoint = draft_checkpoint(
+        cfg, model, calibration, weights_sha256=hashlib.sha256(data).hexdigest(), bf16=bf16, parent=parent,
+        ood=ood_info, lung_model_sha256=lung_sha, fingerprints=fingerprint_info, shift_reference=shift_info,
+    )
+    return write_checkpoint(out, checkpoint)
+
+
+def weights_bytes(model: Classifier) -> bytes:
+    """The model's weights exactly as ``model.safetensors`` holds them (their SHA-256 is the checkpoint's)."""
+    # contiguous() because safetensors refuses views (e.g. channels_last or sliced tensors).
+    return safetensors.torch.save({k: v.contiguous() for k, v in model.state_dict().items()})
+
+
+def draft_checkpoint(
+    cfg: ExperimentConfig,
+    model: Classifier,
+    calibration: Calibration | None = None,
+    *,
+    weights_sha256: str | None = None,
+    **fields: Any,
+) -> Checkpoint:
+    """The checkpoint of a model in memory, as :func:`save_run` writes it (unsealed): what serving the model
+    before it is saved needs (training's test scoring through ``Predictor.from_model``).
+
+    ``calibration`` defaults to the identity (raw logits are all a draft is used for until calibration is
+    fitted); ``weights_sha256`` to the hash of the weights in memory; ``fields`` are further checkpoint keys.
+    """
+    return Checkpoint(
         covidscan_version=__version__,
         name=cfg.name,
         preprocess=cfg.preprocess,
@@ -294,17 +322,11 @@ def save_run(
         input_size=model.input_size,
         mean=model.mean,
         std=model.std,
-        weights_sha256=file_sha256(weights),
-        calibration=calibration,
-        bf16=bf16,
-        parent=parent,
-        ood=ood_info,
-        lung_model_sha256=lung_sha,
-        fingerprints=fingerprint_info,
-        shift_reference=shift_info,
+        weights_sha256=weights_sha256 or hashlib.sha256(weights_bytes(model)).hexdigest(),
+        calibration=calibration or Calibration(),
         ensemble=cfg.ensemble,
+        **fields,
     )
-    return write_checkpoint(out, checkpoint)
 
 
 def checkpoint_seal(meta: dict[str, Any]) -> str:

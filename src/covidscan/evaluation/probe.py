@@ -33,7 +33,7 @@ from covidscan import CLASSES
 from covidscan.errors import ConfigError, ImageRefusedError, InputError, ManifestError
 from covidscan.evaluation._checks import group_codes
 from covidscan.evaluation.metrics import bootstrap_ci
-from covidscan.io import assess, read_image
+from covidscan.io import gate, read_image
 from covidscan.models import Backbone, build_backbone
 from covidscan.preprocess import MODALITIES, apply_clahe, find_lungs, to_model_batch
 from covidscan.preprocess.clahe import as_gray_float
@@ -167,7 +167,7 @@ def _views(path: str, modality: str, method: MaskMethod, size: tuple[int, int]) 
     """(3, H, W): the image with its lungs blacked out, the lungs alone, the mask; a dict says why not."""
     try:
         loaded = read_image(path)
-        assess(loaded, modality).raise_if_refused()
+        gate(loaded, modality)
     except InputError as exc:
         status = "refused" if isinstance(exc, ImageRefusedError) else "unreadable"
         return {"path": path, "status": status, "reason": str(exc)}

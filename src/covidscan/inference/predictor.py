@@ -24,7 +24,7 @@ import torch
 from covidscan.errors import ConfigError, ImageRefusedError, InputError
 from covidscan.evaluation import Calibration
 from covidscan.evaluation.shift import shift_features
-from covidscan.io import LoadedImage, QualityLimits, assess, read_image
+from covidscan.io import LoadedImage, QualityLimits, gate, read_image
 from covidscan.io.quality import MODEL_MODALITIES
 from covidscan.models import Classifier, FastClassifier, OODDetector, Precision, use_bf16
 from covidscan.models.ood import REFUSAL_FACTOR
@@ -112,15 +112,16 @@ def ordered_map(fn: Callable[[_T], _R], items: Iterable[_T], *, workers: int, ah
 class Predictor:
     """A trained run, loaded once (weights, BatchNorm folding, engine and precision), ready to serve.
 
-    Build it with :meth:`from_run`. The three stages are usable alone: :meth:`prepare` (decoded image ->
-    model-ready :class:`PreparedImage` with warnings), :meth:`score` (prepared images -> predictions, in
-    batches) and :meth:`aggregate` (predictions -> one per patient or series); :meth:`predict` runs all
+    Build it with :meth:`from_run` (a run directory) or :meth:`from_model` (a model in memory). The three
+    stages are usable alone: :meth:`prepare` (decoded image -> model-ready :class:`PreparedImage` with
+    warnings), :meth:`score` (prepared images -> predictions, in batches) and :meth:`aggregate`
+    (predictions -> one per patient or series); :meth:`predict` runs all
     three over files, folders' files, bytes or uploads with decoding in a thread pool.
     """
 
     def __init__(
         self,
-        run_dir: Path,
+        run_dir: Path | None,
         checkpoint: Checkpoint,
         model: Classifier,
         forward: Forward,
@@ -164,19 +165,10 @@ class Predictor:
         batch_size: int = 32,
         workers: int = 2,
     ) -> Predictor:
-        """Load a run directory once.
+        """Load a run directory once and serve it (see :meth:`from_model` for the engines and precisions).
 
-        ``engine``: ``torch`` (BatchNorm folded, channels_last, bf16 when the CPU runs it natively and the
-        run's training-time check allowed it; ``fast=False`` is the plain fp32 model), ``onnx``
-        (onnxruntime on ``onnx_path``, else the run's ``model.onnx``, else an export cached outside the
-        run), or ``auto`` (onnx when the run holds a ``model.onnx`` or ``onnx_path`` is given, else torch).
-        ``device`` is ``cpu``, ``cuda`` or ``auto`` (torch engine only). ``band`` replaces the run's
-        uncertain-zone width. ``precision``: ``auto`` (bf16 where the CPU has it natively and the run's check
-        allows it), ``fp32`` (the same numbers on every CPU) or ``bf16`` (where the run's check allows it;
-        emulated on CPUs without native bf16) -- see :func:`covidscan.models.use_bf16`.
+        ``band`` replaces the run's uncertain-zone width.
         """
-        if engine not in ("auto", "torch", "onnx"):
-            raise ConfigError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
         run = load_run(run_dir)
         checkpoint = run.checkpoint
         checkpoint.check_lung_model()
@@ -186,9 +178,46 @@ class Predictor:
                                   f"be in [0, 1), got {band}")
             calibration = checkpoint.calibration.model_copy(update={"band": band})
             checkpoint = checkpoint.model_copy(update={"calibration": calibration})
-        target = resolve_device(device)
+        return cls.from_model(run.model, checkpoint, run_dir=run.path, ood=load_ood(run.path, checkpoint),
+                              engine=engine, device=device, onnx_path=onnx_path, fast=fast,
+                              precision=precision, batch_size=batch_size, workers=workers)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Classifier,
+        checkpoint: Checkpoint,
+        *,
+        run_dir: Path | None = None,
+        ood: OODDetector | None = None,
+        engine: Engine = "auto",
+        device: str | torch.device = "cpu",
+        onnx_path: str | Path | None = None,
+        fast: bool = True,
+        precision: Precision = "auto",
+        batch_size: int = 32,
+        workers: int = 2,
+    ) -> Predictor:
+        """Serve a model in memory exactly as a saved run is served: the same engines, precisions and gate.
+
+        Training scores its validation and test splits this way before the run is written (``checkpoint``
+        from :func:`covidscan.runs.draft_checkpoint`); :meth:`from_run` loads a run and calls this.
+        ``run_dir`` is the run the model was loaded from (None for a model in memory), ``ood`` its detector.
+        ``engine``: ``torch`` (BatchNorm folded, channels_last, bf16 when the CPU runs it natively and the
+        run's training-time check allowed it; ``fast=False`` is the plain fp32 model), ``onnx``
+        (onnxruntime on ``onnx_path``, else the run's ``model.onnx``, else an export cached outside the
+        run), or ``auto`` (onnx when the run holds a ``model.onnx`` or ``onnx_path`` is given, else torch).
+        ``device`` is ``cpu``, ``cuda`` or ``auto`` (torch engine only). ``precision``: ``auto`` (bf16
+        where the CPU has it natively and the run's check allows it), ``fp32`` (the same numbers on every
+        CPU) or ``bf16`` (where the run's check allows it; emulated on CPUs without native bf16) -- see
+        :func:`covidscan.models.use_bf16`.
+        """
+        if engine not in ("auto", "torch", "onnx"):
+            raise ConfigError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
+        target = device if isinstance(device, torch.device) else resolve_device(device)
         if engine == "auto":
-            engine = "onnx" if onnx_path is not None or (run.path / "model.onnx").is_file() else "torch"
+            has_onnx = run_dir is not None and (run_dir / "model.onnx").is_file()
+            engine = "onnx" if onnx_path is not None or has_onnx else "torch"
         if engine == "onnx" and target.type != "cpu":
             raise ConfigError("the onnx engine runs on the CPU only; use engine='torch' for CUDA")
         if engine == "torch" and onnx_path is not None:
@@ -198,12 +227,11 @@ class Predictor:
             raise ConfigError("precision bf16 needs the torch engine (fast); use precision auto or fp32")
         bf16 = use_bf16(precision, checkpoint.bf16, target) and not plain
         if engine == "onnx":
-            forward = _onnx_forward(run.path, run.checkpoint, onnx_path)
+            forward = _onnx_forward(run_dir, checkpoint, onnx_path)
         else:
-            forward = _torch_forward(run.model, target, fast, bf16)
-        return cls(run.path, checkpoint, run.model, forward, engine=engine,
-                   precision="bf16" if bf16 else "fp32", device=target, batch_size=batch_size,
-                   workers=workers, ood=load_ood(run.path, checkpoint))
+            forward = _torch_forward(model, target, fast, bf16)
+        return cls(run_dir, checkpoint, model, forward, engine=engine, precision="bf16" if bf16 else "fp32",
+                   device=target, batch_size=batch_size, workers=workers, ood=ood)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -218,7 +246,9 @@ class Predictor:
 
     @property
     def metrics(self) -> dict[str, Any] | None:
-        """The run's test metrics (``metrics.json``), or None when the run has none."""
+        """The run's test metrics (``metrics.json``), or None when the run has none (or is in memory)."""
+        if self.run_dir is None:
+            return None
         path = self.run_dir / "metrics.json"
         try:
             return json.loads(path.read_text(encoding="utf-8"))
@@ -236,11 +266,10 @@ class Predictor:
     def prepare(self, image: LoadedImage, *, keep_original: bool = False) -> PreparedImage:
         """Preprocess a decoded image as the run was trained, with the quality gate's warnings attached.
 
-        Raises ImageRefusedError when the gate (:func:`covidscan.io.assess`) refuses the image for this
+        Raises ImageRefusedError when the gate (:func:`covidscan.io.gate`) refuses the image for this
         run's modality: such an image gets no probability and no label.
         """
-        report = assess(image, self.modality, self.limits)
-        report.raise_if_refused()
+        report = gate(image, self.modality, self.limits)
         prepared = prepare_image(image, self.checkpoint.preprocess, self.checkpoint.input_size,
                                  keep_original=keep_original)
         found = [*report.warnings, *prepared.warnings]
@@ -469,12 +498,14 @@ def _torch_forward(model: Classifier, device: torch.device, fast: bool, bf16: bo
     return forward
 
 
-def _onnx_forward(run_dir: Path, checkpoint: Checkpoint, onnx_path: str | Path | None) -> Forward:
+def _onnx_forward(run_dir: Path | None, checkpoint: Checkpoint, onnx_path: str | Path | None) -> Forward:
     """The onnxruntime engine over the given file, the run's model.onnx, or a cached export."""
     from covidscan.export import OnnxModel, export_onnx  # onnxruntime loads only when asked for
 
     if onnx_path is not None:
         path = Path(onnx_path)
+    elif run_dir is None:
+        raise ConfigError("a model in memory has no ONNX file: give its onnx_path, or use the torch engine")
     elif (run_dir / "model.onnx").is_file():
         path = run_dir / "model.onnx"
     else:

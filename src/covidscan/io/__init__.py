@@ -16,7 +16,7 @@ from .images import (
     scan_images,
     write_png,
 )
-from .quality import MAX_PIXELS_ENV, QualityLimits, QualityReport, assess, check_pixel_count
+from .quality import MAX_PIXELS_ENV, QualityLimits, QualityReport, assess, check_pixel_count, gate
 from .stats import STAT_NAMES, image_stats
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "assess",
     "check_header",
     "check_pixel_count",
+    "gate",
     "image_stats",
     "is_dicom_path",
     "is_image_path",

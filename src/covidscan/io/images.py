@@ -18,7 +18,7 @@ from covidscan.errors import ConfigError, ImageReadError, ImageRefusedError, Inp
 from .base import LUNG_WINDOW, ImageHeader, ImageMeta, LoadedImage, rgb_to_gray, scale_to_unit
 from .content import colour_fraction
 from .dicom import DICOM_SUFFIXES, has_dicom_magic, is_dicom_path, read_dicom, read_dicom_header
-from .quality import QualityLimits, QualityReport, assess, check_pixel_count
+from .quality import QualityLimits, QualityReport, check_pixel_count, gate
 
 IMAGE_SUFFIXES: frozenset[str] = (
     frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}) | DICOM_SUFFIXES
@@ -252,7 +252,7 @@ def read_image(
     window. Raises ``ImageReadError`` (naming the file, the reason and what to do) for anything that cannot
     be read, and ``ImageRefusedError`` (code ``too_large``) when the header declares more than
     ``limits.max_pixels`` pixels (default ``QualityLimits()``: ``$COVIDSCAN_MAX_PIXELS`` or 50 megapixels),
-    before decoding anything. The rest of the quality gate is ``covidscan.io.assess``.
+    before decoding anything. The rest of the quality gate is ``covidscan.io.gate``.
     """
     label, opened = _open_source(source, name)
     if _is_dicom(label, opened):
@@ -268,16 +268,14 @@ def read_checked(
     window: tuple[float, float] | None = None,
     limits: QualityLimits | None = None,
 ) -> tuple[LoadedImage, QualityReport]:
-    """``read_image`` then the quality gate (``assess`` for ``modality``): the image and its warnings.
+    """``read_image`` then the quality gate (:func:`gate` for ``modality``): the image and its warnings.
 
     Raises ``ImageReadError`` when the file cannot be read and ``ImageRefusedError`` (``.codes``, and every
     reason in the message) when the gate refuses it, from its header or its pixels: such an image must get
     no label and no probability.
     """
     loaded = read_image(source, name=name, window=window, limits=limits)
-    report = assess(loaded, modality, limits)
-    report.raise_if_refused()
-    return loaded, report
+    return loaded, gate(loaded, modality, limits)
 
 
 def check_header(

@@ -227,3 +227,14 @@ def assess(
             warnings.append(f"inverted: lung zones brighter than the mediastinum ({lungs:.2f} vs "
                             f"{middle:.2f}), lungs and air should be dark (inverted gray scale?)")
     return QualityReport(meta.path, tuple(refusals), tuple(warnings))
+
+
+def gate(
+    loaded: LoadedImage, modality: str | None = None, limits: QualityLimits | None = None
+) -> QualityReport:
+    """The quality gate every image passes before it is trained on or scored: :func:`assess`, then
+    ``ImageRefusedError`` (naming the file and every refusal) when anything is refused; returns the report
+    with its warnings otherwise."""
+    report = assess(loaded, modality, limits)
+    report.raise_if_refused()
+    return report

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from covidscan import CLASSES
 from covidscan.data.fingerprints import perceptual_hash
 from covidscan.errors import ImageRefusedError, InputError, ManifestError
-from covidscan.io import ImageMeta, LoadedImage, assess, image_stats, pixel_hash, read_image
+from covidscan.io import ImageMeta, LoadedImage, gate, image_stats, pixel_hash, read_image
 from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
 
 
@@ -149,14 +149,14 @@ def prepare_paths(
 ) -> tuple[list[PreparedImage | None], list[InputError]]:
     """Read, check and prepare many files in threads (OpenCV and the decoders release the GIL).
 
-    Every image passes the quality gate (:func:`covidscan.io.assess` for ``cfg.modality``) first. Returns
+    Every image passes the quality gate (:func:`covidscan.io.gate` for ``cfg.modality``) first. Returns
     one entry per path (None where it failed) and the errors of the files that were unreadable or refused.
     """
 
     def work(path: str) -> PreparedImage | InputError:
         try:
             loaded = read_image(path)
-            assess(loaded, cfg.modality).raise_if_refused()
+            gate(loaded, cfg.modality)
             return prepare_image(loaded, cfg, size, fingerprint=fingerprint)
         except InputError as exc:
             return exc

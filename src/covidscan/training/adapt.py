@@ -39,6 +39,7 @@ from covidscan.evaluation import (
     write_model_card,
 )
 from covidscan.evaluation.shift import shift_features
+from covidscan.inference import Predictor
 from covidscan.models import PIXELS, OODDetector
 from covidscan.outputs import read_csv, run_inputs, staged_folder, write_csv
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
@@ -48,7 +49,7 @@ from covidscan.training.crossval import one_thread as _one_thread
 from covidscan.training.crossval import patient_counts as _patient_counts
 from covidscan.training.crossval import patient_folds as _folds
 from covidscan.training.crossval import patient_groups as _groups
-from covidscan.training.engine import CachedFeatures, embed, fit, predict_outputs
+from covidscan.training.engine import CachedFeatures, embed, fit
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Mode = Literal["auto", "recalibrate", "head"]
@@ -136,6 +137,16 @@ def _embed(parent: LoadedRun, prepared: PreparedSet, progress: bool, desc: str) 
     transform = eval_transform(model.input_size, mean=model.mean, std=model.std)
     return embed(model, prepared.images, transform, batch_size=parent.config.train.batch_size,
                  progress=progress, desc=desc)[:, 0]
+
+
+def parent_features(parent: LoadedRun, images: np.ndarray) -> np.ndarray:
+    """Pooled backbone features of prepared images, scored by the parent as ``covidscan predict`` serves it
+    (fp32: the same numbers on every CPU)."""
+    scorer = Predictor.from_model(parent.model, parent.checkpoint, run_dir=parent.path, engine="torch",
+                                  precision="fp32", batch_size=parent.config.train.batch_size)
+    features = scorer.logits_and_features(images)[1]
+    assert features is not None  # the torch engine always gives features
+    return features
 
 
 def parent_split(parent: LoadedRun, split: str, progress: bool) -> PreparedSet:
@@ -412,7 +423,7 @@ def adapt_run(
     report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared},
                                          "excluded": len(local.prepared.excluded)}
     # The backbone is the parent's, so one pass gives the local cases' features for both files below.
-    _, local_feats = predict_outputs(parent.model, local.prepared.images, batch_size=cfg.train.batch_size)
+    local_feats = parent_features(parent, local.prepared.images)
     assert local.prepared.stats is not None
     # The adapted run's figures are measured on the local cases: they are what "validated here" means.
     reference = shift_features(local_feats, local.prepared.stats), "adapted: the local cases"

@@ -57,8 +57,7 @@ from covidscan.runs import (
     save_run,
     seen_fingerprints,
 )
-from covidscan.training.adapt import _head_logits, parent_split
-from covidscan.training.engine import predict_outputs
+from covidscan.training.adapt import _head_logits, parent_features, parent_split
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Choice = Literal["auto", "standardize", "coral"]
@@ -326,12 +325,10 @@ def align_run(
         )
     site = _read_site(data, parent, strict, progress)
     prepare_run_dir(out, overwrite, [*run_inputs(parent.path), data, *site.prepared.paths])
-    model, batch = parent.model, parent.config.train.batch_size
-    _, site_feats = predict_outputs(model, site.prepared.images, batch_size=batch)
+    site_feats = parent_features(parent, site.prepared.images)
     train = parent_split(parent, "train", progress)
     val = parent_split(parent, "val", progress)
-    _, source = predict_outputs(model, train.images, batch_size=batch)
-    _, reference = predict_outputs(model, val.images, batch_size=batch)
+    source, reference = parent_features(parent, train.images), parent_features(parent, val.images)
     calibration = parent.calibration
 
     def positive(x: np.ndarray) -> np.ndarray:
@@ -356,7 +353,7 @@ def align_run(
         return AlignResult(judgements, None, None)
 
     alignment = FeatureAlignment(kept).fit(site_feats, source)  # type: ignore[arg-type]
-    aligned = copy.deepcopy(model)
+    aligned = copy.deepcopy(parent.model)
     alignment.fold_into(_first_linear(aligned.head_tail))
     cfg: ExperimentConfig = parent.config.model_copy(update={"name": f"{parent.config.name}-aligned"})
     chosen = next(j for j in judgements if j.method == kept)
@@ -388,7 +385,7 @@ def align_run(
             aligned,
             calibration,
             parent=lineage,
-            bf16=measure_bf16(aligned, site.prepared, calibration, batch),
+            bf16=measure_bf16(aligned, site.prepared, calibration, parent.config.train.batch_size),
             ood=None if ood is None or ood_info is None else (ood, ood_info.n_train, ood_info.n_val),
             fingerprints=seen_fingerprints(parent.path, parent.checkpoint),
             shift_reference=shift_reference,

@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from covidscan.config import TrainConfig
-from covidscan.models import Classifier
-from covidscan.preprocess import seeded, to_model_batch
+from covidscan.preprocess import seeded
 
 
 def view_seed(seed: int, index: int, view: int) -> int:
@@ -108,25 +107,6 @@ def embed(
                 chunks[-1].append(model.embed(x.to(device)).cpu())
                 bar.update(len(x))
     return torch.stack([torch.cat(view) for view in chunks], dim=1)
-
-
-@torch.inference_mode()
-def predict_outputs(
-    model: Classifier, images: np.ndarray, *, batch_size: int = 32, device: torch.device | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Binary logits ``z = logit_covid - logit_non_covid`` (N,) and pooled backbone features (N, C) of
-    prepared float images (no augmentation), from one backbone pass."""
-    model.eval()
-    device = device or torch.device("cpu")
-    zs, feats = [], []
-    for start in range(0, len(images), batch_size):
-        batch = to_model_batch(images[start : start + batch_size], model.mean, model.std).contiguous()
-        logits, pooled = model.forward_pooled(batch.to(device))
-        zs.append((logits[:, 1] - logits[:, 0]).float().cpu())
-        feats.append(pooled.float().cpu())
-    if not zs:
-        return np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
-    return torch.cat(zs).numpy(), torch.cat(feats).numpy()
 
 
 @dataclass

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import torch
 
-from covidscan.models import PIXELS, Classifier, OODDetector
+from covidscan.inference import Predictor
+from covidscan.models import PIXELS, OODDetector
 from covidscan.preprocess import PreparedSet
-from covidscan.training.engine import predict_outputs
 
 log = logging.getLogger(__name__)
 
@@ -20,24 +19,23 @@ MAX_TRAIN_IMAGES = 5000
 
 
 def fit_ood(
-    model: Classifier,
+    scorer: Predictor,
     train: PreparedSet,
     val: PreparedSet,
     val_features: np.ndarray,
     *,
-    batch_size: int = 32,
-    device: torch.device | None = None,
     seed: int = 0,
     quantile: float = 0.95,
 ) -> tuple[OODDetector, int, int] | None:
     """k-NN on pooled features + image-statistics envelope, scaled and thresholded on ``val``.
 
-    ``val_features`` are the validation images' pooled features (:func:`predict_outputs`, computed once
-    with their logits). Returns the detector with the numbers of training and validation images used, or
-    None (with a warning) when validation is too small to fit a threshold on, or for the BPNN baseline,
-    whose "backbone" is the pixels themselves (their global mean is a constant: no feature space).
+    ``scorer`` serves the fitted model (:meth:`Predictor.from_model`); ``val_features`` are the validation
+    images' pooled features, computed once with their logits. Returns the detector with the numbers of
+    training and validation images used, or None (with a warning) when validation is too small to fit a
+    threshold on, or for the BPNN baseline, whose "backbone" is the pixels themselves (their global mean is
+    a constant: no feature space).
     """
-    if model.backbone.name == PIXELS:
+    if scorer.model.backbone.name == PIXELS:
         log.warning("no out-of-distribution detector: the BPNN baseline has no backbone features")
         return None
     if len(val) < MIN_VAL_IMAGES or len(train) < 10:
@@ -48,7 +46,8 @@ def fit_ood(
     keep = np.arange(len(train))
     if len(train) > MAX_TRAIN_IMAGES:
         keep = np.sort(np.random.default_rng(seed).choice(len(train), MAX_TRAIN_IMAGES, replace=False))
-    _, train_features = predict_outputs(model, train.images[keep], batch_size=batch_size, device=device)
+    _, train_features = scorer.logits_and_features(train.images[keep])
+    assert train_features is not None  # the torch engine always gives features
     detector = OODDetector().fit(train_features, train.labels[keep], train.stats[keep], val_features,
                                  val.stats, quantile=quantile)
     return detector, len(keep), len(val)

@@ -27,6 +27,7 @@ from covidscan.evaluation import (
 )
 from covidscan.evaluation.metrics import point_metrics
 from covidscan.evaluation.shift import shift_features
+from covidscan.inference import Predictor
 from covidscan.models import (
     PIXELS,
     Bf16Verdict,
@@ -45,9 +46,9 @@ from covidscan.preprocess import (
     train_transform,
 )
 from covidscan.preprocess.lungseg import lung_model_path
-from covidscan.runs import save_run
+from covidscan.runs import draft_checkpoint, save_run
 from covidscan.system import resolve_device
-from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit, predict_outputs
+from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit
 from covidscan.training.ood import fit_ood, ood_share
 
 log = logging.getLogger(__name__)
@@ -199,11 +200,14 @@ def finish_run(
     has_val = len(val_set) > 0
     bs, seed = cfg.train.batch_size, cfg.train.seed
     ev = cfg.evaluation
-    z_test, f_test = predict_outputs(model, test_set.images, batch_size=bs, device=device)
+    # Scored exactly as `covidscan evaluate --precision fp32` will score the saved run: the same numbers.
+    scorer = Predictor.from_model(model.eval(), draft_checkpoint(cfg, model), engine="torch", device=device,
+                                  precision="fp32", batch_size=bs)
+    z_test, f_test = scorer.logits_and_features(test_set.images)
     groups_test = test_set.groups
     z_val = f_val = None
     if has_val:
-        z_val, f_val = predict_outputs(model, val_set.images, batch_size=bs, device=device)
+        z_val, f_val = scorer.logits_and_features(val_set.images)
         groups_val = val_set.groups
         calibration = Calibration.fit(
             z_val, val_set.labels, groups=groups_val if groups_test is not None else None,
@@ -228,7 +232,7 @@ def finish_run(
                                               threshold=calibration.threshold)
     ood = None
     if f_val is not None:
-        ood = fit_ood(model, train_set, val_set, f_val, batch_size=bs, device=device, seed=seed)
+        ood = fit_ood(scorer, train_set, val_set, f_val, seed=seed)
     if ood is not None:
         metrics["ood_share"] = ood_share(ood[0], f_test, test_set)
     model.cpu()
