@@ -11,13 +11,14 @@ import pytest
 from typer.testing import CliRunner
 
 from covidscan.cli import app
+from covidscan.config import load_config
 from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.errors import StorageError
 from covidscan.inference import Predictor
 from covidscan.inference.evaluate import evaluate_many
 from covidscan.inference.predictor import OOD_WARNING
 from covidscan.io import STAT_NAMES, read_image
-from covidscan.runs import load_checkpoint
+from covidscan.runs import draft_checkpoint, load_checkpoint
 from dicom_files import write_dicom
 
 
@@ -147,5 +148,7 @@ def test_the_bpnn_baseline_gets_no_detector_for_want_of_features():
                            patient_ids=[None] * n, paths=[f"{i}.png" for i in range(n)],
                            lungs_found=[True] * n, stats=rng.random((n, len(STAT_NAMES)), dtype=np.float32))
 
-    model = build_model({"backbone": "pixels", "weights": "none", "head": "bpnn"})
-    assert fit_ood(model, images(40), images(30), np.zeros((30, 1), np.float32)) is None
+    cfg = load_config("paper-a-bpnn")
+    model = build_model(cfg.model)
+    scorer = Predictor.from_model(model, draft_checkpoint(cfg, model))
+    assert fit_ood(scorer, images(40), images(30), np.zeros((30, 1), np.float32)) is None
