@@ -11,6 +11,7 @@ A run directory holds::
     ood.safetensors      the out-of-distribution detector (training features and image statistics)
     fingerprints.csv     pixel and perceptual hashes of every training and validation image
     shift_reference.safetensors  the shift features of the validation images (the shift test's reference)
+    model.int8.onnx      the int8 model (``covidscan export RUN --int8``), only where its check allowed it
     members/NAME/        an ensemble's (``covidscan ensemble``): each member's config.yaml, checkpoint.json
     figures/*.png, report.md
 
@@ -63,6 +64,7 @@ REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
 OOD_FILE = "ood.safetensors"
 FINGERPRINTS_FILE = "fingerprints.csv"
 SHIFT_FILE = "shift_reference.safetensors"
+INT8_FILE = "model.int8.onnx"
 _SHIFT_FORMAT = "covidscan-shift/1"
 SHA256 = r"^[0-9a-f]{64}$"
 
@@ -130,6 +132,16 @@ class ShiftReferenceInfo(BaseModel):
     source: str
 
 
+class Int8Verdict(Bf16Verdict):
+    """Whether the run's int8 model (:data:`INT8_FILE`) may serve: the bf16 check's figures (int8 vs fp32
+    labels on the run's test split), plus the change of the test ROC AUC, the file's SHA-256 (a file other
+    than the one checked is refused) and the onnxruntime that quantised and measured it."""
+
+    auc_delta: float | None = None
+    sha256: str | None = Field(None, pattern=SHA256)
+    onnxruntime: str = ""
+
+
 class Checkpoint(BaseModel):
     """The typed ``checkpoint.json``: model identity, preprocessing, normalisation and calibration.
 
@@ -150,6 +162,8 @@ class Checkpoint(BaseModel):
     weights_sha256: str = Field(pattern=SHA256)
     calibration: Calibration
     bf16: Bf16Verdict | None = None
+    int8: Int8Verdict | None = None
+    """Set by ``covidscan export RUN --int8``; None where int8 was never checked."""
     parent: ParentRun | None = None
     """Set on runs written by ``covidscan adapt``; absent (None) on trained runs."""
     ood: OODInfo | None = None
