@@ -84,7 +84,7 @@ def export_int8(
         int8 = tmp / INT8_FILE
         step = max(1, len(val) // CALIBRATION_IMAGES)  # an even spread over the split when it is large
         calibration = _batches(run, val.images[::step][:CALIBRATION_IMAGES])
-        _quantize(fp32, int8, calibration)
+        quantize_onnx(fp32, int8, calibration)
         verdict = _verdict(run, fp32, int8, test, max_label_change, max_auc_delta)
         target = run.path / INT8_FILE
         if verdict.allowed:
@@ -123,8 +123,11 @@ def _batches(run: LoadedRun, images: np.ndarray) -> list[np.ndarray]:
             .contiguous().numpy() for i in range(0, len(images), _BATCH)]
 
 
-def _quantize(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
-    """Static QDQ quantisation: per-channel int8 weights, uint8 activations with min-max ranges."""
+def quantize_onnx(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
+    """Static QDQ quantisation of an exported model: per-channel int8 weights, uint8 activations with
+    min-max ranges over the ``calibration`` batches (normalised ``image`` inputs), metadata kept.
+
+    No check: :func:`export_int8` is what decides whether a run may serve the result."""
     prepared = out.with_name("prepared.onnx")
     try:
         # onnxruntime's pre-processing (shape inference, graph optimisation) lets it quantise every conv.
