@@ -16,7 +16,7 @@ from covidscan.errors import ConfigError
 from covidscan.export import export_int8
 from covidscan.inference import Predictor
 from covidscan.io import list_images
-from covidscan.runs import INT8_FILE, file_sha256, load_run
+from covidscan.runs import INT8_FILE, file_sha256, load_run, write_checkpoint
 from covidscan.system import cache_dir
 
 
@@ -77,8 +77,15 @@ def test_a_changed_int8_file_is_refused(int8_run, tmp_path):
     with pytest.raises(ConfigError, match="is missing"):
         Predictor.from_run(run, engine="int8")
     assert Predictor.from_run(run).engine == "torch"  # auto leaves a missing int8 model out
+    checkpoint = load_run(run).checkpoint
+    assert checkpoint.int8 is not None
+    refused = checkpoint.int8.model_copy(update={"allowed": False})
+    write_checkpoint(run, checkpoint.model_copy(update={"int8": refused}))
+    with pytest.raises(ConfigError, match="its int8 check refused it"):
+        Predictor.from_run(run, engine="int8")
 
 
+@pytest.mark.slow  # a second quantisation and check (about 10 s)
 def test_export_int8_refused_says_why_exits_non_zero_and_removes_the_old_file(
     int8_run, tmp_path, monkeypatch, tiny_run
 ):
