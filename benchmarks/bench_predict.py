@@ -2,10 +2,13 @@
 
     (a) decode + CLAHE + lung crop (prepare_paths, threads)              images/s
     (b) backbone forward, batch 1 and N: eager fp32 (no_grad, NCHW) vs BatchNorm folded + channels_last +
-        inference_mode, in fp32 and (where the CPU has native bf16) bf16
-    (c) end to end: covidscan.inference.predict on a folder (torch engine and onnxruntime) vs a
-        sequential eager fp32 loop (read -> preprocess -> eval_transform -> one image at a time through
-        the model)
+        inference_mode, in fp32 and (where the CPU has native bf16) bf16, and onnxruntime in fp32 and in
+        int8 (static QDQ, calibrated on random batches: random weights, so speed only)
+    (c) end to end: covidscan.inference.predict on a folder (torch engine, onnxruntime fp32, int8 and
+        engine auto) vs a sequential eager fp32 loop (read -> preprocess -> eval_transform -> one image at
+        a time through the model); int8 is the run's own (``export_int8`` on a copy of the run, limits
+        loosened so that its speed is measured even where the run's check refuses it: the check's
+        figures are printed and written beside it)
     (d) a loaded Predictor: Predictor.from_run (load, fold, engine choice), its first call, and the
         per-image time of later calls (one image, and a batch)
 
@@ -25,8 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
+import shutil
 import sys
 import tempfile
 import time
@@ -39,10 +41,13 @@ import torch
 
 from covidscan.config import load_config
 from covidscan.evaluation import Calibration
-from covidscan.export import export_onnx
+from covidscan.export import MAX_AUC_DELTA, export_int8, export_onnx, quantize_onnx
+from covidscan.export.runtime import OnnxModel
 from covidscan.inference import Predictor, predict
+from covidscan.inference.engines import cpu_features
 from covidscan.io import list_images, read_image
 from covidscan.models import FastClassifier, bf16_supported, build_model
+from covidscan.models.fast import MAX_LABEL_CHANGE
 from covidscan.preprocess import PreprocessConfig, eval_transform, prepare_image, prepare_paths
 from covidscan.runs import LoadedRun, load_run, save_run
 from covidscan.system import keep_freed_memory
@@ -86,7 +91,20 @@ def bench_prepare(paths: list[str], workers: int, iters: int) -> list[tuple[str,
     return rows
 
 
-def bench_backbone(name: str, size: int, batch: int, iters: int) -> list[tuple[str, float, float]]:
+def random_run(tmp: Path, name: str, size: int) -> tuple[Path, Path]:
+    """A random-weight run of ``name`` with its fp32 ONNX export and an int8 one (speed only)."""
+    cfg = load_config("paper-b-mobilenet", [f"model.backbone={name}", "model.weights=none",
+                                            "model.head=paper_a", f"model.input_size={size}"])
+    run_dir = tmp / f"random-{name}"
+    save_run(run_dir, cfg, build_model(cfg.model).eval(), Calibration())
+    fp32 = export_onnx(run_dir, run_dir / "model.onnx")
+    calibration = [torch.randn(8, 3, size, size).numpy() for _ in range(4)]
+    quantize_onnx(fp32, run_dir / "int8.onnx", calibration)
+    return fp32, run_dir / "int8.onnx"
+
+
+def bench_backbone(name: str, size: int, batch: int, iters: int, onnx: tuple[Path, Path]
+                   ) -> list[tuple[str, float, float]]:
     model = build_model({"backbone": name, "weights": "none", "head": "paper_a", "input_size": size}).eval()
     x = torch.randn(batch, 3, size, size)
     with torch.no_grad():
@@ -99,6 +117,10 @@ def bench_backbone(name: str, size: int, batch: int, iters: int) -> list[tuple[s
         with torch.inference_mode():
             r = rate(lambda fast=fast: fast(xc), batch, iters)
         rows.append((f"{name} b{batch} folded+CL {str(dtype).removeprefix('torch.')}", r, r / eager))
+    for kind, path in zip(("fp32", "int8"), onnx, strict=True):
+        session = OnnxModel(path, threads=torch.get_num_threads())
+        r = rate(lambda session=session: session(x), batch, iters)
+        rows.append((f"{name} b{batch} onnxruntime {kind}", r, r / eager))
     return rows
 
 
@@ -174,9 +196,10 @@ def main() -> None:
         decode = [str(p) for p in np.resize(paths, args.decode_images)]
         table += [("a", *row) for row in bench_prepare(decode, args.workers, args.iters)]
         for name in args.backbones:
+            onnx_files = random_run(tmp, name, args.size)
             for batch in (1, args.batch):
                 iters = args.iters if batch > 1 else 5 * args.iters
-                table += [("b", *row) for row in bench_backbone(name, args.size, batch, iters)]
+                table += [("b", *row) for row in bench_backbone(name, args.size, batch, iters, onnx_files)]
 
         run_dir = args.run or on_the_fly_run(tmp)
         latencies = bench_predictor(run_dir, paths, args.batch)
@@ -194,11 +217,24 @@ def main() -> None:
 
         fast = rate(lambda: fast_predict(e2e), len(e2e), 1, lambda: fast_predict(e2e[:4]))
         table.append(("c", f"{arch}: predict ({settings['precision']})", fast, fast / base))
-        onnx = export_onnx(run.path, tmp / "model.onnx")
-        onnx_engine = Predictor.from_run(run.path, engine="onnx", onnx_path=onnx, workers=args.workers)
-        job = partial(predict, onnx_engine, progress=False)
-        r = rate(partial(job, e2e), len(e2e), 1, partial(job, e2e[:4]))
-        table.append(("c", f"{arch}: predict, onnxruntime (fp32)", r, r / base))
+        # A copy of the run holding model.onnx and model.int8.onnx: what auto chooses among.
+        copy = tmp / "run-copy"
+        shutil.copytree(run.path, copy)
+        export_onnx(copy, copy / "model.onnx")
+        verdict = export_int8(copy, max_label_change=1.0, max_auc_delta=1.0)
+        passes = (verdict.labels_changed <= MAX_LABEL_CHANGE * verdict.images
+                  and verdict.auc_delta is not None and verdict.auc_delta <= MAX_AUC_DELTA)
+        check = {"allowed": passes, "figures": verdict.reason.split(" (")[0] + f", ROC AUC change "
+                 f"{verdict.auc_delta}", "images": verdict.images, "labels_changed": verdict.labels_changed,
+                 "auc_delta": verdict.auc_delta}
+        print(f"the run's int8 check: {'allowed' if passes else 'REFUSED'} ({check['figures']})")
+        engines = (("onnx", "onnxruntime (fp32)"), ("int8", "int8 (onnxruntime)"), ("auto", "auto"))
+        for engine, what in engines:
+            loaded = Predictor.from_run(copy, engine=engine, workers=args.workers, batch_size=args.batch)
+            job = partial(predict, loaded, progress=False)
+            r = rate(partial(job, e2e), len(e2e), 1, partial(job, e2e[:4]))
+            chose = f" -> {loaded.engine} {loaded.precision}" if engine == "auto" else ""
+            table.append(("c", f"{arch}: predict, {what}{chose}", r, r / base))
 
     print(f"{'':2} {'what':48} {'images/s':>10} {'vs baseline':>12}")
     for part, name, r, ratio in table:
@@ -212,7 +248,8 @@ def main() -> None:
             "throughput": [{"part": part, "what": name, "images_per_s": r, "ratio": ratio}
                            for part, name, r, ratio in table],
             "predictor_ms": {name: 1000 * seconds for name, seconds in latencies},
-            "cpu": cpu_description(),
+            "cpu": cpu_features(),
+            "int8_check": check,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "load_average_end": os.getloadavg(),
@@ -220,25 +257,6 @@ def main() -> None:
         }
         args.json.write_text(json.dumps(figures, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.json}")
-
-
-def cpu_description() -> dict:
-    """The CPU's model and the instruction sets that decide the engines (Linux /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
-    flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
-    wanted = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI",
-              "avx512_bf16": "AVX-512 bf16", "amx_bf16": "AMX bf16", "amx_int8": "AMX int8"}
-    return {
-        "model": model.group(1).strip() if model else platform.processor(),
-        "cores": os.cpu_count(),
-        "features": [name for flag, name in wanted.items() if flag in flags],
-        "torch_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": bf16_supported(),
-    }
 
 
 if __name__ == "__main__":

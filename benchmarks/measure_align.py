@@ -32,8 +32,8 @@ from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.evaluation import evaluate_predictions
 from covidscan.models.align import ALIGN_METHODS
 from covidscan.preprocess import prepare_manifest
-from covidscan.runs import LoadedRun, load_run
-from covidscan.training.adapt import parent_features, parent_split
+from covidscan.runs import LoadedRun, load_run, run_split
+from covidscan.training.adapt import parent_features
 from covidscan.training.align import head_probabilities, held_out_aligned, judge_alignment
 
 
@@ -57,7 +57,7 @@ def _features(parent: LoadedRun, df: pd.DataFrame, cache: Path) -> tuple[np.ndar
 def _split_features(parent: LoadedRun, split: str, cache: Path) -> np.ndarray:
     if cache.is_file():
         return np.load(cache)["x"]
-    x = parent_features(parent, parent_split(parent, split, progress=False).images)
+    x = parent_features(parent, run_split(parent, split).images)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, x=x)
     return x

@@ -38,7 +38,7 @@ FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 RUN_ENTRIES = ("config.yaml", "model.safetensors", "checkpoint.json", "ood.safetensors", "splits.csv",
                "excluded.csv", "history.json", "metrics.json", "predictions.csv", "audit.json", "report.md",
                "model_card.md", "figures", "fingerprints.csv",
-               "shift_reference.safetensors")
+               "shift_reference.safetensors", "model.int8.onnx")
 """What covidscan writes into a run directory: outputs must not replace any of them."""
 
 

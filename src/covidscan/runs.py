@@ -11,6 +11,7 @@ A run directory holds::
     ood.safetensors      the out-of-distribution detector (training features and image statistics)
     fingerprints.csv     pixel and perceptual hashes of every training and validation image
     shift_reference.safetensors  the shift features of the validation images (the shift test's reference)
+    model.int8.onnx      the int8 model (``covidscan export RUN --int8``), only where its check allowed it
     members/NAME/        an ensemble's (``covidscan ensemble``): each member's config.yaml, checkpoint.json
     figures/*.png, report.md
 
@@ -40,8 +41,9 @@ from safetensors.torch import load_file
 
 from covidscan import CLASSES, __version__
 from covidscan.config import ExperimentConfig, dump_config, load_config
+from covidscan.data import read_manifest
 from covidscan.data.fingerprints import Fingerprints
-from covidscan.errors import ConfigError, RunNotFoundError, StorageError
+from covidscan.errors import ConfigError, ManifestError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.models import (
     Bf16Verdict,
@@ -53,7 +55,7 @@ from covidscan.models import (
     build_model,
 )
 from covidscan.outputs import read_csv, write_text, writing
-from covidscan.preprocess import PreprocessConfig
+from covidscan.preprocess import PreparedSet, PreprocessConfig, prepare_manifest
 from covidscan.preprocess.lungseg import lung_model_path
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
 OOD_FILE = "ood.safetensors"
 FINGERPRINTS_FILE = "fingerprints.csv"
 SHIFT_FILE = "shift_reference.safetensors"
+INT8_FILE = "model.int8.onnx"
 _SHIFT_FORMAT = "covidscan-shift/1"
 SHA256 = r"^[0-9a-f]{64}$"
 
@@ -131,6 +134,16 @@ class ShiftReferenceInfo(BaseModel):
     source: str
 
 
+class Int8Verdict(Bf16Verdict):
+    """Whether the run's int8 model (:data:`INT8_FILE`) may serve: the bf16 check's figures (int8 vs fp32
+    labels on the run's test split), plus the change of the test ROC AUC, the file's SHA-256 (a file other
+    than the one checked is refused) and the onnxruntime that quantised and measured it."""
+
+    auc_delta: float | None = None
+    sha256: str | None = Field(None, pattern=SHA256)
+    onnxruntime: str = ""
+
+
 class Checkpoint(BaseModel):
     """The typed ``checkpoint.json``: model identity, preprocessing, normalisation and calibration.
 
@@ -151,6 +164,8 @@ class Checkpoint(BaseModel):
     weights_sha256: str = Field(pattern=SHA256)
     calibration: Calibration
     bf16: Bf16Verdict | None = None
+    int8: Int8Verdict | None = None
+    """Set by ``covidscan export RUN --int8``; None where int8 was never checked."""
     parent: ParentRun | None = None
     """Set on runs written by ``covidscan adapt``; absent (None) on trained runs."""
     ood: OODInfo | None = None
@@ -612,3 +627,21 @@ __all__ = [
     "write_atomic",
     "write_checkpoint",
 ]
+
+
+def run_split(run: LoadedRun, split: str, *, progress: bool = False) -> PreparedSet:
+    """A run's own images of one split (``train``, ``val``, ``test``; its splits.csv), prepared as at
+    inference. ManifestError when splits.csv is gone, lists none of them, or none can be read any more."""
+    splits = run.path / "splits.csv"
+    if not splits.is_file():
+        raise ManifestError(f"{splits} is missing: the run's {split} images are unknown; train the run again "
+                            "with this covidscan")
+    df = read_manifest(splits)
+    df = df[df["split"] == split]
+    if df.empty:
+        raise ManifestError(f"{splits} lists no {split} images")
+    prepared = prepare_manifest(df, run.checkpoint.preprocess, run.checkpoint.input_size, progress=progress)
+    if not len(prepared):
+        raise ManifestError(f"none of the {len(df)} {split} images in {splits} can be read any more; restore "
+                            "them, or train again")
+    return prepared

@@ -10,6 +10,8 @@ preprocessing settings, input size, mean/std, threshold, temperature, ...) is st
 from __future__ import annotations
 
 from covidscan.export.exporter import MIN_OPSET, export_onnx
+from covidscan.export.quantize import MAX_AUC_DELTA, Int8Refused, export_int8, quantize_onnx
 from covidscan.export.runtime import METADATA_KEY, OnnxModel, read_onnx_metadata
 
-__all__ = ["METADATA_KEY", "MIN_OPSET", "OnnxModel", "export_onnx", "read_onnx_metadata"]
+__all__ = ["MAX_AUC_DELTA", "METADATA_KEY", "MIN_OPSET", "Int8Refused", "OnnxModel", "export_int8",
+           "export_onnx", "quantize_onnx", "read_onnx_metadata"]

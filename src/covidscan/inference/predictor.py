@@ -24,17 +24,18 @@ import torch
 from covidscan.errors import ConfigError, ImageRefusedError, InputError
 from covidscan.evaluation import Calibration
 from covidscan.evaluation.shift import shift_features
+from covidscan.inference.engines import ENGINES, auto_candidates, choose_engine
 from covidscan.io import LoadedImage, QualityLimits, gate, read_image
 from covidscan.io.quality import MODEL_MODALITIES
 from covidscan.models import Classifier, FastClassifier, OODDetector, Precision, use_bf16
 from covidscan.models.ood import REFUSAL_FACTOR
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
-from covidscan.runs import Checkpoint, load_ood, load_run
+from covidscan.runs import INT8_FILE, Checkpoint, file_sha256, load_ood, load_run
 from covidscan.system import cache_dir, resolve_device
 
 log = logging.getLogger(__name__)
 
-Engine = Literal["auto", "torch", "onnx"]
+Engine = Literal["auto", "torch", "onnx", "int8"]
 Forward = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
 """A normalised batch -> (binary logits (N,), pooled backbone features (N, C) or None)."""
 OOD_WARNING = "unlike_training_data"
@@ -206,32 +207,40 @@ class Predictor:
         ``engine``: ``torch`` (BatchNorm folded, channels_last, bf16 when the CPU runs it natively and the
         run's training-time check allowed it; ``fast=False`` is the plain fp32 model), ``onnx``
         (onnxruntime on ``onnx_path``, else the run's ``model.onnx``, else an export cached outside the
-        run), or ``auto`` (onnx when the run holds a ``model.onnx`` or ``onnx_path`` is given, else torch).
+        run), ``int8`` (onnxruntime on the run's ``model.int8.onnx``, where its int8 check allowed it), or
+        ``auto`` (``onnx_path`` when given, else the fastest engine the run allows, timed once per CPU: see
+        :mod:`covidscan.inference.engines`; a model in memory: torch).
         ``device`` is ``cpu``, ``cuda`` or ``auto`` (torch engine only). ``precision``: ``auto`` (bf16
         where the CPU has it natively and the run's check allows it), ``fp32`` (the same numbers on every
         CPU) or ``bf16`` (where the run's check allows it; emulated on CPUs without native bf16) -- see
         :func:`covidscan.models.use_bf16`.
         """
-        if engine not in ("auto", "torch", "onnx"):
-            raise ConfigError(f"engine must be 'auto', 'torch' or 'onnx', got {engine!r}")
+        if engine not in ("auto", *ENGINES):
+            raise ConfigError(f"engine must be 'auto', 'torch', 'onnx' or 'int8', got {engine!r}")
         target = device if isinstance(device, torch.device) else resolve_device(device)
+
+        def build(name: str) -> Forward:  # one engine's forward; auto times several before choosing
+            if name == "int8":
+                return _int8_forward(run_dir, checkpoint)
+            if name == "onnx":
+                return _onnx_forward(run_dir, checkpoint, onnx_path)
+            return _torch_forward(model, target, fast, fast and use_bf16(precision, checkpoint.bf16, target))
+
         if engine == "auto":
-            has_onnx = run_dir is not None and (run_dir / "model.onnx").is_file()
-            engine = "onnx" if onnx_path is not None or has_onnx else "torch"
-        if engine == "onnx" and target.type != "cpu":
-            raise ConfigError("the onnx engine runs on the CPU only; use engine='torch' for CUDA")
-        if engine == "torch" and onnx_path is not None:
-            raise ConfigError(f"ONNX file {onnx_path} given with the torch engine; choose the onnx engine")
-        plain = engine == "onnx" or not fast  # onnxruntime and the unfolded model compute in fp32 only
+            candidates = auto_candidates(run_dir, checkpoint, target, precision=precision, fast=fast,
+                                         onnx_path=onnx_path)
+            engine = choose_engine(run_dir, checkpoint, candidates, build, batch_size=batch_size)
+        if engine != "torch" and target.type != "cpu":
+            raise ConfigError(f"the {engine} engine runs on the CPU only; use engine='torch' for CUDA")
+        if engine != "onnx" and onnx_path is not None:
+            raise ConfigError(f"ONNX file {onnx_path} given with the {engine} engine; choose the onnx engine")
+        plain = engine != "torch" or not fast  # onnxruntime and the unfolded model compute in fp32 (or int8)
         if plain and precision == "bf16":
             raise ConfigError("precision bf16 needs the torch engine (fast); use precision auto or fp32")
         bf16 = use_bf16(precision, checkpoint.bf16, target) and not plain
-        if engine == "onnx":
-            forward = _onnx_forward(run_dir, checkpoint, onnx_path)
-        else:
-            forward = _torch_forward(model, target, fast, bf16)
-        return cls(run_dir, checkpoint, model, forward, engine=engine, precision="bf16" if bf16 else "fp32",
-                   device=target, batch_size=batch_size, workers=workers, ood=ood)
+        return cls(run_dir, checkpoint, model, build(engine), engine=engine,
+                   precision="int8" if engine == "int8" else "bf16" if bf16 else "fp32", device=target,
+                   batch_size=batch_size, workers=workers, ood=ood)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -518,7 +527,9 @@ def _onnx_forward(run_dir: Path | None, checkpoint: Checkpoint, onnx_path: str |
     session = OnnxModel(path, threads=torch.get_num_threads())
     theirs = session.metadata.get("weights_sha256")
     other_weights = theirs is not None and theirs != checkpoint.weights_sha256
-    if other_weights or session.calibration != checkpoint.calibration:
+    # The uncertain band is a serving choice (--band), not part of the exported model.
+    theirs_calibration = session.calibration.model_copy(update={"band": checkpoint.calibration.band})
+    if other_weights or theirs_calibration != checkpoint.calibration:
         raise ConfigError(
             f"ONNX model {path} does not belong to run {run_dir} (other weights or calibration); "
             f"export it again with `covidscan export {run_dir} --onnx {path}`"
@@ -530,6 +541,22 @@ def _onnx_forward(run_dir: Path | None, checkpoint: Checkpoint, onnx_path: str |
         return logits[:, 1] - logits[:, 0], features
 
     return forward
+
+
+def _int8_forward(run_dir: Path | None, checkpoint: Checkpoint) -> Forward:
+    """onnxruntime on the run's int8 model: only the file its int8 check measured and allowed."""
+    if run_dir is None:
+        raise ConfigError("a model in memory has no int8 file: save it as a run and export it with "
+                          "`covidscan export RUN --int8`, or use the torch engine")
+    verdict, path = checkpoint.int8, run_dir / INT8_FILE
+    if verdict is None or not verdict.allowed:
+        why = "int8 was never checked" if verdict is None else f"its int8 check refused it ({verdict.reason})"
+        raise ConfigError(f"run {run_dir} has no allowed int8 model: {why}; create it with "
+                          f"`covidscan export {run_dir} --int8`, or use --engine auto, torch or onnx")
+    if not path.is_file() or file_sha256(path) != verdict.sha256:
+        what = "is missing" if not path.is_file() else "is not the file its int8 check measured"
+        raise ConfigError(f"{path} {what}; write it again with `covidscan export {run_dir} --int8`")
+    return _onnx_forward(run_dir, checkpoint, path)
 
 
 __all__ = ["OOD_WARNING", "Engine", "Forward", "GroupPrediction", "Prediction", "Predictor", "Source",

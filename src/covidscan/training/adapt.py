@@ -43,7 +43,16 @@ from covidscan.inference import Predictor
 from covidscan.models import PIXELS, OODDetector
 from covidscan.outputs import read_csv, run_inputs, staged_folder, write_csv
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest
-from covidscan.runs import LoadedRun, ParentRun, file_sha256, load_ood, load_run, save_run, seen_fingerprints
+from covidscan.runs import (
+    LoadedRun,
+    ParentRun,
+    file_sha256,
+    load_ood,
+    load_run,
+    run_split,
+    save_run,
+    seen_fingerprints,
+)
 from covidscan.training.crossval import head_logits as _head_logits
 from covidscan.training.crossval import one_thread as _one_thread
 from covidscan.training.crossval import patient_counts as _patient_counts
@@ -149,21 +158,9 @@ def parent_features(parent: LoadedRun, images: np.ndarray) -> np.ndarray:
     return features
 
 
-def parent_split(parent: LoadedRun, split: str, progress: bool) -> PreparedSet:
-    """The parent's own images of one split (``train``, ``val``, ``test``; its splits.csv), prepared."""
-    splits = parent.path / "splits.csv"
-    if not splits.is_file():
-        raise ManifestError(f"{splits} is missing: the parent's {split} images are unknown")
-    df = read_manifest(splits)
-    df = df[df["split"] == split]
-    if df.empty:
-        raise ManifestError(f"{splits} lists no {split} images")
-    return prepare_manifest(df, parent.checkpoint.preprocess, parent.checkpoint.input_size, progress=progress)
-
-
 def _original_features(parent: LoadedRun, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
     """Features and labels of the parent's own training images (its splits.csv), eval transform."""
-    prepared = parent_split(parent, "train", progress)
+    prepared = run_split(parent, "train", progress=progress)
     return _embed(parent, prepared, progress, "original features"), prepared.labels
 
 

@@ -54,10 +54,11 @@ from covidscan.runs import (
     load_ood,
     load_run,
     load_shift_reference,
+    run_split,
     save_run,
     seen_fingerprints,
 )
-from covidscan.training.adapt import _head_logits, parent_features, parent_split
+from covidscan.training.adapt import _head_logits, parent_features
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Choice = Literal["auto", "standardize", "coral"]
@@ -326,8 +327,8 @@ def align_run(
     site = _read_site(data, parent, strict, progress)
     prepare_run_dir(out, overwrite, [*run_inputs(parent.path), data, *site.prepared.paths])
     site_feats = parent_features(parent, site.prepared.images)
-    train = parent_split(parent, "train", progress)
-    val = parent_split(parent, "val", progress)
+    train = run_split(parent, "train", progress=progress)
+    val = run_split(parent, "val", progress=progress)
     source, reference = parent_features(parent, train.images), parent_features(parent, val.images)
     calibration = parent.calibration
 

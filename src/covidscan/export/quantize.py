@@ -1,0 +1,189 @@
+"""int8 on the CPU: onnxruntime static QDQ quantisation of a run's ONNX export, allowed per run, measured.
+
+Weights are quantised per output channel (int8) and activations per tensor (uint8, the U8S8 form
+onnxruntime's x86 kernels run fastest, with VNNI where the CPU has it), their ranges calibrated on the run's
+own validation images prepared exactly as at inference. The result serves only where, on the run's test
+split, it changes at most :data:`~covidscan.models.fast.MAX_LABEL_CHANGE` of the fp32 labels and the ROC AUC
+by at most :data:`MAX_AUC_DELTA`; the verdict and its figures go into the run's checkpoint either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from covidscan.errors import CovidscanError, StorageError
+from covidscan.evaluation.metrics import point_metrics
+from covidscan.export.exporter import export_onnx
+from covidscan.inference import Predictor
+from covidscan.models.fast import MAX_LABEL_CHANGE
+from covidscan.preprocess import PreparedSet
+from covidscan.runs import (
+    INT8_FILE,
+    Int8Verdict,
+    LoadedRun,
+    file_sha256,
+    load_run,
+    run_split,
+    write_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_AUC_DELTA = 0.005
+"""int8 is allowed when it moves the test ROC AUC by at most this much (and labels as bf16's check)."""
+CALIBRATION_IMAGES = 128
+"""Validation images the activation ranges are calibrated on (more only slows the export)."""
+_BATCH = 16
+
+
+class Int8Refused(CovidscanError):
+    """The run's int8 check refused int8 (the verdict, with its figures, is in the checkpoint)."""
+
+
+class _Batches(CalibrationDataReader):
+    """The calibration images as the exported model's ``image`` input, one batch at a time."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self._batches: Iterator[np.ndarray] = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {"image": batch}
+
+
+def export_int8(
+    run_dir: str | Path,
+    *,
+    max_label_change: float = MAX_LABEL_CHANGE,
+    max_auc_delta: float = MAX_AUC_DELTA,
+    progress: bool = False,
+) -> Int8Verdict:
+    """Quantise a run to int8, check it on the run's test split and record the verdict in its checkpoint.
+
+    Allowed: ``model.int8.onnx`` is written into the run (through a side file and a rename) and the verdict
+    returned. Refused: any earlier ``model.int8.onnx`` is removed, the verdict recorded and
+    :class:`Int8Refused` raised with the figures. ``max_label_change`` and ``max_auc_delta`` are the
+    limits (tests loosen or tighten them; leave them for real use).
+    """
+    run = load_run(run_dir)
+    val, test = run_split(run, "val", progress=progress), run_split(run, "test", progress=progress)
+    with tempfile.TemporaryDirectory(prefix="covidscan-int8-") as tmp_name:
+        tmp = Path(tmp_name)
+        fp32 = export_onnx(run.path, tmp / "model.onnx")
+        int8 = tmp / INT8_FILE
+        step = max(1, len(val) // CALIBRATION_IMAGES)  # an even spread over the split when it is large
+        calibration = _batches(_scorer(run, fp32), val.images[::step][:CALIBRATION_IMAGES])
+        quantize_onnx(fp32, int8, calibration)
+        verdict = _verdict(run, fp32, int8, test, max_label_change, max_auc_delta)
+        target = run.path / INT8_FILE
+        if verdict.allowed:
+            _replace(int8, target)
+    if not verdict.allowed:
+        with suppress(FileNotFoundError):
+            target.unlink()
+    write_checkpoint(run.path, run.checkpoint.model_copy(update={"int8": verdict}))
+    if not verdict.allowed:
+        raise Int8Refused(f"int8 refused for {run.path}: {verdict.reason}; serve it with the fp32 or bf16 "
+                          "engines (predict --engine auto, torch or onnx)")
+    return verdict
+
+
+def _batches(scorer: Predictor, images: np.ndarray) -> list[np.ndarray]:
+    """Normalised (N, 3, H, W) float32 batches, exactly as the Predictor feeds the model."""
+    return [scorer.batch(images[i : i + _BATCH]).contiguous().numpy() for i in range(0, len(images), _BATCH)]
+
+
+def quantize_onnx(fp32: Path, out: Path, calibration: list[np.ndarray]) -> None:
+    """Static QDQ quantisation of an exported model: per-channel int8 weights, uint8 activations with
+    min-max ranges over the ``calibration`` batches (normalised ``image`` inputs), metadata kept.
+
+    No check: :func:`export_int8` is what decides whether a run may serve the result."""
+    prepared = out.with_name("prepared.onnx")
+    try:
+        # onnxruntime's pre-processing (shape inference, graph optimisation) lets it quantise every conv.
+        quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        quantize_static(
+            str(prepared), str(out), _Batches(calibration),
+            quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+        )
+    except (RuntimeError, ValueError, ort.capi.onnxruntime_pybind11_state.Fail) as exc:
+        raise CovidscanError(f"onnxruntime cannot quantise {fp32}: {exc}") from None
+    # quantize_static keeps the graph but not always the model's metadata; the file must describe itself.
+    source, quantised = onnx.load(str(fp32)), onnx.load(str(out))
+    onnx.helper.set_model_props(quantised, {p.key: p.value for p in source.metadata_props})
+    onnx.save(quantised, str(out))
+
+
+def _scorer(run: LoadedRun, onnx_file: Path) -> Predictor:
+    """The run served from ``onnx_file`` exactly as ``predict --engine onnx`` serves it."""
+    return Predictor.from_model(run.model, run.checkpoint, run_dir=run.path, engine="onnx",
+                                onnx_path=onnx_file)
+
+
+def _verdict(
+    run: LoadedRun, fp32: Path, int8: Path, test: PreparedSet, max_label_change: float, max_auc_delta: float
+) -> Int8Verdict:
+    """int8 vs fp32 (both through onnxruntime) on the test split: labels changed and ROC AUC moved."""
+    a, b = (run.calibration.proba(_scorer(run, path).logits(test.images)) for path in (fp32, int8))
+    threshold = run.calibration.threshold
+    finite = np.isfinite(b)  # a NaN probability is a changed label whatever fp32 said
+    changed = int((((a >= threshold) != (b >= threshold)) | ~finite).sum())
+    share = changed / len(a)
+    auc32 = point_metrics(test.labels, a, threshold=threshold)["roc_auc"]
+    auc8 = point_metrics(test.labels, np.where(finite, b, 0.5), threshold=threshold)["roc_auc"]
+    auc_delta = None if auc32 is None or auc8 is None else abs(float(auc8) - float(auc32))
+    labels_ok = share <= max_label_change
+    auc_ok = auc_delta is not None and auc_delta <= max_auc_delta
+    auc_words = ("ROC AUC not measurable (the test split has one class only)" if auc_delta is None else
+                 f"ROC AUC {auc32:.4f} -> {auc8:.4f} (change {auc_delta:.4f}; at most {max_auc_delta:g} "
+                 "allowed)")
+    return Int8Verdict(
+        allowed=labels_ok and auc_ok,
+        reason=f"{changed} of {len(a)} test labels changed ({share:.2%}; at most {max_label_change:.1%} "
+        f"allowed), {auc_words}",
+        images=len(a),
+        labels_changed=changed,
+        max_abs_dp=float(np.abs(a - b)[finite].max()) if finite.any() else None,
+        torch=torch.__version__,
+        auc_delta=auc_delta,
+        sha256=file_sha256(int8),
+        onnxruntime=ort.__version__,
+    )
+
+
+def _replace(source: Path, target: Path) -> None:
+    """Copy ``source`` over ``target`` through a side file and a rename: readers never see half a file."""
+    tmp: Path | None = None
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        tmp = Path(name)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(source.read_bytes())
+        os.replace(tmp, target)
+        tmp = None
+    except OSError as exc:
+        raise StorageError(f"cannot write {target}: {exc.strerror or exc}; check the run folder's "
+                           "permissions and free space") from None
+    finally:
+        if tmp is not None:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
