@@ -17,7 +17,7 @@ import torch
 from covidscan.errors import ConfigError, WeightsNotFoundError
 from covidscan.evaluation.model_card import render_model_card
 from covidscan.models import astra, build_backbone, build_model, pool_features
-from covidscan.models.fast import Bf16Verdict, bf16_verdict
+from covidscan.models.fast import PrecisionVerdict, bf16_verdict
 
 TINY = (1, 1, 1, 1)  # one bottleneck per stage: every layer type of ResNet-152, seconds to run
 
@@ -162,7 +162,7 @@ def test_a_bf16_path_giving_nan_is_refused_even_where_fp32_said_non_covid(monkey
         return np.where(np.isnan(np.asarray(z)), np.nan, 0.1)
 
     verdict = bf16_verdict(model, [batch], below_threshold, threshold=0.5)
-    assert isinstance(verdict, Bf16Verdict) and not verdict.allowed
+    assert isinstance(verdict, PrecisionVerdict) and not verdict.allowed
     assert verdict.labels_changed == 4 and "4 of them not finite" in verdict.reason
     assert verdict.max_abs_dp is None
 

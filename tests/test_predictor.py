@@ -19,7 +19,7 @@ from covidscan.evaluation import Calibration
 from covidscan.inference import GroupPrediction, Prediction, Predictor
 from covidscan.inference import predictor as predictor_module
 from covidscan.io import read_image
-from covidscan.models import Bf16Verdict, bf16_supported, bf16_verdict
+from covidscan.models import PrecisionVerdict, bf16_supported, bf16_verdict
 from covidscan.preprocess import PreparedImage, to_model_batch
 from covidscan.runs import load_checkpoint, load_run, write_checkpoint
 from legacy_runs import legacy_checkpoint
@@ -164,7 +164,7 @@ def test_missing_run_is_a_not_found_error(tmp_path: Path):
     assert info.value.http_status == 404
 
 
-def _run_with_verdict(tiny_run: Path, folder: Path, verdict: Bf16Verdict | None) -> Path:
+def _run_with_verdict(tiny_run: Path, folder: Path, verdict: PrecisionVerdict | None) -> Path:
     """A copy of the tiny run whose checkpoint carries ``verdict`` as its bf16 check."""
     shutil.copytree(tiny_run, folder)
     write_checkpoint(folder, load_checkpoint(folder).model_copy(update={"bf16": verdict}))
@@ -172,7 +172,7 @@ def _run_with_verdict(tiny_run: Path, folder: Path, verdict: Bf16Verdict | None)
 
 
 @pytest.fixture(scope="module")
-def measured_verdict(tiny_run: Path, phantoms: list[Path]) -> Bf16Verdict:
+def measured_verdict(tiny_run: Path, phantoms: list[Path]) -> PrecisionVerdict:
     """The tiny run's bf16 check measured for real on 8 phantoms (emulated bf16 where the CPU lacks it)."""
     run = load_run(tiny_run)
     prepare = Predictor.from_run(tiny_run, precision="fp32").prepare

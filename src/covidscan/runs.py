@@ -46,11 +46,11 @@ from covidscan.data.fingerprints import Fingerprints
 from covidscan.errors import ConfigError, ManifestError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.models import (
-    Bf16Verdict,
     Classifier,
     EnsembleConfig,
     ModelConfig,
     OODDetector,
+    PrecisionVerdict,
     build_ensemble,
     build_model,
 )
@@ -134,12 +134,11 @@ class ShiftReferenceInfo(BaseModel):
     source: str
 
 
-class Int8Verdict(Bf16Verdict):
-    """Whether the run's int8 model (:data:`INT8_FILE`) may serve: the bf16 check's figures (int8 vs fp32
-    labels on the run's test split), plus the change of the test ROC AUC, the file's SHA-256 (a file other
-    than the one checked is refused) and the onnxruntime that quantised and measured it."""
+class Int8Verdict(PrecisionVerdict):
+    """Whether the run's int8 model (:data:`INT8_FILE`) may serve: the same check as bf16's (int8 vs fp32 on
+    the run's test split), plus the file's SHA-256 (a file other than the one checked is refused) and the
+    onnxruntime that quantised and measured it."""
 
-    auc_delta: float | None = None
     sha256: str | None = Field(None, pattern=SHA256)
     onnxruntime: str = ""
 
@@ -163,7 +162,7 @@ class Checkpoint(BaseModel):
     std: tuple[float, float, float]
     weights_sha256: str = Field(pattern=SHA256)
     calibration: Calibration
-    bf16: Bf16Verdict | None = None
+    bf16: PrecisionVerdict | None = None
     int8: Int8Verdict | None = None
     """Set by ``covidscan export RUN --int8``; None where int8 was never checked."""
     parent: ParentRun | None = None
@@ -265,7 +264,7 @@ def save_run(
     model: Classifier,
     calibration: Calibration,
     *,
-    bf16: Bf16Verdict | None = None,
+    bf16: PrecisionVerdict | None = None,
     parent: ParentRun | None = None,
     ood: tuple[OODDetector, int, int] | None = None,
     fingerprints: Fingerprints | None = None,
@@ -605,12 +604,12 @@ def load_run(path: str | Path) -> LoadedRun:
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "Bf16Verdict",
     "Checkpoint",
     "FingerprintInfo",
     "LoadedRun",
     "OODInfo",
     "ParentRun",
+    "PrecisionVerdict",
     "ShiftReferenceInfo",
     "check_run_dir",
     "checkpoint_seal",

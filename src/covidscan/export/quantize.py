@@ -30,10 +30,9 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from covidscan.errors import CovidscanError, StorageError
-from covidscan.evaluation.metrics import point_metrics
 from covidscan.export.exporter import export_onnx
 from covidscan.inference import Predictor
-from covidscan.models.fast import MAX_LABEL_CHANGE
+from covidscan.models.fast import MAX_AUC_DELTA, MAX_LABEL_CHANGE, compare_precision
 from covidscan.preprocess import PreparedSet
 from covidscan.runs import (
     INT8_FILE,
@@ -47,8 +46,6 @@ from covidscan.runs import (
 
 log = logging.getLogger(__name__)
 
-MAX_AUC_DELTA = 0.005
-"""int8 is allowed when it moves the test ROC AUC by at most this much (and labels as bf16's check)."""
 CALIBRATION_IMAGES = 128
 """Validation images the activation ranges are calibrated on (more only slows the export)."""
 _BATCH = 16
@@ -142,32 +139,14 @@ def _scorer(run: LoadedRun, onnx_file: Path) -> Predictor:
 def _verdict(
     run: LoadedRun, fp32: Path, int8: Path, test: PreparedSet, max_label_change: float, max_auc_delta: float
 ) -> Int8Verdict:
-    """int8 vs fp32 (both through onnxruntime) on the test split: labels changed and ROC AUC moved."""
+    """int8 vs fp32 (both through onnxruntime) on the test split: bf16's check (:func:`compare_precision`)."""
     a, b = (run.calibration.proba(_scorer(run, path).logits(test.images)) for path in (fp32, int8))
-    threshold = run.calibration.threshold
-    finite = np.isfinite(b)  # a NaN probability is a changed label whatever fp32 said
-    changed = int((((a >= threshold) != (b >= threshold)) | ~finite).sum())
-    share = changed / len(a)
-    auc32 = point_metrics(test.labels, a, threshold=threshold)["roc_auc"]
-    auc8 = point_metrics(test.labels, np.where(finite, b, 0.5), threshold=threshold)["roc_auc"]
-    auc_delta = None if auc32 is None or auc8 is None else abs(float(auc8) - float(auc32))
-    labels_ok = share <= max_label_change
-    auc_ok = auc_delta is not None and auc_delta <= max_auc_delta
-    auc_words = ("ROC AUC not measurable (the test split has one class only)" if auc_delta is None else
-                 f"ROC AUC {auc32:.4f} -> {auc8:.4f} (change {auc_delta:.4f}; at most {max_auc_delta:g} "
-                 "allowed)")
-    return Int8Verdict(
-        allowed=labels_ok and auc_ok,
-        reason=f"{changed} of {len(a)} test labels changed ({share:.2%}; at most {max_label_change:.1%} "
-        f"allowed), {auc_words}",
-        images=len(a),
-        labels_changed=changed,
-        max_abs_dp=float(np.abs(a - b)[finite].max()) if finite.any() else None,
-        torch=torch.__version__,
-        auc_delta=auc_delta,
-        sha256=file_sha256(int8),
-        onnxruntime=ort.__version__,
-    )
+    found = compare_precision(a, b, run.calibration.threshold, test.labels,
+                              max_label_change=max_label_change, max_auc_delta=max_auc_delta)
+    if found["auc_delta"] is None:  # one class: an int8 model is only trusted with its ROC AUC measured
+        found["allowed"] = False
+    return Int8Verdict(**found, torch=torch.__version__, sha256=file_sha256(int8),
+                       onnxruntime=ort.__version__)
 
 
 def _replace(source: Path, target: Path) -> None:

@@ -20,9 +20,9 @@ from covidscan.models.classifier import (
 from covidscan.models.ensemble import EnsembleClassifier, EnsembleConfig, EnsembleMember, build_ensemble
 from covidscan.models.fast import (
     PRECISIONS,
-    Bf16Verdict,
     FastClassifier,
     Precision,
+    PrecisionVerdict,
     bf16_supported,
     bf16_verdict,
     binary_logits,
@@ -40,7 +40,6 @@ __all__ = [
     "PRECISIONS",
     "TORCHVISION_BACKBONES",
     "Backbone",
-    "Bf16Verdict",
     "Classifier",
     "EnsembleClassifier",
     "EnsembleConfig",
@@ -51,6 +50,7 @@ __all__ = [
     "ModelConfig",
     "OODDetector",
     "Precision",
+    "PrecisionVerdict",
     "bf16_supported",
     "bf16_verdict",
     "binary_logits",

@@ -2,7 +2,8 @@
 
 bf16 policy (:func:`use_bf16`): with precision ``auto``, bf16 runs only when (1) the CPU has native bf16
 instructions (AVX512_BF16 or AMX on x86, BF16 on Arm) and (2) the run's own verdict (:func:`bf16_verdict`,
-measured at training time on the run's test split) says bf16 changed at most 0.5% of the fp32 labels. Runs
+measured at training time on the run's test split, :func:`compare_precision`) says bf16 changed at most 0.5% of
+the fp32 labels and the ROC AUC by at most 0.005. Runs
 without a verdict stay in fp32. ``fp32`` always gives the fp32 numbers (the same on every CPU: tests and
 comparisons across machines ask for it); ``bf16`` asks for bf16 where the run's verdict allows it, emulated
 (same numbers, slower) on a CPU without native bf16. The backbone runs in bf16 but the head in fp32, so the
@@ -17,12 +18,13 @@ import re
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.fx.experimental.optimization as fx_opt
 from pydantic import BaseModel, ConfigDict
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from covidscan.errors import ConfigError
@@ -33,10 +35,12 @@ log = logging.getLogger(__name__)
 Precision = Literal["auto", "fp32", "bf16"]
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 MAX_LABEL_CHANGE = 0.005
-"""bf16 is allowed when it changes at most this share of the fp32 labels on the run's test split."""
+"""bf16 (or int8) is allowed where it changes at most this share of the fp32 test labels..."""
+MAX_AUC_DELTA = 0.005
+"""...and moves its ROC AUC by at most this much."""
 
 
-class Bf16Verdict(BaseModel):
+class PrecisionVerdict(BaseModel):
     """Whether bf16 may serve a model: fp32 vs bf16 labels on the run's own test split."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,6 +50,8 @@ class Bf16Verdict(BaseModel):
     images: int = 0
     labels_changed: int = 0
     max_abs_dp: float | None = None
+    auc_delta: float | None = None
+    """None where it was not measured (a test split of one class, or a run checked before covidscan did)."""
     torch: str = ""
 
 
@@ -62,7 +68,7 @@ def bf16_supported() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def use_bf16(precision: str, verdict: Bf16Verdict | None, device: torch.device) -> bool:
+def use_bf16(precision: str, verdict: PrecisionVerdict | None, device: torch.device) -> bool:
     """Whether a run serves in bf16 under the asked ``precision`` (see the module's bf16 policy).
 
     Raises ConfigError for an unknown precision, and for ``bf16`` where the run's verdict does not allow
@@ -132,10 +138,12 @@ def bf16_verdict(
     batches: Iterable[torch.Tensor],
     proba: Callable[[torch.Tensor], np.ndarray],
     threshold: float,
-) -> Bf16Verdict:
-    """Run normalised test batches through fp32 and bf16 and compare the labels at ``threshold``.
+    labels: np.ndarray | None = None,
+) -> PrecisionVerdict:
+    """Run normalised test batches through fp32 and bf16 and compare them (:func:`compare_precision`).
 
-    ``proba`` turns binary logits into calibrated probabilities (a run's ``Calibration.proba``).
+    ``proba`` turns binary logits into calibrated probabilities (a run's ``Calibration.proba``); ``labels``
+    are the images' true labels (0/1), for the ROC AUC part of the check.
     """
     fp32, bf16 = model.eval(), FastClassifier(model, torch.bfloat16)
     p32, p16 = [], []
@@ -143,19 +151,46 @@ def bf16_verdict(
         p32.append(proba(binary_logits(fp32, x.contiguous())))
         p16.append(proba(binary_logits(bf16, x)))
     if not p32:
-        return Bf16Verdict(allowed=False, reason="no test images to check bf16 on", torch=torch.__version__)
-    a, b = np.concatenate(p32), np.concatenate(p16)
+        return PrecisionVerdict(allowed=False, reason="no test images to check bf16 on",
+                                torch=torch.__version__)
+    return PrecisionVerdict(**compare_precision(np.concatenate(p32), np.concatenate(p16), threshold, labels),
+                       torch=torch.__version__)
+
+
+def compare_precision(
+    a: np.ndarray,
+    b: np.ndarray,
+    threshold: float,
+    labels: np.ndarray | None = None,
+    *,
+    max_label_change: float = MAX_LABEL_CHANGE,
+    max_auc_delta: float = MAX_AUC_DELTA,
+) -> dict[str, Any]:
+    """The one per-run check of a faster precision (bf16, int8): fp32 probabilities ``a`` vs its ``b`` on the
+    run's test split. Allowed when at most ``max_label_change`` of the labels at ``threshold`` change and,
+    where ``labels`` of both classes are given, the ROC AUC moves by at most ``max_auc_delta``. Returns the
+    verdict's fields (allowed, reason, images, labels_changed, max_abs_dp, auc_delta)."""
     # A NaN probability compares False with any threshold: count it as a changed label whatever fp32 said.
     finite = np.isfinite(b)
     changed = int((((a >= threshold) != (b >= threshold)) | ~finite).sum())
     share = changed / len(a)
-    nan_words = f", {int((~finite).sum())} of them not finite" if not finite.all() else ""
-    return Bf16Verdict(
-        allowed=share <= MAX_LABEL_CHANGE,
-        reason=f"{changed} of {len(a)} test labels changed ({share:.2%}; at most {MAX_LABEL_CHANGE:.1%} "
-        f"allowed){nan_words}",
-        images=len(a),
-        labels_changed=changed,
-        max_abs_dp=float(np.abs(a - b)[finite].max()) if finite.any() else None,
-        torch=torch.__version__,
-    )
+    reason = (f"{changed} of {len(a)} test labels changed ({share:.2%}; at most {max_label_change:.1%} "
+              "allowed)")
+    if not finite.all():
+        reason += f", {int((~finite).sum())} of them not finite"
+    auc_delta = None
+    if labels is not None and len(np.unique(labels)) == 2:
+        before, after = roc_auc_score(labels, a), roc_auc_score(labels, np.where(finite, b, 0.5))
+        auc_delta = abs(float(after) - float(before))
+        reason += (f", ROC AUC {before:.4f} -> {after:.4f} (change {auc_delta:.4f}; at most "
+                   f"{max_auc_delta:g})")
+    elif labels is not None:
+        reason += ", ROC AUC not measurable (the test split has one class only)"
+    return {
+        "allowed": share <= max_label_change and (auc_delta is None or auc_delta <= max_auc_delta),
+        "reason": reason,
+        "images": len(a),
+        "labels_changed": changed,
+        "max_abs_dp": float(np.abs(a - b)[finite].max()) if finite.any() else None,
+        "auc_delta": auc_delta,
+    }

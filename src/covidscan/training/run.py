@@ -30,9 +30,9 @@ from covidscan.evaluation.shift import shift_features
 from covidscan.inference import Predictor
 from covidscan.models import (
     PIXELS,
-    Bf16Verdict,
     Classifier,
     OODDetector,
+    PrecisionVerdict,
     bf16_supported,
     bf16_verdict,
     build_model,
@@ -281,13 +281,13 @@ def _check_splits(df: pd.DataFrame, data: str | Path) -> None:
 
 def measure_bf16(
     model: Classifier, test_set: PreparedSet, calibration: Calibration, batch_size: int
-) -> Bf16Verdict | None:
-    """bf16 vs fp32 labels on the test split, measured once here so that serving never has to."""
+) -> PrecisionVerdict | None:
+    """bf16 vs fp32 labels and ROC AUC on the test split, measured once here so that serving never has to."""
     if not bf16_supported():
         return None  # cannot be measured without native bf16; serving then stays in fp32
     batches = (to_model_batch(test_set.images[i : i + batch_size], model.mean, model.std)
                for i in range(0, len(test_set), batch_size))
-    return bf16_verdict(model, batches, calibration.proba, calibration.threshold)
+    return bf16_verdict(model, batches, calibration.proba, calibration.threshold, test_set.labels)
 
 
 def _ood_notes(ood: tuple[OODDetector, int, int] | None, metrics: dict[str, Any]) -> list[str]:
