@@ -2,12 +2,11 @@
 
 bf16 policy (:func:`use_bf16`): with precision ``auto``, bf16 runs only when (1) the CPU has native bf16
 instructions (AVX512_BF16 or AMX on x86, BF16 on Arm) and (2) the run's own verdict (:func:`bf16_verdict`,
-measured at training time on the run's test split, :func:`compare_precision`) says bf16 changed at most 0.5% of
-the fp32 labels and the ROC AUC by at most 0.005. Runs
-without a verdict stay in fp32. ``fp32`` always gives the fp32 numbers (the same on every CPU: tests and
-comparisons across machines ask for it); ``bf16`` asks for bf16 where the run's verdict allows it, emulated
-(same numbers, slower) on a CPU without native bf16. The backbone runs in bf16 but the head in fp32, so the
-logits themselves are not rounded to bf16.
+measured at training time on the run's test split by :func:`compare_precision`) says bf16 changed at most
+0.5% of the fp32 labels and the ROC AUC by at most 0.005. Runs without a verdict stay in fp32. ``fp32``
+always gives the fp32 numbers (the same on every CPU: tests and comparisons across machines ask for it);
+``bf16`` asks for bf16 where the run's verdict allows it, emulated (same numbers, slower) on a CPU without
+native bf16. The backbone runs in bf16 but the head in fp32, so the logits themselves are not rounded to bf16.
 """
 
 from __future__ import annotations
