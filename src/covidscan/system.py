@@ -1,10 +1,12 @@
-"""Process-wide settings: the compute device, covidscan's cache folder, and glibc's allocator."""
+"""Process-wide settings: the compute device and the CPU's features, covidscan's cache folder, and glibc's
+allocator."""
 
 from __future__ import annotations
 
 import ctypes
 import os
 import platform
+import re
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,3 +75,16 @@ def cache_dir(*parts: str) -> Path:
             "writable folder"
         ) from None
     return folder
+
+
+@cache
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and instruction-set flags (Linux ``/proc/cpuinfo``; elsewhere the platform's
+    name and no flags, so that nothing relying on a flag is chosen)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor(), frozenset()
+    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
+    flags = frozenset(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
+    return (model.group(1).strip() if model else platform.processor()), flags

@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
-import re
 import time
 from collections.abc import Callable
 from functools import cache
@@ -27,7 +25,7 @@ import torch
 from covidscan.models import bf16_supported
 from covidscan.preprocess import to_model_batch
 from covidscan.runs import INT8_FILE, Checkpoint, write_atomic
-from covidscan.system import cache_dir
+from covidscan.system import cache_dir, cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -42,14 +40,9 @@ _MAX_TIMED_BATCH = 32
 @cache
 def cpu_features() -> dict[str, Any]:
     """The CPU's model, cores and the instruction sets that decide the engines (Linux /proc/cpuinfo)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:  # not Linux: the model name only
-        text = ""
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
-    flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
+    model, flags = cpu_info()
     return {
-        "model": model.group(1).strip() if model else platform.processor(),
+        "model": model,
         "cores": os.cpu_count(),
         "features": [name for flag, name in _FEATURES.items() if flag in flags],
         "torch_capability": torch.backends.cpu.get_cpu_capability(),

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 from collections.abc import Callable, Iterable
 from functools import cache
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -28,6 +26,7 @@ from torch import nn
 
 from covidscan.errors import ConfigError
 from covidscan.models.classifier import Classifier, pool_features
+from covidscan.system import cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +58,8 @@ def bf16_supported() -> bool:
     """True when oneDNN is built in and the CPU runs bf16 natively (emulated bf16 is slower than fp32)."""
     if not torch.backends.mkldnn.is_available():
         return False
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:  # not Linux: no cheap way to tell, so stay with fp32
-        return False
-    flags = set(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    # Off Linux there are no flags to read, so fp32 stays (no cheap way to tell).
+    return bool(cpu_info()[1] & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def use_bf16(precision: str, verdict: PrecisionVerdict | None, device: torch.device) -> bool:
