@@ -90,6 +90,8 @@ def launch(fn: Callable[..., Any], nproc: int, device: torch.device, *args: Any)
 def _joined(fn: Callable[..., Any], backend: str, log_level: int, *args: Any) -> Any:
     """A worker's body: join the process group, run ``fn``, leave the group (rank 0 keeps the log level)."""
     dist.init_process_group(backend)
+    if backend == "gloo":  # the CPU's cores shared among the workers, not each taking them all
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     logging.getLogger().setLevel(log_level if dist.get_rank() == 0 else logging.WARNING)
     try:
         return fn(*args)
