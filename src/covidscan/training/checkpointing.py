@@ -50,22 +50,22 @@ def data_fingerprint(*arrays: np.ndarray | torch.Tensor) -> str:
 
 
 def rng_states() -> dict[str, Any]:
-    """The python, numpy and torch (CPU and CUDA) random generators' states."""
+    """The python, numpy and torch (CPU and CUDA) random generators' states, as plain python data (they
+    travel between processes and are loaded with ``weights_only``)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"python": random.getstate(),
-            "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {"python": random.getstate(), "numpy": (kind, keys.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
     """Put back the generators saved by :func:`rng_states`."""
     random.setstate(states["python"])
     kind, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(states["torch"])
+    np.random.set_state((kind, np.array(keys, np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
     if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
 
 
 def _changed(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

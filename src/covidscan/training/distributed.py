@@ -44,6 +44,16 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return total.tolist()
 
 
+def gather(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order (``[value]`` in a single process)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return [value]
+    values: list[Any] = [None] * world
+    dist.all_gather_object(values, value)
+    return values
+
+
 def shard(n: int, rank: int, world: int) -> np.ndarray:
     """The contiguous block of ``range(n)`` that ``rank`` handles (the blocks in rank order: ``range(n)``)."""
     return np.array_split(np.arange(n), world)[rank]
@@ -83,7 +93,9 @@ def launch(fn: Callable[..., Any], nproc: int, device: torch.device, *args: Any)
         return elastic_launch(config, _joined)(fn, backend, logging.getLogger().level, *args)
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
-        raise CovidscanError(f"training process {rank} of {nproc} failed: {failure.message}") from None
+        message = failure.message  # the worker's "Type: text", inside a dict with its traceback
+        message = message.get("message", message) if isinstance(message, dict) else message
+        raise CovidscanError(f"training process {rank} of {nproc} failed: {message}") from None
 
 
 @record  # the worker's exception reaches the parent's ChildFailedError

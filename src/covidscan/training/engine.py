@@ -13,6 +13,7 @@ Data reach the model through torch ``Dataset``/``DataLoader`` pairs, on a device
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,17 @@ from covidscan.errors import ConfigError
 from covidscan.models import Classifier
 from covidscan.preprocess import seeded, to_model_batch
 from covidscan.training.checkpointing import Checkpointer, rng_states, set_rng_states
-from covidscan.training.distributed import all_sum, is_main, launch, rank_and_world, shard, worker_device
+from covidscan.training.distributed import (
+    all_sum,
+    gather,
+    is_main,
+    launch,
+    rank_and_world,
+    shard,
+    worker_device,
+)
+
+log = logging.getLogger(__name__)
 
 
 def view_seed(seed: int, index: int, view: int) -> int:
@@ -240,7 +251,7 @@ def fit(
         module.load_state_dict(weights)
         return result
     rank, world = rank_and_world()
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + rank)  # each rank its own dropout masks
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -253,7 +264,11 @@ def fit(
     if saved is not None:
         module.load_state_dict(saved["module"])
         optimizer.load_state_dict(saved["optimizer"])
-        set_rng_states(saved["rng"])
+        if len(saved["rng"]) == world:
+            set_rng_states(saved["rng"][rank])
+        else:
+            log.warning("resumed on %d processes, interrupted on %d: the random draws (dropout) of the "
+                        "remaining epochs differ from an uninterrupted run's", world, len(saved["rng"]))
         best_loss, best_state, waited = saved["best_loss"], saved["best_module"], saved["waited"]
         result = FitResult(saved["history"], saved["best_epoch"], saved["seconds"], saved["stopped_early"])
         first = cfg.epochs + 1 if result.stopped_early else saved["epoch"] + 1
@@ -284,10 +299,12 @@ def fit(
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
         result.stopped_early = cfg.early_stopping is not None and waited >= cfg.early_stopping
         result.seconds = time.perf_counter() - start
-        if checkpoint is not None and rank == 0:
+        if checkpoint is not None:
+            generators = gather(rng_states())  # every rank's, so that each continues its own draws
+        if checkpoint is not None and rank == 0:  # one writer: the file is never written concurrently
             checkpoint.save({
                 "epoch": epoch, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
-                "rng": rng_states(), "best_loss": best_loss, "best_module": best_state, "waited": waited,
+                "rng": generators, "best_loss": best_loss, "best_module": best_state, "waited": waited,
                 "best_epoch": result.best_epoch, "history": result.history, "seconds": result.seconds,
                 "stopped_early": result.stopped_early,
             })
