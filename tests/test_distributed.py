@@ -1,0 +1,62 @@
+"""Training in several processes (torch's elastic launcher, gloo on the CPU) gives what one process gives.
+
+Each test starts two real worker processes, hence ``slow``: most of their time is the workers' imports.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from covidscan.config import TrainConfig, load_config
+from covidscan.models import build_model
+from covidscan.preprocess import train_transform
+from covidscan.training.checkpointing import Checkpointer, state_path
+from covidscan.training.engine import embed, fit
+
+pytestmark = pytest.mark.slow
+
+
+def mlp() -> nn.Module:
+    """No dropout: each rank would draw its own masks, a different (equally valid) random run."""
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_two_processes_give_the_weights_of_one_on_the_same_global_batch(tmp_path: Path):
+    gen = torch.Generator().manual_seed(0)
+    x, xv = torch.randn(32, 16, generator=gen), torch.randn(8, 16, generator=gen)
+    train, val = TensorDataset(x, (x[:, 0] > 0).long()), TensorDataset(xv, (xv[:, 0] > 0).long())
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.01)
+    one, two = mlp(), mlp()
+    expected = fit(one, train, val, cfg, progress=False)
+    checkpoint = Checkpointer(state_path(tmp_path), "data", cfg.model_dump())
+    result = fit(two, train, val, cfg, progress=False, nproc=2, checkpoint=checkpoint)
+
+    # Gradients are averaged over the ranks' halves of each batch: equal up to float summation order.
+    for name, weight in one.state_dict().items():
+        assert torch.allclose(two.state_dict()[name], weight, atol=1e-6, rtol=0), name
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    for got, want in zip(result.history, expected.history, strict=True):
+        assert got == pytest.approx(want, abs=1e-6)
+    # Rank 0 alone wrote the state, whole: it holds the final epoch, and nothing else is in the folder.
+    assert [p.name for p in state_path(tmp_path).parent.iterdir()] == ["state.pt"]
+    assert torch.load(state_path(tmp_path), weights_only=True)["epoch"] == 2
+
+
+def test_sharded_features_equal_single_process_features():
+    cfg = load_config("paper-a-resnet50", ["model.backbone=timm:resnet18", "model.weights=none",
+                                           "model.input_size=64"])
+    model = build_model(cfg.model)
+    images = np.random.default_rng(0).random((11, 64, 64), dtype=np.float32)  # not a multiple of 2
+    transform = train_transform("paper_a", model.input_size, mean=model.mean, std=model.std)
+    single = embed(model, images, transform, views=2, seed=3, batch_size=4, progress=False)
+    sharded = embed(model, images, transform, views=2, seed=3, batch_size=4, progress=False, nproc=2)
+    assert sharded.shape == single.shape == (11, 2, single.shape[2])
+    # Same images, same augmentation seeds; only the batches differ (BLAS may sum in another order).
+    assert torch.allclose(sharded, single, atol=1e-5, rtol=1e-5)
