@@ -15,9 +15,9 @@ from torch.utils.data import TensorDataset
 
 from covidscan.config import TrainConfig, load_config
 from covidscan.models import build_model
-from covidscan.preprocess import train_transform
+from covidscan.preprocess import eval_transform, train_transform
 from covidscan.training.checkpointing import Checkpointer, state_path
-from covidscan.training.engine import embed, fit
+from covidscan.training.engine import EmbedSet, embed_sets, fit
 
 pytestmark = pytest.mark.slow
 
@@ -54,9 +54,13 @@ def test_sharded_features_equal_single_process_features():
                                            "model.input_size=64"])
     model = build_model(cfg.model)
     images = np.random.default_rng(0).random((11, 64, 64), dtype=np.float32)  # not a multiple of 2
-    transform = train_transform("paper_a", model.input_size, mean=model.mean, std=model.std)
-    single = embed(model, images, transform, views=2, seed=3, batch_size=4, progress=False)
-    sharded = embed(model, images, transform, views=2, seed=3, batch_size=4, progress=False, nproc=2)
-    assert sharded.shape == single.shape == (11, 2, single.shape[2])
+    sets = [  # augmented training views, and plain validation images: both in one start of the workers
+        EmbedSet(images, train_transform("paper_a", model.input_size, mean=model.mean, std=model.std), 2, 3),
+        EmbedSet(images[:5], eval_transform(model.input_size, mean=model.mean, std=model.std)),
+    ]
+    single = embed_sets(model, sets, batch_size=4, progress=False)
+    sharded = embed_sets(model, sets, batch_size=4, progress=False, nproc=2)
+    assert [f.shape[:2] for f in sharded] == [f.shape[:2] for f in single] == [(11, 2), (5, 1)]
     # Same images, same augmentation seeds; only the batches differ (BLAS may sum in another order).
-    assert torch.allclose(sharded, single, atol=1e-5, rtol=1e-5)
+    for got, want in zip(sharded, single, strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -108,6 +109,16 @@ def loader(
                       num_workers=0)
 
 
+class EmbedSet(NamedTuple):
+    """Images to embed with :func:`embed_sets`: ``views`` copies each through ``transform`` (seeded)."""
+
+    images: np.ndarray
+    transform: Callable
+    views: int = 1
+    seed: int = 0
+    desc: str = "features"
+
+
 def embed(
     model: nn.Module,
     images: np.ndarray,
@@ -121,32 +132,39 @@ def embed(
     desc: str = "features",
     nproc: int = 1,
 ) -> torch.Tensor:
-    """Cache ``model.embed`` outputs of ``views`` transformed copies of each image: (N, views, D) on CPU.
+    """Cache ``model.embed`` outputs of ``views`` transformed copies of each image: (N, views, D) on CPU."""
+    return embed_sets(model, [EmbedSet(images, transform, views, seed, desc)], batch_size=batch_size,
+                      device=device, progress=progress, nproc=nproc)[0]
 
-    ``nproc`` > 1 shards the images: each of ``nproc`` processes (:func:`~covidscan.training.distributed.
-    launch`) embeds a contiguous block, with the same per-image augmentation seeds, and the blocks are
+
+def embed_sets(
+    model: nn.Module, sets: Sequence[EmbedSet], *, batch_size: int = 32, device: torch.device | None = None,
+    progress: bool = True, nproc: int = 1,
+) -> list[torch.Tensor]:
+    """:func:`embed` of several image sets, in one start of the workers when ``nproc`` > 1.
+
+    Then each of ``nproc`` processes (:func:`~covidscan.training.distributed.launch`) embeds a contiguous
+    block of every set, with the same per-image augmentation seeds as one process, and the blocks are
     gathered in order.
     """
     device = device or torch.device("cpu")
     if nproc > 1:
-        blocks = launch(_embed_rank, nproc, device, model, images, transform, views, seed, batch_size, device,
-                        progress, desc)
-        return torch.cat([torch.from_numpy(blocks[rank]) for rank in range(nproc)])
-    return _embed_rows(model, images, transform, np.arange(len(images)), views=views, seed=seed,
-                       batch_size=batch_size, device=device, progress=progress, desc=desc)
+        blocks = launch(_embed_rank, nproc, device, model, list(sets), batch_size, device, progress)
+        return [torch.cat([torch.from_numpy(blocks[rank][i]) for rank in range(nproc)])
+                for i in range(len(sets))]
+    return [_embed_rows(model, s, np.arange(len(s.images)), batch_size, device, progress) for s in sets]
 
 
 @torch.inference_mode()
 def _embed_rows(
-    model: nn.Module, images: np.ndarray, transform: Callable, rows: np.ndarray, *, views: int, seed: int,
-    batch_size: int, device: torch.device, progress: bool, desc: str,
+    model: nn.Module, todo: EmbedSet, rows: np.ndarray, batch_size: int, device: torch.device, progress: bool
 ) -> torch.Tensor:
-    """:func:`embed` of the images at ``rows`` (their seeds are those of their place in ``images``)."""
+    """The features of the images of ``todo`` at ``rows`` (seeded by their place in the whole set)."""
     model.eval()
-    data = AugmentedImages(images, np.zeros(len(images), np.int64), transform, seed)
+    data = AugmentedImages(todo.images, np.zeros(len(todo.images), np.int64), todo.transform, todo.seed)
     chunks: list[list[torch.Tensor]] = []
-    with tqdm(total=len(rows) * views, desc=desc, disable=not progress, leave=False) as bar:
-        for v in range(views):
+    with tqdm(total=len(rows) * todo.views, desc=todo.desc, disable=not progress, leave=False) as bar:
+        for v in range(todo.views):
             data.set_view(v)
             chunks.append([])
             for x, _ in loader(Subset(data, rows.tolist()), batch_size):
@@ -156,15 +174,15 @@ def _embed_rows(
 
 
 def _embed_rank(
-    model: nn.Module, images: np.ndarray, transform: Callable, views: int, seed: int, batch_size: int,
-    device: torch.device, progress: bool, desc: str,
-) -> np.ndarray:
-    """One worker of a sharded :func:`embed`: the features of this rank's block of images."""
+    model: nn.Module, sets: list[EmbedSet], batch_size: int, device: torch.device, progress: bool
+) -> list[np.ndarray]:
+    """One worker of a sharded :func:`embed_sets`: the features of this rank's block of every set."""
     rank, world = rank_and_world()
-    model.to(worker_device(device))
-    return _embed_rows(model, images, transform, shard(len(images), rank, world), views=views, seed=seed,
-                       batch_size=batch_size, device=worker_device(device), progress=progress and rank == 0,
-                       desc=desc).numpy()
+    device = worker_device(device)
+    model.to(device)
+    progress = progress and rank == 0
+    return [_embed_rows(model, s, shard(len(s.images), rank, world), batch_size, device, progress).numpy()
+            for s in sets]
 
 
 @torch.inference_mode()

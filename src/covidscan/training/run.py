@@ -49,7 +49,15 @@ from covidscan.runs import save_run
 from covidscan.system import resolve_device
 from covidscan.training.checkpointing import Checkpointer, data_fingerprint, state_path
 from covidscan.training.distributed import check_nproc
-from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit, predict_outputs
+from covidscan.training.engine import (
+    AugmentedImages,
+    CachedFeatures,
+    EmbedSet,
+    FitResult,
+    embed_sets,
+    fit,
+    predict_outputs,
+)
 from covidscan.training.ood import fit_ood, ood_share
 
 log = logging.getLogger(__name__)
@@ -187,13 +195,13 @@ def _train_into(
     val_data: Dataset | None = None
     if use_cache:
         views = cfg.train.views if cfg.train.augment else 1
-        feats = embed(model, train_set.images, train_t, views=views, seed=seed, batch_size=bs, device=device,
-                      progress=progress, nproc=nproc)
-        train_data: Dataset = CachedFeatures(feats, train_set.labels, seed)
+        sets = [EmbedSet(train_set.images, train_t, views, seed)]
         if has_val:
-            val_feats = embed(model, val_set.images, eval_t, batch_size=bs, device=device, progress=progress,
-                              nproc=nproc)
-            val_data = CachedFeatures(val_feats, val_set.labels)
+            sets.append(EmbedSet(val_set.images, eval_t, desc="validation features"))
+        feats = embed_sets(model, sets, batch_size=bs, device=device, progress=progress, nproc=nproc)
+        train_data: Dataset = CachedFeatures(feats[0], train_set.labels, seed)
+        if has_val:
+            val_data = CachedFeatures(feats[1], val_set.labels)
         module: torch.nn.Module = model.head_tail
     else:
         train_data = AugmentedImages(train_set.images, train_set.labels, train_t, seed)
