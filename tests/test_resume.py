@@ -127,6 +127,14 @@ def test_concurrent_saves_never_tear_the_state(tmp_path: Path):
     assert [p.name for p in state_path(tmp_path).parent.iterdir()] == ["state.pt"]
 
 
+def test_data_fingerprint_tells_arrays_apart():
+    images = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert data_fingerprint(images) == data_fingerprint(images.copy())
+    assert data_fingerprint(images) != data_fingerprint(images.reshape(2, 4, 3))  # same bytes, other shape
+    assert data_fingerprint(images) != data_fingerprint(images[::-1])
+    assert data_fingerprint(np.zeros((0, 3, 4))) != data_fingerprint(np.zeros((0, 4, 3)))  # an empty split
+
+
 def test_resume_refuses_other_data_or_config(tmp_path: Path):
     saved = Checkpointer(state_path(tmp_path), "data-a", {"train": {"lr": 0.001, "epochs": 5}})
     saved.save({"epoch": 1})
