@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from covidscan.config import TrainConfig
@@ -90,22 +90,43 @@ class CachedFeatures(Dataset):
         return self.features[i, self.pick[i]], self.labels[i]
 
 
+class EpochShare(Sampler[int]):
+    """This process's items of one epoch's shuffle, a permutation drawn from ``(seed, epoch)`` alone.
+
+    Rank ``r`` of ``world`` takes items ``r, r + world, ...``, so the ranks' ``j``-th batches of
+    ``batch_size / world`` together are the single process's ``j``-th batch. The permutation is padded with
+    its first items to a multiple of ``world`` (as ``DistributedSampler`` does): every rank runs as many
+    batches, and a single process sees each item once.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        # The draw a shuffling DataLoader makes before its permutation: the orders of earlier versions stay.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        order += (order * self.world)[: len(self) * self.world - self.n]
+        return iter(order[self.rank :: self.world])
+
+
 def loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
 ) -> DataLoader:
     """A DataLoader whose shuffling depends only on ``(seed, epoch)``; the data stay in this process.
 
-    Shuffled, it yields this process's share of global batches of ``batch_size``: one permutation of the
-    whole dataset is drawn from ``(seed, epoch)`` (a :class:`DistributedSampler`) and rank ``r`` of ``w``
-    takes its items ``r, r + w, ...``, so the ranks' ``j``-th batches together are the single process's
-    ``j``-th batch. Loading never draws from torch's global generator (dropout's).
+    Shuffled, it yields this process's share of global batches of ``batch_size`` (:class:`EpochShare`).
     """
     if not shuffle:
-        return DataLoader(dataset, batch_size=batch_size, generator=torch.Generator(), num_workers=0)
+        return DataLoader(dataset, batch_size=batch_size, num_workers=0)
     rank, world = rank_and_world()
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed * 100_003)
-    sampler.set_epoch(epoch)
-    return DataLoader(dataset, batch_size=batch_size // world, sampler=sampler, generator=torch.Generator(),
+    share = EpochShare(len(dataset), seed, epoch, rank, world)  # type: ignore[arg-type]
+    # A generator of its own: loading never draws from torch's global one (dropout's).
+    return DataLoader(dataset, batch_size=batch_size // world, sampler=share, generator=torch.Generator(),
                       num_workers=0)
 
 
