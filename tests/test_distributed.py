@@ -1,6 +1,6 @@
 """Training in several processes (torch's elastic launcher, gloo on the CPU) gives what one process gives.
 
-Each test starts two real worker processes, hence ``slow``: most of their time is the workers' imports.
+The tests that start two real worker processes are ``slow``: most of their time is the workers' imports.
 """
 
 from __future__ import annotations
@@ -11,15 +11,32 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from covidscan.config import TrainConfig, load_config
 from covidscan.models import build_model
 from covidscan.preprocess import eval_transform, train_transform
 from covidscan.training.checkpointing import Checkpointer, state_path
-from covidscan.training.engine import EmbedSet, embed_sets, fit
+from covidscan.training.engine import EmbedSet, EpochShare, embed_sets, fit, loader
 
-pytestmark = pytest.mark.slow
+
+@pytest.mark.parametrize("n", [16, 21])
+def test_the_ranks_batches_together_are_the_single_process_batches(n: int):
+    data = TensorDataset(torch.arange(n))
+    seeded = torch.Generator().manual_seed(2 * 100_003 + 5)  # how earlier versions shuffled epoch 5 of seed 2
+    old = DataLoader(data, batch_size=6, shuffle=True, generator=seeded)
+    single = [b[0].tolist() for b in loader(data, 6, shuffle=True, seed=2, epoch=5)]
+    assert single == [b[0].tolist() for b in old]  # the order of earlier versions
+    for world in (2, 3):
+        shares = [list(EpochShare(n, 2, 5, rank, world)) for rank in range(world)]
+        assert len({len(share) for share in shares}) == 1  # as many batches on every rank
+        b = 6 // world
+        for j, batch in enumerate(single):
+            together = [i for share in shares for i in share[j * b : (j + 1) * b]]
+            if len(batch) == 6:
+                assert sorted(together) == sorted(batch)
+            else:  # the last, short batch: its items plus the padding (fewer than `world` repeats)
+                assert set(batch) <= set(together) and len(together) - len(batch) < world
 
 
 def mlp() -> nn.Module:
@@ -28,6 +45,7 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 2))
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_weights_of_one_on_the_same_global_batch(tmp_path: Path):
     gen = torch.Generator().manual_seed(0)
     x, xv = torch.randn(32, 16, generator=gen), torch.randn(8, 16, generator=gen)
@@ -49,6 +67,7 @@ def test_two_processes_give_the_weights_of_one_on_the_same_global_batch(tmp_path
     assert torch.load(state_path(tmp_path), weights_only=True)["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_sharded_features_equal_single_process_features():
     cfg = load_config("paper-a-resnet50", ["model.backbone=timm:resnet18", "model.weights=none",
                                            "model.input_size=64"])
