@@ -273,19 +273,34 @@ def presets() -> None:
 def train(
     config: Annotated[str, typer.Argument(help="Preset name (see `covidscan presets`) or YAML config file.")],
     data: Annotated[Path, typer.Option(help="Manifest CSV or class-folder tree.")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Run directory to write.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to write.")] = None,
     overrides: Overrides = None,
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty run directory.")] = False,
     strict: Strict = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(help="Continue the interrupted training of this run directory from its last finished "
+                          "epoch (same config and data; --out may be left out)."),
+    ] = None,
+    nproc: Annotated[
+        int,
+        typer.Option(min=1, help="Training processes (gloo on the CPU, one GPU each with nccl): they share "
+                                 "each global batch, or the feature extraction when the base is frozen."),
+    ] = 1,
 ) -> None:
     """Train and evaluate one experiment; writes a run directory with report.md."""
     from covidscan.config import load_config
     from covidscan.evaluation import format_metrics_table
     from covidscan.training import train_experiment
 
+    if resume is not None and out is not None and resume.resolve() != out.resolve():
+        raise ConfigError(f"--resume {resume} and --out {out} differ; give only --resume RUN")
+    run = resume or out
+    if run is None:
+        raise ConfigError("give --out RUN (the run directory to write), or --resume RUN")
     cfg = load_config(config, overrides or [])
-    result = train_experiment(cfg, data, out, overwrite=overwrite, strict=strict, progress=_progress(),
-                              inputs=[Path(config)])
+    result = train_experiment(cfg, data, run, overwrite=overwrite, strict=strict, progress=_progress(),
+                              inputs=[Path(config)], resume=resume is not None, nproc=nproc)
     out_console.print(format_metrics_table(result.metrics))
     out_console.print(f"report: {result.run_dir / 'report.md'}")
 

@@ -13,18 +13,34 @@ Data reach the model through torch ``Dataset``/``DataLoader`` pairs, on a device
 from __future__ import annotations
 
 import copy
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 from tqdm.auto import tqdm
 
 from covidscan.config import TrainConfig
+from covidscan.errors import ConfigError
 from covidscan.preprocess import seeded
+from covidscan.training.checkpointing import TrainingState, rng_states, set_rng_states
+from covidscan.training.distributed import (
+    all_sum,
+    gather,
+    is_main,
+    launch,
+    rank_and_world,
+    shard,
+    worker_device,
+)
+
+log = logging.getLogger(__name__)
 
 
 def view_seed(seed: int, index: int, view: int) -> int:
@@ -73,15 +89,56 @@ class CachedFeatures(Dataset):
         return self.features[i, self.pick[i]], self.labels[i]
 
 
+class EpochShare(Sampler[int]):
+    """This process's items of one epoch's shuffle, a permutation drawn from ``(seed, epoch)`` alone.
+
+    Rank ``r`` of ``world`` takes items ``r, r + world, ...``, so the ranks' ``j``-th batches of
+    ``batch_size / world`` together are the single process's ``j``-th batch. The permutation is padded with
+    its first items to a multiple of ``world`` (as ``DistributedSampler`` does): every rank runs as many
+    batches, and a single process sees each item once.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> None:
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        # The draw a shuffling DataLoader makes before its permutation: the orders of earlier versions stay.
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        order = torch.randperm(self.n, generator=generator).tolist()
+        order += (order * self.world)[: len(self) * self.world - self.n]
+        return iter(order[self.rank :: self.world])
+
+
 def loader(
     dataset: Dataset, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
 ) -> DataLoader:
-    """A DataLoader whose shuffling depends only on ``(seed, epoch)``; the data stay in this process."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+    """A DataLoader whose shuffling depends only on ``(seed, epoch)``; the data stay in this process.
+
+    Shuffled, it yields this process's share of global batches of ``batch_size`` (:class:`EpochShare`).
+    """
+    if not shuffle:
+        return DataLoader(dataset, batch_size=batch_size, num_workers=0)
+    rank, world = rank_and_world()
+    share = EpochShare(len(dataset), seed, epoch, rank, world)  # type: ignore[arg-type]
+    # A generator of its own: loading never draws from torch's global one (dropout's).
+    return DataLoader(dataset, batch_size=batch_size // world, sampler=share, generator=torch.Generator(),
+                      num_workers=0)
 
 
-@torch.inference_mode()
+class EmbedSet(NamedTuple):
+    """Images to embed with :func:`embed_sets`: ``views`` copies each through ``transform`` (seeded)."""
+
+    images: np.ndarray
+    transform: Callable
+    views: int = 1
+    seed: int = 0
+    desc: str = "features"
+
+
 def embed(
     model: nn.Module,
     images: np.ndarray,
@@ -93,20 +150,59 @@ def embed(
     device: torch.device | None = None,
     progress: bool = True,
     desc: str = "features",
+    nproc: int = 1,
 ) -> torch.Tensor:
     """Cache ``model.embed`` outputs of ``views`` transformed copies of each image: (N, views, D) on CPU."""
-    model.eval()
+    return embed_sets(model, [EmbedSet(images, transform, views, seed, desc)], batch_size=batch_size,
+                      device=device, progress=progress, nproc=nproc)[0]
+
+
+def embed_sets(
+    model: nn.Module, sets: Sequence[EmbedSet], *, batch_size: int = 32, device: torch.device | None = None,
+    progress: bool = True, nproc: int = 1,
+) -> list[torch.Tensor]:
+    """:func:`embed` of several image sets, in one start of the workers when ``nproc`` > 1.
+
+    Then each of ``nproc`` processes (:func:`~covidscan.training.distributed.launch`) embeds a contiguous
+    block of every set, with the same per-image augmentation seeds as one process, and the blocks are
+    gathered in order.
+    """
     device = device or torch.device("cpu")
-    data = AugmentedImages(images, np.zeros(len(images), np.int64), transform, seed)
+    if nproc > 1:
+        blocks = launch(_embed_rank, nproc, device, model, list(sets), batch_size, device, progress)
+        return [torch.cat([torch.from_numpy(blocks[rank][i]) for rank in range(nproc)])
+                for i in range(len(sets))]
+    return [_embed_rows(model, s, np.arange(len(s.images)), batch_size, device, progress) for s in sets]
+
+
+@torch.inference_mode()
+def _embed_rows(
+    model: nn.Module, todo: EmbedSet, rows: np.ndarray, batch_size: int, device: torch.device, progress: bool
+) -> torch.Tensor:
+    """The features of the images of ``todo`` at ``rows`` (seeded by their place in the whole set)."""
+    model.eval()
+    data = AugmentedImages(todo.images, np.zeros(len(todo.images), np.int64), todo.transform, todo.seed)
     chunks: list[list[torch.Tensor]] = []
-    with tqdm(total=len(images) * views, desc=desc, disable=not progress, leave=False) as bar:
-        for v in range(views):
+    with tqdm(total=len(rows) * todo.views, desc=todo.desc, disable=not progress, leave=False) as bar:
+        for v in range(todo.views):
             data.set_view(v)
             chunks.append([])
-            for x, _ in loader(data, batch_size):
+            for x, _ in loader(Subset(data, rows.tolist()), batch_size):
                 chunks[-1].append(model.embed(x.to(device)).cpu())
                 bar.update(len(x))
     return torch.stack([torch.cat(view) for view in chunks], dim=1)
+
+
+def _embed_rank(
+    model: nn.Module, sets: list[EmbedSet], batch_size: int, device: torch.device, progress: bool
+) -> list[np.ndarray]:
+    """One worker of a sharded :func:`embed_sets`: the features of this rank's block of every set."""
+    rank, world = rank_and_world()
+    device = worker_device(device)
+    model.to(device)
+    progress = progress and rank == 0
+    return [_embed_rows(model, s, shard(len(s.images), rank, world), batch_size, device, progress).numpy()
+            for s in sets]
 
 
 @dataclass
@@ -123,7 +219,7 @@ def _run_epoch(
     module: nn.Module, batches: DataLoader, loss_fn: nn.Module, optimizer: torch.optim.Optimizer | None,
     device: torch.device,
 ) -> tuple[float, float]:
-    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy)."""
+    """One pass; trains when an optimizer is given. Returns (mean loss, accuracy) over every process."""
     total_loss, correct, count = 0.0, 0, 0
     for x, y in batches:
         x, y = x.to(device), y.to(device)
@@ -132,11 +228,12 @@ def _run_epoch(
             loss = loss_fn(logits, y)
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # DistributedDataParallel averages the gradients of the ranks' shares here
             optimizer.step()
         total_loss += float(loss.detach()) * len(y)
         correct += int((logits.argmax(1) == y).sum())
         count += len(y)
+    total_loss, correct, count = all_sum([total_loss, correct, count], device)
     return total_loss / max(count, 1), correct / max(count, 1)
 
 
@@ -148,15 +245,32 @@ def fit(
     *,
     device: torch.device | None = None,
     progress: bool = True,
+    training_state: TrainingState | None = None,
+    nproc: int = 1,
 ) -> FitResult:
     """Adam + cross-entropy for ``cfg.epochs``; early stopping on validation loss restores the best weights.
 
     ``train_data`` may have ``set_view(epoch)`` (a fresh augmentation or cached view per epoch); it is
     shuffled reproducibly from ``cfg.seed`` and the epoch. Cross-entropy on logits is the categorical
     cross-entropy of the published 2-way softmax with one-hot labels, computed in a numerically stable way.
+
+    ``training_state`` saves the whole state after every epoch and, when it resumes, continues the saved run
+    exactly where it stopped (same weights at the end as an uninterrupted run). ``nproc`` > 1 trains in that
+    many processes with DistributedDataParallel, each on its share of every global batch of
+    ``cfg.batch_size``; ``module`` then gets rank 0's final weights.
     """
     device = device or torch.device("cpu")
-    torch.manual_seed(cfg.seed)
+    if nproc > 1:
+        if cfg.batch_size % nproc:
+            raise ConfigError(f"--nproc {nproc}: train.batch_size {cfg.batch_size} must be a multiple of the "
+                              "number of processes (each takes an equal share of every batch)")
+        results = launch(_fit_rank, nproc, device, module, train_data, val_data, cfg, device, progress,
+                         training_state)
+        weights, result = results[0]
+        module.load_state_dict(weights)
+        return result
+    rank, world = rank_and_world()
+    torch.manual_seed(cfg.seed + rank)  # each rank its own dropout masks
     module.to(device)
     params = [p for p in module.parameters() if p.requires_grad]
     if not params:
@@ -164,19 +278,34 @@ def fit(
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     result = FitResult()
-    best_loss, best_state, waited = float("inf"), None, 0
-    start = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", disable=not progress, leave=False)
+    best_loss, best_state, waited, first = float("inf"), None, 0, 1
+    saved = training_state.load() if training_state is not None else None
+    if saved is not None:
+        module.load_state_dict(saved["module"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if len(saved["rng"]) == world:
+            set_rng_states(saved["rng"][rank])
+        else:
+            log.warning("resumed on %d processes, interrupted on %d: the random draws (dropout) of the "
+                        "remaining epochs differ from an uninterrupted run's", world, len(saved["rng"]))
+        best_loss, best_state, waited = saved["best_loss"], saved["best_module"], saved["waited"]
+        result = FitResult(saved["history"], saved["best_epoch"], saved["seconds"], saved["stopped_early"])
+        first = cfg.epochs + 1 if result.stopped_early else saved["epoch"] + 1
+    # Wrapped after loading: DistributedDataParallel starts every rank from rank 0's weights.
+    trained = DistributedDataParallel(module) if world > 1 else module
+    start = time.perf_counter() - result.seconds
+    bar = tqdm(range(first, cfg.epochs + 1), desc="train", disable=not progress or rank > 0, leave=False)
     for epoch in bar:
         if hasattr(train_data, "set_view"):
             train_data.set_view(epoch)
         module.train()
         batches = loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch)
-        train_loss, train_acc = _run_epoch(module, batches, loss_fn, optimizer, device)
+        train_loss, train_acc = _run_epoch(trained, batches, loss_fn, optimizer, device)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         if val_data is not None:
             module.eval()
-            val_loss, val_acc = _run_epoch(module, loader(val_data, cfg.batch_size), loss_fn, None, device)
+            share = Subset(val_data, shard(len(val_data), rank, world).tolist())  # type: ignore[arg-type]
+            val_loss, val_acc = _run_epoch(module, loader(share, cfg.batch_size), loss_fn, None, device)
             row.update(val_loss=val_loss, val_acc=val_acc)
             if val_loss < best_loss - 1e-6:
                 best_loss, waited, result.best_epoch = val_loss, 0, epoch
@@ -187,10 +316,32 @@ def fit(
             result.best_epoch = epoch
         result.history.append(row)
         bar.set_postfix({k: f"{v:.3f}" for k, v in row.items() if k != "epoch"})
-        if cfg.early_stopping is not None and waited >= cfg.early_stopping:
-            result.stopped_early = True
+        result.stopped_early = cfg.early_stopping is not None and waited >= cfg.early_stopping
+        result.seconds = time.perf_counter() - start
+        if training_state is not None:
+            generators = gather(rng_states())  # every rank's, so that each continues its own draws
+        if training_state is not None and rank == 0:  # one writer: the file is never written concurrently
+            training_state.save({
+                "epoch": epoch, "module": module.state_dict(), "optimizer": optimizer.state_dict(),
+                "rng": generators, "best_loss": best_loss, "best_module": best_state, "waited": waited,
+                "best_epoch": result.best_epoch, "history": result.history, "seconds": result.seconds,
+                "stopped_early": result.stopped_early,
+            })
+        if result.stopped_early:
             break
     if best_state is not None:
         module.load_state_dict(best_state)  # the best-validation weights, not the last epoch's
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _fit_rank(
+    module: nn.Module, train_data: Dataset, val_data: Dataset | None, cfg: TrainConfig, device: torch.device,
+    progress: bool, training_state: TrainingState | None,
+) -> tuple[dict[str, torch.Tensor], FitResult] | None:
+    """One worker of a distributed :func:`fit`; rank 0 returns the final weights (on the CPU) and result."""
+    # Spawned workers receive tensors in memory shared with each other: every rank trains its own copy.
+    module = copy.deepcopy(module)
+    result = fit(module, train_data, val_data, cfg, device=worker_device(device), progress=progress,
+                 training_state=training_state)
+    return ({k: v.cpu() for k, v in module.state_dict().items()}, result) if is_main() else None

@@ -48,7 +48,16 @@ from covidscan.preprocess import (
 from covidscan.preprocess.lungseg import lung_model_path
 from covidscan.runs import draft_checkpoint, save_run
 from covidscan.system import resolve_device
-from covidscan.training.engine import AugmentedImages, CachedFeatures, FitResult, embed, fit
+from covidscan.training.checkpointing import TrainingState, data_fingerprint, state_path
+from covidscan.training.distributed import check_nproc
+from covidscan.training.engine import (
+    AugmentedImages,
+    CachedFeatures,
+    EmbedSet,
+    FitResult,
+    embed_sets,
+    fit,
+)
 from covidscan.training.ood import fit_ood, ood_share
 
 log = logging.getLogger(__name__)
@@ -109,6 +118,8 @@ def train_experiment(
     strict: bool = False,
     progress: bool = True,
     inputs: Iterable[str | Path] = (),
+    resume: bool = False,
+    nproc: int = 1,
 ) -> TrainResult:
     """Split, preprocess, train, calibrate on validation, evaluate on test; write the run directory.
 
@@ -118,6 +129,11 @@ def train_experiment(
     no half-written folder and an earlier run intact. Images the quality gate refuses (or that cannot be
     read) are left out and listed in ``excluded.csv`` and the report; ``strict`` makes any of them an error
     instead.
+
+    The training state is saved in ``out/.training`` after every epoch (removed when the run is complete):
+    ``resume`` continues an interrupted run of the same data and config from its last epoch. ``nproc`` > 1
+    trains in that many processes (:mod:`covidscan.training.distributed`): DistributedDataParallel when the
+    backbone trains, sharded feature extraction when only the head does.
     """
     if cfg.ensemble is not None:
         raise ConfigError(f"the config of {cfg.name!r} is an ensemble's: train each member with its own "
@@ -128,18 +144,29 @@ def train_experiment(
     device = resolve_device(cfg.train.device)
     df = load_dataset(data, cfg)
     _check_splits(df, data)
+    check_nproc(nproc, device)
     model = build_model(cfg.model)
-    prepare_run_dir(out, overwrite, [data, *df["path"], *config_inputs(cfg), *inputs])
+    interrupted = state_path(out).is_file()
+    if resume and not interrupted:
+        raise ConfigError(f"--resume {out}: no interrupted training there (no {state_path(out)}); train "
+                          "without --resume")
+    if interrupted and not (resume or overwrite):
+        raise ConfigError(f"{out} holds an interrupted training; continue it with --resume {out}, or start "
+                          "again with --overwrite")
+    # The folder then holds only the state of the interrupted run (and what --overwrite will replace).
+    prepare_run_dir(out, overwrite or resume, [data, *df["path"], *config_inputs(cfg), *inputs])
     with staged_folder(out) as stage:
-        result = _train_into(stage, cfg, df, data, model, device, strict=strict, progress=progress)
+        result = _train_into(stage, cfg, df, data, model, device, strict=strict, progress=progress,
+                             resume=resume, state=state_path(out), nproc=nproc)
     return replace(result, run_dir=out)
 
 
 def _train_into(
     out: Path, cfg: ExperimentConfig, df: pd.DataFrame, data: str | Path, model: Classifier,
-    device: torch.device, *, strict: bool, progress: bool,
+    device: torch.device, *, strict: bool, progress: bool, resume: bool, state: Path, nproc: int,
 ) -> TrainResult:
-    """The body of :func:`train_experiment`, writing the run into the (staged) folder ``out``."""
+    """The body of :func:`train_experiment`, writing the run into the (staged) folder ``out`` while the
+    training ``state`` is kept in the final run folder (it must outlive a failed stage)."""
     train_t, eval_t = _transforms(cfg, model)
     prepared = prepare_manifest(df, cfg.preprocess, model.input_size, progress=progress, strict=strict,
                                 fingerprint=True)
@@ -160,17 +187,21 @@ def _train_into(
     has_val = len(val_set) > 0
     bs, seed = cfg.train.batch_size, cfg.train.seed
     use_cache = cfg.model.train_mode == "frozen" and cfg.train.cache_features
+    training_state = TrainingState(state, data_fingerprint(train_set.images, train_set.labels, val_set.images,
+                                                      val_set.labels), cfg.model_dump(mode="json"), resume)
+    training_state.load()  # a resume of other data or config is refused now, before any features are computed
     model.to(device)
 
     val_data: Dataset | None = None
     if use_cache:
         views = cfg.train.views if cfg.train.augment else 1
-        feats = embed(model, train_set.images, train_t, views=views, seed=seed, batch_size=bs, device=device,
-                      progress=progress)
-        train_data: Dataset = CachedFeatures(feats, train_set.labels, seed)
+        sets = [EmbedSet(train_set.images, train_t, views, seed)]
         if has_val:
-            val_feats = embed(model, val_set.images, eval_t, batch_size=bs, device=device, progress=progress)
-            val_data = CachedFeatures(val_feats, val_set.labels)
+            sets.append(EmbedSet(val_set.images, eval_t, desc="validation features"))
+        feats = embed_sets(model, sets, batch_size=bs, device=device, progress=progress, nproc=nproc)
+        train_data: Dataset = CachedFeatures(feats[0], train_set.labels, seed)
+        if has_val:
+            val_data = CachedFeatures(feats[1], val_set.labels)
         module: torch.nn.Module = model.head_tail
     else:
         train_data = AugmentedImages(train_set.images, train_set.labels, train_t, seed)
@@ -178,7 +209,9 @@ def _train_into(
             val_data = AugmentedImages(val_set.images, val_set.labels, eval_t)
         module = model
 
-    result = fit(module, train_data, val_data, cfg.train, device=device, progress=progress)
+    # Cached features make the head's fit cheap: it runs here, in one process, even with nproc > 1.
+    result = fit(module, train_data, val_data, cfg.train, device=device, progress=progress,
+                 training_state=training_state, nproc=1 if use_cache else nproc)
     notes = _protocol_notes(cfg, df, has_val, result) + excluded_notes(prepared.excluded)
     metrics, calibration = finish_run(out, cfg, model, (train_set, val_set, test_set), device, notes=notes,
                                       history=result.history)
