@@ -309,8 +309,11 @@ def test_a_full_disk_during_train_is_a_clear_error_and_keeps_the_old_run(parent_
     result = _limited_run(["train", "paper-a-resnet50", "--data", str(phantom_manifest), "--out",
                            str(parent_run), "--overwrite", *TINY], 1 << 20)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert f"cannot write {parent_run / 'model.safetensors'}: File too large; free disk" in result.stderr
+    # The first large file written is the training state after epoch 1 (two copies of the weights).
+    state = parent_run / ".training" / "state.pt"
+    assert f"cannot write the training state {state}: File too large; free disk" in result.stderr
     assert snapshot(parent_run) == before and os.listdir(parent_run.parent) == ["parent"]
+    assert not state.parent.exists()  # nothing was saved, so no empty folder is left in the old run
 
 
 def test_atomic_writes_get_the_permissions_of_a_plain_open(tmp_path: Path):

@@ -19,6 +19,7 @@ import io
 import os
 import random
 import tempfile
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,9 @@ class TrainingState:
                 os.replace(side, self.path)
             except BaseException:
                 Path(side).unlink(missing_ok=True)
+                if not self.path.exists():  # nothing saved yet: leave the run folder as it was found
+                    with suppress(OSError):
+                        folder.rmdir()
                 raise
             _sync_folder(folder)
 
