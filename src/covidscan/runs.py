@@ -240,17 +240,25 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
-def write_atomic(path: Path, text: str, *, errors: str = "strict") -> Path:
-    """Write ``text`` to ``path`` through a unique side file and a rename: readers never see half a file.
+def write_atomic(path: Path, data: str | bytes, *, errors: str = "strict", durable: bool = False) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a unique side file and a rename: readers
+    never see half a file.
 
     ``errors`` is the UTF-8 encoder's error handler (CSV files write undecodable file names as their bytes).
-    The file gets the permissions a plain ``open`` would give it (mkstemp's are owner-only).
+    ``durable`` flushes the file to disk (fsync) before the rename, so that even a power cut leaves the old
+    file or the new one (the training state). The file gets the permissions a plain ``open`` would give it
+    (mkstemp's are owner-only).
     """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="") as handle:
-            handle.write(text)
+        binary = isinstance(data, bytes)
+        with (os.fdopen(fd, "wb") if binary else
+              os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="")) as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

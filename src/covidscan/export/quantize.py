@@ -10,7 +10,6 @@ by at most :data:`MAX_AUC_DELTA`; the verdict and its figures go into the run's 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import suppress
@@ -29,10 +28,11 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from covidscan.errors import CovidscanError, StorageError
+from covidscan.errors import CovidscanError
 from covidscan.export.exporter import export_onnx
 from covidscan.inference import Predictor
 from covidscan.models.fast import MAX_AUC_DELTA, MAX_LABEL_CHANGE, compare_precision
+from covidscan.outputs import writing
 from covidscan.preprocess import PreparedSet
 from covidscan.runs import (
     INT8_FILE,
@@ -41,6 +41,7 @@ from covidscan.runs import (
     file_sha256,
     load_run,
     run_split,
+    write_atomic,
     write_checkpoint,
 )
 
@@ -87,12 +88,13 @@ def export_int8(
         fp32 = export_onnx(run.path, tmp / "model.onnx")
         int8 = tmp / INT8_FILE
         step = max(1, len(val) // CALIBRATION_IMAGES)  # an even spread over the split when it is large
-        calibration = _batches(_scorer(run, fp32), val.images[::step][:CALIBRATION_IMAGES])
-        quantize_onnx(fp32, int8, calibration)
-        verdict = _verdict(run, fp32, int8, test, max_label_change, max_auc_delta)
+        reference = _scorer(run, fp32)
+        quantize_onnx(fp32, int8, _batches(reference, val.images[::step][:CALIBRATION_IMAGES]))
+        verdict = _verdict(run, reference, int8, test, max_label_change, max_auc_delta)
         target = run.path / INT8_FILE
         if verdict.allowed:
-            _replace(int8, target)
+            with writing(target):
+                write_atomic(target, int8.read_bytes())
     if not verdict.allowed:
         with suppress(FileNotFoundError):
             target.unlink()
@@ -137,32 +139,14 @@ def _scorer(run: LoadedRun, onnx_file: Path) -> Predictor:
 
 
 def _verdict(
-    run: LoadedRun, fp32: Path, int8: Path, test: PreparedSet, max_label_change: float, max_auc_delta: float
+    run: LoadedRun, fp32: Predictor, int8: Path, test: PreparedSet, max_label_change: float,
+    max_auc_delta: float,
 ) -> Int8Verdict:
     """int8 vs fp32 (both through onnxruntime) on the test split: bf16's check (:func:`compare_precision`)."""
-    a, b = (run.calibration.proba(_scorer(run, path).logits(test.images)) for path in (fp32, int8))
+    a, b = (run.calibration.proba(scorer.logits(test.images)) for scorer in (fp32, _scorer(run, int8)))
     found = compare_precision(a, b, run.calibration.threshold, test.labels,
                               max_label_change=max_label_change, max_auc_delta=max_auc_delta)
     if found["auc_delta"] is None:  # one class: an int8 model is only trusted with its ROC AUC measured
         found["allowed"] = False
     return Int8Verdict(**found, torch=torch.__version__, sha256=file_sha256(int8),
                        onnxruntime=ort.__version__)
-
-
-def _replace(source: Path, target: Path) -> None:
-    """Copy ``source`` over ``target`` through a side file and a rename: readers never see half a file."""
-    tmp: Path | None = None
-    try:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-        tmp = Path(name)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(source.read_bytes())
-        os.replace(tmp, target)
-        tmp = None
-    except OSError as exc:
-        raise StorageError(f"cannot write {target}: {exc.strerror or exc}; check the run folder's "
-                           "permissions and free space") from None
-    finally:
-        if tmp is not None:
-            with suppress(OSError):
-                tmp.unlink(missing_ok=True)

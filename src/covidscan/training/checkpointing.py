@@ -18,7 +18,6 @@ import hashlib
 import io
 import os
 import random
-import tempfile
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from covidscan.errors import ConfigError, StorageError
 from covidscan.outputs import writing
+from covidscan.runs import write_atomic
 
 STATE_DIR = ".training"
 STATE_FILE = "state.pt"
@@ -128,15 +128,9 @@ class TrainingState:
         folder = self.path.parent
         with writing(self.path, "the training state "):
             folder.mkdir(parents=True, exist_ok=True)
-            fd, side = tempfile.mkstemp(dir=folder, prefix=f".{self.path.name}.", suffix=".part")
             try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(buffer.getbuffer())
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(side, self.path)
+                write_atomic(self.path, buffer.getvalue(), durable=True)
             except BaseException:
-                Path(side).unlink(missing_ok=True)
                 if not self.path.exists():  # nothing saved yet: leave the run folder as it was found
                     with suppress(OSError):
                         folder.rmdir()
