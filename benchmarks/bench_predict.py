@@ -1,3 +1,4 @@
+# ruff: noqa: E402 - short_spin_waits() must run before torch is imported
 """Prediction speed on this CPU, each optimised path next to a plain baseline measured in the same run.
 
     (a) decode + CLAHE + lung crop (prepare_paths, threads)              images/s
@@ -36,6 +37,10 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+from covidscan.system import keep_freed_memory, short_spin_waits
+
+short_spin_waits()  # as the covidscan command does, before torch loads OpenMP
+
 import numpy as np
 import torch
 
@@ -50,7 +55,6 @@ from covidscan.models import FastClassifier, bf16_supported, build_model
 from covidscan.models.fast import MAX_LABEL_CHANGE
 from covidscan.preprocess import PreprocessConfig, eval_transform, prepare_image, prepare_paths
 from covidscan.runs import LoadedRun, load_run, save_run
-from covidscan.system import keep_freed_memory
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ucsd-ct" / "covid"
 
@@ -206,7 +210,8 @@ def main() -> None:
         run = load_run(run_dir)
         e2e = [str(p) for p in np.resize(paths, args.e2e_images)]
         arch = run.config.model.backbone
-        base = rate(lambda: sequential_eager(run, e2e), len(e2e), 1, lambda: sequential_eager(run, e2e[:4]))
+        base = rate(lambda: sequential_eager(run, e2e), len(e2e), args.iters,
+                    lambda: sequential_eager(run, e2e[:4]))
         table.append(("c", f"{arch}: sequential eager fp32", base, 1.0))
         settings: dict = {}
 
@@ -215,7 +220,7 @@ def main() -> None:
         def fast_predict(files: list[str]) -> None:
             settings.update(predict(torch_engine, files, progress=False).attrs["predict"])
 
-        fast = rate(lambda: fast_predict(e2e), len(e2e), 1, lambda: fast_predict(e2e[:4]))
+        fast = rate(lambda: fast_predict(e2e), len(e2e), args.iters, lambda: fast_predict(e2e[:4]))
         table.append(("c", f"{arch}: predict ({settings['precision']})", fast, fast / base))
         # A copy of the run holding model.onnx and model.int8.onnx: what auto chooses among.
         copy = tmp / "run-copy"
@@ -232,7 +237,7 @@ def main() -> None:
         for engine, what in engines:
             loaded = Predictor.from_run(copy, engine=engine, workers=args.workers, batch_size=args.batch)
             job = partial(predict, loaded, progress=False)
-            r = rate(partial(job, e2e), len(e2e), 1, partial(job, e2e[:4]))
+            r = rate(partial(job, e2e), len(e2e), args.iters, partial(job, e2e[:4]))
             chose = f" -> {loaded.engine} {loaded.precision}" if engine == "auto" else ""
             table.append(("c", f"{arch}: predict, {what}{chose}", r, r / base))
 

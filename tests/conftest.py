@@ -56,6 +56,22 @@ def ood_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def phantom_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo preset trained on 400 CT phantoms of the training style (2 slices per patient; about 1.5
+    min on 2 CPU cores): the parent of the site-loop tests, trained once for the library's and the
+    service's. They only read it (the service writes its challengers into its own data folder)."""
+    from covidscan.config import load_config
+    from covidscan.data.synthetic import write_phantom_dataset
+    from covidscan.training import train_experiment
+
+    root = tmp_path_factory.mktemp("phantom_parent")
+    data = write_phantom_dataset(root / "data", n=400, seed=1, slices_per_patient=2)
+    train_experiment(load_config("demo-ct-phantom", ["evaluation.n_bootstrap=100"]), data, root / "run",
+                     progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
 def tiny_run(phantom_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained run directory of a tiny frozen-base model (seconds to train); for prediction tests."""
     from covidscan.config import load_config

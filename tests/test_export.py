@@ -107,6 +107,9 @@ def test_dynamic_batch_and_input_types(tiny_run: Path, tiny_onnx: Path, phantom_
     batch = _phantom_batch(phantom_manifest, run.config.preprocess, run.model)[:5]
     model = OnnxModel(tiny_onnx)
     assert model.fixed_batch is None
+    # Idle workers sleep rather than spin, leaving the cores to predict's decoding threads.
+    options = model.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
     five = model(batch)
     one = model(batch[:1].numpy())
     assert five.shape == (5, 2) and one.shape == (1, 2)

@@ -78,6 +78,10 @@ def test_fast_path_matches_the_reference_model(tiny_run, loaded, phantoms):
     transform = eval_transform(model.input_size, model.mean, model.std)
     reference = torch.stack([transform(image) for image in pixels])
     torch.testing.assert_close(x, reference, rtol=0, atol=1e-6)  # the vectorised transform is the same
+    assert x.is_contiguous(memory_format=torch.channels_last)  # what the folded torch engine runs fastest
+    nchw = to_model_batch(pixels, model.mean, model.std, channels_last=False)  # what onnxruntime takes
+    assert nchw.is_contiguous() and torch.equal(nchw, x)
+    assert loaded.batch(pixels).is_contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         torch.testing.assert_close(FastClassifier(model)(x), model(reference), rtol=1e-4, atol=1e-5)
     slow = predict(tiny_run, phantoms[:6], fast=False, progress=False)
@@ -208,6 +212,8 @@ def test_onnx_engine_matches_torch_and_caches_outside_the_run(tiny_run, phantoms
     sha = load_checkpoint(tiny_run).weights_sha256
     assert [p.name for p in (tmp_path / "cache" / "onnx").iterdir()] == [f"{sha}.onnx"]
     assert onnx_df.attrs["predict"]["engine"] == "onnx"
+    pixels = np.random.default_rng(0).random((2, *load_checkpoint(tiny_run).input_size), dtype=np.float32)
+    assert Predictor.from_run(tiny_run, engine="onnx").batch(pixels).is_contiguous()  # NCHW: no copy
     assert np.abs(onnx_df["p_covid"] - torch_df["p_covid"]).max() <= 1e-4
     # labels agree wherever the two fp32 engines' 1e-4 rounding cannot cross the threshold
     clear = (torch_df["p_covid"] - load_checkpoint(tiny_run).calibration.threshold).abs() > 1e-4

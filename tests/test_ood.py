@@ -6,12 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.ensemble import IsolationForest
 
 from covidscan.errors import ConfigError
 from covidscan.io import STAT_NAMES, image_stats
 from covidscan.io.base import ImageMeta
 from covidscan.models.ood import (
     FeatureDensity,
+    FlatForest,
     ImageStatsEnvelope,
     OODDetector,
 )
@@ -141,3 +143,23 @@ def test_bad_inputs_raise_config_error_with_a_clear_message(tmp_path: Path):
         OODDetector.load(bogus)
     with pytest.raises(ConfigError, match="is not a covidscan OOD detector file"):
         OODDetector.load(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("n_train", [1, 2, 7, 300])
+def test_flat_forest_scores_exactly_as_scikit_learn(n_train: int):
+    rng = np.random.default_rng(n_train)
+    train = rng.normal(size=(n_train, 9))
+    forest = IsolationForest(n_estimators=50, random_state=0).fit(train)
+    flat = FlatForest(forest)
+    x = np.concatenate([rng.normal(size=(40, 9)) * 4, train[:5]])
+    x[0] = forest.estimators_[0].tree_.threshold[0]  # on a split value: "<=" goes left in both
+    assert np.array_equal(flat.score_samples(x), forest.score_samples(x))  # to the last bit
+    assert np.array_equal(flat.score_samples(x[:1]), forest.score_samples(x[:1]))
+    x[1, 2] = np.nan  # missing values follow scikit-learn's own rules
+    assert np.array_equal(flat.score_samples(x), forest.score_samples(x))
+
+
+def test_flat_forest_needs_trees_over_every_feature():
+    forest = IsolationForest(n_estimators=5, max_features=0.5, random_state=0).fit(np.eye(4))
+    with pytest.raises(ConfigError, match=r"max_features=1\.0"):
+        FlatForest(forest)

@@ -10,12 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from covidscan.config import load_config
 from covidscan.data.synthetic import write_phantom_dataset
 from covidscan.errors import ConfigError
 from covidscan.evaluation import SiteRules, local_figures, site_status
 from covidscan.inference import Predictor
-from covidscan.training import train_experiment
 from covidscan.training.adapt import adapt_run
 from covidscan.training.site import COMPARED, challenge, challenge_from
 
@@ -57,16 +55,6 @@ def test_challenge_needs_the_parent_compared(tiny_run: Path, tmp_path: Path):
                                   progress=False)
     with pytest.raises(ConfigError, match="mode='auto'"):
         challenge_from(only_recalibrated)
-
-
-@pytest.fixture(scope="module")
-def phantom_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo preset trained on 400 phantoms of the training style (about 1.5 min on 2 CPU cores)."""
-    root = tmp_path_factory.mktemp("phantom_parent")
-    data = write_phantom_dataset(root / "data", n=400, seed=1, slices_per_patient=2)
-    cfg = load_config("demo-ct-phantom", ["evaluation.n_bootstrap=100"])
-    train_experiment(cfg, data, root / "run", progress=False)
-    return root / "run"
 
 
 @pytest.mark.slow

@@ -6,12 +6,13 @@ The allocator is process state that every earlier test changes, so each case run
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from covidscan.system import keep_freed_memory
+from covidscan.system import SPIN_COUNT, keep_freed_memory
 
 MIB = 1024 * 1024
 
@@ -20,7 +21,7 @@ MIB = 1024 * 1024
 _MEASURE = """
 import ctypes, json, sys
 import torch
-from covidscan.system import keep_freed_memory
+from covidscan.system import SPIN_COUNT, keep_freed_memory
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in (
@@ -63,3 +64,40 @@ def test_without_keep_freed_memory_large_tensors_get_a_fresh_mmap(settings):
     mapped, _, heap_after = _measure(*settings)
     assert mapped >= 64 * MIB  # glibc's default: a fresh mmap for every large block
     assert heap_after < 64 * MIB  # and handed back to the kernel once freed
+
+
+_SPIN = """
+import json, os, sys
+if sys.argv[1] == "torch-first":
+    import torch
+from covidscan.system import short_spin_waits
+print(json.dumps([short_spin_waits(), os.environ.get("GOMP_SPINCOUNT")]))
+"""
+
+
+def _run(code: str, *args: str, **env: str) -> list:
+    """The last line of ``code``'s output (JSON), run in a fresh interpreter without any spin setting."""
+    clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120,
+                          env=clean | env)
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_short_spin_waits_is_set_before_torch_loads_and_never_over_the_users_choice():
+    assert _run(_SPIN, "fresh") == [True, str(SPIN_COUNT)]
+    assert _run(_SPIN, "torch-first") == [False, None]  # libgomp has read its settings already: say so
+    assert _run(_SPIN, "fresh", GOMP_SPINCOUNT="5") == [False, "5"]
+    assert _run(_SPIN, "fresh", OMP_WAIT_POLICY="PASSIVE") == [False, None]
+
+
+_COMMAND = """
+import atexit, json, os, sys
+atexit.register(lambda: print(json.dumps([os.environ.get("GOMP_SPINCOUNT"), "torch" in sys.modules])))
+sys.argv = ["covidscan", "predict", "--help"]
+from covidscan.cli import main
+main()
+"""
+
+
+def test_the_covidscan_command_shortens_spin_waits_before_it_loads_torch():
+    assert _run(_COMMAND) == [str(SPIN_COUNT), False]

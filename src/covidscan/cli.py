@@ -16,7 +16,7 @@ from covidscan.console import PlainRichHandler, labelled
 from covidscan.console import stderr as console
 from covidscan.console import stdout as out_console
 from covidscan.errors import ConfigError, CovidscanError, ManifestError
-from covidscan.system import keep_freed_memory
+from covidscan.system import keep_freed_memory, short_spin_waits
 
 _QUIET = ("-q", "--quiet")
 
@@ -716,4 +716,5 @@ def main() -> None:
     )
     warnings.showwarning = _show_warning
     keep_freed_memory()
+    short_spin_waits()
     app(prog_name="covidscan")

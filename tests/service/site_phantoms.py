@@ -1,5 +1,5 @@
-"""The phantom hospital of the site-loop tests: a parent run trained on phantoms of the training style, and
-patients of another scanner (``site="scanner-b"``) arriving one case each."""
+"""The phantom hospital of the site-loop tests: patients of another scanner (``site="scanner-b"``) arriving
+one case each (their parent run is the ``phantom_parent`` fixture of tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,21 +7,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-
-PARENT_PHANTOMS = 400  # images of the training style the parent learns from (2 slices per patient)
-
-
-def train_phantom_parent(root: Path, *, n_bootstrap: int = 100) -> Path:
-    """The demo preset trained on 400 CT phantoms of the training style (about 1.5 min on 2 CPU cores), as
-    the site-loop benchmark's parent; returns the run directory ``root/run``."""
-    from covidscan.config import load_config
-    from covidscan.data.synthetic import write_phantom_dataset
-    from covidscan.training import train_experiment
-
-    data = write_phantom_dataset(root / "data", n=PARENT_PHANTOMS, seed=1, slices_per_patient=2)
-    cfg = load_config("demo-ct-phantom", [f"evaluation.n_bootstrap={n_bootstrap}"])
-    train_experiment(cfg, data, root / "run", progress=False)
-    return root / "run"
 
 
 @dataclass(frozen=True)

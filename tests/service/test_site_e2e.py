@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from service_helpers import free_port, start_server
-from site_phantoms import Patient, site_patients, train_phantom_parent
+from site_phantoms import Patient, site_patients
 from sqlalchemy import select
 
 from conftest import add_accounts
@@ -39,11 +39,6 @@ LATER = 60  # at most this many later patients to validate the promoted run on
 # An admin sets it (issue 14 §3: "rules an admin sets"); the targets on the lower CI bounds stay the
 # defaults, so "validated" still needs the site's own figures to prove the run.
 VALIDATE_MIN_PATIENTS = 30
-
-
-@pytest.fixture(scope="module")
-def parent_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_phantom_parent(tmp_path_factory.mktemp("parent"))
 
 
 @pytest.fixture(scope="module")
@@ -144,11 +139,11 @@ def passes(site: dict) -> bool:
 
 
 @pytest.fixture
-def served(database_url: str, parent_run: Path, tmp_path: Path) -> Iterator[tuple[Api, Path]]:
+def served(database_url: str, phantom_parent: Path, tmp_path: Path) -> Iterator[tuple[Api, Path]]:
     """A real `covidscan serve` on ``database_url`` over the phantom parent; yields its API and log."""
     data_dir, port, log = tmp_path / "service", free_port(), tmp_path / "server.log"
     tokens = add_accounts(data_dir, database_url)
-    server = start_server(parent_run, data_dir, port, log, database_url=database_url,
+    server = start_server(phantom_parent, data_dir, port, log, database_url=database_url,
                           env={"COVIDSCAN_POLL_SECONDS": "0.1"})
     api = Api(f"http://127.0.0.1:{port}", tokens)
     try:
@@ -160,7 +155,7 @@ def served(database_url: str, parent_run: Path, tmp_path: Path) -> Iterator[tupl
 
 
 def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
-    served: tuple[Api, Path], patients: list[Patient], parent_run: Path, database_url: str
+    served: tuple[Api, Path], patients: list[Patient], phantom_parent: Path, database_url: str
 ) -> None:
     api, log = served
     took: dict[str, float] = {}
@@ -177,7 +172,7 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
     case_ids = [int(re.search(r"case (\d+) ", sent.stdout).group(1))]
     case = api.ready(case_ids[0])
     site_id = case["site"]["id"]
-    assert case["site"]["name"] == SITE and case["model"]["run"] == parent_run.name
+    assert case["site"]["name"] == SITE and case["model"]["run"] == phantom_parent.name
     alarm_at = None
     for patient in patients[1:SIGNED]:
         case_ids.append(api.send(patient))
@@ -214,7 +209,7 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
     site = api.site_when(site_id, lambda s: s["runs"][0]["state"] != "training", 900, "a challenger trained")
     (challenger,) = site["runs"]
     assert challenger["state"] == "candidate", challenger["error"]
-    assert challenger["n_patients"] == SIGNED and challenger["parent_run"] == parent_run.name
+    assert challenger["n_patients"] == SIGNED and challenger["parent_run"] == phantom_parent.name
     comparison = challenger["comparison"]
     assert comparison["better"] and comparison["mode"] != "parent"
     for side in ("champion", "challenger"):
@@ -232,7 +227,7 @@ def test_phantom_site_alarm_reader_first_challenger_promotion_and_validation(
 
     # Another site keeps the service's run.
     other = api.ready(api.send(patients[0], site=None))
-    assert other["site"]["name"] == "lab" and other["model"]["run"] == parent_run.name
+    assert other["site"]["name"] == "lab" and other["model"]["run"] == phantom_parent.name
 
     # --- later patients: predicted by the site's own run, read and signed until the site is validated
     validated_at, judged = None, 0

@@ -94,8 +94,9 @@ def choose_engine(
         return cached
     height, width = checkpoint.input_size
     pixels = np.random.default_rng(0).random((batch, height, width), dtype=np.float32)
-    x = to_model_batch(pixels, checkpoint.mean, checkpoint.std)
-    rates = {name: _images_per_s(build(name), x) for name in candidates}
+    rates = {name: _images_per_s(build(name), to_model_batch(pixels, checkpoint.mean, checkpoint.std,
+                                                             channels_last=name == "torch"))
+             for name in candidates}
     choice = max(rates, key=lambda name: rates[name])
     record = {"choice": choice, "images_per_s": rates, "batch": batch, "run": str(run_dir.resolve()),
               "cpu": cpu_features(), "threads": torch.get_num_threads()}

@@ -291,7 +291,8 @@ class Predictor:
     def batch(self, prepared: Sequence[PreparedImage] | np.ndarray) -> torch.Tensor:
         """The normalised model batch (N, 3, H, W) of prepared images (or their stacked (N, H, W) pixels)."""
         pixels = prepared if isinstance(prepared, np.ndarray) else np.stack([p.pixels for p in prepared])
-        return to_model_batch(pixels, self.checkpoint.mean, self.checkpoint.std)
+        return to_model_batch(pixels, self.checkpoint.mean, self.checkpoint.std,
+                              channels_last=self.engine == "torch")
 
     def logits(self, prepared: Sequence[PreparedImage] | np.ndarray) -> np.ndarray:
         """Binary logits ``z = logit_covid - logit_non_covid`` of prepared images, in batches."""

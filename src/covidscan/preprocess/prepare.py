@@ -125,8 +125,11 @@ def prepare_image(
     )
 
 
-def to_model_batch(pixels: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Float (N, H, W) in [0, 1] at model size -> normalised float (N, 3, H, W), channels_last.
+def to_model_batch(
+    pixels: np.ndarray, mean: Sequence[float], std: Sequence[float], *, channels_last: bool = True
+) -> torch.Tensor:
+    """Float (N, H, W) in [0, 1] at model size -> normalised float (N, 3, H, W), channels_last unless
+    ``channels_last=False`` (onnxruntime takes contiguous NCHW, and converting costs a copy of the batch).
 
     Equals ``eval_transform`` image by image (gray to 3 channels, normalise; no resize at model size)
     in a few vectorised ops instead of one torchvision pipeline per image.
@@ -134,7 +137,8 @@ def to_model_batch(pixels: np.ndarray, mean: Sequence[float], std: Sequence[floa
     x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).unsqueeze(1)
     m = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def prepare_paths(
