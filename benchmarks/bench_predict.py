@@ -5,11 +5,11 @@
     (b) backbone forward, batch 1 and N: eager fp32 (no_grad, NCHW) vs BatchNorm folded + channels_last +
         inference_mode, in fp32 and (where the CPU has native bf16) bf16, and onnxruntime in fp32 and in
         int8 (static QDQ, calibrated on random batches: random weights, so speed only)
-    (c) end to end: covidscan.inference.predict on a folder (torch engine, onnxruntime fp32, int8 and
-        engine auto) vs a sequential eager fp32 loop (read -> preprocess -> eval_transform -> one image at
-        a time through the model); int8 is the run's own (``export_int8`` on a copy of the run, limits
-        loosened so that its speed is measured even where the run's check refuses it: the check's
-        figures are printed and written beside it)
+    (c) end to end, best of ``--iters`` passes: covidscan.inference.predict on a folder (torch engine,
+        onnxruntime fp32, int8 and engine auto) vs a sequential eager fp32 loop (read -> preprocess ->
+        eval_transform -> one image at a time through the model); int8 is the run's own (``export_int8``
+        on a copy of the run, limits loosened so that its speed is measured even where the run's check
+        refuses it: the check's figures are printed and written beside it)
     (d) a loaded Predictor: Predictor.from_run (load, fold, engine choice), its first call, and the
         per-image time of later calls (one image, and a batch)
 
