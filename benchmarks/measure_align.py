@@ -45,7 +45,7 @@ def _features(parent: LoadedRun, df: pd.DataFrame, cache: Path) -> tuple[np.ndar
     prepared = prepare_manifest(
         df, parent.checkpoint.preprocess, parent.checkpoint.input_size, progress=False
     )
-    x = parent_features(parent, prepared.images)
+    [x] = parent_features(parent, prepared.images)
     groups = np.array(
         [g if g is not None else p for g, p in zip(prepared.patient_ids, prepared.paths, strict=True)]
     )
@@ -57,7 +57,7 @@ def _features(parent: LoadedRun, df: pd.DataFrame, cache: Path) -> tuple[np.ndar
 def _split_features(parent: LoadedRun, split: str, cache: Path) -> np.ndarray:
     if cache.is_file():
         return np.load(cache)["x"]
-    x = parent_features(parent, run_split(parent, split).images)
+    [x] = parent_features(parent, run_split(parent, split).images)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, x=x)
     return x

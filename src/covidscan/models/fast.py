@@ -148,7 +148,7 @@ def bf16_verdict(
         return PrecisionVerdict(allowed=False, reason="no test images to check bf16 on",
                                 torch=torch.__version__)
     return PrecisionVerdict(**compare_precision(np.concatenate(p32), np.concatenate(p16), threshold, labels),
-                       torch=torch.__version__)
+                            torch=torch.__version__)
 
 
 def compare_precision(

@@ -148,14 +148,17 @@ def _embed(parent: LoadedRun, prepared: PreparedSet, progress: bool, desc: str) 
                  progress=progress, desc=desc)[:, 0]
 
 
-def parent_features(parent: LoadedRun, images: np.ndarray) -> np.ndarray:
-    """Pooled backbone features of prepared images, scored by the parent as ``covidscan predict`` serves it
-    (fp32: the same numbers on every CPU)."""
+def parent_features(parent: LoadedRun, *image_sets: np.ndarray) -> list[np.ndarray]:
+    """Pooled backbone features of each set of prepared images, scored by the parent as ``covidscan
+    predict`` serves it (fp32: the same numbers on every CPU), with one Predictor for all the sets."""
     scorer = Predictor.from_model(parent.model, parent.checkpoint, run_dir=parent.path, engine="torch",
                                   precision="fp32", batch_size=parent.config.train.batch_size)
-    features = scorer.logits_and_features(images)[1]
-    assert features is not None  # the torch engine always gives features
-    return features
+    found = []
+    for images in image_sets:
+        features = scorer.logits_and_features(images)[1]
+        assert features is not None  # the torch engine always gives features
+        found.append(features)
+    return found
 
 
 def _original_features(parent: LoadedRun, progress: bool) -> tuple[torch.Tensor, np.ndarray]:
@@ -420,7 +423,7 @@ def adapt_run(
     report_metrics = compared[chosen] | {"adaptation": {"mode": chosen, "compared": compared},
                                          "excluded": len(local.prepared.excluded)}
     # The backbone is the parent's, so one pass gives the local cases' features for both files below.
-    local_feats = parent_features(parent, local.prepared.images)
+    [local_feats] = parent_features(parent, local.prepared.images)
     assert local.prepared.stats is not None
     # The adapted run's figures are measured on the local cases: they are what "validated here" means.
     reference = shift_features(local_feats, local.prepared.stats), "adapted: the local cases"

@@ -326,10 +326,9 @@ def align_run(
         )
     site = _read_site(data, parent, strict, progress)
     prepare_run_dir(out, overwrite, [*run_inputs(parent.path), data, *site.prepared.paths])
-    site_feats = parent_features(parent, site.prepared.images)
     train = run_split(parent, "train", progress=progress)
     val = run_split(parent, "val", progress=progress)
-    source, reference = parent_features(parent, train.images), parent_features(parent, val.images)
+    site_feats, source, reference = parent_features(parent, site.prepared.images, train.images, val.images)
     calibration = parent.calibration
 
     def positive(x: np.ndarray) -> np.ndarray:

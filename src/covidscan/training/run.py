@@ -187,8 +187,8 @@ def _train_into(
     has_val = len(val_set) > 0
     bs, seed = cfg.train.batch_size, cfg.train.seed
     use_cache = cfg.model.train_mode == "frozen" and cfg.train.cache_features
-    training_state = TrainingState(state, data_fingerprint(train_set.images, train_set.labels, val_set.images,
-                                                      val_set.labels), cfg.model_dump(mode="json"), resume)
+    fingerprint = data_fingerprint(train_set.images, train_set.labels, val_set.images, val_set.labels)
+    training_state = TrainingState(state, fingerprint, cfg.model_dump(mode="json"), resume)
     training_state.load()  # a resume of other data or config is refused now, before any features are computed
     model.to(device)
 
