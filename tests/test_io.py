@@ -22,6 +22,7 @@ from covidscan.io import (
     scan_images,
     to_uint8,
 )
+from covidscan.io.base import unit_histogram
 from dicom_files import write_dicom
 
 LUMA = np.array([0.299, 0.587, 0.114])
@@ -362,3 +363,27 @@ def test_real_jpeg2000_monochrome1_radiograph(shared_dir):
     mediastinum = pixels[rows, int(0.45 * w):int(0.55 * w)]
     # MONOCHROME1 inverted: air-filled lungs darker than the mediastinum (0.64 / 0.60 vs 0.87 here).
     assert max(right_lung.mean(), left_lung.mean()) < mediastinum.mean() - 0.15
+
+
+@pytest.mark.parametrize("bins", [1, 2, 16, 32])
+def test_unit_histogram_counts_exactly_as_numpy(bins: int):
+    rng = np.random.default_rng(0)
+    edges = np.arange(bins + 1) / bins
+    samples = [
+        rng.random(10_000, dtype=np.float32),
+        (rng.integers(0, 256, 5_000) / 255).astype(np.float32),  # 8-bit levels
+        rng.integers(0, 65536, 5_000) / 65535,  # 16-bit levels, float64
+        # on and just beside every edge, outside [0, 1], NaN and infinities: left out as numpy leaves them
+        np.concatenate([edges, np.nextafter(edges, -1), np.nextafter(edges, 2),
+                        [-1e-9, 1 + 1e-7, np.nan, np.inf, -np.inf]]).astype(np.float32),
+    ]
+    for values in samples:
+        expected = np.histogram(values, bins=bins, range=(0.0, 1.0))[0]
+        counts = unit_histogram(values, bins)
+        np.testing.assert_array_equal(counts, expected)
+        assert counts.dtype == expected.dtype
+
+
+def test_unit_histogram_refuses_bins_it_cannot_place_exactly():
+    with pytest.raises(ValueError, match="power-of-two number of bins, got 10"):
+        unit_histogram(np.zeros(4), 10)

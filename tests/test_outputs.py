@@ -12,6 +12,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -166,6 +167,27 @@ def test_staged_folder_keeps_the_old_folder_until_the_new_one_is_complete(tmp_pa
         (stage / "new.txt").write_text("new")
     assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
 
+
+
+def test_staged_folder_clears_what_killed_commands_left_and_keeps_the_rest(tmp_path: Path, caplog):
+    out, host = tmp_path / "out", socket.gethostname()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    dead = int(ended.stdout)  # a process that has ended: what a killed command leaves behind
+    killed = tmp_path / f".out.{dead}@{host}.1a2b3c4d.partial"
+    earlier = tmp_path / f".out.{dead}@{host}.5e6f7a8b.old"  # killed between the swap's two renames
+    running = tmp_path / f".out.{os.getpid()}@{host}.00000000.partial"  # another command still writing
+    elsewhere = tmp_path / f".out.{dead}@another-host.00000000.partial"  # on a shared disk: cannot tell
+    other = tmp_path / f".out2.{dead}@{host}.00000000.partial"  # another output's
+    for side in (killed, earlier, running, elsewhere, other):
+        side.mkdir()
+        (side / "model.safetensors").write_text("weights")
+    with caplog.at_level("WARNING", logger="covidscan.outputs"), staged_folder(out) as stage:
+        (stage / "new.txt").write_text("new")
+    assert os.listdir(out) == ["new.txt"]
+    assert not killed.exists()
+    assert all((side / "model.safetensors").is_file() for side in (earlier, running, elsewhere, other))
+    assert f"{earlier} is the earlier out, left there by an interrupted command" in caplog.text
 
 def _cells(text: str) -> list[str]:
     return [cell for row in csv.reader(io.StringIO(text)) for cell in row]

@@ -18,6 +18,7 @@ from covidscan.preprocess import (
     preprocess,
     preview_sheet,
 )
+from covidscan.preprocess.clahe import as_gray_float
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -237,3 +238,13 @@ def test_preview_sheet_bad_input(tmp_path):
         preview_sheet(df, tmp_path / "s.png", n=0)
     with pytest.raises(ConfigError, match="modality"):
         preview_sheet(df, tmp_path / "s.png", modality="mri")
+
+
+def test_gray_float_maps_nan_and_infinities_as_nan_to_num_and_clip_would():
+    image = np.array([[np.nan, np.inf, -np.inf, -0.5, 0.0, 0.25, 1.0, 7.0]], np.float64)
+    out = as_gray_float(image)
+    np.testing.assert_array_equal(out, np.clip(np.nan_to_num(image.astype(np.float32)), 0.0, 1.0))
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    levels = np.array([[0, 128, 255]], np.uint8)
+    # integers are clipped, not scaled
+    np.testing.assert_array_equal(as_gray_float(levels), [[0.0, 1.0, 1.0]])

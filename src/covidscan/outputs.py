@@ -13,9 +13,12 @@
 from __future__ import annotations
 
 import errno
+import glob
+import logging
 import os
 import re
 import shutil
+import socket
 import stat
 import uuid
 from collections.abc import Iterable, Iterator
@@ -27,6 +30,9 @@ import pandas as pd
 from safetensors import SafetensorError
 
 from covidscan.errors import ConfigError, CovidscanError, StorageError
+from covidscan.system import process_alive
+
+log = logging.getLogger(__name__)
 
 FORMULA = re.compile(r"'*[=+\-@\t\r]")
 """Cells a spreadsheet would run as formulas (OWASP), optionally behind ``'`` already: those get one more."""
@@ -225,20 +231,54 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
 
 
+def _side_folder(out: Path, kind: str) -> Path:
+    """``.NAME.PID@HOST.RANDOM.KIND`` beside ``out``: the owner in the name tells a later command whether
+    the process that made it is gone (killed) or may still be writing."""
+    return out.parent / f".{out.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex[:8]}.{kind}"
+
+
+def _left_by_killed_commands(out: Path) -> list[Path]:
+    """Side folders of ``out`` whose process, on this machine, no longer runs (a killed command's)."""
+    prefix, host, found = f".{out.name}.", socket.gethostname(), []
+    for side in out.parent.glob(glob.escape(prefix) + "*"):
+        owner, _, kind = side.name[len(prefix):].rpartition(".")
+        pid, at, where = owner.rpartition(".")[0].partition("@")
+        mine = kind in ("partial", "old") and at and where == host and pid.isdigit()
+        if mine and not process_alive(int(pid)):
+            found.append(side)
+    return sorted(found)
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Delete the half-written side folders of killed commands; name (never delete) an old ``out`` that a
+    kill left beside it, which may be the only copy of a previous result."""
+    for side in _left_by_killed_commands(out):
+        if side.name.endswith(".partial"):
+            try:
+                _remove(side)
+            except OSError as exc:
+                log.warning("cannot remove %s, left by an interrupted command: %s", side, exc)
+        else:
+            log.warning("%s is the earlier %s, left there by an interrupted command; rename it back to "
+                        "%s to keep it, or delete it", side, out.name, out.name)
+
+
 @contextmanager
 def staged_folder(out: str | Path) -> Iterator[Path]:
     """Yield an empty side folder beside ``out`` to write into; swap it in for ``out`` when the block ends.
 
     The side folder is on the same file system (``out``'s parent), so the swap is two renames; the old
     ``out`` is deleted only after the new one is in place. If the block fails, the side folder is removed
-    and ``out`` is left exactly as it was.
+    and ``out`` is left exactly as it was. Side folders that killed commands left beside ``out`` (their
+    process is gone) are deleted first; an old ``out`` among them is only named in a warning.
     """
     out = Path(out)
-    stage = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    _clear_leftovers(out)
+    stage = _side_folder(out, "partial")
     with writing(stage):
         out.parent.mkdir(parents=True, exist_ok=True)
         stage.mkdir()
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+    old = _side_folder(out, "old")
     try:
         yield stage
         with writing(out):

@@ -1,5 +1,5 @@
 """Process-wide settings: the compute device and the CPU's features, covidscan's cache folder, glibc's
-allocator and how long OpenMP's idle threads spin."""
+allocator, how long OpenMP's idle threads spin, and whether another process still runs."""
 
 from __future__ import annotations
 
@@ -67,6 +67,18 @@ def short_spin_waits(spins: int = SPIN_COUNT) -> bool:
     if "torch" in sys.modules:
         return False
     os.environ["GOMP_SPINCOUNT"] = str(int(spins))
+    return True
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (one of another user counts): a folder or lease named
+    after a process that is gone was left by a killed command."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
     return True
 
 

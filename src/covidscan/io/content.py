@@ -31,7 +31,7 @@ import numpy as np
 
 from covidscan.errors import ConfigError
 
-from .base import LoadedImage, to_uint8
+from .base import LoadedImage, to_uint8, unit_histogram
 
 CONTENT_KINDS: tuple[str, ...] = ("ct", "cxr", "other")
 """The classifier's classes, in the order of its probabilities."""
@@ -95,7 +95,7 @@ def content_features(pixels: np.ndarray) -> np.ndarray:
     means = cv2.resize(small, (_CELLS, _CELLS), interpolation=cv2.INTER_AREA)
     squares = cv2.resize(small * small, (_CELLS, _CELLS), interpolation=cv2.INTER_AREA)
     cell_std = np.sqrt(np.maximum(squares - means * means, 0.0)).ravel()
-    hist = np.histogram(small, bins=_BINS, range=(0.0, 1.0))[0] / small.size
+    hist = unit_histogram(small, _BINS) / small.size
     ring = _SIDE // 12
     border = np.concatenate([small[:ring].ravel(), small[-ring:].ravel(), small[ring:-ring, :ring].ravel(),
                              small[ring:-ring, -ring:].ravel()])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from covidscan.errors import ConfigError
-from covidscan.io.base import ImageMeta
+from covidscan.io.base import ImageMeta, unit_histogram
 
 HIST_BINS = 32
 # Below / above these gray levels a pixel counts as black / white (padding, burnt-in labels, saturation).
@@ -37,7 +37,7 @@ def image_stats(pixels: np.ndarray, meta: ImageMeta | None = None) -> np.ndarray
     # A strided view of at most ~512 px per side: the same statistics, without a histogram of 9 Mpx.
     step = max(1, max(pixels.shape) // 512)
     values = pixels[::step, ::step].astype(np.float32, copy=False).ravel()
-    hist = np.histogram(values, bins=HIST_BINS, range=(0.0, 1.0))[0] / values.size
+    hist = unit_histogram(values, HIST_BINS) / values.size
     height, width = pixels.shape
     colour = high_depth = 0.0
     if meta is not None:

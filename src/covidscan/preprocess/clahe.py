@@ -21,7 +21,9 @@ def as_gray_float(image: np.ndarray) -> np.ndarray:
         )
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise ConfigError(f"expected a gray image of numbers in [0, 1], got dtype {array.dtype}")
-    return np.clip(np.nan_to_num(array.astype(np.float32, copy=False)), 0.0, 1.0)
+    # fmax maps NaN and -inf to 0 and minimum maps +inf to 1, as nan_to_num + clip would, in two passes.
+    out = np.fmax(array.astype(np.float32, copy=False), np.float32(0.0))
+    return np.minimum(out, np.float32(1.0), out=out)
 
 
 def check_clahe_args(clip_limit: float, tile_grid: tuple[int, int]) -> tuple[float, tuple[int, int]]:

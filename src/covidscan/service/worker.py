@@ -38,6 +38,7 @@ from covidscan.service.scoring import ScoredCase, Scorer
 from covidscan.service.settings import active_run
 from covidscan.service.sites import put_features, run_for_case
 from covidscan.service.storage import BlobStore
+from covidscan.system import process_alive
 
 log = logging.getLogger(__name__)
 
@@ -46,16 +47,6 @@ MAX_ATTEMPTS = 3
 MAX_SCORERS = 4  # loaded runs kept (the global one and a few sites' own); the oldest is dropped
 HOST = socket.gethostname()
 SWEEP_SECONDS = 600  # how often an idle worker looks for orphan files
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def set_active_run(db: Database, run_dir: str | Path, *, actor: str | None) -> str:
@@ -126,7 +117,7 @@ class Worker:
         for owner in owners:
             host, _, rest = owner.partition(":")
             pid = rest.partition(":")[0]
-            if host == HOST and pid.isdigit() and owner != self.owner and not _alive(int(pid)):
+            if host == HOST and pid.isdigit() and owner != self.owner and not process_alive(int(pid)):
                 stale.append(owner)
         return stale
 
