@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from covidscan.system import SPIN_COUNT, keep_freed_memory
+from covidscan.system import SPIN_COUNT, keep_freed_memory, process_alive
 
 MIB = 1024 * 1024
 
@@ -101,3 +101,10 @@ main()
 
 def test_the_covidscan_command_shortens_spin_waits_before_it_loads_torch():
     assert _run(_COMMAND) == [str(SPIN_COUNT), False]
+
+
+def test_process_alive_tells_a_running_process_from_one_that_has_ended():
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                           text=True, check=True)
+    assert process_alive(os.getpid())
+    assert not process_alive(int(ended.stdout))
