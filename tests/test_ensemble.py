@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+import covidscan.training.adapt as adapting
 from covidscan.cli import app
 from covidscan.config import ExperimentConfig, load_config
 from covidscan.data.synthetic import write_phantom_dataset
@@ -141,11 +142,12 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def members(data: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    """Two member runs of untrained models on the same split, with other temperatures."""
+    """Two member runs of untrained models on the same split, with other temperatures; the second's head
+    learns on standardised features."""
     splits = load_dataset(data, _cfg(BACKBONES[0]))
     root = tmp_path_factory.mktemp("members")
     return [
-        _saved_run(root / f"m{i}", backbone, i, t, splits)
+        _saved_run(root / f"m{i}", backbone, i, t, splits, *(["model.standardize=true"] if i else []))
         for i, (backbone, t) in enumerate(zip(BACKBONES, TEMPERATURES, strict=True))
     ]
 
@@ -317,11 +319,24 @@ def test_review_service_scorer_loads_an_ensemble(ensemble: Path, data: Path) -> 
 
 
 @pytest.mark.slow
-def test_adapting_an_ensemble_refits_the_members_heads_jointly(ensemble: Path, tmp_path: Path) -> None:
+def test_adapting_an_ensemble_refits_the_members_heads_jointly(
+    ensemble: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     site = write_phantom_dataset(
         tmp_path / "site", n=24, modality="ct", seed=11, slices_per_patient=2, site="scanner-b"
     )
+    masks = []
+    real_fit_head = adapting.fit_head
+
+    def spy(*args, standardize, **kwargs):
+        masks.append(standardize)
+        return real_fit_head(*args, standardize=standardize, **kwargs)
+
+    monkeypatch.setattr(adapting, "fit_head", spy)
     result = adapt_run(ensemble, site, tmp_path / "adapted", mode="head", folds=2, progress=False)
+    # Only the second member learned on standardised features: only its features are standardised again.
+    sizes = load_run(ensemble).model.head_tail.sizes
+    assert masks and all(m.tolist() == [False] * sizes[0] + [True] * sizes[1] for m in masks)
     adapted, parent = load_run(result.run_dir), load_run(ensemble)
     assert adapted.checkpoint.ensemble == parent.checkpoint.ensemble
     assert adapted.checkpoint.parent is not None and adapted.checkpoint.parent.mode == "head"

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from covidscan.cli import app
@@ -108,7 +109,8 @@ def test_features_are_extracted_once_per_backbone(tuned, phantom_manifest: Path)
 
 def test_head_only_settings_share_features_and_others_do_not():
     cfg = load_config("paper-a-resnet50", TINY)
-    same = load_config("paper-a-resnet50", [*TINY, "train.lr=0.01", "model.dropout=0.6", "train.epochs=9"])
+    same = load_config("paper-a-resnet50", [*TINY, "train.lr=0.01", "model.dropout=0.6", "train.epochs=9",
+                                            "model.standardize=true"])
     other = load_config("paper-a-resnet50", [*TINY, "preprocess.clahe=false"])
     assert tuning.feature_key(cfg, ["a.png"]) == tuning.feature_key(same, ["a.png"])
     assert tuning.feature_key(cfg, ["a.png"]) != tuning.feature_key(other, ["a.png"])
@@ -244,3 +246,26 @@ def test_cli_tunes_then_trains_the_best(phantom_manifest: Path, tmp_path: Path):
         prog_name="covidscan",
     )
     assert bad.exit_code == 2 and "did you mean model.dropout" in bad.output
+
+
+def test_without_augmentation_the_backbone_runs_once(phantom_manifest: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch):
+    calls = []
+    real = tuning.embed
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("views", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "embed", counting)
+    cfg = load_config("paper-a-resnet50", [*TINY, "train.augment=null"])
+    df = load_dataset(phantom_manifest, cfg)
+    feats, _, _ = tuning.FeatureStore(tmp_path).get(cfg, df, strict=False, progress=False)
+    assert calls == [1]
+    assert feats.aug.shape[1] == 1
+    torch.testing.assert_close(feats.clean, feats.aug[:, 0])
+    # the plain image's features, as an augmented run's separate pass computes them
+    augmented = load_config("paper-a-resnet50", [*TINY, "train.augment=paper_a", "train.views=1"])
+    again, _, _ = tuning.FeatureStore(tmp_path).get(augmented, df, strict=False, progress=False)
+    assert calls == [1, 1, 1]
+    torch.testing.assert_close(again.clean, feats.clean)

@@ -100,6 +100,16 @@ class ExperimentConfig(_Strict):
             pre["modality"] = modality
         return {**data, "preprocess": pre}
 
+    @model_validator(mode="after")
+    def _standardize_on_cached_features(self) -> ExperimentConfig:
+        """``model.standardize`` fits its map on cached frozen features; other modes have none to fit on."""
+        if self.model.standardize and not (self.model.train_mode == "frozen" and self.train.cache_features):
+            raise ValueError(
+                "model.standardize needs fixed features to standardise: set model.train_mode=frozen and "
+                "train.cache_features=true, or model.standardize=false"
+            )
+        return self
+
 
 def preset_dir() -> Path:
     """The folder holding the packaged presets."""

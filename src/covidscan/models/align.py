@@ -13,7 +13,10 @@
 
 The map is affine and the heads it serves start with a linear layer on the pooled features, so
 :meth:`fold_into` writes it into that layer's weights: every engine (torch, ONNX, Grad-CAM) then applies
-it without knowing it exists. ``save``/``load`` keep it beside the run as a record (safetensors, no pickle).
+it without knowing it exists. :func:`standardizer` is the same kind of map, fitted on one set of features
+alone: each feature to zero mean and unit variance (a head then learns on well-scaled inputs, as a
+scikit-learn ``StandardScaler`` gives them, and still takes the raw features once the map is folded in).
+``save``/``load`` keep a map beside the run as a record (safetensors, no pickle).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sklearn.covariance import LedoitWolf
 from torch import nn
 
 from covidscan.errors import ConfigError, StorageError
+from covidscan.models.ensemble import EnsembleTail
 
 AlignMethod = Literal["standardize", "coral"]
 ALIGN_METHODS: tuple[AlignMethod, ...] = ("standardize", "coral")
@@ -52,6 +56,13 @@ def _matrix(x: Any, name: str, dims: int | None = None) -> np.ndarray:
     if not np.isfinite(arr).all():
         raise ConfigError(f"{name} contains NaN or infinite values")
     return arr
+
+
+def _stretch(sd_from: np.ndarray, sd_to: np.ndarray | float) -> np.ndarray:
+    """Per feature ``sd_to / sd_from``; a feature constant in ``sd_from`` (a dead channel) is moved, not
+    stretched from nothing (factor 1)."""
+    floor = 1e-6 * max(float(sd_from.max()), 1e-12)
+    return np.where(sd_from > floor, sd_to / np.maximum(sd_from, floor), 1.0)
 
 
 def _sqrt_pair(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,10 +93,7 @@ class FeatureAlignment:
         xt = _matrix(source, "the training features", xs.shape[1])
         mu_s, mu_t = xs.mean(axis=0), xt.mean(axis=0)
         if self.method == "standardize":
-            sd_s, sd_t = xs.std(axis=0), xt.std(axis=0)
-            # a feature constant on the site (a dead channel) is moved, not stretched from nothing
-            floor = 1e-6 * max(float(sd_s.max()), 1e-12)
-            linear = np.where(sd_s > floor, sd_t / np.maximum(sd_s, floor), 1.0)
+            linear = _stretch(xs.std(axis=0), xt.std(axis=0))
             offset = mu_t - mu_s * linear
         else:
             _, site_inv_root = _sqrt_pair(LedoitWolf().fit(xs).covariance_)
@@ -111,13 +119,31 @@ class FeatureAlignment:
         arr = _matrix(x, "the features to align", len(offset))
         return (arr * linear if linear.ndim == 1 else arr @ linear) + offset
 
-    def fold_into(self, layer: nn.Linear) -> None:
-        """Rewrite ``layer`` (in place) so that ``layer(x)`` computes ``old_layer(transform(x))``."""
+    def fold_into(self, head: nn.Module) -> None:
+        """Rewrite ``head`` in place so that ``head(x)`` computes ``old_head(transform(x))``.
+
+        ``head`` is a linear layer, a head's trainable part (the map goes into its first linear layer) or an
+        ensemble's (each member's part of a per-feature map goes into that member's first linear layer).
+        """
         linear, offset = self._fitted()
-        if not isinstance(layer, nn.Linear) or layer.in_features != len(offset):
+        if isinstance(head, EnsembleTail):
+            if linear.ndim != 1:
+                raise ConfigError(f"a {self.method} alignment mixes the members' features; only a "
+                                  "per-feature map (standardize) can be split across an ensemble's heads")
+            bounds = np.cumsum([0, *head.sizes])
+            if bounds[-1] != len(offset):
+                raise ConfigError(f"the alignment maps {len(offset)} features; the ensemble's heads take "
+                                  f"{bounds[-1]}")
+            for member, start, stop in zip(head.heads, bounds[:-1], bounds[1:], strict=True):
+                part = FeatureAlignment(self.method)
+                part.linear_, part.offset_ = linear[start:stop], offset[start:stop]
+                part.fold_into(member)
+            return
+        layer = next((m for m in head.modules() if isinstance(m, nn.Linear)), None)
+        if layer is None or layer.in_features != len(offset):
             raise ConfigError(
                 f"the alignment maps {len(offset)} features; it folds into a linear layer with "
-                f"as many inputs, got {layer}"
+                f"as many inputs, got {head}"
             )
         with torch.no_grad():
             weight = layer.weight.double()
@@ -163,4 +189,13 @@ class FeatureAlignment:
         return alignment
 
 
-__all__ = ["ALIGN_METHODS", "AlignMethod", "FeatureAlignment"]
+def standardizer(features: Any) -> FeatureAlignment:
+    """The per-feature map of ``features`` (N, D) to zero mean and unit variance: ``(x - mean) / sd``."""
+    x = _matrix(features, "the features to standardise")
+    scaler = FeatureAlignment("standardize")
+    scaler.linear_ = _stretch(x.std(axis=0), 1.0)
+    scaler.offset_ = -x.mean(axis=0) * scaler.linear_
+    return scaler
+
+
+__all__ = ["ALIGN_METHODS", "AlignMethod", "FeatureAlignment", "standardizer"]

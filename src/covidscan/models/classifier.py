@@ -40,6 +40,9 @@ class ModelConfig(BaseModel):
     """Hidden layer sizes; None = the published ones (DEFAULT_HIDDEN)."""
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     """Dropout of the paper_a head."""
+    standardize: bool = False
+    """Train the head on features standardised per feature (zero mean, unit variance on the training
+    features), the map then folded into the head's first linear layer. Frozen base, cached features only."""
     train_mode: TrainMode = "frozen"
     unfreeze_last: int = Field(0, ge=0)
     """Blocks (last first) that train in ``finetune`` mode."""

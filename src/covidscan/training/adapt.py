@@ -58,7 +58,7 @@ from covidscan.training.crossval import one_thread as _one_thread
 from covidscan.training.crossval import patient_counts as _patient_counts
 from covidscan.training.crossval import patient_folds as _folds
 from covidscan.training.crossval import patient_groups as _groups
-from covidscan.training.engine import CachedFeatures, embed, fit
+from covidscan.training.engine import CachedFeatures, embed, fit_head
 from covidscan.training.run import measure_bf16, prepare_run_dir
 
 Mode = Literal["auto", "recalibrate", "head"]
@@ -249,8 +249,19 @@ class _Adapter:
         train = self.parent.config.train
         epochs = max(train.epochs, math.ceil(MIN_HEAD_STEPS / math.ceil(len(y) / train.batch_size)))
         schedule = train.model_copy(update={"epochs": epochs, "early_stopping": None})
-        fit(head, CachedFeatures(x[:, None], y, self.seed), None, schedule, progress=False)
+        fit_head(head, CachedFeatures(x[:, None], y, self.seed), None, schedule,
+                 standardize=self.standardize, progress=False)
         return head
+
+    @property
+    def standardize(self) -> bool | np.ndarray:
+        """Whether the new head learns on standardised features: as the parent's did, member by member for
+        an ensemble (a mask over the members' features side by side)."""
+        ensemble = self.parent.config.ensemble
+        if ensemble is None:
+            return self.parent.config.model.standardize
+        sizes = self.parent.model.head_tail.sizes
+        return np.repeat([m.model.standardize for m in ensemble.members], sizes)
 
     def fit_head(self, idx: np.ndarray, mix: bool) -> Fitted:
         """A new head on ``idx``, calibrated on out-of-fold logits of heads trained within ``idx``.

@@ -33,7 +33,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 
 from covidscan import CLASSES
 from covidscan.config import ExperimentConfig
@@ -270,10 +269,6 @@ def _read_site(data: Path, parent: LoadedRun, strict: bool, progress: bool) -> _
     return _Site(site, group_ids, has_patients)
 
 
-def _first_linear(head: nn.Module) -> nn.Linear:
-    return next(m for m in head.modules() if isinstance(m, nn.Linear))
-
-
 def _data_sha256(data: Path, paths: list[str]) -> str:
     """A manifest's SHA-256; for a folder, the SHA-256 of its images' sorted (name, SHA-256) list."""
     if data.is_file():
@@ -354,7 +349,7 @@ def align_run(
 
     alignment = FeatureAlignment(kept).fit(site_feats, source)  # type: ignore[arg-type]
     aligned = copy.deepcopy(parent.model)
-    alignment.fold_into(_first_linear(aligned.head_tail))
+    alignment.fold_into(aligned.head_tail)
     cfg: ExperimentConfig = parent.config.model_copy(update={"name": f"{parent.config.name}-aligned"})
     chosen = next(j for j in judgements if j.method == kept)
     lineage = ParentRun(

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from covidscan.config import TrainConfig
 from covidscan.errors import ConfigError
+from covidscan.models.align import standardizer
 from covidscan.preprocess import seeded
 from covidscan.training.checkpointing import TrainingState, rng_states, set_rng_states
 from covidscan.training.distributed import (
@@ -332,6 +333,36 @@ def fit(
     if best_state is not None:
         module.load_state_dict(best_state)  # the best-validation weights, not the last epoch's
     result.seconds = time.perf_counter() - start
+    return result
+
+
+def fit_head(
+    head: nn.Module, train_data: CachedFeatures, val_data: CachedFeatures | None, cfg: TrainConfig, *,
+    standardize: bool | np.ndarray = False, **options,
+) -> FitResult:
+    """:func:`fit` of a head's trainable part on cached features (``options`` are ``fit``'s).
+
+    With ``standardize`` it learns on the features standardised by the training features' mean and
+    standard deviation, as a scikit-learn ``StandardScaler`` would give them: features that vary little
+    around large means (a chest-CT encoder's) no longer slow or stall Adam. The map is then folded into the
+    head's first linear layer, so the fitted head takes the raw features like any other. A boolean array
+    standardises only the features it marks (an ensemble's members that were trained standardised).
+    """
+    if not np.any(standardize):
+        return fit(head, train_data, val_data, cfg, **options)
+    features = train_data.features
+    scaler = standardizer(features.reshape(-1, features.shape[-1]).numpy())
+    if not isinstance(standardize, bool):
+        assert scaler.linear_ is not None and scaler.offset_ is not None
+        scaler.linear_[~standardize], scaler.offset_[~standardize] = 1.0, 0.0
+
+    def scaled(data: CachedFeatures) -> CachedFeatures:
+        x = data.features
+        x = torch.from_numpy(scaler.transform(x.reshape(-1, x.shape[-1]).numpy())).float().reshape(x.shape)
+        return CachedFeatures(x, data.labels.numpy(), data.seed)
+
+    result = fit(head, scaled(train_data), None if val_data is None else scaled(val_data), cfg, **options)
+    scaler.fold_into(head)
     return result
 
 

@@ -57,6 +57,7 @@ from covidscan.training.engine import (
     FitResult,
     embed_sets,
     fit,
+    fit_head,
 )
 from covidscan.training.ood import fit_ood, ood_share
 
@@ -209,9 +210,13 @@ def _train_into(
             val_data = AugmentedImages(val_set.images, val_set.labels, eval_t)
         module = model
 
-    # Cached features make the head's fit cheap: it runs here, in one process, even with nproc > 1.
-    result = fit(module, train_data, val_data, cfg.train, device=device, progress=progress,
-                 training_state=training_state, nproc=1 if use_cache else nproc)
+    if use_cache:
+        # Cached features make the head's fit cheap: it runs here, in one process, even with nproc > 1.
+        result = fit_head(module, train_data, val_data, cfg.train, standardize=cfg.model.standardize,
+                          device=device, progress=progress, training_state=training_state)
+    else:
+        result = fit(module, train_data, val_data, cfg.train, device=device, progress=progress,
+                     training_state=training_state, nproc=nproc)
     notes = _protocol_notes(cfg, df, has_val, result) + excluded_notes(prepared.excluded)
     metrics, calibration = finish_run(out, cfg, model, (train_set, val_set, test_set), device, notes=notes,
                                       history=result.history)
@@ -347,4 +352,7 @@ def _protocol_notes(cfg: ExperimentConfig, df: pd.DataFrame, has_val: bool, fitt
         )
     if not has_val:
         notes.append("No validation split: the threshold is fixed and probabilities are not calibrated.")
+    if cfg.model.standardize:
+        notes.append("The head learned on the cached features standardised by the training features' mean "
+                     "and standard deviation; that map is folded into its first linear layer.")
     return notes

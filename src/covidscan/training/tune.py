@@ -58,7 +58,7 @@ from covidscan.outputs import check_folder, check_output, replaced_file, write_c
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest, train_transform
 from covidscan.system import cache_dir, resolve_device
 from covidscan.training.crossval import head_logits, one_thread, patient_counts, patient_folds, patient_groups
-from covidscan.training.engine import CachedFeatures, embed, fit
+from covidscan.training.engine import CachedFeatures, embed, fit_head
 from covidscan.training.run import TrainResult, config_inputs, load_dataset, train_experiment
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 HEAD_ONLY = (
     "model.hidden",
     "model.dropout",
+    "model.standardize",
     "train.epochs",
     "train.batch_size",
     "train.lr",
@@ -387,6 +388,8 @@ class FeatureStore:
             progress=progress,
             desc=f"{cfg.model.backbone} features",
         )
+        if not cfg.train.augment:  # the one "augmented" view is the plain image: a slow backbone runs once
+            return Features(prepared.paths, aug, aug[:, 0]), prepared.excluded
         clean = embed(
             model,
             prepared.images,
@@ -458,11 +461,12 @@ def cross_validate(
     for fold in folds:
         head = copy.deepcopy(initial)
         val = CachedFeatures(feats.clean[fold.val][:, None], y[fold.val]) if len(fold.val) else None
-        fit(
+        fit_head(
             head,
             CachedFeatures(feats.aug[fold.fit], y[fold.fit], cfg.train.seed),
             val,
             cfg.train,
+            standardize=cfg.model.standardize,
             device=device,
             progress=False,
         )
