@@ -114,6 +114,11 @@ def test_head_only_settings_share_features_and_others_do_not():
     other = load_config("paper-a-resnet50", [*TINY, "preprocess.clahe=false"])
     assert tuning.feature_key(cfg, ["a.png"]) == tuning.feature_key(same, ["a.png"])
     assert tuning.feature_key(cfg, ["a.png"]) != tuning.feature_key(other, ["a.png"])
+    # the linear head takes the same pooled features as paper A's; paper B's takes the whole map
+    linear = load_config("paper-a-resnet50", [*TINY, "model.head=linear"])
+    flat = load_config("paper-a-resnet50", [*TINY, "model.head=paper_b", "model.hidden=[8]"])
+    assert tuning.feature_key(linear, ["a.png"]) == tuning.feature_key(cfg, ["a.png"])
+    assert tuning.feature_key(flat, ["a.png"]) != tuning.feature_key(cfg, ["a.png"])
     assert tuning.feature_key(cfg, ["a.png"]) != tuning.feature_key(cfg, ["b.png"])
 
 

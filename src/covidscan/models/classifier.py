@@ -20,6 +20,8 @@ DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
     "linear": (),
     "bpnn": (512, 256, 128, 64),
 }
+POOLED_HEADS = frozenset({"paper_a", "linear"})
+"""Heads whose trainable part takes the globally pooled feature map (the same cached features)."""
 BPNN_INPUT_SIZE = (150, 250)
 """Paper A's BPNN input "250x150" read as width 250 x height 150, i.e. (H, W) = (150, 250)."""
 

@@ -53,7 +53,7 @@ from covidscan.data import check_trainable
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation.metrics import aggregate_by_patient
 from covidscan.models import build_model
-from covidscan.models.classifier import check_combination
+from covidscan.models.classifier import POOLED_HEADS, check_combination
 from covidscan.outputs import check_folder, check_output, replaced_file, write_csv, write_text
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest, train_transform
 from covidscan.system import cache_dir, resolve_device
@@ -276,13 +276,19 @@ def _dotted(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def feature_settings(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The settings that decide the cached features: all but :data:`HEAD_ONLY` and the descriptive ones."""
+    """The settings that decide the cached features: all but :data:`HEAD_ONLY` and the descriptive ones.
+
+    Heads that take the pooled feature map share its cache: ``model.head`` is ``pooled`` for all of them.
+    """
     skip = (*HEAD_ONLY, "name", "description", "published", "evaluation")
-    return {
+    settings = {
         k: v
         for k, v in _dotted(cfg.model_dump(mode="json")).items()
         if not any(k == s or k.startswith(s + ".") for s in skip)
     }
+    if settings["model.head"] in POOLED_HEADS:
+        settings["model.head"] = "pooled"
+    return settings
 
 
 def feature_key(cfg: ExperimentConfig, paths: Sequence[str]) -> str:
