@@ -123,7 +123,7 @@ def test_standardising_rescues_a_head_on_narrow_features(seed: int):
         fit_head(head, CachedFeatures(x[:, None], y), None, SCHEDULE, standardize=standardize, progress=False)
         auc[standardize] = roc_auc_score(y, _scores(head, x))
     # 10 epochs of Adam at 1e-3 barely move a head whose inputs vary by 1% of their size
-    assert auc[True] > 0.8 > 0.6 > auc[False]
+    assert auc[True] > 0.75 > 0.6 > auc[False]
 
 
 def test_standardize_is_refused_where_no_fixed_features_exist():

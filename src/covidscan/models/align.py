@@ -189,12 +189,16 @@ class FeatureAlignment:
         return alignment
 
 
-def standardizer(features: Any) -> FeatureAlignment:
-    """The per-feature map of ``features`` (N, D) to zero mean and unit variance: ``(x - mean) / sd``."""
+def standardizer(features: Any, only: np.ndarray | None = None) -> FeatureAlignment:
+    """The per-feature map of ``features`` (N, D) to zero mean and unit variance: ``(x - mean) / sd``.
+
+    ``only`` (a boolean mask of D) standardises the features it marks and leaves the others as they are.
+    """
     x = _matrix(features, "the features to standardise")
+    keep = np.ones(x.shape[1], bool) if only is None else np.asarray(only, bool)
     scaler = FeatureAlignment("standardize")
-    scaler.linear_ = _stretch(x.std(axis=0), 1.0)
-    scaler.offset_ = -x.mean(axis=0) * scaler.linear_
+    scaler.linear_ = np.where(keep, _stretch(x.std(axis=0), 1.0), 1.0)
+    scaler.offset_ = np.where(keep, -x.mean(axis=0) * scaler.linear_, 0.0)
     return scaler
 
 

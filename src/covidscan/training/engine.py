@@ -351,10 +351,8 @@ def fit_head(
     if not np.any(standardize):
         return fit(head, train_data, val_data, cfg, **options)
     features = train_data.features
-    scaler = standardizer(features.reshape(-1, features.shape[-1]).numpy())
-    if not isinstance(standardize, bool):
-        assert scaler.linear_ is not None and scaler.offset_ is not None
-        scaler.linear_[~standardize], scaler.offset_[~standardize] = 1.0, 0.0
+    scaler = standardizer(features.reshape(-1, features.shape[-1]).numpy(),
+                          None if isinstance(standardize, bool) else standardize)
 
     def scaled(data: CachedFeatures) -> CachedFeatures:
         x = data.features
