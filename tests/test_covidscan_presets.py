@@ -30,10 +30,11 @@ def test_the_recommended_presets_are_what_the_readme_says():
     assert (ct.modality, ct.preprocess.mask_outside_lungs) == ("ct", False)
     assert (cxr.modality, cxr.preprocess.mask_outside_lungs) == ("cxr", True)
     assert cxr.preprocess.max_pixels == 65536
-    astra = load_config("covidscan-ct-astra")  # chosen by covidscan tune; averaged with covidscan-ct
+    astra = load_config("covidscan-ct-astra")  # chosen by covidscan tune; averaged with covidscan-ct runs
     assert astra.preprocess == ct.preprocess and astra.data == ct.data  # `covidscan ensemble` needs both
     assert (astra.model.backbone, astra.model.standardize, astra.train.lr, astra.train.augment) == (
         "astra_ct", True, 1e-4, None)
+    assert astra.model.input_hw == (320, 320)  # chosen among 224 / 320 / 448 by the same cross-validation
 
 
 def test_covidscan_ct_trains_end_to_end(tmp_path, phantom_manifest):
