@@ -17,8 +17,9 @@ import itertools
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 from sklearn.metrics import roc_auc_score
+
+from covidscan.training.tune import mean_ci
 
 
 def read_member(spec: str) -> tuple[str, pd.DataFrame]:
@@ -36,9 +37,10 @@ def read_member(spec: str) -> tuple[str, pd.DataFrame]:
     return name, rows
 
 
-def mean_ci(values: np.ndarray) -> str:
-    half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return f"{values.mean():.3f} ({values.mean() - half:.3f}–{values.mean() + half:.3f})"
+def interval(values: np.ndarray) -> str:
+    """Mean and 95% t interval over the folds, as ``tune`` reports them."""
+    ci = mean_ci(values.tolist())
+    return f"{ci['mean']:.3f} ({ci['low']:.3f}–{ci['high']:.3f})"
 
 
 def main() -> None:
@@ -63,11 +65,12 @@ def main() -> None:
     best = max(single, key=lambda name: single[name].mean())
     print(f"{len(paths)} images in all members' folds; fold ROC AUC, 95% t interval over the folds")
     for name, aucs in single.items():
-        print(f"{name}: {mean_ci(aucs)}")
+        print(f"{name}: {interval(aucs)}")
     for size in range(2, len(logits) + 1):
         for combo in itertools.combinations(logits, size):
             aucs = fold_aucs(sum(logits[name] for name in combo) / size)
-            print(f"{'+'.join(combo)}: {mean_ci(aucs)}; minus {best}, paired: {mean_ci(aucs - single[best])}")
+            paired = interval(aucs - single[best])
+            print(f"{'+'.join(combo)}: {interval(aucs)}; minus {best}, paired: {paired}")
 
 
 if __name__ == "__main__":
