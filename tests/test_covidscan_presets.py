@@ -34,6 +34,7 @@ def test_the_recommended_presets_are_what_the_readme_says():
     assert astra.preprocess == ct.preprocess and astra.data == ct.data  # `covidscan ensemble` needs both
     assert (astra.model.backbone, astra.model.standardize, astra.train.lr, astra.train.augment) == (
         "astra_ct", True, 1e-4, None)
+    assert ct.model.input_hw == (448, 448)  # chosen among 224 / 320 / 448 / 576 / 704 by cross-validation
     assert astra.model.input_hw == (320, 320)  # chosen among 224 / 320 / 448 by the same cross-validation
 
 
