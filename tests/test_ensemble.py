@@ -92,7 +92,8 @@ def _moved_away(*runs: Path) -> Iterator[None]:
 
 # ---------------------------------------------------------------------------------------- the module
 def test_ensemble_logits_are_the_weighted_mean_of_the_members() -> None:
-    a, b = _member(BACKBONES[0], 0), _member(BACKBONES[1], 1)
+    # b pools average and maximum side by side: its head takes twice its channels.
+    a, b = _member(BACKBONES[0], 0), _member(BACKBONES[1], 1, "model.pooling=avgmax")
     assert a.mean != b.mean
     ensemble = EnsembleClassifier([a, b], [0.3, 0.2]).eval()
     pixels = _pixels()

@@ -33,10 +33,11 @@ def _phantom_batch(manifest: Path, preprocess: PreprocessConfig, model: Classifi
     return to_model_batch(images, model.mean, model.std).contiguous()
 
 
-def _untrained_run(out: Path, manifest: Path, backbone: str, size: int) -> Path:
+def _untrained_run(out: Path, manifest: Path, backbone: str, size: int, *more: str) -> Path:
     """A run directory of a randomly initialised torchvision model (weights none) at a small input size."""
     cfg = load_config(
-        "paper-a-resnet50", [f"model.backbone={backbone}", "model.weights=none", f"model.input_size={size}"]
+        "paper-a-resnet50",
+        [f"model.backbone={backbone}", "model.weights=none", f"model.input_size={size}", *more],
     )
     torch.manual_seed(0)
     model = build_model(cfg.model)
@@ -73,12 +74,22 @@ def resnet50_dynamic(tmp_path_factory: pytest.TempPathFactory, phantom_manifest:
     return run_dir, export_onnx(run_dir, run_dir / "model.onnx")
 
 
+@pytest.fixture(scope="module")
+def avgmax_dynamic(tmp_path_factory: pytest.TempPathFactory, phantom_manifest: Path) -> tuple[Path, Path]:
+    """An untrained MobileNetV2 run at 64 px whose head pools average and maximum, dynamic batch."""
+    run_dir = _untrained_run(
+        tmp_path_factory.mktemp("avgmax"), phantom_manifest, "mobilenet_v2", 64, "model.pooling=avgmax"
+    )
+    return run_dir, export_onnx(run_dir, run_dir / "model.onnx")
+
+
 # Exports are the slow part (torch.export + ONNX translation, seconds each), so each file is exported once
 # and the fixed-batch export path is covered by the MobileNetV2 parity case rather than by another export.
 @pytest.mark.parametrize(
     "which",
     [
         "tiny",
+        "avgmax_dynamic",
         pytest.param("mobilenet_static", marks=pytest.mark.slow),
         pytest.param("resnet50_dynamic", marks=pytest.mark.slow),
     ],

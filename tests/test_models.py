@@ -85,6 +85,33 @@ def test_paper_a_head_is_in_published_order_with_dropout_last():
     assert not (model(batch(16)) == 0).any()
 
 
+@pytest.mark.parametrize(("pooling", "width"), [("avg", 512), ("max", 512), ("avgmax", 1024)])
+@pytest.mark.parametrize("head", ["paper_a", "linear"])
+def test_pooled_heads_pool_the_map_as_set(head, pooling, width):
+    model = small(head=head, pooling=pooling).eval()
+    x = batch()
+    fmap = model.features(x)
+    avg, peak = fmap.mean(dim=(2, 3)), fmap.amax(dim=(2, 3))
+    expected = {"avg": avg, "max": peak, "avgmax": torch.cat([avg, peak], dim=1)}[pooling]
+    embedded = model.embed(x)
+    assert embedded.shape == (2, width)
+    torch.testing.assert_close(embedded, expected)
+    linear = next(m for m in model.head if isinstance(m, nn.Linear))
+    assert linear.in_features == width
+    with torch.no_grad():
+        torch.testing.assert_close(model.head_tail(embedded), model(x))
+
+
+@pytest.mark.parametrize("head", ["paper_b", "bpnn"])
+def test_pooling_other_than_avg_is_refused_for_heads_that_do_not_pool(head):
+    backbone = "pixels" if head == "bpnn" else "timm:resnet18"
+    refused = r"model\.pooling='avgmax' needs a head that pools.*set model\.pooling=avg"
+    with pytest.raises(ConfigError, match=refused):
+        small(backbone=backbone, head=head, pooling="avgmax")
+    with pytest.raises(ValidationError, match="pooling"):
+        ModelConfig(backbone="timm:resnet18", head="linear", pooling="mean")
+
+
 def test_paper_b_head_flattens_the_whole_map_into_512_256_2():
     model = small(backbone="mobilenet_v2", head="paper_b")
     linears = [m for m in model.head if isinstance(m, nn.Linear)]

@@ -119,6 +119,9 @@ def test_head_only_settings_share_features_and_others_do_not():
     flat = load_config("paper-a-resnet50", [*TINY, "model.head=paper_b", "model.hidden=[8]"])
     assert tuning.feature_key(linear, ["a.png"]) == tuning.feature_key(cfg, ["a.png"])
     assert tuning.feature_key(flat, ["a.png"]) != tuning.feature_key(cfg, ["a.png"])
+    # pooling decides what is cached (the head's parameter-free start), so each pooling has its own features
+    peak = load_config("paper-a-resnet50", [*TINY, "model.pooling=max"])
+    assert tuning.feature_key(peak, ["a.png"]) != tuning.feature_key(cfg, ["a.png"])
     assert tuning.feature_key(cfg, ["a.png"]) != tuning.feature_key(cfg, ["b.png"])
 
 

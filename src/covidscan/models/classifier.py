@@ -11,7 +11,7 @@ from torch import nn
 
 from covidscan.errors import ConfigError
 from covidscan.models.backbones import PIXELS, Backbone, TrainMode, build_backbone
-from covidscan.models.heads import linear_head, mlp_head, paper_a_head
+from covidscan.models.heads import Pooling, linear_head, mlp_head, paper_a_head
 
 HeadName = Literal["paper_a", "paper_b", "linear", "bpnn"]
 DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
@@ -42,6 +42,9 @@ class ModelConfig(BaseModel):
     """Hidden layer sizes; None = the published ones (DEFAULT_HIDDEN)."""
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     """Dropout of the paper_a head."""
+    pooling: Pooling = "avg"
+    """How the paper_a and linear heads pool the feature map: ``avg`` (published), ``max``, or ``avgmax``
+    (both side by side, twice the features)."""
     standardize: bool = False
     """Train the head on features standardised per feature (zero mean, unit variance on the training
     features), the map then folded into the head's first linear layer. Frozen base, cached features only."""
@@ -163,6 +166,11 @@ def check_combination(cfg: ModelConfig) -> None:
         )
     if cfg.head == "paper_a" and len(cfg.hidden_sizes) != 1:
         raise ConfigError(f"head paper_a has exactly one hidden layer; got hidden={list(cfg.hidden_sizes)}")
+    if cfg.pooling != "avg" and cfg.head not in POOLED_HEADS:
+        raise ConfigError(
+            f"model.pooling={cfg.pooling!r} needs a head that pools the feature map (paper_a or linear); "
+            f"head {cfg.head!r} does not pool: set model.pooling=avg"
+        )
     if cfg.head == "linear" and cfg.hidden_sizes:
         raise ConfigError(f"head linear has no hidden layer; got hidden={list(cfg.hidden_sizes)}")
 
@@ -185,11 +193,11 @@ def build_model(cfg: ModelConfig | Mapping[str, Any]) -> Classifier:
         backbone = build_backbone(cfg.backbone, cfg.weights, cfg.input_hw)
         channels, h, w = backbone.feature_shape
         if cfg.head == "paper_a":
-            head = paper_a_head(channels, cfg.hidden_sizes[0], cfg.dropout)
+            head = paper_a_head(channels, cfg.hidden_sizes[0], cfg.dropout, cfg.pooling)
         elif cfg.head == "paper_b":
             head = mlp_head(channels * h * w, cfg.hidden_sizes)
         else:
-            head = linear_head(channels)
+            head = linear_head(channels, cfg.pooling)
         model = Classifier(backbone, head, cfg)
     model.backbone.set_train_mode(cfg.train_mode, cfg.unfreeze_last, cfg.bn_frozen)
     return model

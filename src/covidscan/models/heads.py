@@ -10,23 +10,55 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Literal
 
+import torch
 from torch import nn
 
 from covidscan import CLASSES
 
 NUM_CLASSES = len(CLASSES)
+Pooling = Literal["avg", "max", "avgmax"]
+"""How a pooled head reduces the feature map: its average, its maximum, or both side by side."""
 
 
-def paper_a_head(in_channels: int, hidden: int = 256, dropout: float = 0.3) -> nn.Sequential:
-    """Paper A (CT, ResNet50): avg pool -> Linear(C, hidden) -> ReLU -> Linear(hidden, 2) -> Dropout."""
+class AvgMaxPool(nn.Module):
+    """Global average and global maximum of a feature map side by side: ``(N, C, h, w)`` -> ``(N, 2C, 1, 1)``.
+
+    The average says how much of a pattern the image holds, the maximum how strongly its strongest spot
+    shows it (a small lesion barely moves an average over the whole crop)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)], dim=1)
+
+
+def global_pool(pooling: Pooling = "avg") -> nn.Module:
+    """The parameter-free pooling a pooled head starts with."""
+    if pooling == "avg":
+        return nn.AdaptiveAvgPool2d(1)
+    if pooling == "max":
+        return nn.AdaptiveMaxPool2d(1)
+    return AvgMaxPool()
+
+
+def pooled_width(channels: int, pooling: Pooling = "avg") -> int:
+    """Features per image after :func:`global_pool` of a ``channels``-channel map."""
+    return 2 * channels if pooling == "avgmax" else channels
+
+
+def paper_a_head(
+    in_channels: int, hidden: int = 256, dropout: float = 0.3, pooling: Pooling = "avg"
+) -> nn.Sequential:
+    """Paper A (CT, ResNet50): avg pool -> Linear(C, hidden) -> ReLU -> Linear(hidden, 2) -> Dropout.
+
+    ``pooling`` other than the published ``avg`` replaces the first step (:func:`global_pool`)."""
     # This is the published order: dense -> ReLU -> dense -> dropout 0.3 -> softmax. Dropout therefore acts on
     # the logits (during training only); unusual, but kept as published.
     return nn.Sequential(
         OrderedDict(
-            pool=nn.AdaptiveAvgPool2d(1),
+            pool=global_pool(pooling),
             flatten=nn.Flatten(),
-            fc1=nn.Linear(in_channels, hidden),
+            fc1=nn.Linear(pooled_width(in_channels, pooling), hidden),
             relu=nn.ReLU(),
             fc2=nn.Linear(hidden, NUM_CLASSES),
             dropout=nn.Dropout(dropout),
@@ -50,10 +82,12 @@ def mlp_head(in_features: int, hidden: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(layers)
 
 
-def linear_head(in_channels: int) -> nn.Sequential:
-    """Cheap baseline: global average pool -> Linear(C, 2)."""
+def linear_head(in_channels: int, pooling: Pooling = "avg") -> nn.Sequential:
+    """Cheap baseline: global pool (average unless ``pooling`` says otherwise) -> Linear(C, 2)."""
     return nn.Sequential(
         OrderedDict(
-            pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(in_channels, NUM_CLASSES)
+            pool=global_pool(pooling),
+            flatten=nn.Flatten(),
+            fc=nn.Linear(pooled_width(in_channels, pooling), NUM_CLASSES),
         )
     )
