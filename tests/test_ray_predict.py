@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -12,8 +16,10 @@ import pytest
 from typer.testing import CliRunner
 
 from covidscan.cli import app
+from covidscan.errors import StorageError
 from covidscan.inference import predict
-from covidscan.inference.ray_predict import MERGED, SHARDS, predict_on_ray
+from covidscan.inference.predict import collect_inputs
+from covidscan.inference.ray_predict import MERGED, SHARDS, _blocks, _Scorer, predict_on_ray
 from covidscan.outputs import read_csv
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'covidscan[ray]')")
@@ -65,7 +71,7 @@ def test_a_rerun_predicts_only_what_is_missing(local_ray, tiny_run: Path, images
     assert (done.predicted, done.resumed) == (5, 0)
     shard = sorted((out / SHARDS).glob("*.parquet"))[0]
     cut = len(pd.read_parquet(shard))
-    shard.write_bytes(shard.read_bytes()[:20])  # a shard cut off by a killed job: its images again
+    shard.write_bytes(shard.read_bytes()[:20])  # a shard damaged after it was written: its images again
     done = predict_on_ray(tiny_run, [images], out, num_workers=2, batch_size=4, progress=False)
     assert done.images == 13 and done.resumed == 5 - cut
     assert done.predicted == 13 - done.resumed
@@ -115,3 +121,79 @@ def test_a_file_name_that_is_not_utf8_is_predicted_and_kept(
     assert merged["p_covid"].iloc[0] == pytest.approx(merged["p_covid"].iloc[1], abs=1e-6)  # same pixels
     again = predict_on_ray(tiny_run, [odd, source], tmp_path / "out", num_workers=1, progress=False)
     assert (again.predicted, again.resumed) == (0, 2)
+
+
+def test_each_actor_call_writes_its_block_as_one_whole_shard(tiny_run: Path, images: Path, tmp_path: Path):
+    # What each Ray actor runs, called here directly: the block's shard exists when the call returns.
+    items = collect_inputs(images)
+    shards = tmp_path / SHARDS
+    shards.mkdir()
+    scorer = _Scorer(str(tiny_run), str(shards), "auto", 5, 1)
+    for k, block in enumerate(_blocks(list(enumerate(items)), 5), start=1):
+        result = scorer(block)
+        assert result.to_dict("list") == {"rows": [len(block)], "error": [""]}
+        assert len(list(shards.iterdir())) == k
+    rows = pd.concat([pd.read_parquet(s) for s in sorted(shards.iterdir())])
+    assert sorted(rows["index"]) == list(range(len(items))) == list(range(13))
+
+
+def _same_as_in_process(merged: Path, tiny_run: Path, inputs: list[Path]) -> None:
+    ref = predict(tiny_run, inputs, engine="torch", progress=False)
+    got = pd.read_csv(merged, keep_default_na=False, na_values=[""])
+    assert list(got["path"]) == list(ref["path"])
+    assert (got["p_covid"] - ref["p_covid"]).abs().max() <= 1e-4
+
+
+@pytest.fixture
+def many(images: Path, tmp_path: Path) -> Path:
+    """40 links to the 12 phantom slices: a job of 20 blocks of 2."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    slices = [p for p in sorted(images.glob("*.png")) if p.name != "corrupt.png"]
+    for i in range(40):
+        (folder / f"{i:02d}-{slices[i % len(slices)].name}").symlink_to(slices[i % len(slices)])
+    return folder
+
+
+def test_a_killed_job_keeps_the_blocks_written_before_and_a_rerun_finishes(
+    local_ray, tiny_run: Path, many: Path, tmp_path: Path
+):
+    # Shards are written as the blocks are scored (not all at the end), so a job killed half-way keeps them.
+    out = tmp_path / "out"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "covidscan", "-q", "predict", str(tiny_run), str(many), "--engine", "ray",
+         "--num-workers", "1", "--batch-size", "2", "--out", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while len(list((out / SHARDS).glob("*.parquet"))) < 2 and time.monotonic() < deadline:
+            assert job.poll() is None, "the job ended before it had written 2 of its 20 shards"
+            time.sleep(0.02)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL)  # the driver, its local Ray and the actor
+        job.wait()
+    kept = sum(len(pd.read_parquet(s)) for s in (out / SHARDS).glob("*.parquet"))
+    assert 4 <= kept < 40 and not (out / MERGED).exists()
+    assert not [p for p in (out / SHARDS).iterdir() if not p.name.endswith(".parquet")]  # no side files
+    done = predict_on_ray(tiny_run, [many], out, num_workers=2, batch_size=2, progress=False)
+    assert (done.resumed, done.predicted) == (kept, 40 - kept)
+    _same_as_in_process(done.merged, tiny_run, [many])
+
+
+def test_a_full_disk_is_one_error_that_keeps_what_was_written(local_ray, tiny_run: Path, many: Path, tmpfs):
+    small_disk = tmpfs("8k")  # room for a shard or two
+    out = small_disk / "out"
+    with pytest.raises(StorageError) as caught:
+        predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=2, progress=False)
+    message = str(caught.value)
+    assert "Traceback" not in message and "No space left on device; free disk space" in message
+    assert "blocks of predictions could not be written: the other" in message
+    assert str(out / SHARDS) in message
+    shards = list((out / SHARDS).iterdir())
+    assert shards and all(s.name.endswith(".parquet") for s in shards)  # whole shards, no side files
+    kept = sum(len(pd.read_parquet(s)) for s in shards)
+    subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
+    done = predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=2, progress=False)
+    assert (done.resumed, done.predicted) == (kept, 40 - kept)
+    _same_as_in_process(done.merged, tiny_run, [many])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,11 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidscan.errors import ConfigError
+from covidscan.errors import ConfigError, StorageError
 from covidscan.inference.predict import InputItem, collect_inputs, prediction_table
 from covidscan.inference.predictor import Prediction, Predictor
 from covidscan.models import Precision
-from covidscan.outputs import ENCODING_ERRORS, check_output, run_files, write_csv
+from covidscan.outputs import ENCODING_ERRORS, check_output, replaced_file, run_files, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +65,36 @@ class RayPrediction:
 
 
 class _Scorer:
-    """A Ray actor's callable: one Predictor, loaded once, scoring blocks of paths (pandas in and out)."""
+    """A Ray actor's callable: one Predictor, loaded once, scoring blocks of paths into shards.
 
-    def __init__(self, run_dir: str, precision: Precision, batch_size: int, threads: int) -> None:
+    Each block's rows are written by the actor that scored them, to ``<first index>-<id>.parquet`` via a side
+    file renamed into place, so a shard is either whole or absent. (Ray's ``write_parquet`` runs as tasks that
+    each want a CPU, which the actors hold: no shard was written before every block was scored, so a killed
+    job lost everything; asking for no CPU instead cost 2 workers on 2 cores a sixth of their rate.) The actor
+    returns the rows written and, when the shard could not be written (a full disk), why."""
+
+    def __init__(
+        self, run_dir: str, shards: str, precision: Precision, batch_size: int, threads: int
+    ) -> None:
         import torch
 
         torch.set_num_threads(threads)  # the actor's share of the node's cores, not all of them
+        self.shards = Path(shards)
         self.predictor = Predictor.from_run(run_dir, precision=precision, batch_size=batch_size, workers=1)
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
+        rows = self.score(block)
+        # Indices count this call's inputs (a rerun with other inputs starts at 0 again): names of their own.
+        shard = self.shards / f"{int(rows['index'].iloc[0]):012d}-{uuid.uuid4().hex[:12]}.parquet"
+        try:
+            with replaced_file(shard, "a shard of predictions ") as side:
+                rows.to_parquet(side, index=False)
+        except StorageError as exc:  # Ray would carry it to the caller as a traceback; the caller says it
+            return pd.DataFrame({"rows": [0], "error": [str(exc)]})
+        return pd.DataFrame({"rows": [len(rows)], "error": [""]})
+
+    def score(self, block: pd.DataFrame) -> pd.DataFrame:
+        """The block's rows in the shards' columns (text encoded)."""
         block = _decoded(block)
         groups = [g or None for g in block["group_id"]]
         known = {i: e for i, e in enumerate(block["known_error"]) if e}
@@ -151,6 +173,23 @@ def _done(shards: Path) -> pd.DataFrame:
     return _decoded(pd.concat(frames, ignore_index=True)).drop_duplicates("path", keep="last")
 
 
+def _blocks(todo: Sequence[tuple[int, InputItem]], batch_size: int) -> list[pd.DataFrame]:
+    """The (input position, image) pairs still to predict as blocks of ``batch_size`` rows, text encoded:
+    what each actor call receives."""
+    table = _encoded(
+        pd.DataFrame(
+            {
+                "index": [i for i, _ in todo],
+                "path": [item.path for _, item in todo],
+                "group_id": [item.group_id or "" for _, item in todo],
+                "known_error": [item.error or "" for _, item in todo],
+            },
+            dtype=object,
+        )
+    )
+    return [table.iloc[i : i + batch_size] for i in range(0, len(table), batch_size)]
+
+
 def _start_ray(address: str | None) -> Any:
     """Ray, connected to ``address`` or started locally with this machine's cores."""
     try:
@@ -212,26 +251,16 @@ def predict_on_ray(
         context.enable_progress_bars = progress
         workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
-        table = _encoded(
-            pd.DataFrame(
-                {
-                    "index": [i for i, _ in todo],
-                    "path": [item.path for _, item in todo],
-                    "group_id": [item.group_id or "" for _, item in todo],
-                    "known_error": [item.error or "" for _, item in todo],
-                },
-                dtype=object,
-            )
-        )
-        blocks = [table.iloc[i : i + batch_size] for i in range(0, len(table), batch_size)]
+        blocks = _blocks(todo, batch_size)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # Ray's own deprecation notes, not the user's
-            (
+            blocks_done = (
                 ray.data.from_pandas(blocks)
                 .map_batches(
                     _Scorer,
                     fn_constructor_kwargs={
                         "run_dir": str(run_dir),
+                        "shards": str(shards.resolve()),
                         "precision": precision,
                         "batch_size": batch_size,
                         "threads": threads,
@@ -241,7 +270,14 @@ def predict_on_ray(
                     compute=ray.data.ActorPoolStrategy(size=workers),
                     num_cpus=threads,
                 )
-                .write_parquet(str(shards))
+                .to_pandas()
+            )
+        failed = [e for e in blocks_done["error"] if e]
+        if failed:
+            raise StorageError(
+                f"{failed[0]}; {len(failed)} of {len(blocks_done)} blocks of predictions could not be "
+                f"written: the other {len(blocks_done) - len(failed)} are kept in {shards}, and a rerun "
+                "predicts only the rest"
             )
         done = _done(shards)
     merged = _merge(predictor, items, done, out_dir) if len(items) <= MERGE_MAX_ROWS else None
