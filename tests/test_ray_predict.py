@@ -50,7 +50,7 @@ def images(phantom_manifest: Path, tmp_path: Path) -> Path:
 def test_the_same_probabilities_as_the_torch_engine_and_a_bad_file_is_a_row(
     local_ray, tiny_run: Path, images: Path, tmp_path: Path
 ):
-    done = predict_on_ray(tiny_run, [images], tmp_path / "out", num_workers=2, batch_size=4, progress=False)
+    done = predict_on_ray(tiny_run, [images], tmp_path / "out", num_workers=2, batch_size=2, progress=False)
     ref = predict(tiny_run, [images], engine="torch", progress=False)
     merged = pd.read_csv(done.merged, keep_default_na=False, na_values=[""])
     assert done.predicted == done.images == len(ref) and done.resumed == 0
@@ -67,7 +67,7 @@ def test_the_same_probabilities_as_the_torch_engine_and_a_bad_file_is_a_row(
 def test_a_rerun_predicts_only_what_is_missing(local_ray, tiny_run: Path, images: Path, tmp_path: Path):
     out = tmp_path / "out"
     first = sorted(images.glob("*.png"))[:5]
-    done = predict_on_ray(tiny_run, first, out, num_workers=1, batch_size=4, progress=False)
+    done = predict_on_ray(tiny_run, first, out, num_workers=1, batch_size=1, progress=False)  # 4 + 1
     assert (done.predicted, done.resumed) == (5, 0)
     shard = sorted((out / SHARDS).glob("*.parquet"))[0]
     cut = len(pd.read_parquet(shard))
@@ -146,7 +146,7 @@ def _same_as_in_process(merged: Path, tiny_run: Path, inputs: list[Path]) -> Non
 
 @pytest.fixture
 def many(images: Path, tmp_path: Path) -> Path:
-    """40 links to the 12 phantom slices: a job of 20 blocks of 2."""
+    """40 links to the 12 phantom slices: a job of 10 blocks of 4 (batch size 1)."""
     folder = tmp_path / "many"
     folder.mkdir()
     slices = [p for p in sorted(images.glob("*.png")) if p.name != "corrupt.png"]
@@ -162,13 +162,13 @@ def test_a_killed_job_keeps_the_blocks_written_before_and_a_rerun_finishes(
     out = tmp_path / "out"
     job = subprocess.Popen(
         [sys.executable, "-m", "covidscan", "-q", "predict", str(tiny_run), str(many), "--engine", "ray",
-         "--num-workers", "1", "--batch-size", "2", "--out", str(out)],
+         "--num-workers", "1", "--batch-size", "1", "--out", str(out)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 180
         while len(list((out / SHARDS).glob("*.parquet"))) < 2 and time.monotonic() < deadline:
-            assert job.poll() is None, "the job ended before it had written 2 of its 20 shards"
+            assert job.poll() is None, "the job ended before it had written 2 of its 10 shards"
             time.sleep(0.02)
     finally:
         os.killpg(job.pid, signal.SIGKILL)  # the driver, its local Ray and the actor
@@ -176,7 +176,7 @@ def test_a_killed_job_keeps_the_blocks_written_before_and_a_rerun_finishes(
     kept = sum(len(pd.read_parquet(s)) for s in (out / SHARDS).glob("*.parquet"))
     assert 4 <= kept < 40 and not (out / MERGED).exists()
     assert not [p for p in (out / SHARDS).iterdir() if not p.name.endswith(".parquet")]  # no side files
-    done = predict_on_ray(tiny_run, [many], out, num_workers=2, batch_size=2, progress=False)
+    done = predict_on_ray(tiny_run, [many], out, num_workers=2, batch_size=1, progress=False)
     assert (done.resumed, done.predicted) == (kept, 40 - kept)
     _same_as_in_process(done.merged, tiny_run, [many])
 
@@ -185,7 +185,7 @@ def test_a_full_disk_is_one_error_that_keeps_what_was_written(local_ray, tiny_ru
     small_disk = tmpfs("8k")  # room for a shard or two
     out = small_disk / "out"
     with pytest.raises(StorageError) as caught:
-        predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=2, progress=False)
+        predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=1, progress=False)
     message = str(caught.value)
     assert "Traceback" not in message and "No space left on device; free disk space" in message
     assert "blocks of predictions could not be written: the other" in message
@@ -194,6 +194,6 @@ def test_a_full_disk_is_one_error_that_keeps_what_was_written(local_ray, tiny_ru
     assert shards and all(s.name.endswith(".parquet") for s in shards)  # whole shards, no side files
     kept = sum(len(pd.read_parquet(s)) for s in shards)
     subprocess.run(["mount", "-o", "remount,size=4m", str(small_disk)], check=True)  # space freed
-    done = predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=2, progress=False)
+    done = predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=1, progress=False)
     assert (done.resumed, done.predicted) == (kept, 40 - kept)
     _same_as_in_process(done.merged, tiny_run, [many])

@@ -6,7 +6,7 @@ rows land in ``OUT/shards/*.parquet``. Without ``address`` a local Ray uses this
 command works on a laptop and, with ``--address auto`` or ``ray://HOST:10001``, on a cluster.
 
 A rerun on the same folder predicts only the images no shard has yet (a job killed half-way loses at most
-the blocks being written). An unreadable image is a row with its ``error``, never a failed job. When every
+the blocks being scored). An unreadable image is a row with its ``error``, never a failed job. When every
 input has a row and there are at most :data:`MERGE_MAX_ROWS`, ``OUT/predictions.csv`` joins the shards in
 input order with the same columns as in-process ``covidscan predict`` (group columns included).
 """
@@ -33,6 +33,10 @@ from covidscan.outputs import ENCODING_ERRORS, check_output, replaced_file, run_
 
 log = logging.getLogger(__name__)
 
+BATCHES_PER_BLOCK = 4
+"""Forward passes per block (and shard): within a block the actor decodes the next batch while the model runs
+on this one, as in-process ``predict`` does over all its inputs; a block of one batch leaves nothing to
+overlap."""
 MERGE_MAX_ROWS = 1_000_000
 """Up to this many images the shards are also joined into one CSV (beyond, read the Parquet shards)."""
 _TEXT = ("path", "label", "warnings", "error", "group_id", "known_error")
@@ -80,7 +84,9 @@ class _Scorer:
 
         torch.set_num_threads(threads)  # the actor's share of the node's cores, not all of them
         self.shards = Path(shards)
-        self.predictor = Predictor.from_run(run_dir, precision=precision, batch_size=batch_size, workers=1)
+        self.predictor = Predictor.from_run(
+            run_dir, precision=precision, batch_size=batch_size, workers=threads
+        )
 
     def __call__(self, block: pd.DataFrame) -> pd.DataFrame:
         rows = self.score(block)
@@ -173,9 +179,9 @@ def _done(shards: Path) -> pd.DataFrame:
     return _decoded(pd.concat(frames, ignore_index=True)).drop_duplicates("path", keep="last")
 
 
-def _blocks(todo: Sequence[tuple[int, InputItem]], batch_size: int) -> list[pd.DataFrame]:
-    """The (input position, image) pairs still to predict as blocks of ``batch_size`` rows, text encoded:
-    what each actor call receives."""
+def _blocks(todo: Sequence[tuple[int, InputItem]], rows: int) -> list[pd.DataFrame]:
+    """The (input position, image) pairs still to predict as blocks of ``rows`` rows, text encoded: what
+    each actor call receives."""
     table = _encoded(
         pd.DataFrame(
             {
@@ -187,7 +193,7 @@ def _blocks(todo: Sequence[tuple[int, InputItem]], batch_size: int) -> list[pd.D
             dtype=object,
         )
     )
-    return [table.iloc[i : i + batch_size] for i in range(0, len(table), batch_size)]
+    return [table.iloc[i : i + rows] for i in range(0, len(table), rows)]
 
 
 def _start_ray(address: str | None) -> Any:
@@ -227,7 +233,8 @@ def predict_on_ray(
     """Predict every image of ``inputs`` with ``run_dir`` on Ray; shards (and the joined CSV) in ``out_dir``.
 
     ``num_workers``: actors, each with one Predictor (default: the cluster's CPUs); ``batch_size``: images
-    per block and forward pass. See the module docstring for resuming and the output.
+    per forward pass, :data:`BATCHES_PER_BLOCK` of them per block. See the module docstring for resuming and
+    the output.
     """
     if (num_workers is not None and num_workers < 1) or batch_size < 1:
         raise ConfigError(
@@ -251,7 +258,8 @@ def predict_on_ray(
         context.enable_progress_bars = progress
         workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
-        blocks = _blocks(todo, batch_size)
+        block_rows = batch_size * BATCHES_PER_BLOCK
+        blocks = _blocks(todo, block_rows)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # Ray's own deprecation notes, not the user's
             blocks_done = (
@@ -266,7 +274,7 @@ def predict_on_ray(
                         "threads": threads,
                     },
                     batch_format="pandas",
-                    batch_size=batch_size,
+                    batch_size=block_rows,
                     compute=ray.data.ActorPoolStrategy(size=workers),
                     num_cpus=threads,
                 )
