@@ -12,7 +12,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
+from timm.layers.adaptive_avgmax_pool import AdaptiveCatAvgMaxPool2d
 from torch import nn
 
 from covidscan import CLASSES
@@ -22,23 +22,15 @@ Pooling = Literal["avg", "max", "avgmax"]
 """How a pooled head reduces the feature map: its average, its maximum, or both side by side."""
 
 
-class AvgMaxPool(nn.Module):
-    """Global average and global maximum of a feature map side by side: ``(N, C, h, w)`` -> ``(N, 2C, 1, 1)``.
-
-    The average says how much of a pattern the image holds, the maximum how strongly its strongest spot
-    shows it (a small lesion barely moves an average over the whole crop)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x.mean(dim=(2, 3), keepdim=True), x.amax(dim=(2, 3), keepdim=True)], dim=1)
-
-
 def global_pool(pooling: Pooling = "avg") -> nn.Module:
-    """The parameter-free pooling a pooled head starts with."""
+    """The parameter-free pooling a pooled head starts with. ``avgmax`` is timm's average and maximum side by
+    side, ``(N, C, h, w)`` -> ``(N, 2C, 1, 1)``: the average says how much of a pattern the image holds, the
+    maximum how strongly its strongest spot shows it (a small lesion barely moves an average)."""
     if pooling == "avg":
         return nn.AdaptiveAvgPool2d(1)
     if pooling == "max":
         return nn.AdaptiveMaxPool2d(1)
-    return AvgMaxPool()
+    return AdaptiveCatAvgMaxPool2d(1)
 
 
 def pooled_width(channels: int, pooling: Pooling = "avg") -> int:
