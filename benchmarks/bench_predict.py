@@ -3,15 +3,16 @@
 
     (a) decode + CLAHE + lung crop (prepare_paths, threads)              images/s
     (b) backbone forward, batch 1 and N: eager fp32 (no_grad, NCHW) vs BatchNorm folded + channels_last +
-        inference_mode, in fp32 and (where the CPU has native bf16) bf16, and onnxruntime in fp32 and in
-        int8 (static QDQ, calibrated on random batches: random weights, so speed only)
+        inference_mode, in fp32 and (where the CPU has native bf16) bf16, the same compiled by
+        torch.compile (the compiled engine), and onnxruntime in fp32 and in int8 (static QDQ, calibrated on
+        random batches: random weights, so speed only)
     (c) end to end, best of ``--iters`` passes: covidscan.inference.predict on a folder (torch engine,
-        onnxruntime fp32, int8 and engine auto) vs a sequential eager fp32 loop (read -> preprocess ->
-        eval_transform -> one image at a time through the model); int8 is the run's own (``export_int8``
-        on a copy of the run, limits loosened so that its speed is measured even where the run's check
-        refuses it: the check's figures are printed and written beside it)
-    (d) a loaded Predictor: Predictor.from_run (load, fold, engine choice), its first call, and the
-        per-image time of later calls (one image, and a batch)
+        compiled, onnxruntime fp32, int8 and engine auto) vs a sequential eager fp32 loop (read ->
+        preprocess -> eval_transform -> one image at a time through the model); int8 is the run's own
+        (``export_int8`` on a copy of the run, limits loosened so that its speed is measured even where the
+        run's check refuses it: the check's figures are printed and written beside it)
+    (d) a loaded Predictor: Predictor.from_run (load, fold, engine choice; and with the compiled engine,
+        which compiles there), its first call, and the per-image time of later calls (one image, a batch)
 
 Usage::
 
@@ -51,7 +52,7 @@ from covidscan.export.runtime import OnnxModel
 from covidscan.inference import Predictor, predict
 from covidscan.inference.engines import cpu_features
 from covidscan.io import list_images, read_image
-from covidscan.models import FastClassifier, bf16_supported, build_model
+from covidscan.models import CompiledClassifier, FastClassifier, bf16_supported, build_model
 from covidscan.models.fast import MAX_LABEL_CHANGE
 from covidscan.preprocess import PreprocessConfig, eval_transform, prepare_image, prepare_paths
 from covidscan.runs import LoadedRun, load_run, save_run
@@ -121,6 +122,9 @@ def bench_backbone(name: str, size: int, batch: int, iters: int, onnx: tuple[Pat
         with torch.inference_mode():
             r = rate(lambda fast=fast: fast(xc), batch, iters)
         rows.append((f"{name} b{batch} folded+CL {str(dtype).removeprefix('torch.')}", r, r / eager))
+        compiled = CompiledClassifier(fast, batch, (size, size))
+        r = rate(lambda compiled=compiled: compiled.forward_pooled(xc), batch, iters)
+        rows.append((f"{name} b{batch} compiled {str(dtype).removeprefix('torch.')}", r, r / eager))
     for kind, path in zip(("fp32", "int8"), onnx, strict=True):
         session = OnnxModel(path, threads=torch.get_num_threads())
         r = rate(lambda session=session: session(x), batch, iters)
@@ -233,9 +237,14 @@ def main() -> None:
                  f"{verdict.auc_delta}", "images": verdict.images, "labels_changed": verdict.labels_changed,
                  "auc_delta": verdict.auc_delta}
         print(f"the run's int8 check: {'allowed' if passes else 'REFUSED'} ({check['figures']})")
-        engines = (("onnx", "onnxruntime (fp32)"), ("int8", "int8 (onnxruntime)"), ("auto", "auto"))
+        engines = (("compiled", "compiled"), ("onnx", "onnxruntime (fp32)"), ("int8", "int8 (onnxruntime)"),
+                   ("auto", "auto"))
         for engine, what in engines:
+            start = time.perf_counter()
             loaded = Predictor.from_run(copy, engine=engine, workers=args.workers, batch_size=args.batch)
+            if engine == "compiled":
+                latencies.append(("Predictor.from_run, compiled engine", time.perf_counter() - start))
+                what += f" ({loaded.precision})"
             job = partial(predict, loaded, progress=False)
             r = rate(partial(job, e2e), len(e2e), args.iters, partial(job, e2e[:4]))
             chose = f" -> {loaded.engine} {loaded.precision}" if engine == "auto" else ""

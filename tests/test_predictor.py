@@ -208,7 +208,7 @@ def test_precision_bf16_is_refused_where_the_run_did_not_allow_it(tiny_run, meas
         Predictor.from_run(refused, precision="bf16")
     with pytest.raises(ConfigError, match="never measured"):
         Predictor.from_run(never, precision="bf16")
-    with pytest.raises(ConfigError, match="torch engine"):
+    with pytest.raises(ConfigError, match="torch or compiled engine"):
         Predictor.from_run(tiny_run, precision="bf16", fast=False)
     with pytest.raises(ConfigError, match="precision must be one of auto, fp32, bf16"):
         Predictor.from_run(tiny_run, precision="fp16")

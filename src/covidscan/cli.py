@@ -455,9 +455,10 @@ def predict(
         str,
         typer.Option(
             help="auto (the --onnx file if given, else the fastest engine the run allows on this CPU, "
-            "timed once and cached), torch, onnx, int8 (the run's model.int8.onnx, where its int8 check "
-            "allowed it: `covidscan export RUN --int8`), or ray (Ray Data: --out is a folder of Parquet "
-            "shards, resumable; pip install 'covidscan[ray]')."
+            "timed once and cached), torch, compiled (torch.compile for this CPU: seconds to compile, "
+            "then the fastest PyTorch path; for long jobs), onnx, int8 (the run's model.int8.onnx, where "
+            "its int8 check allowed it: `covidscan export RUN --int8`), or ray (Ray Data: --out is a "
+            "folder of Parquet shards, resumable; pip install 'covidscan[ray]')."
         ),
     ] = "auto",
     onnx: Annotated[Path | None, typer.Option("--onnx", help="ONNX file for the onnx engine.")] = None,

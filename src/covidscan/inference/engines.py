@@ -5,6 +5,8 @@
 int8 check allowed ``model.int8.onnx``. With more than one, each runs a few batches once per (run, CPU,
 library versions, batch size) and the fastest is kept as JSON in covidscan's cache (``engines/``), so later
 loads only read that file. A run with nothing exported is served by ``torch`` without any timing.
+``compiled`` is never a candidate: compiling costs seconds in every process that loads the run, more than a
+short ``predict`` takes, so it is asked for by name (long jobs, servers).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from covidscan.system import cache_dir, cpu_info
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("torch", "onnx", "int8")
-"""What ``auto`` chooses among (Ray is a way to spread one of them, not an engine of its own)."""
+ENGINES = ("torch", "compiled", "onnx", "int8")
+"""The engines a Predictor serves with (Ray is a way to spread one of them, not an engine of its own)."""
+TORCH_ENGINES = ("torch", "compiled")
+"""The engines that run PyTorch and take channels_last batches."""
 _FEATURES = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_vnni": "AVX-512 VNNI", "avx_vnni": "AVX-VNNI",
              "avx512_bf16": "AVX-512 bf16", "amx_bf16": "AMX bf16", "amx_int8": "AMX int8"}
 _TIMED_BATCHES = 3
@@ -95,7 +99,7 @@ def choose_engine(
     height, width = checkpoint.input_size
     pixels = np.random.default_rng(0).random((batch, height, width), dtype=np.float32)
     rates = {name: _images_per_s(build(name), to_model_batch(pixels, checkpoint.mean, checkpoint.std,
-                                                             channels_last=name == "torch"))
+                                                             channels_last=name in TORCH_ENGINES))
              for name in candidates}
     choice = max(rates, key=lambda name: rates[name])
     record = {"choice": choice, "images_per_s": rates, "batch": batch, "run": str(run_dir.resolve()),
@@ -142,4 +146,4 @@ def _read_choice(path: Path, candidates: list[str]) -> str | None:
     return choice if choice in candidates else None
 
 
-__all__ = ["ENGINES", "auto_candidates", "choose_engine", "cpu_features", "int8_allowed"]
+__all__ = ["ENGINES", "TORCH_ENGINES", "auto_candidates", "choose_engine", "cpu_features", "int8_allowed"]

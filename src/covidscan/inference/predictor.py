@@ -24,10 +24,10 @@ import torch
 from covidscan.errors import ConfigError, ImageRefusedError, InputError
 from covidscan.evaluation import Calibration
 from covidscan.evaluation.shift import shift_features
-from covidscan.inference.engines import ENGINES, auto_candidates, choose_engine
+from covidscan.inference.engines import ENGINES, TORCH_ENGINES, auto_candidates, choose_engine
 from covidscan.io import LoadedImage, QualityLimits, gate, read_image
 from covidscan.io.quality import MODEL_MODALITIES
-from covidscan.models import Classifier, FastClassifier, OODDetector, Precision, use_bf16
+from covidscan.models import Classifier, CompiledClassifier, FastClassifier, OODDetector, Precision, use_bf16
 from covidscan.models.ood import REFUSAL_FACTOR
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
 from covidscan.runs import INT8_FILE, Checkpoint, file_sha256, load_ood, load_run
@@ -35,7 +35,7 @@ from covidscan.system import cache_dir, resolve_device
 
 log = logging.getLogger(__name__)
 
-Engine = Literal["auto", "torch", "onnx", "int8"]
+Engine = Literal["auto", "torch", "compiled", "onnx", "int8"]
 Forward = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray | None]]
 """A normalised batch -> (binary logits (N,), pooled backbone features (N, C) or None)."""
 OOD_WARNING = "unlike_training_data"
@@ -205,7 +205,9 @@ class Predictor:
         from :func:`covidscan.runs.draft_checkpoint`); :meth:`from_run` loads a run and calls this.
         ``run_dir`` is the run the model was loaded from (None for a model in memory), ``ood`` its detector.
         ``engine``: ``torch`` (BatchNorm folded, channels_last, bf16 when the CPU runs it natively and the
-        run's training-time check allowed it; ``fast=False`` is the plain fp32 model), ``onnx``
+        run's training-time check allowed it; ``fast=False`` is the plain fp32 model), ``compiled`` (that
+        model at that precision compiled for this CPU by ``torch.compile``, seconds once per process: for
+        long jobs and servers; :class:`~covidscan.models.CompiledClassifier`), ``onnx``
         (onnxruntime on ``onnx_path``, else the run's ``model.onnx``, else an export cached outside the
         run), ``int8`` (onnxruntime on the run's ``model.int8.onnx``, where its int8 check allowed it), or
         ``auto`` (``onnx_path`` when given, else the fastest engine the run allows, timed once per CPU: see
@@ -216,7 +218,7 @@ class Predictor:
         :func:`covidscan.models.use_bf16`.
         """
         if engine not in ("auto", *ENGINES):
-            raise ConfigError(f"engine must be 'auto', 'torch', 'onnx' or 'int8', got {engine!r}")
+            raise ConfigError(f"engine must be 'auto', 'torch', 'compiled', 'onnx' or 'int8', got {engine!r}")
         target = device if isinstance(device, torch.device) else resolve_device(device)
 
         def build(name: str) -> Forward:  # one engine's forward; auto times several before choosing
@@ -224,7 +226,10 @@ class Predictor:
                 return _int8_forward(run_dir, checkpoint)
             if name == "onnx":
                 return _onnx_forward(run_dir, checkpoint, onnx_path)
-            return _torch_forward(model, target, fast, fast and use_bf16(precision, checkpoint.bf16, target))
+            bf16 = fast and use_bf16(precision, checkpoint.bf16, target)
+            if name == "compiled":
+                return _compiled_forward(model, checkpoint, bf16, batch_size)
+            return _torch_forward(model, target, fast, bf16)
 
         if engine == "auto":
             candidates = auto_candidates(run_dir, checkpoint, target, precision=precision, fast=fast,
@@ -234,9 +239,14 @@ class Predictor:
             raise ConfigError(f"the {engine} engine runs on the CPU only; use engine='torch' for CUDA")
         if engine != "onnx" and onnx_path is not None:
             raise ConfigError(f"ONNX file {onnx_path} given with the {engine} engine; choose the onnx engine")
-        plain = engine != "torch" or not fast  # onnxruntime and the unfolded model compute in fp32 (or int8)
+        if engine == "compiled" and not fast:
+            raise ConfigError("the compiled engine compiles the fast (folded) model; use engine torch "
+                              "for the plain fp32 model")
+        # onnxruntime and the unfolded model compute in fp32 (or int8)
+        plain = engine not in TORCH_ENGINES or not fast
         if plain and precision == "bf16":
-            raise ConfigError("precision bf16 needs the torch engine (fast); use precision auto or fp32")
+            raise ConfigError("precision bf16 needs the torch or compiled engine (fast); use precision auto "
+                              "or fp32")
         bf16 = use_bf16(precision, checkpoint.bf16, target) and not plain
         return cls(run_dir, checkpoint, model, build(engine), engine=engine,
                    precision="int8" if engine == "int8" else "bf16" if bf16 else "fp32", device=target,
@@ -292,7 +302,7 @@ class Predictor:
         """The normalised model batch (N, 3, H, W) of prepared images (or their stacked (N, H, W) pixels)."""
         pixels = prepared if isinstance(prepared, np.ndarray) else np.stack([p.pixels for p in prepared])
         return to_model_batch(pixels, self.checkpoint.mean, self.checkpoint.std,
-                              channels_last=self.engine == "torch")
+                              channels_last=self.engine in TORCH_ENGINES)
 
     def logits(self, prepared: Sequence[PreparedImage] | np.ndarray) -> np.ndarray:
         """Binary logits ``z = logit_covid - logit_non_covid`` of prepared images, in batches."""
@@ -504,6 +514,18 @@ def _torch_forward(model: Classifier, device: torch.device, fast: bool, bf16: bo
     def forward(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits, pooled = net.forward_pooled(x.to(device) if fast else x.to(device).contiguous())
         return (logits[:, 1] - logits[:, 0]).float().cpu().numpy(), pooled.float().cpu().numpy()
+
+    return forward
+
+
+def _compiled_forward(model: Classifier, checkpoint: Checkpoint, bf16: bool, batch_size: int) -> Forward:
+    """The compiled engine: the torch engine's model compiled for this CPU (:class:`CompiledClassifier`)."""
+    net = CompiledClassifier(FastClassifier(model, torch.bfloat16 if bf16 else torch.float32), batch_size,
+                             checkpoint.input_size)
+
+    def forward(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        logits, pooled = net.forward_pooled(x)
+        return (logits[:, 1] - logits[:, 0]).float().numpy(), pooled.float().numpy()
 
     return forward
 

@@ -20,6 +20,7 @@ from covidscan.models.classifier import (
 from covidscan.models.ensemble import EnsembleClassifier, EnsembleConfig, EnsembleMember, build_ensemble
 from covidscan.models.fast import (
     PRECISIONS,
+    CompiledClassifier,
     FastClassifier,
     Precision,
     PrecisionVerdict,
@@ -41,6 +42,7 @@ __all__ = [
     "TORCHVISION_BACKBONES",
     "Backbone",
     "Classifier",
+    "CompiledClassifier",
     "EnsembleClassifier",
     "EnsembleConfig",
     "EnsembleMember",

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import shutil
 from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any, Literal
@@ -109,6 +111,58 @@ class FastClassifier(nn.Module):
         """Logits ``(N, 2)`` and pooled backbone features ``(N, C)``, both fp32, from one backbone pass."""
         fmap = self.features(x.to(dtype=self.dtype, memory_format=torch.channels_last)).float()
         return self.head(fmap), pool_features(fmap)
+
+
+class CompiledClassifier:
+    """A :class:`FastClassifier` compiled by ``torch.compile`` (Inductor, weights frozen in), one batch shape.
+
+    Inductor writes C++ for this CPU's instruction sets and hands the convolutions, their weights packed
+    once, to oneDNN (AMX tiles for bf16 where the CPU has them). Compiling costs seconds once per process
+    (less when Inductor's on-disk cache holds the graph), so it pays off on long jobs and servers. There is
+    one graph, for ``batch`` images: a smaller batch is padded with zeros, so nothing recompiles.
+    """
+
+    def __init__(self, net: FastClassifier, batch: int, input_size: tuple[int, int]) -> None:
+        compiler = shutil.which(os.environ.get("CXX", "g++"))
+        if compiler is None:
+            raise ConfigError("the compiled engine needs a C++ compiler for torch.compile (g++, or the one "
+                              "named by $CXX; on Debian: apt-get install g++ python3-dev); use the torch "
+                              "engine meanwhile")
+        self.batch = batch
+        # freezing: the weights become constants, packed once for oneDNN, instead of inputs of every call
+        self._compiled = torch.compile(_Pooled(net), dynamic=False, options={"freezing": True})
+        log.info("compiling the model for this CPU with torch.compile (batch %d, %s): once per process",
+                 batch, net.dtype)
+        try:
+            self.forward_pooled(torch.zeros(batch, 3, *input_size))  # compiling happens at the first call
+        except Exception as exc:  # Inductor's errors are many and internal: name it and give the way out
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise ConfigError(f"torch.compile could not compile this model for this CPU "
+                              f"({type(exc).__name__}: {first[:300]}); use the torch engine") from None
+
+    @torch.inference_mode()
+    def forward_pooled(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``(N, 2)`` and pooled features ``(N, C)`` of a normalised batch, ``batch`` at a time."""
+        logits, pooled = [], []
+        for chunk in x.split(self.batch):
+            n = len(chunk)
+            if n < self.batch:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.batch - n, *chunk.shape[1:]))])
+            out = self._compiled(chunk.contiguous(memory_format=torch.channels_last))
+            logits.append(out[0][:n])
+            pooled.append(out[1][:n])
+        return torch.cat(logits), torch.cat(pooled)
+
+
+class _Pooled(nn.Module):
+    """``forward_pooled`` as a module's forward, which is what Inductor freezes the weights of."""
+
+    def __init__(self, net: FastClassifier) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.net.forward_pooled(x)
 
 
 def _fold_batchnorm(backbone: nn.Module) -> nn.Module:

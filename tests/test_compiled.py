@@ -1,0 +1,97 @@
+"""The compiled engine: the torch engine's model compiled by torch.compile, one padded batch shape, errors."""
+
+from __future__ import annotations
+
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from covidscan.cli import app
+from covidscan.errors import ConfigError
+from covidscan.inference import Predictor
+from covidscan.io import read_image
+from covidscan.models import PrecisionVerdict
+from covidscan.runs import load_checkpoint, write_checkpoint
+
+
+@pytest.fixture(scope="module")
+def phantoms(phantom_manifest: Path) -> list[Path]:
+    return sorted((phantom_manifest.parent / "images").rglob("*.png"))[:9]
+
+
+@pytest.fixture(scope="module")
+def compiled(tiny_run: Path) -> Predictor:
+    return Predictor.from_run(tiny_run, engine="compiled", precision="fp32", batch_size=4)
+
+
+def prepared(predictor: Predictor, paths: list[Path]) -> np.ndarray:
+    return np.stack([predictor.prepare(read_image(p)).pixels for p in paths])
+
+
+def test_compiled_engine_gives_the_torch_engines_numbers(tiny_run, compiled, phantoms):
+    eager = Predictor.from_run(tiny_run, engine="torch", precision="fp32", batch_size=4)
+    assert (compiled.engine, compiled.precision) == ("compiled", "fp32")
+    pixels = prepared(eager, phantoms)
+    logits, features = compiled.logits_and_features(pixels)  # batches of 4, 4 and 1 (padded)
+    want_logits, want_features = eager.logits_and_features(pixels)
+    assert logits.shape == want_logits.shape == (9,)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-4)
+    np.testing.assert_allclose(features, want_features, atol=1e-4)
+    got = [p.p_covid for p in compiled.predict(phantoms)]
+    want = [p.p_covid for p in eager.predict(phantoms)]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_an_images_result_does_not_depend_on_the_images_beside_it(compiled, phantoms):
+    pixels = prepared(compiled, phantoms)
+    alone = compiled.logits(pixels[:1])
+    in_a_full_batch = compiled.logits(pixels[:4])
+    in_a_padded_batch = compiled.logits(pixels[[0, 5]])
+    # One graph for every batch; oneDNN's sums may still round differently in the last bits (so does the
+    # torch engine's, across batch sizes).
+    np.testing.assert_allclose([in_a_full_batch[0], in_a_padded_batch[0]], alone[0], rtol=0, atol=1e-5)
+
+
+def test_one_compiled_predictor_serves_many_threads(compiled, phantoms):
+    pixels = prepared(compiled, phantoms)
+    want = compiled.logits(pixels)
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: compiled.logits(pixels), range(6)))
+    for got in results:
+        np.testing.assert_array_equal(got, want)
+
+
+def test_compiled_bf16_where_the_run_allows_it(tiny_run, compiled, phantoms, tmp_path):
+    run = tmp_path / "allowed"
+    shutil.copytree(tiny_run, run)
+    allowed = PrecisionVerdict(allowed=True, reason="0 of 8 test labels changed", images=8)
+    write_checkpoint(run, load_checkpoint(run).model_copy(update={"bf16": allowed}))
+    bf16 = Predictor.from_run(run, engine="compiled", precision="bf16", batch_size=4)
+    assert bf16.precision == "bf16"
+    pixels = prepared(compiled, phantoms)
+    p16 = bf16.calibration.proba(bf16.logits(pixels))
+    p32 = compiled.calibration.proba(compiled.logits(pixels))
+    assert np.abs(p16 - p32).max() < 0.02  # bf16 keeps 8 bits of mantissa: close, not equal
+
+
+def test_compiled_engine_errors_say_what_to_do(tiny_run, monkeypatch):
+    with pytest.raises(ConfigError, match="compiles the fast"):
+        Predictor.from_run(tiny_run, engine="compiled", fast=False)
+    monkeypatch.setenv("CXX", "no-such-compiler-for-covidscan")
+    with pytest.raises(ConfigError, match=r"needs a C\+\+ compiler .* use the torch engine"):
+        Predictor.from_run(tiny_run, engine="compiled")
+
+
+def test_predict_command_runs_the_compiled_engine(tiny_run, phantoms, tmp_path):
+    out = tmp_path / "preds.csv"
+    args = ["predict", str(tiny_run), *map(str, phantoms[:3]), "--engine", "compiled", "--out", str(out)]
+    result = CliRunner().invoke(app, args, prog_name="covidscan")
+    assert result.exit_code == 0, result.output
+    rows = pd.read_csv(out)
+    assert len(rows) == 3 and rows["error"].isna().all()
+    assert rows["p_covid"].between(0, 1).all()
