@@ -12,7 +12,8 @@
         (``export_int8`` on a copy of the run, limits loosened so that its speed is measured even where the
         run's check refuses it: the check's figures are printed and written beside it)
     (d) a loaded Predictor: Predictor.from_run (load, fold, engine choice; and with the compiled engine,
-        which compiles there), its first call, and the per-image time of later calls (one image, a batch)
+        which compiles there, from caches that part (b) has warmed), its first call, and the per-image time
+        of later calls (one image, a batch)
 
 Usage::
 
@@ -243,7 +244,8 @@ def main() -> None:
             start = time.perf_counter()
             loaded = Predictor.from_run(copy, engine=engine, workers=args.workers, batch_size=args.batch)
             if engine == "compiled":
-                latencies.append(("Predictor.from_run, compiled engine", time.perf_counter() - start))
+                # part (b) compiled the same architecture in this process: Inductor's caches are warm
+                latencies.append(("Predictor.from_run, compiled engine (warm)", time.perf_counter() - start))
                 what += f" ({loaded.precision})"
             job = partial(predict, loaded, progress=False)
             r = rate(partial(job, e2e), len(e2e), args.iters, partial(job, e2e[:4]))
