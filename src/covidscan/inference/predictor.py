@@ -226,10 +226,8 @@ class Predictor:
                 return _int8_forward(run_dir, checkpoint)
             if name == "onnx":
                 return _onnx_forward(run_dir, checkpoint, onnx_path)
-            bf16 = fast and use_bf16(precision, checkpoint.bf16, target)
-            if name == "compiled":
-                return _compiled_forward(model, checkpoint, bf16, batch_size)
-            return _torch_forward(model, target, fast, bf16)
+            return _torch_forward(model, target, fast, fast and use_bf16(precision, checkpoint.bf16, target),
+                                  batch_size if name == "compiled" else None)
 
         if engine == "auto":
             candidates = auto_candidates(run_dir, checkpoint, target, precision=precision, fast=fast,
@@ -505,27 +503,20 @@ def _meta_group(prepared: PreparedImage) -> str | None:
     return None if meta is None else (meta.series_uid or meta.patient_id)
 
 
-def _torch_forward(model: Classifier, device: torch.device, fast: bool, bf16: bool) -> Forward:
-    """The torch engine: folded and channels_last (``fast``), in bf16 when asked (see ``use_bf16``)."""
+def _torch_forward(
+    model: Classifier, device: torch.device, fast: bool, bf16: bool, compile_batch: int | None = None
+) -> Forward:
+    """The torch engine: folded and channels_last (``fast``), in bf16 when asked (see ``use_bf16``); the
+    compiled engine when ``compile_batch`` is given (that net compiled for this CPU at that batch size)."""
     net = FastClassifier(model, torch.bfloat16 if bf16 else torch.float32) if fast else model
     net = net.to(device)
+    if compile_batch is not None:
+        net = CompiledClassifier(net, compile_batch, model.input_size)
 
     @torch.inference_mode()
     def forward(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         logits, pooled = net.forward_pooled(x.to(device) if fast else x.to(device).contiguous())
         return (logits[:, 1] - logits[:, 0]).float().cpu().numpy(), pooled.float().cpu().numpy()
-
-    return forward
-
-
-def _compiled_forward(model: Classifier, checkpoint: Checkpoint, bf16: bool, batch_size: int) -> Forward:
-    """The compiled engine: the torch engine's model compiled for this CPU (:class:`CompiledClassifier`)."""
-    net = CompiledClassifier(FastClassifier(model, torch.bfloat16 if bf16 else torch.float32), batch_size,
-                             checkpoint.input_size)
-
-    def forward(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        logits, pooled = net.forward_pooled(x)
-        return (logits[:, 1] - logits[:, 0]).float().numpy(), pooled.float().numpy()
 
     return forward
 
