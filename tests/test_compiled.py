@@ -9,13 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from torch._dynamo.utils import counters
+from torch.profiler import profile
 from typer.testing import CliRunner
 
 from covidscan.cli import app
 from covidscan.errors import ConfigError
 from covidscan.inference import Predictor
 from covidscan.io import read_image
-from covidscan.models import PrecisionVerdict
+from covidscan.models import CompiledClassifier, FastClassifier, PrecisionVerdict
 from covidscan.runs import load_checkpoint, write_checkpoint
 
 
@@ -57,6 +60,29 @@ def test_an_images_result_does_not_depend_on_the_images_beside_it(compiled, phan
     np.testing.assert_allclose([in_a_full_batch[0], in_a_padded_batch[0]], alone[0], rtol=0, atol=1e-5)
 
 
+def test_no_batch_compiles_a_second_graph(tiny_run):
+    model = Predictor.from_run(tiny_run, engine="torch", precision="fp32").model
+    net = FastClassifier(model, torch.float32)
+    compiled = CompiledClassifier(net, 4, model.input_size)
+    shape = (4, 3, *model.input_size)
+    with torch.inference_mode():
+        made_in_inference_mode = torch.randn(shape)
+    batches = [
+        torch.randn(shape).contiguous(memory_format=torch.channels_last),  # as to_model_batch makes them
+        torch.randn(shape),
+        made_in_inference_mode,
+        torch.randn(2, *shape[1:]),  # padded
+        torch.randn(9, *shape[1:]),  # 4 + 4 + 1
+    ]
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a second graph raises here
+        for x in batches:
+            logits, pooled = compiled.forward_pooled(x)
+            with torch.inference_mode():
+                want_logits, want_pooled = net.forward_pooled(x)
+            np.testing.assert_allclose(logits, want_logits, atol=1e-4)
+            np.testing.assert_allclose(pooled, want_pooled, atol=1e-4)
+
+
 def test_one_compiled_predictor_serves_many_threads(compiled, phantoms):
     pixels = prepared(compiled, phantoms)
     want = compiled.logits(pixels)
@@ -95,3 +121,24 @@ def test_predict_command_runs_the_compiled_engine(tiny_run, phantoms, tmp_path):
     rows = pd.read_csv(out)
     assert len(rows) == 3 and rows["error"].isna().all()
     assert rows["p_covid"].between(0, 1).all()
+
+
+def test_every_model_a_process_compiles_stays_compiled(tiny_run):
+    # Dynamo counts each model compiled from the same forward function as a recompilation of it and past
+    # its recompile limit runs the rest eagerly, with only a log line; the limit is lowered here to 1 so
+    # that the second model would be the one lost.
+    model = Predictor.from_run(tiny_run, engine="torch", precision="fp32").model
+    x = torch.randn(3, 3, *model.input_size)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        nets, compiled = [], []
+        for _ in range(2):
+            nets.append(FastClassifier(model, torch.float32))  # folded afresh: weights of its own
+            before = counters["stats"]["unique_graphs"]
+            compiled.append(CompiledClassifier(nets[-1], 4, model.input_size))
+            assert counters["stats"]["unique_graphs"] == before + 1  # compiled, not skipped
+        for net, model_compiled in zip(nets, compiled, strict=True):
+            with profile() as prof:
+                logits, _ = model_compiled.forward_pooled(x)
+            assert any(e.name.startswith("Torch-Compiled Region") for e in prof.events())
+            with torch.inference_mode():
+                np.testing.assert_allclose(logits, net.forward_pooled(x)[0], atol=1e-4)

@@ -15,6 +15,7 @@ import copy
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterable
 from functools import cache
 from typing import Any, Literal
@@ -134,7 +135,12 @@ class CompiledClassifier:
         log.info("compiling the model for this CPU with torch.compile (batch %d, %s): once per process",
                  batch, net.dtype)
         try:
-            self.forward_pooled(torch.zeros(batch, 3, *input_size))  # compiling happens at the first call
+            # Dynamo files every model compiled from _Pooled.forward under that one function, as if each were
+            # a recompilation of it, and past `recompile_limit` (8) silently runs the rest eagerly: a process
+            # compiling many models (a benchmark, a test session) would lose the engine without a word. Each
+            # model compiles exactly once, here, so the limit is lifted for this call alone.
+            with torch._dynamo.config.patch(recompile_limit=sys.maxsize):
+                self.forward_pooled(torch.zeros(batch, 3, *input_size))  # compiling happens at the first call
         except Exception as exc:  # Inductor's errors are many and internal: name it and give the way out
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ConfigError(f"torch.compile could not compile this model for this CPU "
@@ -148,7 +154,12 @@ class CompiledClassifier:
             n = len(chunk)
             if n < self.batch:
                 chunk = torch.cat([chunk, chunk.new_zeros((self.batch - n, *chunk.shape[1:]))])
-            out = self._compiled(chunk.contiguous(memory_format=torch.channels_last))
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+            if not chunk.is_inference():
+                # The graph's guards tell a tensor made outside inference mode from one made in it and
+                # would compile a second graph for it: every batch is made an inference tensor (one copy).
+                chunk = chunk.clone()
+            out = self._compiled(chunk)
             logits.append(out[0][:n])
             pooled.append(out[1][:n])
         return torch.cat(logits), torch.cat(pooled)
