@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -142,3 +146,32 @@ def test_every_model_a_process_compiles_stays_compiled(tiny_run):
             assert any(e.name.startswith("Torch-Compiled Region") for e in prof.events())
             with torch.inference_mode():
                 np.testing.assert_allclose(logits, net.forward_pooled(x)[0], atol=1e-4)
+
+
+_LOGITS = """
+import json, sys
+import numpy as np
+from covidscan.inference import Predictor
+predictor = Predictor.from_run(sys.argv[1], engine="compiled", precision="fp32", batch_size=4)
+pixels = np.random.default_rng(0).random((4, *predictor.checkpoint.input_size), dtype=np.float32)
+print(json.dumps(predictor.logits(pixels).tolist()))
+"""
+
+
+def test_a_graph_cached_for_another_cpu_kind_is_not_reused(tiny_run, tmp_path):
+    # Inductor's own cache keys ignore the CPU; ATEN_CPU_CAPABILITY=avx2 stands in for a CPU without AVX-512
+    # (where the CPU has none, both processes are the same kind and this checks only the numbers).
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env["COVIDSCAN_CACHE"] = str(tmp_path / "cache")
+    got = []
+    for capability in (None, "avx2"):
+        run_env = env if capability is None else {**env, "ATEN_CPU_CAPABILITY": capability}
+        done = subprocess.run([sys.executable, "-c", _LOGITS, str(tiny_run)], env=run_env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        got.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    eager = Predictor.from_run(tiny_run, engine="torch", precision="fp32", batch_size=4)
+    pixels = np.random.default_rng(0).random((4, *eager.checkpoint.input_size), dtype=np.float32)
+    for logits in got:
+        np.testing.assert_allclose(logits, eager.logits(pixels), atol=1e-4)
+    assert len(list((tmp_path / "cache" / "inductor").iterdir())) >= 1

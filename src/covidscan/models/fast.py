@@ -12,6 +12,8 @@ native bf16. The backbone runs in bf16 but the head in fp32, so the logits thems
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -26,10 +28,11 @@ import torch.fx.experimental.optimization as fx_opt
 from pydantic import BaseModel, ConfigDict
 from sklearn.metrics import roc_auc_score
 from torch import nn
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 from covidscan.errors import ConfigError
 from covidscan.models.classifier import Classifier, pool_features
-from covidscan.system import cpu_info
+from covidscan.system import cache_dir, cpu_info
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ class CompiledClassifier:
                               "named by $CXX; on Debian: apt-get install g++ python3-dev); use the torch "
                               "engine meanwhile")
         self.batch = batch
+        _inductor_cache_of_this_cpu()
         # freezing: the weights become constants, packed once for oneDNN, instead of inputs of every call
         self._compiled = torch.compile(_Pooled(net), dynamic=False, options={"freezing": True})
         log.info("compiling the model for this CPU with torch.compile (batch %d, %s): once per process",
@@ -163,6 +167,25 @@ class CompiledClassifier:
             logits.append(out[0][:n])
             pooled.append(out[1][:n])
         return torch.cat(logits), torch.cat(pooled)
+
+
+@cache
+def _inductor_cache_of_this_cpu() -> None:
+    """Point Inductor's on-disk cache at a folder of this CPU kind's own, once per process, unless
+    ``TORCHINDUCTOR_CACHE_DIR`` names a folder of the user's (Inductor itself sets it to its default).
+
+    Inductor keys its cached graphs by the GPU and library versions, not by the CPU: a graph cached under
+    another CPU kind or ``ATEN_CPU_CAPABILITY`` is reused as it is, and then gave NaN and 1e19 logits here
+    (`tests/test_compiled.py`). CPUs change under a VM, and a cache folder may be shared.
+    """
+    named = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if named and os.path.abspath(named) != os.path.abspath(default_cache_dir()):
+        return
+    model, flags = cpu_info()
+    kind = json.dumps([model, sorted(flags), torch.backends.cpu.get_cpu_capability(),
+                       os.environ.get("ONEDNN_MAX_CPU_ISA")])
+    folder = cache_dir("inductor", hashlib.sha256(kind.encode()).hexdigest()[:16])
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
 
 
 class _Pooled(nn.Module):
