@@ -23,6 +23,7 @@ from covidscan.errors import ConfigError
 from covidscan.inference import Predictor
 from covidscan.io import read_image
 from covidscan.models import CompiledClassifier, FastClassifier, PrecisionVerdict
+from covidscan.models.fast import _inductor_cache_of_this_cpu
 from covidscan.runs import load_checkpoint, write_checkpoint
 
 
@@ -175,3 +176,22 @@ def test_a_graph_cached_for_another_cpu_kind_is_not_reused(tiny_run, tmp_path):
     for logits in got:
         np.testing.assert_allclose(logits, eager.logits(pixels), atol=1e-4)
     assert len(list((tmp_path / "cache" / "inductor").iterdir())) >= 1
+
+
+def test_an_unwritable_cache_folder_is_named(tiny_run, phantoms, tmp_path, monkeypatch):
+    # The compiled engine keeps Inductor's cache in covidscan's; a folder that cannot be made is one error.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("COVIDSCAN_CACHE", str(blocker / "cache"))
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    _inductor_cache_of_this_cpu.cache_clear()  # once per process: let it look again
+    try:
+        args = ["predict", str(tiny_run), str(phantoms[0]), "--engine", "compiled", "--out",
+                str(tmp_path / "preds.csv")]
+        result = CliRunner().invoke(app, args, prog_name="covidscan")
+    finally:
+        _inductor_cache_of_this_cpu.cache_clear()
+    assert result.exit_code != 0
+    assert "cannot create the cache folder" in result.output and "set COVIDSCAN_CACHE" in result.output
+    assert str(blocker) in result.output.replace("\n", "")
+    assert "Traceback" not in result.output
