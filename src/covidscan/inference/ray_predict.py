@@ -215,7 +215,13 @@ def _start_ray(address: str | None) -> Any:
                 **local,
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}; check --address") from None
+            # A cluster with token authentication (Ray's default since 2.59) ignores a Ray Client without
+            # the token until the connection times out: the error then says only "timeout".
+            token = ("; a cluster with token authentication also needs RAY_AUTH_MODE=token here, and its "
+                     "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head)"
+                     if str(address).startswith("ray://") else "")
+            raise ConfigError(f"cannot connect to Ray at {address!r}: {exc}; check --address{token}"
+                              ) from None
     return ray
 
 
@@ -254,37 +260,18 @@ def predict_on_ray(
     todo = [(i, item) for i, item in enumerate(items) if item.path not in seen]
     if todo:
         ray = _start_ray(address)
-        context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = progress
-        workers = num_workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        threads = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers)
-        block_rows = batch_size * BATCHES_PER_BLOCK
-        blocks = _blocks(todo, block_rows)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # Ray's own deprecation notes, not the user's
-            blocks_done = (
-                ray.data.from_pandas(blocks)
-                .map_batches(
-                    _Scorer,
-                    fn_constructor_kwargs={
-                        "run_dir": str(run_dir),
-                        "shards": str(shards.resolve()),
-                        "precision": precision,
-                        "batch_size": batch_size,
-                        "threads": threads,
-                    },
-                    batch_format="pandas",
-                    batch_size=block_rows,
-                    compute=ray.data.ActorPoolStrategy(size=workers),
-                    num_cpus=threads,
-                )
-                .to_pandas()
-            )
-        failed = [e for e in blocks_done["error"] if e]
+        blocks = _blocks(todo, batch_size * BATCHES_PER_BLOCK)
+        job = (str(run_dir), str(shards.resolve()), blocks, num_workers, precision, batch_size)
+        if ray.util.client.ray.is_connected():
+            # Over Ray Client (ray://) this process is no Ray worker, and Ray Data's executor needs one: the
+            # job runs as a task on the cluster, on no CPU of its own (the actors take them).
+            failed = ray.get(ray.remote(num_cpus=0)(_score_blocks).remote(*job, progress=False))
+        else:
+            failed = _score_blocks(*job, progress=progress)
         if failed:
             raise StorageError(
-                f"{failed[0]}; {len(failed)} of {len(blocks_done)} blocks of predictions could not be "
-                f"written: the other {len(blocks_done) - len(failed)} are kept in {shards}, and a rerun "
+                f"{failed[0]}; {len(failed)} of {len(blocks)} blocks of predictions could not be "
+                f"written: the other {len(blocks) - len(failed)} are kept in {shards}, and a rerun "
                 "predicts only the rest"
             )
         done = _done(shards)
@@ -292,6 +279,47 @@ def predict_on_ray(
     return RayPrediction(
         out_dir, len(items), len(todo), len(items) - len(todo), int((done["error"] != "").sum()), merged
     )
+
+
+def _score_blocks(
+    run_dir: str,
+    shards: str,
+    blocks: list[pd.DataFrame],
+    num_workers: int | None,
+    precision: Precision,
+    batch_size: int,
+    *,
+    progress: bool,
+) -> list[str]:
+    """Score ``blocks`` on the Ray this process is connected to, each by one of the actors (:class:`_Scorer`)
+    writing its shard; the errors of the blocks whose shards could not be written."""
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = num_workers or cpus
+    threads = max(1, cpus // workers)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # Ray's own deprecation notes, not the user's
+        blocks_done = (
+            ray.data.from_pandas(blocks)
+            .map_batches(
+                _Scorer,
+                fn_constructor_kwargs={
+                    "run_dir": run_dir,
+                    "shards": shards,
+                    "precision": precision,
+                    "batch_size": batch_size,
+                    "threads": threads,
+                },
+                batch_format="pandas",
+                batch_size=batch_size * BATCHES_PER_BLOCK,
+                compute=ray.data.ActorPoolStrategy(size=workers),
+                num_cpus=threads,
+            )
+            .to_pandas()
+        )
+    return [e for e in blocks_done["error"] if e]
 
 
 def _merge(predictor: Predictor, items: list[InputItem], done: pd.DataFrame, out_dir: Path) -> Path | None:
