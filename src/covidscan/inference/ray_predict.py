@@ -238,9 +238,11 @@ def predict_on_ray(
 ) -> RayPrediction:
     """Predict every image of ``inputs`` with ``run_dir`` on Ray; shards (and the joined CSV) in ``out_dir``.
 
-    ``num_workers``: actors, each with one Predictor (default: the cluster's CPUs); ``batch_size``: images
-    per forward pass, :data:`BATCHES_PER_BLOCK` of them per block. See the module docstring for resuming and
-    the output.
+    ``address``: ``auto`` (the cluster of this node, or ``RAY_ADDRESS``), ``ray://HOST:PORT`` (Ray Client:
+    the job then runs as a task on the cluster, and the paths must be the same there and here), or None (a
+    local Ray); ``num_workers``: actors, each with one Predictor (default: the cluster's CPUs);
+    ``batch_size``: images per forward pass, :data:`BATCHES_PER_BLOCK` of them per block. See the module
+    docstring for resuming and the output.
     """
     if (num_workers is not None and num_workers < 1) or batch_size < 1:
         raise ConfigError(
