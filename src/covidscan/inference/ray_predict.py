@@ -215,8 +215,8 @@ def _start_ray(address: str | None) -> Any:
                 **local,
             )
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            # A cluster with token authentication (Ray's default since 2.59) ignores a Ray Client without
-            # the token until the connection times out: the error then says only "timeout".
+            # A cluster with token authentication (on by default for `ray start --head` in Ray 2.60) ignores
+            # a Ray Client without the token until the connection times out; Ray then says only "timeout".
             token = ("; a cluster with token authentication also needs RAY_AUTH_MODE=token here, and its "
                      "token in RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head)"
                      if str(address).startswith("ray://") else "")
