@@ -1,14 +1,20 @@
 """``covidscan predict --engine ray`` on a real local Ray (2 CPUs): the same probabilities as the in-process
-engine, resumable shards, an unreadable file as a row with its error, and the command line."""
+engine, resumable shards, an unreadable file as a row with its error, and the command line; and on a cluster
+started apart, through ``--address auto`` and ``--address ray://``."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -205,3 +211,90 @@ def test_a_full_disk_is_one_error_that_keeps_what_was_written(local_ray, tiny_ru
     done = predict_on_ray(tiny_run, [many], out, num_workers=1, batch_size=1, progress=False)
     assert (done.resumed, done.predicted) == (kept, 40 - kept)
     _same_as_in_process(done.merged, tiny_run, [many])
+
+
+# A cluster started apart by `ray start --head`, as on a cluster's head node, with token authentication on
+# (Ray's default for it in 2.60), reached as a node of it (--address auto) and from outside through Ray
+# Client (--address ray://HOST:PORT).
+
+
+def _free_port() -> int:
+    # the kernel's ephemeral ports, above the 10002-19999 Ray gives its workers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """The environment of the cluster and of covidscan beside it: token authentication with a token of its
+    own, and a Ray temp folder of its own, where `ray start` leaves the address that ``auto`` finds (in
+    /tmp/ray it would outlive the test and send a later local ``ray.init`` to the stopped cluster)."""
+    token = tmp_path_factory.mktemp("ray-token") / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's Unix sockets live under it
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_ADDRESS", "RAY_AUTH", "RAY_TMPDIR"))}
+    yield {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_TMPDIR": ray_tmp}
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def head(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """A 2-CPU Ray head in its own session, and its Ray Client port; stopped with all it started."""
+    client = _free_port()
+    log = tmp_path_factory.mktemp("ray-head") / "head.log"
+    command = [shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray", "start", "--head",
+               "--block", f"--port={_free_port()}", f"--ray-client-server-port={client}", "--num-cpus=2",
+               "--include-dashboard=false", "--disable-usage-stats"]
+    with log.open("w") as out:
+        process = subprocess.Popen(command, env=cluster_env, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # the client server is the last part up
+            assert process.poll() is None, log.read_text()[-3000:]
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", client)) == 0:
+                    break
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        yield client
+    finally:
+        # `ray start --block` stops its processes on SIGTERM, but gracefully (30 s here): whatever is left
+        # of a test cluster after a few seconds is killed, every process of its session
+        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=5)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def _predict(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "covidscan", "-q", "predict", *args], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["auto", "ray-client"])
+def test_a_cluster_started_apart_predicts_like_in_process(head, cluster_env, tiny_run, images, tmp_path, how):
+    # auto: on a node of the cluster, where `ray start` left its address; ray://: from outside it
+    address = "auto" if how == "auto" else f"ray://127.0.0.1:{head}"
+    out = tmp_path / "out"
+    args = [str(tiny_run), str(images), "--engine", "ray", "--address", address, "--out", str(out)]
+    done = _predict(args, cluster_env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    said = " ".join(done.stdout.split())
+    assert "13 images: 13 predicted now, 0 in earlier shards, 1 with an error" in said
+    _same_as_in_process(out / MERGED, tiny_run, [images])
+
+
+def test_a_cluster_that_wants_a_token_says_so(head, cluster_env, tiny_run, images, tmp_path):
+    env = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH")}
+    # Ray Client's connection timeouts, 5 s growing to 30 s, cut to 1-2 s: the outcome is the same, sooner
+    env |= {"RAY_CLIENT_INITIAL_CONNECTION_TIMEOUT_S": "1", "RAY_CLIENT_MAX_CONNECTION_TIMEOUT_S": "2"}
+    args = [str(tiny_run), str(images), "--engine", "ray", "--address", f"ray://127.0.0.1:{head}",
+            "--out", str(tmp_path / "out")]
+    done = _predict(args, env)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode != 0 and "Traceback" not in said
+    assert f"cannot connect to Ray at 'ray://127.0.0.1:{head}'" in said and "RAY_AUTH_MODE=token" in said
