@@ -63,6 +63,23 @@ def test_stdout_lines_keep_markup_and_undecodable_bytes_of_the_output_path(tmp_p
     assert (out / "manifest.csv").is_file()
 
 
+def test_a_closed_stdout_ends_the_command_silently() -> None:
+    # `covidscan tune --help | head -40` used to end with "error: cannot write or read: Broken pipe". When
+    # the pipe breaks is a race, so the reader's going away is made certain here: the command's first step
+    # meets a broken pipe, as its first write would.
+    code = ("import sys, covidscan.config\n"
+            "def gone(): raise BrokenPipeError(32, 'Broken pipe')\n"
+            "covidscan.config.list_presets = gone\n"
+            "from covidscan.cli import main\n"
+            "sys.argv = ['covidscan', 'presets']\n"
+            "main()\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (result.returncode, result.stderr) == (1, ""), result.stderr
+    done = subprocess.run([sys.executable, "-c", code.replace("gone\n", "lambda: ['paper-a-resnet50']\n")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("paper-a-resnet50:"), done.stderr  # same harness
+
+
 # ---------------------------------------------------------------- config files and --set
 def test_a_latin1_config_file_is_named_and_the_fix_given(tmp_path: Path) -> None:
     config = tmp_path / "mine.yaml"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Annotated, Any
@@ -39,6 +41,12 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except CovidscanError as exc:
             _error(exc)
+        except BrokenPipeError:
+            # The reader of stdout went away (`covidscan tune --help | head -1`): end silently with exit code
+            # 1, as rich's console does where it meets this itself; stdout now points at /dev/null so that
+            # the interpreter's final flush cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(1)
         except OSError as exc:  # a folder that cannot be written, a full disk: the file and why, no traceback
             where = f" {exc.filename}" if exc.filename else ""
             _error(f"cannot write or read{where}: {exc.strerror or exc}; check the path and its permissions")
