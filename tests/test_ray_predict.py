@@ -239,11 +239,27 @@ def cluster_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
 
 
 @pytest.fixture(scope="module")
-def head(cluster_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
-    """A 2-CPU Ray head in its own session, and its Ray Client port; stopped with all it started."""
+def elsewhere(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """A folder that the cluster's node does not see, as a path on another machine would be: an empty tmpfs
+    covers it in the head's own mount namespace. None where this machine cannot make one (unshare needs
+    root, or the right to make user namespaces)."""
+    folder = tmp_path_factory.mktemp("elsewhere")
+    probe = subprocess.run(["unshare", "--mount", "mount", "-t", "tmpfs", "none", str(folder)],
+                           capture_output=True, check=False) if shutil.which("unshare") else None
+    return folder if probe and probe.returncode == 0 else None
+
+
+@pytest.fixture(scope="module")
+def head(
+    cluster_env: dict[str, str], elsewhere: Path | None, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[int]:
+    """A 2-CPU Ray head in its own session (and mount namespace, hiding ``elsewhere``), and its Ray Client
+    port; stopped with all it started."""
     client = _free_port()
     log = tmp_path_factory.mktemp("ray-head") / "head.log"
-    command = [shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray", "start", "--head",
+    hide = [] if elsewhere is None else [
+        "unshare", "--mount", "sh", "-c", 'mount -t tmpfs none "$0" && exec "$@"', str(elsewhere)]
+    command = [*hide, shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray", "start", "--head",
                "--block", f"--port={_free_port()}", f"--ray-client-server-port={client}", "--num-cpus=2",
                "--include-dashboard=false", "--disable-usage-stats"]
     with log.open("w") as out:
@@ -298,3 +314,23 @@ def test_a_cluster_that_wants_a_token_says_so(head, cluster_env, tiny_run, image
     said = " ".join((done.stdout + done.stderr).split())
     assert done.returncode != 0 and "Traceback" not in said
     assert f"cannot connect to Ray at 'ray://127.0.0.1:{head}'" in said and "RAY_AUTH_MODE=token" in said
+
+
+@pytest.mark.parametrize("hidden", ["run", "images", "out"])
+def test_a_path_the_cluster_lacks_is_named_with_the_fix(
+    head, elsewhere, cluster_env, tiny_run, images, tmp_path, hidden
+):
+    # Over ray:// the cluster reads the run and the images, and writes the shards, at this machine's paths.
+    if elsewhere is None:
+        pytest.skip("a folder hidden from the cluster needs `unshare --mount` (root)")
+    place = elsewhere / hidden
+    run = shutil.copytree(tiny_run, place) if hidden == "run" else tiny_run
+    inputs = shutil.copytree(images, place) if hidden == "images" else images
+    out = place if hidden == "out" else tmp_path / "out"
+    done = _predict([str(run), str(inputs), "--engine", "ray", "--address", f"ray://127.0.0.1:{head}",
+                     "--out", str(out)], cluster_env)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 2 and "Traceback" not in said, said[-3000:]
+    what = {"run": f"the run {run}", "images": f"the image {inputs}/", "out": f"the output folder {out}/"}
+    assert what[hidden] in said and "is not there on the Ray cluster's node" in said, said[-3000:]
+    assert "same paths on its nodes" in said and "--address auto" in said

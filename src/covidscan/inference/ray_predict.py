@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from covidscan.errors import ConfigError, StorageError
+from covidscan.errors import ConfigError, CovidscanError, StorageError
 from covidscan.inference.predict import InputItem, collect_inputs, prediction_table
 from covidscan.inference.predictor import Prediction, Predictor
 from covidscan.models import Precision
@@ -265,9 +266,7 @@ def predict_on_ray(
         blocks = _blocks(todo, batch_size * BATCHES_PER_BLOCK)
         job = (str(run_dir), str(shards.resolve()), blocks, num_workers, precision, batch_size)
         if ray.util.client.ray.is_connected():
-            # Over Ray Client (ray://) this process is no Ray worker, and Ray Data's executor needs one: the
-            # job runs as a task on the cluster, on no CPU of its own (the actors take them).
-            failed = ray.get(ray.remote(num_cpus=0)(_score_blocks).remote(*job, progress=False))
+            failed = _score_blocks_on_cluster(ray, job)
         else:
             failed = _score_blocks(*job, progress=progress)
         if failed:
@@ -281,6 +280,46 @@ def predict_on_ray(
     return RayPrediction(
         out_dir, len(items), len(todo), len(items) - len(todo), int((done["error"] != "").sum()), merged
     )
+
+
+def _score_blocks_on_cluster(ray: Any, job: tuple[Any, ...]) -> list[str]:
+    """:func:`_score_blocks` over Ray Client (``ray://``). This process is then no Ray worker, and Ray Data's
+    executor needs one: the job runs as a task on the cluster, on no CPU of its own (the actors take them).
+    A covidscan error there (a path the cluster lacks) is raised here as itself, not as the task's
+    traceback."""
+    try:
+        return ray.get(ray.remote(num_cpus=0)(_cluster_task).remote(*job))
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, CovidscanError):
+            raise exc.cause from None
+        raise
+
+
+def _cluster_task(
+    run_dir: str,
+    shards: str,
+    blocks: list[pd.DataFrame],
+    num_workers: int | None,
+    precision: Precision,
+    batch_size: int,
+) -> list[str]:
+    """The job's task on the cluster: the paths it was given are checked on this node before any actor
+    starts (an actor that cannot load the run would fail the job with Ray's traceback, and an image folder
+    the node lacks would give a row of errors per image)."""
+    node = socket.gethostname()
+    image = next((p for b in map(_decoded, blocks) for p, e in zip(b["path"], b["known_error"], strict=True)
+                  if not e), None)
+    needed = [("the run", run_dir, os.R_OK), ("the output folder", shards, os.W_OK)]
+    for what, path, mode in [*needed, *([("the image", image, os.R_OK)] if image else [])]:
+        if not os.access(path, mode):
+            state = "not readable" if mode == os.R_OK else "not writable"
+            raise ConfigError(
+                f"{what} {path} is {state if os.path.exists(path) else 'not there'} on the Ray cluster's "
+                f"node {node}: over --address ray:// the cluster reads the run and the images, and writes "
+                "the shards, at the paths given here; put them at the same paths on its nodes (a shared "
+                "file system), or run covidscan on a node of the cluster with --address auto"
+            )
+    return _score_blocks(run_dir, shards, blocks, num_workers, precision, batch_size, progress=False)
 
 
 def _score_blocks(
