@@ -197,6 +197,10 @@ def _blocks(todo: Sequence[tuple[int, InputItem]], rows: int) -> list[pd.DataFra
     return [table.iloc[i : i + rows] for i in range(0, len(table), rows)]
 
 
+def _without_sigterm_note(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("SIGTERM handler is not set")
+
+
 def _start_ray(address: str | None) -> Any:
     """Ray, connected to ``address`` or started locally with this machine's cores."""
     try:
@@ -206,6 +210,10 @@ def _start_ray(address: str | None) -> Any:
     if not ray.is_initialized():
         # No usage report to Ray's servers from a hospital's machine unless its administrator asks for it.
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        # Ray Client streams the cluster side's log lines here; one, from connecting in a thread, means
+        # nothing to a covidscan user: "SIGTERM handler is not set because current thread is not the main
+        # thread."
+        logging.getLogger("ray.util.client.logsclient").addFilter(_without_sigterm_note)
         local = {} if address else {"num_cpus": os.cpu_count() or 1}
         try:
             ray.init(
