@@ -272,11 +272,11 @@ def predict_on_ray(
     if todo:
         ray = _start_ray(address)
         blocks = _blocks(todo, batch_size * BATCHES_PER_BLOCK)
-        job = (str(run_dir), str(shards.resolve()), blocks, num_workers, precision, batch_size)
+        job = _Job(str(run_dir), str(shards.resolve()), blocks, num_workers, precision, batch_size)
         if ray.util.client.ray.is_connected():
             failed = _score_blocks_on_cluster(ray, job)
         else:
-            failed = _score_blocks(*job, progress=progress)
+            failed = _score_blocks(job, progress=progress)
         if failed:
             raise StorageError(
                 f"{failed[0]}; {len(failed)} of {len(blocks)} blocks of predictions could not be "
@@ -290,34 +290,39 @@ def predict_on_ray(
     )
 
 
-def _score_blocks_on_cluster(ray: Any, job: tuple[Any, ...]) -> list[str]:
+@dataclass(frozen=True)
+class _Job:
+    """What the actors need: the run, the shard folder, the blocks and how to score them."""
+
+    run_dir: str
+    shards: str
+    blocks: list[pd.DataFrame]
+    num_workers: int | None
+    precision: Precision
+    batch_size: int
+
+
+def _score_blocks_on_cluster(ray: Any, job: _Job) -> list[str]:
     """:func:`_score_blocks` over Ray Client (``ray://``). This process is then no Ray worker, and Ray Data's
     executor needs one: the job runs as a task on the cluster, on no CPU of its own (the actors take them).
     A covidscan error there (a path the cluster lacks) is raised here as itself, not as the task's
     traceback."""
     try:
-        return ray.get(ray.remote(num_cpus=0)(_cluster_task).remote(*job))
+        return ray.get(ray.remote(num_cpus=0)(_cluster_task).remote(job))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, CovidscanError):
             raise exc.cause from None
         raise
 
 
-def _cluster_task(
-    run_dir: str,
-    shards: str,
-    blocks: list[pd.DataFrame],
-    num_workers: int | None,
-    precision: Precision,
-    batch_size: int,
-) -> list[str]:
+def _cluster_task(job: _Job) -> list[str]:
     """The job's task on the cluster: the paths it was given are checked on this node before any actor
     starts (an actor that cannot load the run would fail the job with Ray's traceback, and an image folder
     the node lacks would give a row of errors per image)."""
     node = socket.gethostname()
-    image = next((p for b in map(_decoded, blocks) for p, e in zip(b["path"], b["known_error"], strict=True)
-                  if not e), None)
-    needed = [("the run", run_dir, os.R_OK), ("the output folder", shards, os.W_OK)]
+    image = next((p for b in map(_decoded, job.blocks)
+                  for p, e in zip(b["path"], b["known_error"], strict=True) if not e), None)
+    needed = [("the run", job.run_dir, os.R_OK), ("the output folder", job.shards, os.W_OK)]
     for what, path, mode in [*needed, *([("the image", image, os.R_OK)] if image else [])]:
         if not os.access(path, mode):
             state = "not readable" if mode == os.R_OK else "not writable"
@@ -327,42 +332,33 @@ def _cluster_task(
                 "the shards, at the paths given here; put them at the same paths on its nodes (a shared "
                 "file system), or run covidscan on a node of the cluster with --address auto"
             )
-    return _score_blocks(run_dir, shards, blocks, num_workers, precision, batch_size, progress=False)
+    return _score_blocks(job, progress=False)
 
 
-def _score_blocks(
-    run_dir: str,
-    shards: str,
-    blocks: list[pd.DataFrame],
-    num_workers: int | None,
-    precision: Precision,
-    batch_size: int,
-    *,
-    progress: bool,
-) -> list[str]:
-    """Score ``blocks`` on the Ray this process is connected to, each by one of the actors (:class:`_Scorer`)
-    writing its shard; the errors of the blocks whose shards could not be written."""
+def _score_blocks(job: _Job, *, progress: bool) -> list[str]:
+    """Score the job's blocks on the Ray this process is connected to, each by one of the actors
+    (:class:`_Scorer`) writing its shard; the errors of the blocks whose shards could not be written."""
     import ray
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    workers = num_workers or cpus
+    workers = job.num_workers or cpus
     threads = max(1, cpus // workers)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # Ray's own deprecation notes, not the user's
         blocks_done = (
-            ray.data.from_pandas(blocks)
+            ray.data.from_pandas(job.blocks)
             .map_batches(
                 _Scorer,
                 fn_constructor_kwargs={
-                    "run_dir": run_dir,
-                    "shards": shards,
-                    "precision": precision,
-                    "batch_size": batch_size,
+                    "run_dir": job.run_dir,
+                    "shards": job.shards,
+                    "precision": job.precision,
+                    "batch_size": job.batch_size,
                     "threads": threads,
                 },
                 batch_format="pandas",
-                batch_size=batch_size * BATCHES_PER_BLOCK,
+                batch_size=job.batch_size * BATCHES_PER_BLOCK,
                 compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=threads,
             )
