@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import sys
 import warnings
 from pathlib import Path
@@ -41,16 +42,27 @@ class _Commands(TyperGroup):
             return super().invoke(ctx)
         except CovidscanError as exc:
             _error(exc)
-        except BrokenPipeError:
-            # The reader of stdout went away (`covidscan tune --help | head -1`): end silently with exit code
-            # 1, as rich's console does where it meets this itself; stdout now points at /dev/null so that
-            # the interpreter's final flush cannot fail again.
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            ctx.exit(1)
         except OSError as exc:  # a folder that cannot be written, a full disk: the file and why, no traceback
+            if isinstance(exc, BrokenPipeError) and _reader_gone():
+                # The reader of stdout went away (`covidscan tune --help | head -40`): end silently with
+                # exit code 1, as rich's console does where it meets this itself; stdout now points at
+                # /dev/null so that the interpreter's final flush cannot fail again. A broken pipe elsewhere
+                # (a connection) is an error like any other.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                ctx.exit(1)
             where = f" {exc.filename}" if exc.filename else ""
             _error(f"cannot write or read{where}: {exc.strerror or exc}; check the path and its permissions")
         ctx.exit(2)
+
+
+def _reader_gone() -> bool:
+    """Whether stdout is a pipe whose reading end is closed (the kernel reports an error condition)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLERR)
+        return bool(poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor behind stdout; no poll (Windows)
+        return False
 
 
 def _error(message: object) -> None:
