@@ -4,8 +4,8 @@ averaging over the lungs alone, under the same linear head, on a trained run's f
 A pooled head (paper A's, the linear one) averages the backbone's feature map over the whole lung crop, so
 the chest wall, the mediastinum and the spine count as much as the lungs; its Grad-CAM on ucsd-ct puts no
 more energy in the lungs than a uniform map. Averaging with the lung mask's weights instead (each feature
-cell weighted by the share of it inside ``find_lungs``' mask) makes the lungs the only place the head reads
-from; the receptive fields still see around them.
+cell weighted by the share of it inside the mask the lung crop found) makes the lungs the only place the
+head reads from; the receptive fields still see around them.
 
 For each pooling, on the run's own rows and splits:
 
@@ -40,7 +40,6 @@ from covidscan.data import read_manifest
 from covidscan.explain import cam_metrics, cam_to_original
 from covidscan.inference import Predictor
 from covidscan.io import read_image
-from covidscan.preprocess import find_lungs
 from covidscan.training.tune import make_folds
 
 
@@ -58,15 +57,15 @@ class Maps:
                 fmap = run.model.backbone(run.batch(prepared).contiguous()).float()
             maps.append(fmap.half())
             for item in prepared:
-                found = find_lungs(item.original, modality=run.modality)
                 y0, x0, y1, x1 = item.bbox
                 # no lungs found: every cell counts, as in whole-crop averaging
-                inside = found.mask[y0:y1, x0:x1] if found.found else np.ones((y1 - y0, x1 - x0), bool)
+                lungs = item.lung_mask
+                inside = np.ones((y1 - y0, x1 - x0), bool) if lungs is None else lungs[y0:y1, x0:x1]
                 cells = F.adaptive_avg_pool2d(
                     torch.from_numpy(inside.astype(np.float32))[None, None], fmap.shape[-2:]
                 )
                 weights.append(cells[0, 0])
-                self.lungs.append(found.mask if found.found else None)
+                self.lungs.append(lungs)
                 self.boxes.append(item.bbox)
                 self.shapes.append(item.original.shape)
             print(
@@ -133,11 +132,9 @@ def main() -> None:
         external = Maps(run, ext["path"].tolist(), args.batch_size)
 
     folds = make_folds(y[seen], groups[seen], args.folds, args.seed)
-    uniform = [
-        cam_metrics(_box(maps.lungs[i].shape, maps.boxes[i]), maps.lungs[i])["energy_in_lungs"]
-        for i in test
-        if maps.lungs[i] is not None
-    ]
+    # a uniform map over the crop puts the lungs' share of the crop in them
+    boxed = [(maps.lungs[i], maps.boxes[i]) for i in test if maps.lungs[i] is not None]
+    uniform = [float(m[y0:y1, x0:x1].mean()) for m, (y0, x0, y1, x1) in boxed]
     print(f"\nCAM energy in the lungs of a uniform map over the crop: {np.mean(uniform):.3f} (test)")
     print(
         "pooling | fold ROC AUC, mean (min-max) | test ROC AUC | CAM energy in the lungs (test) | "
@@ -160,14 +157,6 @@ def main() -> None:
             f"{maps.cam_energy(pooling, head, test):.3f} | {spec}",
             flush=True,
         )
-
-
-def _box(shape: tuple[int, ...], bbox: tuple[int, int, int, int]) -> np.ndarray:
-    """A uniform CAM over the crop box: what a map without information scores."""
-    full = np.zeros(shape[:2])
-    y0, x0, y1, x1 = bbox
-    full[y0:y1, x0:x1] = 1.0
-    return full
 
 
 if __name__ == "__main__":
