@@ -117,7 +117,7 @@ def until(get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float, wha
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"not {what} after {timeout} s: {str(value)[:3000]}")
-        time.sleep(0.2)
+        time.sleep(0.05)  # the worker polls every 0.1 s here: a longer nap would idle most of this test
 
 
 def shift_on(n_images: int) -> Callable[[dict], bool]:

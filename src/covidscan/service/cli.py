@@ -105,9 +105,6 @@ def serve(
     A new --data-dir is set up on first start (as `covidscan users add` does); the other service commands
     need an existing one.
     """
-    import uvicorn
-
-    from covidscan.service.app import create_app
     from covidscan.service.settings import active_run, load_settings, open_service
 
     if not 1 <= port <= 65535:  # checked before the demo trains a model, not when uvicorn binds
@@ -129,6 +126,12 @@ def serve(
         raise ConfigError(
             f"no run is active in {settings.data_dir}; pass --run RUN (a `covidscan train` folder)"
         )
+    # The app (and the model code under it: seconds of imports) only once the settings are known good, so a
+    # refusal is said at once.
+    import uvicorn
+
+    from covidscan.service.app import create_app
+
     out.print(f"covidscan review service on http://{host}:{port}/  (data: {settings.data_dir})")
     if settings.dicom_port is not None:
         out.print(f"DICOM listener: AE title {settings.dicom_ae_title} on {host}:{settings.dicom_port}; "
