@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
-import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -61,60 +57,19 @@ def ood_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-_PARENT_SCRIPT = """
-import sys
-from pathlib import Path
-from covidscan.config import load_config
-from covidscan.data.synthetic import write_phantom_dataset
-from covidscan.training import train_experiment
-
-root = Path(sys.argv[1])
-data = write_phantom_dataset(root / "data", n=400, seed=1, slices_per_patient=2)
-cfg = load_config("demo-ct-phantom", ["evaluation.n_bootstrap=100"])
-train_experiment(cfg, data, root / "run", progress=False)
-"""
-_parent: dict[str, Any] = {}
-
-
-def _parent_training() -> tuple[subprocess.Popen, Path]:
-    """The phantom parent's training, started once in a background process at the lowest priority."""
-    if not _parent:
-        root = Path(tempfile.mkdtemp(prefix="covidscan-phantom-parent-"))
-        with (root / "train.log").open("wb") as log:
-            process = subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", _PARENT_SCRIPT, str(root)],
-                                       stdout=log, stderr=subprocess.STDOUT)
-        _parent.update(process=process, root=root)
-    return _parent["process"], _parent["root"]
-
-
-@pytest.hookimpl(trylast=True)  # after -m and -k have deselected
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The modules of the tests that need the phantom parent run last; its training starts in the background
-    now, and fills the idle time of the tests before them (much of it waiting on servers and on Ray)."""
-    late = {item.path for item in items if "phantom_parent" in getattr(item, "fixturenames", ())}
-    if late:
-        items.sort(key=lambda item: item.path in late)  # stable: each module's tests stay together, in order
-        if not config.option.collectonly:
-            _parent_training()
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Stop the phantom parent's training if no test waited for it, and remove it."""
-    if _parent:
-        process, root = _parent_training()
-        process.kill()
-        process.wait()
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture(scope="session")
-def phantom_parent() -> Path:
+def phantom_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo preset trained on 400 CT phantoms of the training style (2 slices per patient; about 1.5
-    min on 2 idle CPU cores, in the background from the start of the session): the parent of the site-loop
-    tests, trained once for the library's and the service's. They only read it (the service writes its
-    challengers into its own data folder)."""
-    process, root = _parent_training()
-    assert process.wait() == 0, (root / "train.log").read_text()[-3000:]
+    min on 2 CPU cores): the parent of the site-loop tests, trained once for the library's and the
+    service's. They only read it (the service writes its challengers into its own data folder)."""
+    from covidscan.config import load_config
+    from covidscan.data.synthetic import write_phantom_dataset
+    from covidscan.training import train_experiment
+
+    root = tmp_path_factory.mktemp("phantom_parent")
+    data = write_phantom_dataset(root / "data", n=400, seed=1, slices_per_patient=2)
+    train_experiment(load_config("demo-ct-phantom", ["evaluation.n_bootstrap=100"]), data, root / "run",
+                     progress=False)
     return root / "run"
 
 
