@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,28 @@ def test_every_named_augmentation_can_be_set_from_a_preset():
 
     allowed = set(TrainConfig.model_fields["augment"].annotation.__args__[0].__args__)
     assert allowed == set(AUGMENT_PRESETS)
+
+
+def test_reading_presets_imports_no_deep_learning_library():
+    """`covidscan presets` and every check of a preset answer in about a second: the model and preprocessing
+    packages load torch, torchvision, timm and OpenCV only when a network or an image is needed."""
+    heavy = ("torch", "torchvision", "timm", "cv2", "onnxruntime")
+    code = ("import sys; from covidscan.cli import app; from covidscan.config import load_config; "
+            f"load_config('covidscan-ct'); print(sorted(m for m in {heavy} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_the_lazy_packages_still_offer_every_name():
+    """Each name the packages' stubs list loads its module on first use and is the module's own object."""
+    import importlib
+
+    for package in ("covidscan.models", "covidscan.preprocess"):
+        module = importlib.import_module(package)
+        assert len(module.__all__) > 20
+        for name in module.__all__:
+            assert getattr(module, name) is not None, f"{package}.{name}"
+    from covidscan.models import ModelConfig
+    from covidscan.models.config import ModelConfig as defined
+
+    assert ModelConfig is defined

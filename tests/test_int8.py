@@ -17,7 +17,7 @@ from covidscan.export import export_int8
 from covidscan.inference import Predictor
 from covidscan.io import list_images
 from covidscan.runs import INT8_FILE, file_sha256, load_run, write_checkpoint
-from covidscan.system import cache_dir
+from covidscan.system import INT8_KERNELS, cache_dir, int8_kernels, int8_kernels_of
 
 
 @pytest.fixture(autouse=True)
@@ -48,6 +48,7 @@ def test_allowed_int8_is_recorded_in_the_checkpoint_and_serves_like_fp32(int8_ru
     verdict = load_run(int8_run).checkpoint.int8  # the rewritten checkpoint still loads (its seal holds)
     assert verdict is not None and verdict.allowed
     assert verdict.sha256 == file_sha256(int8_run / INT8_FILE)
+    assert verdict.int8_kernels == int8_kernels()  # the kind of CPU it speaks for
     assert verdict.images > 0 and verdict.labels_changed <= verdict.images and verdict.auc_delta is not None
     assert "test labels changed" in verdict.reason and "ROC AUC" in verdict.reason
     int8 = Predictor.from_run(int8_run, engine="int8")
@@ -83,6 +84,46 @@ def test_a_changed_int8_file_is_refused(int8_run, tmp_path):
     write_checkpoint(run, checkpoint.model_copy(update={"int8": refused}))
     with pytest.raises(ConfigError, match="its int8 check refused it"):
         Predictor.from_run(run, engine="int8")
+
+
+AVX2_ONLY = frozenset({"sse4_2", "avx", "avx2", "fma"})
+
+
+@pytest.mark.parametrize(("machine", "flags", "kind"), [
+    ("x86_64", AVX2_ONLY, "saturating"),  # VPMADDUBSW: pairs of products added in 16 bits
+    ("x86_64", AVX2_ONLY | {"avx512f", "avx512bw"}, "saturating"),  # AVX-512 without VNNI: the same
+    ("x86_64", AVX2_ONLY | {"avx512f", "avx512_vnni"}, "vnni"),
+    ("x86_64", AVX2_ONLY | {"avx_vnni"}, "vnni"),
+    ("x86_64", AVX2_ONLY | {"avx512f", "avx512_vnni", "amx_int8", "amx_tile"}, "vnni"),
+    ("aarch64", frozenset({"asimd", "asimddp"}), "other"),
+    ("x86_64", frozenset(), "other"),  # flags that could not be read
+])
+def test_int8_kernels_follow_the_cpu(machine, flags, kind):
+    assert int8_kernels_of(machine, flags) == kind
+
+
+def test_an_int8_check_made_on_another_kind_of_cpu_does_not_serve_here(int8_run, tmp_path):
+    # benchmarks/measure_int8_kernels.py on an AVX2-only EPYC: a run's int8 model computed exactly (as with
+    # VNNI) moved 9 of 203 test labels, on that CPU's kernels 35: one kind's check says nothing of another.
+    run = tmp_path / "run"
+    shutil.copytree(int8_run, run)
+    checkpoint = load_run(run).checkpoint
+    assert checkpoint.int8 is not None
+    other = next(kind for kind in INT8_KERNELS if kind != int8_kernels())
+    write_checkpoint(run, checkpoint.model_copy(update={"int8": checkpoint.int8.model_copy(
+        update={"int8_kernels": other})}))
+    with pytest.raises(ConfigError, match=f"measured with {other} int8 kernels and this CPU has "
+                                          f"{int8_kernels()} ones.*covidscan export {run} --int8"):
+        Predictor.from_run(run, engine="int8")
+    assert Predictor.from_run(run).engine != "int8"  # auto leaves it out
+    # a check from before the kind was recorded (made on VNNI CPUs) serves wherever products do not clip
+    write_checkpoint(run, checkpoint.model_copy(update={"int8": checkpoint.int8.model_copy(
+        update={"int8_kernels": ""})}))
+    if int8_kernels() == "saturating":
+        with pytest.raises(ConfigError, match="measured with vnni int8 kernels"):
+            Predictor.from_run(run, engine="int8")
+    else:
+        assert Predictor.from_run(run, engine="int8").engine == "int8"
 
 
 @pytest.mark.slow  # a second quantisation and check (about 10 s)

@@ -24,8 +24,8 @@ from covidscan.models import (
     count_parameters,
     gradcam_target_layer,
     torchvision_checkpoint_path,
+    weights as weights_module,
 )
-from covidscan.models import weights as weights_module
 
 SMALL = 64
 CORAL = "weights/mobilenet_v2_imagenet_coral_dequant.pth"

@@ -16,8 +16,7 @@ import pytest
 
 from covidscan.errors import ConfigError, RunNotFoundError, StorageError
 from covidscan.evaluation import Calibration
-from covidscan.inference import GroupPrediction, Prediction, Predictor
-from covidscan.inference import predictor as predictor_module
+from covidscan.inference import GroupPrediction, Prediction, Predictor, predictor as predictor_module
 from covidscan.io import read_image
 from covidscan.models import PrecisionVerdict, bf16_supported, bf16_verdict
 from covidscan.preprocess import PreparedImage, to_model_batch

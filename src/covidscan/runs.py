@@ -57,6 +57,7 @@ from covidscan.models import (
 from covidscan.outputs import read_csv, write_text, writing
 from covidscan.preprocess import PreparedSet, PreprocessConfig, prepare_manifest
 from covidscan.preprocess.lungseg import lung_model_path
+from covidscan.system import int8_kernels
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,20 @@ class ShiftReferenceInfo(BaseModel):
 
 class Int8Verdict(PrecisionVerdict):
     """Whether the run's int8 model (:data:`INT8_FILE`) may serve: the same check as bf16's (int8 vs fp32 on
-    the run's test split), plus the file's SHA-256 (a file other than the one checked is refused) and the
-    onnxruntime that quantised and measured it."""
+    the run's test split), plus the file's SHA-256 (a file other than the one checked is refused), the
+    onnxruntime that quantised and measured it and the kind of int8 kernels it was measured with."""
 
     sha256: str | None = Field(None, pattern=SHA256)
     onnxruntime: str = ""
+    int8_kernels: str = ""
+    """:func:`covidscan.system.int8_kernels` of the CPU that checked it; "" for a run checked before covidscan
+    recorded it (on CPUs with VNNI)."""
+
+    def holds_here(self) -> bool:
+        """Whether the check speaks for this CPU: measured with the same kind of int8 kernels (a check from
+        before they were recorded holds everywhere but on the saturating kind)."""
+        here = int8_kernels()
+        return self.int8_kernels == here or (not self.int8_kernels and here != "saturating")
 
 
 class Checkpoint(BaseModel):

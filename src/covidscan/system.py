@@ -7,6 +7,7 @@ import ctypes
 import os
 import platform
 import re
+import socket
 import sys
 from functools import cache
 from pathlib import Path
@@ -123,3 +124,40 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
     flags = frozenset(" ".join(re.findall(r"^(?:flags|Features)\s*:(.*)$", text, re.MULTILINE)).split())
     return (model.group(1).strip() if model else platform.processor()), flags
+
+
+def inaccessible(paths: list[tuple[str, str, int]]) -> tuple[str, str, str, str] | None:
+    """The first of ``paths`` (what it is, the path, an ``os.access`` mode) that this process cannot use so,
+    as (what, path, "not there" / "not readable" / "not writable", this host's name); None when all can.
+    Run on another machine (a Ray task) to learn what it lacks; it imports nothing heavy."""
+    for what, path, mode in paths:
+        if not os.access(path, mode):
+            state = "not readable" if mode == os.R_OK else "not writable"
+            state = state if os.path.exists(path) else "not there"
+            return what, path, state, socket.gethostname()
+    return None
+
+INT8_KERNELS = ("vnni", "saturating", "other")
+"""onnxruntime's kinds of int8 (U8S8) matrix product, see :func:`int8_kernels`."""
+
+
+def int8_kernels_of(machine: str, flags: frozenset[str]) -> str:
+    """The kind of int8 matrix product onnxruntime runs on a CPU of this architecture and these flags.
+
+    ``vnni``: x86 with AVX-512 VNNI, AVX-VNNI or AMX, whose instructions add each u8 x s8 product into 32
+    bits: the exact result of the quantised model. ``saturating``: x86 without them, where VPMADDUBSW adds
+    pairs of products into 16 bits, which clip (``benchmarks/measure_int8_kernels.py``: on such a CPU a run's
+    int8 model moved 35 of 203 test labels, computed exactly 9). ``other``: anything else (Arm, or a CPU
+    whose flags cannot be read)."""
+    if machine.lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "other"
+    if flags & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "vnni"
+    return "saturating" if "avx2" in flags else "other"
+
+
+@cache
+def int8_kernels() -> str:
+    """This CPU's kind of int8 matrix product (:func:`int8_kernels_of`): an int8 model checked on one kind
+    gives other results on another, so its check holds only where the kind is the same."""
+    return int8_kernels_of(platform.machine(), cpu_info()[1])

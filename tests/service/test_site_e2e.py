@@ -29,9 +29,15 @@ from service_helpers import free_port, start_server
 from site_phantoms import Patient, site_patients
 from sqlalchemy import select
 
-from conftest import PG_ENV, add_accounts, fresh_postgres_database
+from conftest import PG_ENV, add_accounts
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # one database, not the service tests' pair: CI's PostgreSQL where there is one, else SQLite
+    pytest.mark.parametrize(
+        "database_url", ["postgresql" if os.environ.get(PG_ENV) else "sqlite"], indirect=True
+    ),
+]
 
 SITE = "scanner-b"
 ALARM_BY = 50  # images: "raises the alarm within 50 images" (issue 14, Done means)
@@ -41,14 +47,6 @@ LATER = 60  # at most this many later patients to validate the promoted run on
 # An admin sets it (issue 14 §3: "rules an admin sets"); the targets on the lower CI bounds stay the
 # defaults, so "validated" still needs the site's own figures to prove the run.
 VALIDATE_MIN_PATIENTS = 30
-
-
-@pytest.fixture(scope="module")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """CI's PostgreSQL when there is one, else SQLite (instead of the service tests' pair of variants)."""
-    if base := os.environ.get(PG_ENV):
-        return fresh_postgres_database(base)
-    return f"sqlite:///{tmp_path_factory.mktemp('sqlite') / 'service.sqlite3'}"
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,12 @@ Weights are quantised per output channel (int8) and activations per tensor (uint
 onnxruntime's x86 kernels run fastest, with VNNI where the CPU has it), their ranges calibrated on the run's
 own validation images prepared exactly as at inference. The result serves only where, on the run's test
 split, it changes at most :data:`~covidscan.models.fast.MAX_LABEL_CHANGE` of the fp32 labels and the ROC AUC
-by at most :data:`MAX_AUC_DELTA`; the verdict and its figures go into the run's checkpoint either way.
+by at most :data:`MAX_AUC_DELTA`; the verdict and its figures go into the run's checkpoint either way. The
+verdict speaks for CPUs with the checking one's kind of int8 kernels (:func:`covidscan.system.int8_kernels`):
+without VNNI onnxruntime adds pairs of u8 x s8 products in 16 bits, which clip, and the same file gives other
+results there (``benchmarks/measure_int8_kernels.py``: on an AVX2-only CPU a run's int8 model moved 35 of 203
+test labels, where computed exactly it moved 9). 7-bit weights (``reduce_range``) would not clip anywhere,
+but they moved 17-18 labels of the 203: coarser weights everywhere, for the CPUs without VNNI.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from covidscan.runs import (
     write_atomic,
     write_checkpoint,
 )
+from covidscan.system import int8_kernels
 
 log = logging.getLogger(__name__)
 
@@ -149,4 +155,4 @@ def _verdict(
     if found["auc_delta"] is None:  # one class: an int8 model is only trusted with its ROC AUC measured
         found["allowed"] = False
     return Int8Verdict(**found, torch=torch.__version__, sha256=file_sha256(int8),
-                       onnxruntime=ort.__version__)
+                       onnxruntime=ort.__version__, int8_kernels=int8_kernels())

@@ -27,7 +27,7 @@ import torch
 from covidscan.models import bf16_supported
 from covidscan.preprocess import to_model_batch
 from covidscan.runs import INT8_FILE, Checkpoint, write_atomic
-from covidscan.system import cache_dir, cpu_info
+from covidscan.system import cache_dir, cpu_info, int8_kernels
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,17 @@ def cpu_features() -> dict[str, Any]:
         "features": [name for flag, name in _FEATURES.items() if flag in flags],
         "torch_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": bf16_supported(),
+        "int8_kernels": int8_kernels(),
     }
 
 
 def int8_allowed(run_dir: Path, checkpoint: Checkpoint) -> bool:
-    """Whether the run's int8 check allowed int8 and its ``model.int8.onnx`` is there."""
-    return checkpoint.int8 is not None and checkpoint.int8.allowed and (run_dir / INT8_FILE).is_file()
+    """Whether the run's int8 check allowed int8, on a CPU with this one's kind of int8 kernels, and its
+    ``model.int8.onnx`` is there."""
+    verdict = checkpoint.int8
+    if verdict is None or not verdict.allowed or not verdict.holds_here():
+        return False
+    return (run_dir / INT8_FILE).is_file()
 
 
 def auto_candidates(

@@ -20,8 +20,7 @@ from covidscan.errors import ConfigError
 from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
 from covidscan.io import list_images
 from covidscan.models import Precision
-from covidscan.outputs import check_output as check_not_input
-from covidscan.outputs import readable, run_files, write_csv, writing
+from covidscan.outputs import check_output as check_not_input, readable, run_files, write_csv, writing
 from covidscan.runs import write_atomic
 
 OUTPUT_SUFFIXES = (".csv", ".json")

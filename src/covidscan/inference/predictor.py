@@ -31,7 +31,7 @@ from covidscan.models import Classifier, CompiledClassifier, FastClassifier, OOD
 from covidscan.models.ood import REFUSAL_FACTOR
 from covidscan.preprocess import PreparedImage, prepare_image, to_model_batch
 from covidscan.runs import INT8_FILE, Checkpoint, file_sha256, load_ood, load_run
-from covidscan.system import cache_dir, resolve_device
+from covidscan.system import cache_dir, int8_kernels, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -567,6 +567,12 @@ def _int8_forward(run_dir: Path | None, checkpoint: Checkpoint) -> Forward:
         why = "int8 was never checked" if verdict is None else f"its int8 check refused it ({verdict.reason})"
         raise ConfigError(f"run {run_dir} has no allowed int8 model: {why}; create it with "
                           f"`covidscan export {run_dir} --int8`, or use --engine auto, torch or onnx")
+    if not verdict.holds_here():
+        raise ConfigError(
+            f"run {run_dir}'s int8 check was measured with {verdict.int8_kernels or 'vnni'} int8 kernels "
+            f"and this CPU has {int8_kernels()} ones, which compute other results (without VNNI, onnxruntime "
+            "adds pairs of int8 products in 16 bits, which clip); check it on this machine with `covidscan "
+            f"export {run_dir} --int8`, or use --engine auto, torch or onnx")
     if not path.is_file() or file_sha256(path) != verdict.sha256:
         what = "is missing" if not path.is_file() else "is not the file its int8 check measured"
         raise ConfigError(f"{path} {what}; write it again with `covidscan export {run_dir} --int8`")

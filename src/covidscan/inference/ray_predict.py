@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -31,6 +30,7 @@ from covidscan.inference.predict import InputItem, collect_inputs, prediction_ta
 from covidscan.inference.predictor import Prediction, Predictor
 from covidscan.models import Precision
 from covidscan.outputs import ENCODING_ERRORS, check_output, replaced_file, run_files, write_csv
+from covidscan.system import inaccessible
 
 log = logging.getLogger(__name__)
 
@@ -305,34 +305,29 @@ class _Job:
 def _score_blocks_on_cluster(ray: Any, job: _Job) -> list[str]:
     """:func:`_score_blocks` over Ray Client (``ray://``). This process is then no Ray worker, and Ray Data's
     executor needs one: the job runs as a task on the cluster, on no CPU of its own (the actors take them).
-    A covidscan error there (a path the cluster lacks) is raised here as itself, not as the task's
-    traceback."""
+
+    The paths it was given are checked on the cluster's node first, by a task that imports no model library
+    (seconds less on the worker): an actor that cannot load the run would fail the job with Ray's traceback,
+    and an image folder the node lacks would give a row of errors per image."""
+    image = next((p for b in map(_decoded, job.blocks)
+                  for p, e in zip(b["path"], b["known_error"], strict=True) if not e), None)
+    needed = [("the run", job.run_dir, os.R_OK), ("the output folder", job.shards, os.W_OK),
+              *([("the image", image, os.R_OK)] if image else [])]
+    lacking = ray.get(ray.remote(num_cpus=0)(inaccessible).remote(needed))
+    if lacking is not None:
+        what, path, state, node = lacking
+        raise ConfigError(
+            f"{what} {path} is {state} on the Ray cluster's node {node}: over --address ray:// the cluster "
+            "reads the run and the images, and writes the shards, at the paths given here; put them at the "
+            "same paths on its nodes (a shared file system), or run covidscan on a node of the cluster with "
+            "--address auto"
+        )
     try:
-        return ray.get(ray.remote(num_cpus=0)(_cluster_task).remote(job))
+        return ray.get(ray.remote(num_cpus=0)(_score_blocks).remote(job, progress=False))
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, CovidscanError):
             raise exc.cause from None
         raise
-
-
-def _cluster_task(job: _Job) -> list[str]:
-    """The job's task on the cluster: the paths it was given are checked on this node before any actor
-    starts (an actor that cannot load the run would fail the job with Ray's traceback, and an image folder
-    the node lacks would give a row of errors per image)."""
-    node = socket.gethostname()
-    image = next((p for b in map(_decoded, job.blocks)
-                  for p, e in zip(b["path"], b["known_error"], strict=True) if not e), None)
-    needed = [("the run", job.run_dir, os.R_OK), ("the output folder", job.shards, os.W_OK)]
-    for what, path, mode in [*needed, *([("the image", image, os.R_OK)] if image else [])]:
-        if not os.access(path, mode):
-            state = "not readable" if mode == os.R_OK else "not writable"
-            raise ConfigError(
-                f"{what} {path} is {state if os.path.exists(path) else 'not there'} on the Ray cluster's "
-                f"node {node}: over --address ray:// the cluster reads the run and the images, and writes "
-                "the shards, at the paths given here; put them at the same paths on its nodes (a shared "
-                "file system), or run covidscan on a node of the cluster with --address auto"
-            )
-    return _score_blocks(job, progress=False)
 
 
 def _score_blocks(job: _Job, *, progress: bool) -> list[str]:

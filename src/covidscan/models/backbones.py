@@ -13,7 +13,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import timm
 import timm.data
@@ -24,6 +23,7 @@ from torchvision import models as tvm
 
 from covidscan.errors import ConfigError, WeightsNotFoundError
 from covidscan.models import astra
+from covidscan.models.config import TrainMode
 from covidscan.models.weights import (
     PACKAGED_WEIGHTS,
     load_strict,
@@ -36,7 +36,6 @@ from covidscan.models.weights import (
     weights_missing,
 )
 
-TrainMode = Literal["frozen", "finetune", "full"]
 _BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 PIXELS = "pixels"
 """Backbone name of the BPNN baseline: no convolutions, just resized, standardised gray pixels."""

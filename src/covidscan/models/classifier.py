@@ -1,74 +1,18 @@
-"""Backbone + head classifier, its config, and the model factory."""
+"""Backbone + head classifier and the model factory (its settings: :mod:`covidscan.models.config`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from torch import nn
 
 from covidscan.errors import ConfigError
-from covidscan.models.backbones import PIXELS, Backbone, TrainMode, build_backbone
-from covidscan.models.heads import Pooling, linear_head, mlp_head, paper_a_head
-
-HeadName = Literal["paper_a", "paper_b", "linear", "bpnn"]
-DEFAULT_HIDDEN: dict[str, tuple[int, ...]] = {
-    "paper_a": (256,),
-    "paper_b": (512, 256),
-    "linear": (),
-    "bpnn": (512, 256, 128, 64),
-}
-POOLED_HEADS = frozenset({"paper_a", "linear"})
-"""Heads whose trainable part takes the globally pooled feature map (the same cached features)."""
-BPNN_INPUT_SIZE = (150, 250)
-"""Paper A's BPNN input "250x150" read as width 250 x height 150, i.e. (H, W) = (150, 250)."""
-
-PositiveInt = Annotated[int, Field(gt=0)]
-
-
-class ModelConfig(BaseModel):
-    """Model settings (presets' ``model:`` section)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    backbone: str
-    """resnet50, vgg19, mobilenet_v2, timm:NAME, or pixels (only with head bpnn)."""
-    weights: str = "imagenet"
-    """imagenet, none, or a path to a state_dict (.pth/.pt/.safetensors) of the library's full model."""
-    head: HeadName
-    hidden: tuple[PositiveInt, ...] | None = None
-    """Hidden layer sizes; None = the published ones (DEFAULT_HIDDEN)."""
-    dropout: float = Field(0.3, ge=0.0, lt=1.0)
-    """Dropout of the paper_a head."""
-    pooling: Pooling = "avg"
-    """How the paper_a and linear heads pool the feature map: ``avg`` (published), ``max``, or ``avgmax``
-    (both side by side, twice the features)."""
-    standardize: bool = False
-    """Train the head on features standardised per feature (zero mean, unit variance on the training
-    features), the map then folded into the head's first linear layer. Frozen base, cached features only."""
-    train_mode: TrainMode = "frozen"
-    unfreeze_last: int = Field(0, ge=0)
-    """Blocks (last first) that train in ``finetune`` mode."""
-    bn_frozen: bool = True
-    """Keep BatchNorm in eval mode while fine-tuning (required by folded-BN weights)."""
-    input_size: PositiveInt | tuple[PositiveInt, PositiveInt] | None = None
-    """Network input, an int (square) or (H, W); None = 224 for CNNs, (150, 250) for bpnn."""
-
-    @property
-    def input_hw(self) -> tuple[int, int]:
-        """Input size as (H, W) with the head's default filled in."""
-        if self.input_size is None:
-            return BPNN_INPUT_SIZE if self.head == "bpnn" else (224, 224)
-        if isinstance(self.input_size, int):
-            return (self.input_size, self.input_size)
-        return self.input_size
-
-    @property
-    def hidden_sizes(self) -> tuple[int, ...]:
-        """Hidden sizes with the head's published default filled in."""
-        return DEFAULT_HIDDEN[self.head] if self.hidden is None else self.hidden
+from covidscan.models.backbones import PIXELS, Backbone, build_backbone
+from covidscan.models.config import BPNN_INPUT_SIZE, DEFAULT_HIDDEN, POOLED_HEADS, ModelConfig
+from covidscan.models.heads import linear_head, mlp_head, paper_a_head
 
 
 def pool_features(fmap: torch.Tensor) -> torch.Tensor:

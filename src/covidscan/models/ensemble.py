@@ -24,47 +24,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from covidscan.errors import ConfigError
-from covidscan.models.classifier import Classifier, ModelConfig, build_model, pool_features
+from covidscan.models.classifier import Classifier, build_model, pool_features
+from covidscan.models.config import ENSEMBLE, EnsembleConfig, EnsembleMember
 
-ENSEMBLE = "ensemble"
 MEMBERS_DIR = "members"
 """The folder of an ensemble run holding ``NAME/`` per member (see :class:`EnsembleMember`)."""
-"""The :attr:`EnsembleBackbone.name` (where a single run has its backbone's name)."""
-_SHA256 = r"^[0-9a-f]{64}$"
-
-
-class EnsembleMember(BaseModel):
-    """One member of an ensemble run: its model settings and where it came from.
-
-    ``name`` is also the folder under the ensemble's ``members/`` holding the member's own config.yaml (which
-    re-creates it), checkpoint.json (its calibration) and metrics.json.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    model: ModelConfig
-    run: str
-    """The trained run it was copied from, as it was when the ensemble was built."""
-    weights_sha256: str = Field(pattern=_SHA256)
-    """That run's own weights (the ensemble's model.safetensors holds a copy)."""
-
-
-class EnsembleConfig(BaseModel):
-    """The ``ensemble`` section of an ensemble run's config.yaml and checkpoint.json."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    members: tuple[EnsembleMember, ...] = Field(min_length=2)
-
-    @property
-    def description(self) -> str:
-        """``ensemble(mobilenet_v2, timm:tf_efficientnet_lite0)``: the model's name where one is shown."""
-        return f"{ENSEMBLE}({', '.join(m.model.backbone for m in self.members)})"
 
 
 def _split(x: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:

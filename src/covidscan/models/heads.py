@@ -10,16 +10,14 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Literal
 
 from timm.layers.adaptive_avgmax_pool import AdaptiveCatAvgMaxPool2d
 from torch import nn
 
 from covidscan import CLASSES
+from covidscan.models.config import Pooling
 
 NUM_CLASSES = len(CLASSES)
-Pooling = Literal["avg", "max", "avgmax"]
-"""How a pooled head reduces the feature map: its average, its maximum, or both side by side."""
 
 
 def global_pool(pooling: Pooling = "avg") -> nn.Module:

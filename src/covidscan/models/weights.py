@@ -24,8 +24,7 @@ from urllib.parse import urlparse
 
 import safetensors.torch
 import torch
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import try_to_load_from_cache
+from huggingface_hub import constants as hf_constants, try_to_load_from_cache
 from torch import nn
 from torchvision.models import WeightsEnum
 

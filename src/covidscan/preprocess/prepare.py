@@ -21,7 +21,8 @@ from covidscan import CLASSES
 from covidscan.data.fingerprints import perceptual_hash
 from covidscan.errors import ImageRefusedError, InputError, ManifestError
 from covidscan.io import ImageMeta, LoadedImage, gate, image_stats, pixel_hash, read_image
-from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
+from covidscan.preprocess.config import PreprocessConfig
+from covidscan.preprocess.pipeline import preprocess
 
 
 @dataclass(frozen=True, eq=False)

@@ -16,9 +16,10 @@ from matplotlib.patches import Rectangle
 from covidscan.errors import ConfigError, CovidscanError, ManifestError, StorageError
 from covidscan.io import IMAGE_SUFFIXES, read_image
 from covidscan.outputs import check_output
+from covidscan.preprocess.config import PreprocessConfig
 from covidscan.preprocess.lungs import MODALITIES
 from covidscan.preprocess.lungseg import lung_segmenter
-from covidscan.preprocess.pipeline import PreprocessConfig, preprocess
+from covidscan.preprocess.pipeline import preprocess
 
 SHEET_COLUMNS = 8
 TILE_INCHES = 2.0

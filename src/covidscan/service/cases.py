@@ -10,8 +10,7 @@ from typing import Any, Literal
 
 import pandas as pd
 from pydantic import BaseModel, Field, field_validator
-from sqlalchemy import Select, func, or_, select
-from sqlalchemy import case as sql_case
+from sqlalchemy import Select, case as sql_case, func, or_, select
 from sqlalchemy.orm import Session, joinedload, selectinload
 
 from covidscan.errors import ConfigError

@@ -14,8 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from covidscan.console import labelled
-from covidscan.console import stdout as out
+from covidscan.console import labelled, stdout as out
 from covidscan.errors import ConfigError
 
 if TYPE_CHECKING:  # the service's modules load only when a command runs: `covidscan --help` stays fast

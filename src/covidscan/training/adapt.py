@@ -53,11 +53,13 @@ from covidscan.runs import (
     save_run,
     seen_fingerprints,
 )
-from covidscan.training.crossval import head_logits as _head_logits
-from covidscan.training.crossval import one_thread as _one_thread
-from covidscan.training.crossval import patient_counts as _patient_counts
-from covidscan.training.crossval import patient_folds as _folds
-from covidscan.training.crossval import patient_groups as _groups
+from covidscan.training.crossval import (
+    head_logits as _head_logits,
+    one_thread as _one_thread,
+    patient_counts as _patient_counts,
+    patient_folds as _folds,
+    patient_groups as _groups,
+)
 from covidscan.training.engine import CachedFeatures, embed, fit_head
 from covidscan.training.run import measure_bf16, prepare_run_dir
 

@@ -53,7 +53,8 @@ from covidscan.data import check_trainable
 from covidscan.errors import ConfigError, ManifestError
 from covidscan.evaluation.metrics import aggregate_by_patient
 from covidscan.models import build_model
-from covidscan.models.classifier import POOLED_HEADS, check_combination
+from covidscan.models.classifier import check_combination
+from covidscan.models.config import POOLED_HEADS
 from covidscan.outputs import check_folder, check_output, replaced_file, write_csv, write_text
 from covidscan.preprocess import PreparedSet, eval_transform, prepare_manifest, train_transform
 from covidscan.system import cache_dir, resolve_device
