@@ -93,14 +93,28 @@ def test_every_named_augmentation_can_be_set_from_a_preset():
     assert allowed == set(AUGMENT_PRESETS)
 
 
+HEAVY = ("torch", "torchvision", "timm", "cv2", "onnxruntime")
+"""Libraries that take seconds to import: a light command or a wrong path must answer without them."""
+
+
 def test_reading_presets_imports_no_deep_learning_library():
     """`covidscan presets` and every check of a preset answer in about a second: the model and preprocessing
     packages load torch, torchvision, timm and OpenCV only when a network or an image is needed."""
-    heavy = ("torch", "torchvision", "timm", "cv2", "onnxruntime")
     code = ("import sys; from covidscan.cli import app; from covidscan.config import load_config; "
-            f"load_config('covidscan-ct'); print(sorted(m for m in {heavy} if m in sys.modules))")
+            f"load_config('covidscan-ct'); print(sorted(m for m in {HEAVY} if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def test_predict_names_a_missing_run_before_loading_any_model_library(tmp_path: Path):
+    argv = ["covidscan", "predict", str(tmp_path / "no-run"), str(tmp_path), "--out", str(tmp_path / "p.csv")]
+    code = ("import atexit, sys; from covidscan.cli import main; "
+            f"atexit.register(lambda: print(sorted(m for m in {HEAVY} if m in sys.modules))); "
+            f"sys.argv = {argv!r}; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 2 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    assert f"run directory {tmp_path / 'no-run'} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_the_lazy_packages_still_offer_every_name():

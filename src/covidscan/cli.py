@@ -496,7 +496,7 @@ def predict(
     ] = None,
 ) -> None:
     """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
-    from covidscan.inference import check_output, predict as run_predict, write_predictions
+    from covidscan.outputs import check_predictions_file, check_run_dir
 
     if engine == "ray":
         _predict_on_ray(run, inputs, out, cam=cam, onnx=onnx, band=band, batch_size=batch_size,
@@ -504,7 +504,10 @@ def predict(
         return
     if address is not None or num_workers is not None:
         raise ConfigError("--address and --num-workers are for --engine ray")
-    check_output(out, run, [*inputs, onnx])
+    check_predictions_file(out, run, [*inputs, onnx])
+    check_run_dir(run)  # before the model libraries load (seconds): a wrong path is said at once
+    from covidscan.inference import predict as run_predict, write_predictions
+
     df = run_predict(
         run, inputs, engine=engine, onnx_path=onnx, band=band, cam_dir=cam, workers=workers,
         batch_size=batch_size, precision=precision, progress=_progress(),

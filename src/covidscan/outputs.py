@@ -21,7 +21,7 @@ import shutil
 import socket
 import stat
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import pandas as pd
 from safetensors import SafetensorError
 
-from covidscan.errors import ConfigError, CovidscanError, StorageError
+from covidscan.errors import ConfigError, CovidscanError, RunNotFoundError, StorageError
 from covidscan.system import process_alive
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,10 @@ RUN_ENTRIES = ("config.yaml", "model.safetensors", "checkpoint.json", "ood.safet
                "model_card.md", "figures", "fingerprints.csv",
                "shift_reference.safetensors", "model.int8.onnx")
 """What covidscan writes into a run directory: outputs must not replace any of them."""
+REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
+"""What a run directory needs to be loaded (:func:`covidscan.runs.load_run`)."""
+PREDICTION_SUFFIXES = (".csv", ".json")
+"""The files ``covidscan predict`` writes its predictions to."""
 
 
 def _number(text: str) -> bool:
@@ -173,6 +177,35 @@ def read_csv(path: str | Path, **options: Any) -> pd.DataFrame:
     return table
 
 
+def check_run_dir(path: str | Path) -> Path:
+    """``path`` as a run directory, or RunNotFoundError saying what is missing."""
+    run = Path(path)
+    if not run.is_dir():
+        raise RunNotFoundError(
+            f"run directory {run} does not exist; pass the --out folder of `covidscan train`"
+        )
+    missing = [name for name in REQUIRED_FILES if not (run / name).is_file()]
+    if missing:
+        raise RunNotFoundError(
+            f"{run} is not a covidscan run directory (missing {', '.join(missing)}); "
+            "pass the --out folder of `covidscan train`"
+        )
+    return run
+
+
+def check_predictions_file(
+    out: str | Path, run: str | Path | None = None, inputs: Sequence[str | Path | None] = ()
+) -> Path:
+    """The predictions file name, checked before any work: ``.csv`` or ``.json``, and neither the ``run``'s
+    files nor one of the ``inputs`` (images, folders, manifests, an ONNX file): outputs never replace inputs.
+    """
+    out = Path(out)
+    if out.suffix.lower() not in PREDICTION_SUFFIXES:
+        raise ConfigError(f"cannot write predictions to {out}: use a .csv or .json file name")
+    given = [*(run_files(run) if run is not None else []), *(p for p in inputs if p is not None)]
+    return check_output(out, given)
+
+
 def run_files(run: str | Path) -> list[Path]:
     """A run directory and the files covidscan keeps in it: the inputs an output must leave alone."""
     run = Path(run)
@@ -297,9 +330,13 @@ def staged_folder(out: str | Path) -> Iterator[Path]:
 
 __all__ = [
     "ENCODING_ERRORS",
+    "PREDICTION_SUFFIXES",
+    "REQUIRED_FILES",
     "RUN_ENTRIES",
     "check_folder",
     "check_output",
+    "check_predictions_file",
+    "check_run_dir",
     "csv_text",
     "escape_cell",
     "read_csv",

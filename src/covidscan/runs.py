@@ -43,7 +43,7 @@ from covidscan import CLASSES, __version__
 from covidscan.config import ExperimentConfig, dump_config, load_config
 from covidscan.data import read_manifest
 from covidscan.data.fingerprints import Fingerprints
-from covidscan.errors import ConfigError, ManifestError, RunNotFoundError, StorageError
+from covidscan.errors import ConfigError, ManifestError, StorageError
 from covidscan.evaluation import Calibration
 from covidscan.models import (
     Classifier,
@@ -54,7 +54,7 @@ from covidscan.models import (
     build_ensemble,
     build_model,
 )
-from covidscan.outputs import read_csv, write_text, writing
+from covidscan.outputs import check_run_dir, read_csv, write_text, writing
 from covidscan.preprocess import PreparedSet, PreprocessConfig, prepare_manifest
 from covidscan.preprocess.lungseg import lung_model_path
 from covidscan.system import int8_kernels
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 2
 """Format 1 (covidscan 0.1) kept threshold and temperature as loose keys; it is still read."""
-REQUIRED_FILES = ("config.yaml", "model.safetensors", "checkpoint.json")
 OOD_FILE = "ood.safetensors"
 FINGERPRINTS_FILE = "fingerprints.csv"
 SHIFT_FILE = "shift_reference.safetensors"
@@ -492,22 +491,6 @@ def _legacy(meta: dict[str, Any], cfg: ExperimentConfig, run: Path) -> Checkpoin
     )
 
 
-def check_run_dir(path: str | Path) -> Path:
-    """``path`` as a run directory, or RunNotFoundError saying what is missing."""
-    run = Path(path)
-    if not run.is_dir():
-        raise RunNotFoundError(
-            f"run directory {run} does not exist; pass the --out folder of `covidscan train`"
-        )
-    missing = [name for name in REQUIRED_FILES if not (run / name).is_file()]
-    if missing:
-        raise RunNotFoundError(
-            f"{run} is not a covidscan run directory (missing {', '.join(missing)}); "
-            "pass the --out folder of `covidscan train`"
-        )
-    return run
-
-
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """The typed checkpoint of a run directory (format 2, or format 1 converted in memory)."""
     run = check_run_dir(path)
@@ -629,7 +612,6 @@ __all__ = [
     "ParentRun",
     "PrecisionVerdict",
     "ShiftReferenceInfo",
-    "check_run_dir",
     "checkpoint_seal",
     "file_sha256",
     "load_checkpoint",

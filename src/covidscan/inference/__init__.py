@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from covidscan.inference.evaluate import evaluate_many, evaluate_run
 from covidscan.inference.predict import (
-    check_output,
     collect_inputs,
     predict,
     prediction_table,
@@ -18,7 +17,6 @@ __all__ = [
     "Prediction",
     "Predictor",
     "Source",
-    "check_output",
     "collect_inputs",
     "evaluate_many",
     "evaluate_run",

@@ -16,14 +16,11 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from covidscan.data import read_manifest
-from covidscan.errors import ConfigError
 from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
 from covidscan.io import list_images
 from covidscan.models import Precision
-from covidscan.outputs import check_output as check_not_input, readable, run_files, write_csv, writing
+from covidscan.outputs import check_output, check_predictions_file, readable, run_files, write_csv, writing
 from covidscan.runs import write_atomic
-
-OUTPUT_SUFFIXES = (".csv", ".json")
 
 
 @dataclass(frozen=True)
@@ -55,19 +52,6 @@ def collect_inputs(inputs: str | Path | Sequence[str | Path]) -> list[InputItem]
         else:
             items.append(InputItem(str(path)))
     return items
-
-
-def check_output(
-    out: str | Path, run: str | Path | None = None, inputs: Sequence[str | Path | None] = ()
-) -> Path:
-    """The predictions file name, checked before any work: ``.csv`` or ``.json``, and neither the ``run``'s
-    files nor one of the ``inputs`` (images, folders, manifests, an ONNX file): outputs never replace inputs.
-    """
-    out = Path(out)
-    if out.suffix.lower() not in OUTPUT_SUFFIXES:
-        raise ConfigError(f"cannot write predictions to {out}: use a .csv or .json file name")
-    given = [*(run_files(run) if run is not None else []), *(p for p in inputs if p is not None)]
-    return check_not_input(out, given)
 
 
 def predict(
@@ -110,8 +94,8 @@ def predict(
     items = collect_inputs(inputs)
     if cam_dir is not None:
         raw = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
-        check_not_input(cam_dir, [*run_files(predictor.run_dir), *raw, *(item.path for item in items)],
-                        option="--cam")
+        check_output(cam_dir, [*run_files(predictor.run_dir), *raw, *(item.path for item in items)],
+                     option="--cam")
     known = {i: item.error for i, item in enumerate(items) if item.error}
     todo = [i for i in range(len(items)) if i not in known]
     with tqdm(total=len(items), desc="predict", disable=not progress, leave=False) as bar:
@@ -183,7 +167,7 @@ def write_predictions(df: pd.DataFrame, out: str | Path) -> Path:
     whole or not at all; CSV cells are escaped as :func:`covidscan.outputs.write_csv` says. It may not
     replace the run's files or an image predicted.
     """
-    out = check_output(out, df.attrs.get("predict", {}).get("run"), df["path"].tolist())
+    out = check_predictions_file(out, df.attrs.get("predict", {}).get("run"), df["path"].tolist())
     if out.suffix.lower() == ".csv":
         return write_csv(df, out, "predictions to ")
     with writing(out, "predictions to "):
