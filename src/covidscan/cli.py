@@ -120,6 +120,13 @@ def _progress() -> bool:
     return logging.getLogger().level <= logging.INFO
 
 
+def _check_run(run: Path) -> None:
+    """A wrong run directory named before the model libraries load (they take seconds)."""
+    from covidscan.outputs import check_run_dir
+
+    check_run_dir(run)
+
+
 def _n(count: int, noun: str) -> str:
     """``1 image``, ``2 images``."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
@@ -347,6 +354,7 @@ def evaluate(
 
     With several --data sets: one sub-folder per set under --out, and table.md/table.json comparing them.
     """
+    _check_run(run)
     from covidscan.evaluation import format_metrics_table
     from covidscan.inference import evaluate_many, evaluate_run
 
@@ -496,7 +504,7 @@ def predict(
     ] = None,
 ) -> None:
     """Predict images with a trained run: calibrated probability, label, uncertainty, warnings."""
-    from covidscan.outputs import check_predictions_file, check_run_dir
+    from covidscan.outputs import check_predictions_file
 
     if engine == "ray":
         _predict_on_ray(run, inputs, out, cam=cam, onnx=onnx, band=band, batch_size=batch_size,
@@ -505,7 +513,7 @@ def predict(
     if address is not None or num_workers is not None:
         raise ConfigError("--address and --num-workers are for --engine ray")
     check_predictions_file(out, run, [*inputs, onnx])
-    check_run_dir(run)  # before the model libraries load (seconds): a wrong path is said at once
+    _check_run(run)
     from covidscan.inference import predict as run_predict, write_predictions
 
     df = run_predict(
@@ -570,6 +578,7 @@ def shift(
     An alarm means "not yet validated here", never "wrong": only the site's signed cases say how well the
     model works there.
     """
+    _check_run(run)
     from covidscan.inference.shift import shift_report
 
     report = shift_report(run, data, out, seed=seed, precision=precision)
@@ -604,6 +613,7 @@ def export(
     ] = False,
 ) -> None:
     """Export a run's model to ONNX, with its preprocessing, threshold and calibration in the metadata."""
+    _check_run(run)
     from covidscan.export import export_int8, export_onnx
 
     if onnx is not None or not int8:
@@ -619,6 +629,7 @@ def card(
     run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train` or `adapt`.")],
 ) -> None:
     """(Re)write a run's model_card.md: intended use, model, data, metrics, limitations, CLAIM items."""
+    _check_run(run)
     from covidscan.evaluation.model_card import write_model_card
 
     out_console.print(f"wrote {write_model_card(run)}")

@@ -126,16 +126,16 @@ def cpu_info() -> tuple[str, frozenset[str]]:
     return (model.group(1).strip() if model else platform.processor()), flags
 
 
-def inaccessible(paths: list[tuple[str, str, int]]) -> tuple[str, str, str, str] | None:
-    """The first of ``paths`` (what it is, the path, an ``os.access`` mode) that this process cannot use so,
-    as (what, path, "not there" / "not readable" / "not writable", this host's name); None when all can.
-    Run on another machine (a Ray task) to learn what it lacks; it imports nothing heavy."""
+def inaccessible(paths: list[tuple[str, str, int]]) -> tuple[str, list[tuple[str, str, str]]] | None:
+    """Those of ``paths`` (what it is, the path, an ``os.access`` mode) that this process cannot use so, as
+    this host's name and (what, path, "not there" / "not readable" / "not writable") each; None when it can
+    use all. Run on another machine (a Ray task) to learn all it lacks at once; it imports nothing heavy."""
+    lacking = []
     for what, path, mode in paths:
         if not os.access(path, mode):
             state = "not readable" if mode == os.R_OK else "not writable"
-            state = state if os.path.exists(path) else "not there"
-            return what, path, state, socket.gethostname()
-    return None
+            lacking.append((what, path, state if os.path.exists(path) else "not there"))
+    return (socket.gethostname(), lacking) if lacking else None
 
 INT8_KERNELS = ("vnni", "saturating", "other")
 """onnxruntime's kinds of int8 (U8S8) matrix product, see :func:`int8_kernels`."""

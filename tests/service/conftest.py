@@ -17,6 +17,8 @@ import pytest
 
 PG_ENV = "COVIDSCAN_TEST_POSTGRES_URL"
 PASSWORD = "correct horse battery"
+# The database of the heaviest tests, whose work does not depend on it: CI's PostgreSQL where there is one
+ONE_DATABASE = "postgresql" if os.environ.get(PG_ENV) else "sqlite"
 PG_MISSING = (
     f"PostgreSQL NOT TESTED: {PG_ENV} is not set (.ci/run starts a server and sets it; "
     "run .ci/run or start one yourself)"

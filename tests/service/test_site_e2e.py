@@ -14,7 +14,6 @@ those cases are signed like the others, but local figures can only score the jud
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -29,14 +28,11 @@ from service_helpers import free_port, start_server
 from site_phantoms import Patient, site_patients
 from sqlalchemy import select
 
-from conftest import PG_ENV, add_accounts
+from conftest import ONE_DATABASE, add_accounts
 
 pytestmark = [
     pytest.mark.slow,
-    # one database, not the service tests' pair: CI's PostgreSQL where there is one, else SQLite
-    pytest.mark.parametrize(
-        "database_url", ["postgresql" if os.environ.get(PG_ENV) else "sqlite"], indirect=True
-    ),
+    pytest.mark.parametrize("database_url", [ONE_DATABASE], indirect=True),  # not the service tests' pair
 ]
 
 SITE = "scanner-b"

@@ -12,6 +12,7 @@ import pytest
 from site_phantoms import site_patients
 from sqlalchemy import select
 
+from conftest import ONE_DATABASE
 from covidscan.evaluation.shift import MIN_IMAGES
 from covidscan.service.audit import load_audit_key
 from covidscan.service.auth import add_user
@@ -250,6 +251,7 @@ def _signed_site(db: Database, store: BlobStore, folder: Path, name: str, n: int
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("database_url", [ONE_DATABASE], indirect=True)  # two trainings of 30 s: once
 def test_the_worker_trains_a_challenger_and_a_hopeless_one_fails_readably(svc, ood_run, tmp_path) -> None:
     db, store = svc
     set_active_run(db, ood_run, actor="admin")

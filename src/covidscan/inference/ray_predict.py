@@ -315,12 +315,12 @@ def _score_blocks_on_cluster(ray: Any, job: _Job) -> list[str]:
               *([("the image", image, os.R_OK)] if image else [])]
     lacking = ray.get(ray.remote(num_cpus=0)(inaccessible).remote(needed))
     if lacking is not None:
-        what, path, state, node = lacking
+        node, paths = lacking
+        each = "; ".join(f"{what} {path} is {state}" for what, path, state in paths)
         raise ConfigError(
-            f"{what} {path} is {state} on the Ray cluster's node {node}: over --address ray:// the cluster "
-            "reads the run and the images, and writes the shards, at the paths given here; put them at the "
-            "same paths on its nodes (a shared file system), or run covidscan on a node of the cluster with "
-            "--address auto"
+            f"on the Ray cluster's node {node}, {each}: over --address ray:// the cluster reads the run and "
+            "the images, and writes the shards, at the paths given here; put them at the same paths on its "
+            "nodes (a shared file system), or run covidscan on a node of the cluster with --address auto"
         )
     try:
         return ray.get(ray.remote(num_cpus=0)(_score_blocks).remote(job, progress=False))

@@ -310,10 +310,6 @@ def authenticate(db: Session, name: str, password: str, client: Client) -> User:
     :class:`LoginThrottled` (429, with the seconds to wait) while the client must wait, without checking
     the password; :class:`WrongPassword` otherwise. Both failures are committed before they are raised.
     """
-    if db.get_bind().dialect.name == "postgresql":
-        # One attempt at a time per address, as SQLite's BEGIN IMMEDIATE serialises them: guesses sent
-        # at once must each see the others' attempts, or a burst would all pass the same free-tries check.
-        db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"login:{client.address}"})
     device = _known_device(db, name, client)
 
     def attempt(refused: bool) -> LoginFailure:  # committed at once: a failed request's rollback keeps it
@@ -323,6 +319,13 @@ def authenticate(db: Session, name: str, password: str, client: Client) -> User:
         return row
 
     wait = _wait(db, name, client.address, device)
+    if wait.seconds == 0 and db.get_bind().dialect.name == "postgresql":
+        # One attempt at a time per address, as SQLite's BEGIN IMMEDIATE serialises them: guesses sent
+        # at once must each see the others' attempts, or a burst would all pass the same free-tries check.
+        # A client that must wait is refused without the lock (others' attempts only lengthen its wait):
+        # a flood of refusals queued on it would hold the server's threads that signing needs.
+        db.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"login:{client.address}"})
+        wait = _wait(db, name, client.address, device)
     if wait.seconds > 0:
         if wait.grows:  # at the cap a refusal is not written: a flood of them would only cost writes
             attempt(refused=True)

@@ -201,10 +201,12 @@ def worker(data_dir: DataDir = None, database_url: DatabaseUrl = None) -> None:
     import threading
 
     from covidscan.service.settings import load_settings
-    from covidscan.service.worker import Worker
 
+    # A bad setting or a missing database is named before the model libraries load (seconds)
     db, store = _open(data_dir, database_url)
     settings = load_settings(data_dir=data_dir, database_url=database_url)
+    from covidscan.service.worker import Worker
+
     retry = settings.delivery_retry_seconds
     w = Worker(db, store, orphan_minutes=settings.orphan_minutes, delivery_retry_seconds=retry)
     w.scorer()
