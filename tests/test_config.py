@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,16 @@ def test_reading_presets_imports_no_deep_learning_library():
     assert done.stdout.strip() == "[]", done.stdout
 
 
+def _command(argv: list[str], heavy: tuple[str, ...] = HEAVY) -> tuple[subprocess.CompletedProcess, list]:
+    """Run ``covidscan *argv`` in a fresh process: its result, and which of ``heavy`` it had loaded."""
+    code = ("import atexit, json, sys; from covidscan.cli import main; "
+            f"atexit.register(lambda: print(json.dumps(sorted(m for m in {heavy} if m in sys.modules)))); "
+            f"sys.argv = {['covidscan', *argv]!r}; main()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = done.stdout.strip().splitlines()
+    return done, (json.loads(lines[-1]) if lines else None)
+
+
 @pytest.mark.parametrize("command", [
     ["predict", "{missing}", "{tmp}", "--out", "{tmp}/p.csv"],
     ["evaluate", "{missing}", "--data", "{tmp}/m.csv", "--out", "{tmp}/e"],
@@ -116,16 +127,20 @@ def test_reading_presets_imports_no_deep_learning_library():
 ], ids=lambda command: command[0])
 def test_a_missing_run_or_data_folder_is_named_before_any_model_library_loads(tmp_path: Path, command):
     missing = tmp_path / "no-run"
-    argv = ["covidscan", *(a.format(missing=missing, tmp=tmp_path) for a in command)]
     # the service's file store reads images with OpenCV (tens of ms): only the model libraries stay out
     heavy = tuple(m for m in HEAVY if not (command[0] == "worker" and m == "cv2"))
-    code = ("import atexit, sys; from covidscan.cli import main; "
-            f"atexit.register(lambda: print(sorted(m for m in {heavy} if m in sys.modules))); "
-            f"sys.argv = {argv!r}; main()")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 2 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    done, loaded = _command([a.format(missing=missing, tmp=tmp_path) for a in command], heavy)
+    assert done.returncode == 2 and loaded == [], done.stdout + done.stderr
     said = " ".join(done.stderr.split())
     assert f"{missing} does not exist" in said and "Traceback" not in said
+
+
+def test_phantoms_are_written_without_any_model_library(tmp_path: Path):
+    # every CSV and text file goes through covidscan.outputs, which must not pull in the model (5 s)
+    argv = ["data", "synth", "--out", str(tmp_path / "p"), "--n", "2", "--slices-per-patient", "1"]
+    done, loaded = _command(argv, tuple(m for m in HEAVY if m != "cv2"))  # OpenCV draws the phantoms
+    assert done.returncode == 0 and loaded == [], done.stdout + done.stderr
+    assert (tmp_path / "p" / "manifest.csv").is_file()
 
 
 def test_the_lazy_packages_still_offer_every_name():

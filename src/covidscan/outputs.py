@@ -20,6 +20,7 @@ import re
 import shutil
 import socket
 import stat
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -118,6 +119,41 @@ def writing(path: str | Path, what: str = "") -> Iterator[None]:
         raise storage_error(path, exc, what) from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def write_atomic(path: Path, data: str | bytes, *, errors: str = "strict", durable: bool = False) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a unique side file and a rename: readers
+    never see half a file.
+
+    ``errors`` is the UTF-8 encoder's error handler (CSV files write undecodable file names as their bytes).
+    ``durable`` flushes the file to disk (fsync) before the rename, so that even a power cut leaves the old
+    file or the new one (the training state). The file gets the permissions a plain ``open`` would give it
+    (mkstemp's are owner-only).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+        binary = isinstance(data, bytes)
+        with (os.fdopen(fd, "wb") if binary else
+              os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="")) as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_csv(table: pd.DataFrame, path: str | Path, what: str = "") -> Path:
     """Write ``table`` as CSV through :func:`write_text`; :func:`csv_text` says how cells are written."""
     return write_text(path, csv_text(table), what)
@@ -129,8 +165,6 @@ def write_text(path: str | Path, text: str, what: str = "") -> Path:
     A full disk or an unwritable folder is a :class:`StorageError` naming ``path``; the old file (if any)
     stays intact. A device or pipe (``/dev/stdout``) is written to directly, since it cannot be replaced.
     """
-    from covidscan.runs import write_atomic  # runs imports the evaluation package, which writes CSVs here
-
     path = Path(path)
     with writing(path, what):
         mode = path.stat().st_mode if path.exists() else None
@@ -347,6 +381,7 @@ __all__ = [
     "staged_folder",
     "storage_error",
     "unescape_cell",
+    "write_atomic",
     "write_csv",
     "write_text",
     "writing",

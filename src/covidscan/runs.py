@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +52,7 @@ from covidscan.models import (
     build_ensemble,
     build_model,
 )
-from covidscan.outputs import check_run_dir, read_csv, write_text, writing
+from covidscan.outputs import check_run_dir, read_csv, write_atomic, write_text, writing
 from covidscan.preprocess import PreparedSet, PreprocessConfig, prepare_manifest
 from covidscan.preprocess.lungseg import lung_model_path
 from covidscan.system import int8_kernels
@@ -238,41 +236,6 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread starts
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()
-
-
-def write_atomic(path: Path, data: str | bytes, *, errors: str = "strict", durable: bool = False) -> Path:
-    """Write ``data`` (text as UTF-8, or bytes) to ``path`` through a unique side file and a rename: readers
-    never see half a file.
-
-    ``errors`` is the UTF-8 encoder's error handler (CSV files write undecodable file names as their bytes).
-    ``durable`` flushes the file to disk (fsync) before the rename, so that even a power cut leaves the old
-    file or the new one (the training state). The file gets the permissions a plain ``open`` would give it
-    (mkstemp's are owner-only).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        binary = isinstance(data, bytes)
-        with (os.fdopen(fd, "wb") if binary else
-              os.fdopen(fd, "w", encoding="utf-8", errors=errors, newline="")) as handle:
-            handle.write(data)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def save_run(
@@ -623,7 +586,6 @@ __all__ = [
     "save_run",
     "save_shift_reference",
     "seen_fingerprints",
-    "write_atomic",
     "write_checkpoint",
 ]
 

@@ -37,7 +37,7 @@ from covidscan.errors import CovidscanError
 from covidscan.export.exporter import export_onnx
 from covidscan.inference import Predictor
 from covidscan.models.fast import MAX_AUC_DELTA, MAX_LABEL_CHANGE, compare_precision
-from covidscan.outputs import writing
+from covidscan.outputs import write_atomic, writing
 from covidscan.preprocess import PreparedSet
 from covidscan.runs import (
     INT8_FILE,
@@ -46,7 +46,6 @@ from covidscan.runs import (
     file_sha256,
     load_run,
     run_split,
-    write_atomic,
     write_checkpoint,
 )
 from covidscan.system import int8_kernels

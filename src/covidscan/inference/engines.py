@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from covidscan.models import bf16_supported
+from covidscan.outputs import write_atomic
 from covidscan.preprocess import to_model_batch
-from covidscan.runs import INT8_FILE, Checkpoint, write_atomic
+from covidscan.runs import INT8_FILE, Checkpoint
 from covidscan.system import cache_dir, cpu_info, int8_kernels
 
 log = logging.getLogger(__name__)

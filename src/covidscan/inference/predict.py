@@ -19,8 +19,15 @@ from covidscan.data import read_manifest
 from covidscan.inference.predictor import Engine, GroupPrediction, Prediction, Predictor
 from covidscan.io import list_images
 from covidscan.models import Precision
-from covidscan.outputs import check_output, check_predictions_file, readable, run_files, write_csv, writing
-from covidscan.runs import write_atomic
+from covidscan.outputs import (
+    check_output,
+    check_predictions_file,
+    readable,
+    run_files,
+    write_atomic,
+    write_csv,
+    writing,
+)
 
 
 @dataclass(frozen=True)

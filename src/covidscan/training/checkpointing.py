@@ -27,8 +27,7 @@ import numpy as np
 import torch
 
 from covidscan.errors import ConfigError, StorageError
-from covidscan.outputs import writing
-from covidscan.runs import write_atomic
+from covidscan.outputs import write_atomic, writing
 
 STATE_DIR = ".training"
 STATE_FILE = "state.pt"
