@@ -122,7 +122,6 @@ def _command(argv: list[str], heavy: tuple[str, ...] = HEAVY) -> tuple[subproces
     ["evaluate", "{missing}", "--data", "{tmp}/m.csv", "--out", "{tmp}/e"],
     ["shift", "{missing}", "--data", "{tmp}"],
     ["export", "{missing}"],
-    ["card", "{missing}"],
     ["worker", "--data-dir", "{missing}"],
 ], ids=lambda command: command[0])
 def test_a_missing_run_or_data_folder_is_named_before_any_model_library_loads(tmp_path: Path, command):

@@ -629,7 +629,6 @@ def card(
     run: Annotated[Path, typer.Argument(help="Run directory written by `covidscan train` or `adapt`.")],
 ) -> None:
     """(Re)write a run's model_card.md: intended use, model, data, metrics, limitations, CLAIM items."""
-    _check_run(run)
     from covidscan.evaluation.model_card import write_model_card
 
     out_console.print(f"wrote {write_model_card(run)}")
