@@ -137,6 +137,7 @@ def inaccessible(paths: list[tuple[str, str, int]]) -> tuple[str, list[tuple[str
             lacking.append((what, path, state if os.path.exists(path) else "not there"))
     return (socket.gethostname(), lacking) if lacking else None
 
+
 INT8_KERNELS = ("vnni", "saturating", "other")
 """onnxruntime's kinds of int8 (U8S8) matrix product, see :func:`int8_kernels`."""
 
