@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,6 +58,25 @@ def ood_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """The folder ``name``, filled by ``build`` once for the whole run: under pytest-xdist (CI runs ``-n``)
+    every worker would otherwise build its own, so the first builds it under a file lock and the others
+    wait and reuse it (pytest-xdist's recipe for session fixtures). Only for folders tests never write."""
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' base folders share this parent
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a worker that failed half-way left
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def phantom_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo preset trained on 400 CT phantoms of the training style (2 slices per patient; about 1.5
@@ -66,11 +86,12 @@ def phantom_parent(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from covidscan.data.synthetic import write_phantom_dataset
     from covidscan.training import train_experiment
 
-    root = tmp_path_factory.mktemp("phantom_parent")
-    data = write_phantom_dataset(root / "data", n=400, seed=1, slices_per_patient=2)
-    train_experiment(load_config("demo-ct-phantom", ["evaluation.n_bootstrap=100"]), data, root / "run",
-                     progress=False)
-    return root / "run"
+    def build(root: Path) -> None:
+        data = write_phantom_dataset(root / "data", n=400, seed=1, slices_per_patient=2)
+        train_experiment(load_config("demo-ct-phantom", ["evaluation.n_bootstrap=100"]), data, root / "run",
+                         progress=False)
+
+    return built_once(tmp_path_factory, "phantom_parent", build) / "run"
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -197,6 +198,11 @@ def _blocks(todo: Sequence[tuple[int, InputItem]], rows: int) -> list[pd.DataFra
     return [table.iloc[i : i + rows] for i in range(0, len(table), rows)]
 
 
+# Ray Client's words when the head could not start this connection's server process (worth a new try)
+CLIENT_SERVER_FAILED = "Starting Ray client server failed"
+CLIENT_SERVER_ATTEMPTS = 3
+
+
 def _without_sigterm_note(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("SIGTERM handler is not set")
 
@@ -216,13 +222,23 @@ def _start_ray(address: str | None) -> Any:
         logging.getLogger("ray.util.client.logsclient").addFilter(_without_sigterm_note)
         local = {} if address else {"num_cpus": os.cpu_count() or 1}
         try:
-            ray.init(
-                address=address,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.WARNING,
-                **local,
-            )
+            for attempt in range(1, CLIENT_SERVER_ATTEMPTS + 1):
+                try:
+                    ray.init(
+                        address=address,
+                        include_dashboard=False,
+                        log_to_driver=False,
+                        logging_level=logging.WARNING,
+                        **local,
+                    )
+                    break
+                except RuntimeError as exc:
+                    # Ray Client's head starts one server process per connection; on a busy head that
+                    # process can die while starting, and the next connection gets a new one.
+                    if CLIENT_SERVER_FAILED not in str(exc) or attempt == CLIENT_SERVER_ATTEMPTS:
+                        raise
+                    ray.shutdown()
+                    time.sleep(2.0 * attempt)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             # A cluster with token authentication (on by default for `ray start --head` in Ray 2.60) ignores
             # a Ray Client without the token until the connection times out; Ray then says only "timeout".
