@@ -293,7 +293,7 @@ def _predict(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
 
 def _client_server_logs(env: dict[str, str]) -> str:
     """The head's Ray Client server logs, which say why a connection's server did not start."""
-    logs = sorted(Path(env["RAY_TMPDIR"]).glob("**/logs/ray_client_server*.err"))
+    logs = sorted(Path(env["RAY_TMPDIR"]).glob("**/logs/ray_client_server*.*"))
     return "".join(f"\n--- {log.name}:\n{log.read_text(errors='replace')[-2000:]}" for log in logs)
 
 
@@ -321,8 +321,8 @@ def test_a_client_server_that_died_starting_is_tried_again_then_named(monkeypatc
     def init(address, **_):
         calls.append(address)
         if len(calls) < failures + 1:
-            raise RuntimeError(f"Initialization failure from server: {ray_predict.CLIENT_SERVER_FAILED}. "
-                               "See ray_client_server_23000.err for detailed logs.")
+            raise ConnectionError(f"Initialization failure from server: {ray_predict.CLIENT_SERVER_FAILED}. "
+                                  "See ray_client_server_23000.err for detailed logs.")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
