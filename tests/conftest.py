@@ -59,7 +59,7 @@ def ood_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
-    """The folder ``name``, filled by ``build`` once for the whole run: under pytest-xdist (CI runs ``-n``)
+    """The folder ``name``, filled by ``build`` once for the whole run: under pytest-xdist (addopts' ``-n``)
     every worker would otherwise build its own, so the first builds it under a file lock and the others
     wait and reuse it (pytest-xdist's recipe for session fixtures). Only for folders tests never write."""
     from filelock import FileLock
