@@ -232,7 +232,7 @@ def _start_ray(address: str | None) -> Any:
                         **local,
                     )
                     break
-                except (ConnectionError, RuntimeError) as exc:
+                except ConnectionError as exc:  # Ray Client raises ConnectionAbortedError for it
                     # Ray Client's head starts one server process per connection; on a busy head that
                     # process can die while starting, and the next connection gets a new one.
                     if CLIENT_SERVER_FAILED not in str(exc) or attempt == CLIENT_SERVER_ATTEMPTS:
