@@ -14,6 +14,23 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("COVIDSCAN_SHARED", REPO.parent / "shared"))
 
 
+def run_temp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This test run's temp folder, the same for all its pytest-xdist workers (their own folders' parent)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+@pytest.fixture(scope="session", autouse=True)
+def covidscan_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """covidscan's cache (compiled graphs, ONNX exports, engine choices) in this test run's temp folder,
+    shared by its pytest-xdist workers: the tests leave the user's ``~/.cache/covidscan`` alone (they wrote
+    about 50 MB there). Subprocesses the tests start inherit it."""
+    folder = run_temp(tmp_path_factory) / "covidscan-cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COVIDSCAN_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
     """The ``../shared`` folder (or ``$COVIDSCAN_SHARED``); skips the test when it is not there."""
@@ -64,9 +81,7 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
     wait and reuse it (pytest-xdist's recipe for session fixtures). Only for folders tests never write."""
     from filelock import FileLock
 
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the workers' base folders share this parent
+    root = run_temp(tmp_path_factory)
     folder, done = root / name, root / f"{name}.done"
     with FileLock(str(root / f"{name}.lock")):
         if not done.exists():
